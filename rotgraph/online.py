@@ -1,0 +1,80 @@
+"""rotgraph's `Hadamard` op: an online orthonormal Hadamard transform on the last axis.
+
+The op lives in the `rotgraph` domain with one overload per size (`n576`, `n1536`, ...). Each overload
+is carried in the model as an ONNX function written in standard ops, so any runtime executes it:
+X -> Reshape [-1, m, p] -> MatMul(., B) -> MatMul(A^T, .) -> Reshape back, which is x @ kron(A, B) /
+sqrt(n) with B a Sylvester matrix of order p = 2**k and A a Hadamard matrix of order m (see
+`hadamard.HadamardFactors`); this costs n * (m + p) multiply-adds per vector instead of n**2.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import onnx_ir as ir
+
+from rotgraph.errors import StructureError
+from rotgraph.hadamard import HadamardFactors, hadamard_factors
+from rotgraph.structure import ROTGRAPH_DOMAIN
+
+FUNCTION_OPSET = 23
+
+
+def factors_for(n: int, what: str) -> HadamardFactors:
+    factors = hadamard_factors(n)
+    if factors is None:
+        raise StructureError(
+            f"{what}: no Hadamard matrix of order {n} is known to rotgraph, so no online transform can be "
+            "inserted (rotate with --no-online)"
+        )
+    return factors
+
+
+def _constant(name: str, array: np.ndarray) -> ir.Node:
+    return ir.Node("", "Constant", [], [ir.AttrTensor("value", ir.Tensor(array, name=name))], name=name)
+
+
+def _function(factors: HadamardFactors, dtype: ir.DataType) -> ir.Function:
+    np_dtype = dtype.numpy()
+    x = ir.Value(name="X")
+    nodes: list[ir.Node] = []
+    shape = ir.Node("", "Shape", [x], name="shape")
+    split = _constant("split_shape", np.array([-1, factors.m, factors.p], dtype=np.int64))
+    b = _constant("B", (factors.b / np.sqrt(factors.p)).astype(np_dtype))
+    nodes += [shape, split, b]
+    reshaped = ir.Node("", "Reshape", [x, split.outputs[0]], name="split")
+    right = ir.Node("", "MatMul", [reshaped.outputs[0], b.outputs[0]], name="right")
+    nodes += [reshaped, right]
+    current = right.outputs[0]
+    if factors.m > 1:
+        a_t = _constant("A_T", (factors.a.T / np.sqrt(factors.m)).astype(np_dtype))
+        left = ir.Node("", "MatMul", [a_t.outputs[0], current], name="left")
+        nodes += [a_t, left]
+        current = left.outputs[0]
+    back = ir.Node("", "Reshape", [current, shape.outputs[0]], name="merge")
+    nodes.append(back)
+    back.outputs[0].name = "Y"
+    graph = ir.Graph([x], [back.outputs[0]], nodes=nodes, opset_imports={"": FUNCTION_OPSET}, name="Hadamard")
+    return ir.Function(ROTGRAPH_DOMAIN, "Hadamard", f"n{factors.n}", graph=graph, attributes=[])
+
+
+def insert_hadamard(model: ir.Model, value: ir.Value, factors: HadamardFactors) -> ir.Node:
+    """Insert y = Hadamard(value) and make every former consumer of `value` read y instead."""
+    dtype = value.dtype or ir.DataType.FLOAT
+    key = (ROTGRAPH_DOMAIN, "Hadamard", f"n{factors.n}")
+    if key not in model.functions:
+        model.functions[key] = _function(factors, dtype)
+    model.opset_imports.setdefault(ROTGRAPH_DOMAIN, 1)
+    node = ir.Node(ROTGRAPH_DOMAIN, "Hadamard", [value], overload=f"n{factors.n}", num_outputs=1)
+    out = node.outputs[0]
+    out.name = f"{value.name}_hadamard"
+    out.shape = value.shape
+    out.type = value.type
+    value.replace_all_uses_with(out)
+    node.replace_input_with(0, value)
+    producer = value.producer()
+    graph = model.graph
+    if producer is not None:
+        graph.insert_after(producer, node)
+    else:
+        graph.insert_before(graph[0], node)
+    return node

@@ -1,0 +1,19 @@
+"""rotgraph's graph passes, one per module, on onnx_ir's pass infrastructure."""
+
+from rotgraph.passes.canonicalize_norms import CanonicalizeNormsPass
+from rotgraph.passes.down_hadamard import InsertDownHadamardPass
+from rotgraph.passes.fuse_norm_scales import FuseNormScalesPass
+from rotgraph.passes.qk_hadamard import InsertQKHadamardPass
+from rotgraph.passes.rotate_heads import RotateHeadsPass
+from rotgraph.passes.rotate_residual import RotateResidualPass
+from rotgraph.passes.untie_embedding import UntieEmbeddingPass
+
+__all__ = [
+    "CanonicalizeNormsPass",
+    "FuseNormScalesPass",
+    "InsertDownHadamardPass",
+    "InsertQKHadamardPass",
+    "RotateHeadsPass",
+    "RotateResidualPass",
+    "UntieEmbeddingPass",
+]

@@ -1,0 +1,72 @@
+"""R1: rotate the residual stream by an orthogonal matrix folded into the weights."""
+
+from __future__ import annotations
+
+import functools
+import json
+import logging
+
+import numpy as np
+import onnx_ir as ir
+
+from rotgraph.errors import RotgraphError, StructureError
+from rotgraph.hadamard import random_rotation
+from rotgraph.structure import discover
+from rotgraph.weights import read_float64, rewrite_initializer
+
+logger = logging.getLogger(__name__)
+
+
+def _left(w: np.ndarray, m: np.ndarray) -> np.ndarray:
+    return m @ w
+
+
+def _right(w: np.ndarray, m: np.ndarray) -> np.ndarray:
+    return w @ m
+
+
+class RotateResidualPass(ir.passes.InPlacePass):
+    """Residual stream x -> x Q for an orthogonal Q (hidden x hidden), folded into the weights.
+
+    Rewrites the embedding table E -> E Q, every residual writer (o_proj, down_proj: W -> W Q, bias b ->
+    b Q) and every residual reader (q/k/v, gate/up, lm_head: W -> Q^T W). Q is `rotation` when given,
+    else a randomized Hadamard matrix drawn from `numpy.random.default_rng([seed, 1])` (a seeded random
+    orthogonal matrix where no Hadamard of that order is known). Requires weightless norms
+    (`FuseNormScalesPass`) and an untied lm_head: RMSNorm(x Q) = RMSNorm(x) Q only without scales.
+    Guarantees: exact in real arithmetic; one float32 rounding per weight.
+    """
+
+    def __init__(self, seed: int = 0, rotation: np.ndarray | None = None) -> None:
+        super().__init__()
+        self.seed = seed
+        self.rotation = rotation
+
+    def requires(self, model: ir.Model) -> None:
+        desc = discover(model)
+        for norm in desc.norms():
+            if not np.all(read_float64(norm.scale) == 1.0):
+                raise StructureError(f"norm {norm.node.name!r} still has a scale: run FuseNormScalesPass first")
+        if desc.lm_head_tied:
+            raise StructureError("lm_head is tied to the embedding: run UntieEmbeddingPass first")
+
+    def call(self, model: ir.Model) -> ir.passes.PassResult:
+        desc = discover(model)
+        n = desc.hidden_size
+        if self.rotation is not None:
+            if self.rotation.shape != (n, n):
+                raise RotgraphError(f"R1 must be {n} x {n} for this model, got {self.rotation.shape}")
+            q, kind = np.asarray(self.rotation, dtype=np.float64), "given"
+        else:
+            q, kind = random_rotation(n, np.random.default_rng([self.seed, 1]), what="R1")
+        rewrite_initializer(desc.embedding_table, functools.partial(_right, m=q))
+        readers = [lin for group in desc.norm_readers() for lin in group]
+        writers = [lin for b in desc.blocks for lin in (b.attention.o, b.mlp.down)]
+        for lin in readers:
+            rewrite_initializer(lin.weight, functools.partial(_left, m=q.T))
+        for lin in writers:
+            rewrite_initializer(lin.weight, functools.partial(_right, m=q))
+            if lin.bias is not None:
+                rewrite_initializer(lin.bias, functools.partial(_right, m=q))
+        model.metadata_props["rotgraph.r1"] = json.dumps({"kind": kind, "size": n, "seed": self.seed})
+        logger.info("R1 (%s, %d): %d readers, %d writers and the embedding rotated", kind, n, len(readers), len(writers))
+        return ir.passes.PassResult(model, True)

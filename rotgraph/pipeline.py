@@ -1,0 +1,136 @@
+"""The QuaRot float pipeline: canonicalize, fuse norm scales, R1, R2, R3, R4, validate, save."""
+
+from __future__ import annotations
+
+import json
+import logging
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import onnx_ir as ir
+import onnx_ir.passes.common as common_passes
+
+from rotgraph import io
+from rotgraph.errors import RotgraphError, ValidationError
+from rotgraph.evaluate import max_logit_difference
+from rotgraph.passes import (
+    CanonicalizeNormsPass,
+    FuseNormScalesPass,
+    InsertDownHadamardPass,
+    InsertQKHadamardPass,
+    RotateHeadsPass,
+    RotateResidualPass,
+    UntieEmbeddingPass,
+)
+from rotgraph.structure import ModelDescription, discover
+
+logger = logging.getLogger(__name__)
+
+ROTATION_KEY = "rotgraph.rotation"
+
+
+@dataclass(frozen=True)
+class RotateOptions:
+    """Configuration of `rotate`: the seed of R1/R2, whether to insert R3/R4, and validation."""
+
+    seed: int = 0
+    online: bool = True
+    validate: bool = True
+    tolerance: float = 1e-3
+    validation_tokens: int = 256
+
+
+@dataclass(frozen=True)
+class RotateReport:
+    output: Path
+    max_abs_logit_diff: float | None
+    tolerance: float
+    seconds: float
+    description: str
+
+
+def run_passes(model: ir.Model, passes: list[ir.passes.PassBase]) -> None:
+    """Run `passes` with a PassManager; a rotgraph error inside a pass surfaces as itself."""
+    try:
+        ir.passes.PassManager(passes)(model)
+    except ir.passes.PassError as e:
+        cause: BaseException | None = e
+        while cause is not None and not isinstance(cause, RotgraphError):
+            cause = cause.__cause__
+        if cause is not None:
+            raise cause from None
+        raise
+
+
+def canonicalize(model: ir.Model) -> ModelDescription:
+    """Bring a model to the canonical form (opset 23, fused RMSNorms, shapes) and describe it."""
+    run_passes(model, [CanonicalizeNormsPass(), common_passes.ShapeInferencePass(strict_mode=False)])
+    return discover(model)
+
+
+def rotation_passes(options: RotateOptions) -> list[ir.passes.PassBase]:
+    passes: list[ir.passes.PassBase] = [
+        CanonicalizeNormsPass(),
+        common_passes.ShapeInferencePass(strict_mode=False),
+        UntieEmbeddingPass(),
+        FuseNormScalesPass(),
+        RotateResidualPass(seed=options.seed),
+        RotateHeadsPass(seed=options.seed),
+    ]
+    if options.online:
+        passes += [InsertQKHadamardPass(), InsertDownHadamardPass()]
+    return passes
+
+
+def rotate_model(model: ir.Model, options: RotateOptions = RotateOptions()) -> ModelDescription:
+    """Apply the float rotation pipeline to `model` in place; weights stay lazy until saved."""
+    if ROTATION_KEY in model.metadata_props:
+        raise RotgraphError(f"model is already rotated ({model.metadata_props[ROTATION_KEY]})")
+    run_passes(model, rotation_passes(options))
+    model.metadata_props[ROTATION_KEY] = json.dumps(
+        {"method": "quarot", "seed": options.seed, "online": options.online}
+    )
+    return discover(model)
+
+
+def validation_tokens(model_path: Path, vocab_size: int, count: int) -> np.ndarray:
+    """A [1, count] batch of real text tokens when a tokenizer is beside the model, else seeded ids."""
+    from rotgraph.text import load_text
+    from rotgraph.tokenize import encode
+
+    tok = io.find_tokenizer(model_path)
+    if tok is None:
+        logger.warning("no tokenizer beside %s: validating on seeded random token ids", model_path)
+        return np.random.default_rng(0).integers(0, vocab_size, size=(1, count))
+    ids = encode(tok, load_text("calibration")[:20000])
+    if len(ids) < count:
+        raise RotgraphError(f"validation text has {len(ids)} tokens, {count} needed")
+    return np.asarray(ids[:count], dtype=np.int64)[None, :]
+
+
+def rotate(input_path: Path, output: Path, options: RotateOptions = RotateOptions()) -> RotateReport:
+    """Rotate the model at `input_path`, check it against the input with onnxruntime, write `output`.
+
+    The output (model, external data, tokenizer) appears only if validation passes; the input is
+    never modified.
+    """
+    start = time.perf_counter()
+    io.check_output_path([input_path], output)
+    model = io.load_model(input_path)
+    desc = rotate_model(model, options)
+    diff = None
+    with io.staged_output(output) as staged:
+        io.save_model(model, staged)
+        io.copy_tokenizer(input_path, staged)
+        if options.validate:
+            tokens = validation_tokens(input_path, desc.vocab_size, options.validation_tokens)
+            diff = max_logit_difference(input_path, staged, tokens)
+            logger.info("validation: max |logit difference| %.3g (tolerance %.3g)", diff, options.tolerance)
+            if not diff <= options.tolerance:
+                raise ValidationError(
+                    f"rotated model differs from the input by max |logit diff| {diff:.3g} > tolerance "
+                    f"{options.tolerance:.3g}; nothing written"
+                )
+    return RotateReport(output, diff, options.tolerance, time.perf_counter() - start, desc.summary())

@@ -1,0 +1,91 @@
+"""Lazy float64 rewrites of initializers.
+
+Passes never materialize rewritten weights. `rewrite_initializer` replaces an initializer's tensor by
+an `ir.LazyTensor` that, when the model is saved, reads the original (memory-mapped) tensor once,
+converts it to float64, applies every queued step in order and casts back to the original dtype once.
+Several passes rewriting the same weight therefore cost one float32 rounding, and the pipeline holds
+no second copy of the weights in memory.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+
+import numpy as np
+import onnx_ir as ir
+
+Step = Callable[[np.ndarray], np.ndarray]
+
+
+class _Chain:
+    """Callable for `ir.LazyTensor`: base tensor -> float64 -> steps -> original dtype."""
+
+    def __init__(self, base: ir.TensorProtocol, steps: tuple[Step, ...], name: str | None) -> None:
+        self.base = base
+        self.steps = steps
+        self.name = name
+
+    def float64(self) -> np.ndarray:
+        array = np.asarray(self.base.numpy(), dtype=np.float64)
+        for step in self.steps:
+            array = step(array)
+        return array
+
+    def __call__(self) -> ir.Tensor:
+        return ir.Tensor(self.float64().astype(self.base.dtype.numpy()), name=self.name)
+
+
+class ChainTensor(ir.LazyTensor):
+    """A lazy tensor that remembers its chain, so later rewrites extend it instead of nesting."""
+
+    def __init__(self, chain: _Chain, dtype: ir.DataType, shape: ir.Shape, name: str | None) -> None:
+        super().__init__(chain, dtype=dtype, shape=shape, name=name)
+        self.chain = chain
+
+
+def _chain_of(tensor: ir.TensorProtocol) -> _Chain:
+    if isinstance(tensor, ChainTensor):
+        return tensor.chain
+    return _Chain(tensor, (), tensor.name)
+
+
+def initializer_tensor(value: ir.Value) -> ir.TensorProtocol:
+    if value.const_value is None:
+        raise ValueError(f"value {value.name!r} has no constant tensor")
+    return value.const_value
+
+
+def read_float64(value: ir.Value) -> np.ndarray:
+    """The current contents of an initializer (queued rewrites applied) in float64."""
+    return _chain_of(initializer_tensor(value)).float64()
+
+
+def rewrite_initializer(value: ir.Value, step: Step, shape: Sequence[int] | None = None) -> None:
+    """Queue `step` (float64 array -> float64 array) on the initializer `value`.
+
+    `shape` is the shape after the step when it changes; the dtype never changes.
+    """
+    tensor = initializer_tensor(value)
+    chain = _chain_of(tensor)
+    new = _Chain(chain.base, (*chain.steps, step), chain.name)
+    value.const_value = ChainTensor(new, tensor.dtype, ir.Shape(shape if shape is not None else tensor.shape), tensor.name)
+    if shape is not None:
+        value.shape = ir.Shape(shape)
+
+
+def new_initializer(graph: ir.Graph, name: str, tensor: ir.TensorProtocol) -> ir.Value:
+    """Register `tensor` as a new initializer of `graph` under a name not used yet."""
+    taken = set(graph.initializers) | {v.name for n in graph for v in n.outputs}
+    unique, i = name, 1
+    while unique in taken:
+        unique, i = f"{name}_{i}", i + 1
+    value = ir.Value(name=unique, shape=ir.Shape(tensor.shape), type=ir.TensorType(tensor.dtype))
+    value.const_value = tensor
+    graph.register_initializer(value)
+    return value
+
+
+def lazy_from(source: ir.Value, step: Step, shape: Sequence[int], name: str) -> ChainTensor:
+    """A new lazy tensor computed from `source`'s current contents by `step` in float64."""
+    chain = _chain_of(initializer_tensor(source))
+    return ChainTensor(_Chain(chain.base, (*chain.steps, step), name), chain.base.dtype, ir.Shape(shape), name)
