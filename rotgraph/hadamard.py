@@ -103,10 +103,11 @@ def _paley2(q: int) -> np.ndarray:
 @functools.cache
 def _base(m: int) -> np.ndarray | None:
     """A Hadamard matrix of order m from Sylvester, Paley I or Paley II alone, or None."""
-    if m == 1:
-        return np.ones((1, 1), dtype=np.int64)
-    if m == 2:
-        return np.array([[1, 1], [1, -1]], dtype=np.int64)
+    if m & (m - 1) == 0:  # powers of two: Sylvester, so the 2**k part admits a fast Walsh-Hadamard transform
+        h = np.ones((1, 1), dtype=np.int64)
+        while h.shape[0] < m:
+            h = np.block([[h, h], [h, -h]])
+        return h
     if m % 4:
         return None
     q = m - 1

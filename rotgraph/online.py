@@ -75,6 +75,8 @@ def insert_hadamard(model: ir.Model, value: ir.Value, factors: HadamardFactors) 
     graph = model.graph
     if producer is not None:
         graph.insert_after(producer, node)
-    else:
+    elif len(graph):
         graph.insert_before(graph[0], node)
+    else:
+        graph.append(node)
     return node

@@ -1,0 +1,54 @@
+"""Shared fixtures: tiny random-weight models exported once per session, and independent references."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from pathlib import Path
+
+import numpy as np
+import onnxruntime as ort
+import pytest
+
+from rotgraph.export import export
+from rotgraph.testing import make_tiny_model
+
+
+def ort_logits(path: Path, tokens: np.ndarray) -> np.ndarray:
+    """Logits from onnxruntime with every graph optimization disabled (the reference setting)."""
+    options = ort.SessionOptions()
+    options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
+    session = ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
+    return np.asarray(session.run(None, {"input_ids": tokens.astype(np.int64)})[0])
+
+
+def torch_logits(folder: Path, tokens: np.ndarray) -> np.ndarray:
+    """Logits of the Hugging Face model itself: the independent reference for every rewrite."""
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    model = AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32, attn_implementation="eager").eval()
+    with torch.no_grad():
+        return model(input_ids=torch.from_numpy(tokens.astype(np.int64)), use_cache=False).logits.numpy()
+
+
+@pytest.fixture(scope="session")
+def tiny(tmp_path_factory: pytest.TempPathFactory) -> Callable[..., tuple[Path, Path]]:
+    """tiny(model_type, exporter, **config) -> (hf_folder, exported model.onnx), cached per session."""
+    cache: dict[tuple, tuple[Path, Path]] = {}
+
+    def build(model_type: str = "llama", exporter: str = "dynamo", **overrides: object) -> tuple[Path, Path]:
+        key = (model_type, exporter, tuple(sorted(overrides.items())))
+        if key not in cache:
+            root = tmp_path_factory.mktemp(f"{model_type}-{exporter}")
+            folder = make_tiny_model(root / "hf", model_type, **overrides)
+            onnx_path = root / "onnx" / "model.onnx"
+            export(str(folder), onnx_path, exporter)  # type: ignore[arg-type]
+            cache[key] = (folder, onnx_path)
+        return cache[key]
+
+    return build
+
+
+@pytest.fixture(scope="session")
+def tokens() -> np.ndarray:
+    return np.random.default_rng(1234).integers(0, 384, size=(2, 24))

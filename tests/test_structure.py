@@ -1,0 +1,103 @@
+from __future__ import annotations
+
+import numpy as np
+import onnx_ir as ir
+import pytest
+
+from rotgraph import io
+from rotgraph.errors import StructureError
+from rotgraph.pipeline import canonicalize
+from rotgraph.structure import discover
+
+
+@pytest.mark.parametrize("exporter", ["dynamo", "torchscript"])
+@pytest.mark.parametrize("model_type", ["llama", "qwen2"])
+def test_discovers_tiny_models(tiny, exporter: str, model_type: str) -> None:
+    _, path = tiny(model_type, exporter)
+    desc = canonicalize(io.load_model(path))
+    assert len(desc.blocks) == 2
+    assert (desc.hidden_size, desc.vocab_size) == (48, 384)
+    attn = desc.blocks[0].attention
+    assert (attn.num_heads, attn.num_kv_heads, attn.head_dim) == (3, 1, 16)
+    assert attn.q.shape == (48, 48) and attn.k.shape == (48, 16) and attn.v.shape == (48, 16)
+    assert attn.q_rope is not None and attn.k_rope is not None
+    assert desc.blocks[0].mlp.gate.shape == (48, 96) and desc.blocks[0].mlp.down.shape == (96, 48)
+    assert (attn.v.bias is not None) == (model_type == "qwen2")
+    assert len(desc.norms()) == 5
+    # the dynamo exporter ties lm_head through a Transpose, TorchScript stores a transposed copy
+    assert desc.lm_head_tied == (exporter == "dynamo")
+
+
+def test_gate_and_up_are_told_apart_by_data_flow(tiny) -> None:
+    folder, path = tiny("llama", "dynamo")
+    desc = canonicalize(io.load_model(path))
+    mlp = desc.blocks[1].mlp
+    # gate feeds the activation (Sigmoid for SiLU), up feeds the gating Mul directly
+    assert any(c.op_type == "Sigmoid" for c in mlp.gate.output.consumers())
+    assert not any(c.op_type == "Sigmoid" for c in mlp.up.output.consumers())
+
+
+def test_head_dim_other_than_hidden_over_heads(tiny) -> None:
+    _, path = tiny("llama", "dynamo", head_dim=24, num_attention_heads=4, num_key_value_heads=2)
+    attn = canonicalize(io.load_model(path)).blocks[0].attention
+    assert (attn.num_heads, attn.num_kv_heads, attn.head_dim) == (4, 2, 24)
+    assert attn.q.shape == (48, 96) and attn.o.shape == (96, 48)
+
+
+def test_names_do_not_matter(tiny) -> None:
+    _, path = tiny("llama", "dynamo")
+    model = io.load_model(path)
+    rng = np.random.default_rng(0)
+    for i, node in enumerate(model.graph):
+        node.name = f"n{rng.integers(1 << 30)}_{i}"
+        for j, out in enumerate(node.outputs):
+            if not out.is_graph_output():
+                out.name = f"v{rng.integers(1 << 30)}_{i}_{j}"
+    inits = list(model.graph.initializers.values())
+    model.graph.initializers.clear()
+    for i, init in enumerate(inits):
+        init.name = f"w{i}"
+        model.graph.register_initializer(init)
+    assert len(canonicalize(model).blocks) == 2
+
+
+def test_decomposed_norm_gives_a_hint(tiny) -> None:
+    _, path = tiny("llama", "dynamo")
+    with pytest.raises(StructureError, match="CanonicalizeNormsPass"):
+        discover(io.load_model(path))
+
+
+def test_missing_norm_says_where(tiny) -> None:
+    _, path = tiny("llama", "dynamo")
+    model = io.load_model(path)
+    desc = canonicalize(model)
+    norm = desc.blocks[1].mlp_norm.node
+    norm.outputs[0].replace_all_uses_with(norm.inputs[0])  # a block without its MLP norm
+    model.graph.remove(norm, safe=True)
+    with pytest.raises(StructureError, match="block 1"):
+        discover(model)
+
+
+def test_layernorm_model_is_rejected(tiny) -> None:
+    _, path = tiny("llama", "dynamo")
+    model = io.load_model(path)
+    canonicalize(model)
+    for node in model.graph:
+        if node.op_type == "RMSNormalization":
+            node.op_type = "LayerNormalization"
+    with pytest.raises(StructureError, match="expected an RMSNorm"):
+        discover(model)
+
+
+def test_summary_names_what_was_found(tiny) -> None:
+    _, path = tiny("qwen2", "dynamo")
+    text = canonicalize(io.load_model(path)).summary()
+    assert "2 blocks" in text and "grouped-query" in text and "biases: yes" in text
+
+
+def test_corrupt_file_is_a_clear_error(tmp_path) -> None:
+    bad = tmp_path / "bad.onnx"
+    bad.write_bytes(b"\x08\x07garbage" * 100)
+    with pytest.raises(Exception, match="not a readable ONNX model"):
+        io.load_model(bad)
+    assert ir  # onnx_ir is the graph IR under test
