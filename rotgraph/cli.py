@@ -33,15 +33,18 @@ def cmd_export(args: argparse.Namespace) -> None:
     from rotgraph.export import export
 
     out, config, seconds = export(args.model, Path(args.output), args.exporter)
-    print(f"exported {config['model_type']} ({config['num_hidden_layers']} layers, hidden {config['hidden_size']}) "
-          f"to {out} in {seconds:.1f} s")
+    print(
+        f"exported {config['model_type']} ({config['num_hidden_layers']} layers, hidden {config['hidden_size']}) "
+        f"to {out} in {seconds:.1f} s"
+    )
 
 
 def cmd_rotate(args: argparse.Namespace) -> None:
     from rotgraph.pipeline import RotateOptions, rotate
 
-    options = RotateOptions(seed=args.seed, online=not args.no_online, validate=not args.no_validate,
-                            tolerance=args.tolerance)
+    options = RotateOptions(
+        seed=args.seed, online=not args.no_online, validate=not args.no_validate, tolerance=args.tolerance
+    )
     report = rotate(Path(args.input), Path(args.output), options)
     print(report.description)
     if report.max_abs_logit_diff is not None:
@@ -51,8 +54,10 @@ def cmd_rotate(args: argparse.Namespace) -> None:
 
 def cmd_eval(args: argparse.Namespace) -> None:
     from rotgraph.evaluate import evaluate
+    from rotgraph.io import require_files
 
     models = [Path(m) for m in args.models]
+    require_files(models)
     tokens = _tokens(args, models[0])
     results = evaluate(models, tokens, optimization=args.optimization, progress=not args.json)
     for r in results:
@@ -66,9 +71,11 @@ def cmd_eval(args: argparse.Namespace) -> None:
 
 
 def cmd_inspect(args: argparse.Namespace) -> None:
+    from rotgraph.io import require_files
     from rotgraph.stats import activation_stats
 
     model = Path(args.model)
+    require_files([model] + ([Path(args.rotated)] if args.rotated else []))
     tokens = _tokens(args, model)
     before = activation_stats(model, tokens)
     after = activation_stats(Path(args.rotated), tokens) if args.rotated else None
@@ -80,14 +87,20 @@ def format_stats(before: list, after: list | None) -> str:  # type: ignore[type-
     rows = [head, "|---|---|---|---|---|"]
     for i, b in enumerate(before):
         if after is None:
-            cells = [f"{b.residual_max_over_rms:.1f}", f"{b.residual_kurtosis:.1f}", f"{b.down_max_over_rms:.1f}",
-                     f"{b.down_kurtosis:.1f}"]
+            cells = [
+                f"{b.residual_max_over_rms:.1f}",
+                f"{b.residual_kurtosis:.1f}",
+                f"{b.down_max_over_rms:.1f}",
+                f"{b.down_kurtosis:.1f}",
+            ]
         else:
             a = after[i]
-            cells = [f"{b.residual_max_over_rms:.1f} -> {a.residual_max_over_rms:.1f}",
-                     f"{b.residual_kurtosis:.1f} -> {a.residual_kurtosis:.1f}",
-                     f"{b.down_max_over_rms:.1f} -> {a.down_max_over_rms:.1f}",
-                     f"{b.down_kurtosis:.1f} -> {a.down_kurtosis:.1f}"]
+            cells = [
+                f"{b.residual_max_over_rms:.1f} -> {a.residual_max_over_rms:.1f}",
+                f"{b.residual_kurtosis:.1f} -> {a.residual_kurtosis:.1f}",
+                f"{b.down_max_over_rms:.1f} -> {a.down_max_over_rms:.1f}",
+                f"{b.down_kurtosis:.1f} -> {a.down_kurtosis:.1f}",
+            ]
         rows.append(f"| {i} | " + " | ".join(cells) + " |")
     return "\n".join(rows)
 

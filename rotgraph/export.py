@@ -77,7 +77,9 @@ def load(source: ModelSource) -> tuple[Any, Any]:
     except Exception as e:
         raise RotgraphError(f"{source}: cannot read the model config ({type(e).__name__}: {e})") from None
     if config.model_type not in SUPPORTED:
-        raise RotgraphError(f"{source}: architecture {config.model_type!r} is not supported (supported: {', '.join(SUPPORTED)})")
+        raise RotgraphError(
+            f"{source}: architecture {config.model_type!r} is not supported (supported: {', '.join(SUPPORTED)})"
+        )
     if hasattr(config, "quantization_config"):  # GGUF leaves one behind; the weights are dequantized
         del config.quantization_config
     try:
@@ -165,9 +167,7 @@ def to_onnx(model: Any, exporter: Exporter = "dynamo") -> ir.Model:
             return loaded
 
 
-def export(
-    model: str | None, output: Path, exporter: Exporter = "dynamo"
-) -> tuple[Path, dict[str, Any], float]:
+def export(model: str | None, output: Path, exporter: Exporter = "dynamo") -> tuple[Path, dict[str, Any], float]:
     """Export `model` (None: the default SmolLM2) to `output`; returns (output, config, seconds)."""
     start = time.perf_counter()
     io.check_output_path([], output)

@@ -31,7 +31,10 @@ def external_data_files(model_path: Path) -> set[Path]:
     """The external-data files a saved model refers to (without loading tensors)."""
     import onnx
 
-    proto = onnx.load(model_path, load_external_data=False)
+    try:
+        proto = onnx.load(model_path, load_external_data=False)
+    except Exception:  # unreadable: `load_model` reports it
+        return set()
     files = set()
     for tensor in proto.graph.initializer:
         for entry in tensor.external_data:
@@ -73,6 +76,12 @@ def save_model(model: ir.Model, path: Path) -> None:
     """Save with weights as external data `<name>.data` beside the model (call inside `staged_output`)."""
     model.ir_version = min(model.ir_version, 10)  # onnxruntime 1.2x-1.3x reads IR versions up to 10/11
     ir.save(model, path, external_data=path.name + ".data")
+
+
+def require_files(paths: list[Path]) -> None:
+    for p in paths:
+        if not p.is_file():
+            raise RotgraphError(f"{p}: no such model file")
 
 
 def find_tokenizer(model_path: Path, explicit: str | os.PathLike[str] | None = None) -> Path | None:

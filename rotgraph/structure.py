@@ -83,13 +83,13 @@ class Linear:
     def shape(self) -> tuple[int, int]:
         tensor = self.weight.const_value
         if tensor is not None:
-            dims = tuple(int(d) for d in tensor.shape)
+            dims = tensor.shape.numpy()
         else:  # a tied lm_head: Transpose of the embedding table
             producer = self.weight.producer()
             assert producer is not None and producer.inputs[0] is not None
             source = producer.inputs[0].const_value
             assert source is not None
-            dims = tuple(int(d) for d in reversed(source.shape))
+            dims = tuple(reversed(source.shape.numpy()))
         return dims[0], dims[1]
 
 
@@ -156,15 +156,21 @@ class ModelDescription:
 
     @property
     def vocab_size(self) -> int:
-        return int(self.embedding_table.shape[0])  # type: ignore[index]
+        tensor = self.embedding_table.const_value
+        assert tensor is not None
+        return tensor.shape.numpy()[0]
 
     @property
     def hidden_size(self) -> int:
-        return int(self.embedding_table.shape[1])  # type: ignore[index]
+        tensor = self.embedding_table.const_value
+        assert tensor is not None
+        return tensor.shape.numpy()[1]
 
     def norm_readers(self) -> list[list[Linear]]:
         """The Linears reading each norm, in the order of `norms()`."""
-        groups = [g for b in self.blocks for g in ([b.attention.q, b.attention.k, b.attention.v], [b.mlp.gate, b.mlp.up])]
+        groups = [
+            g for b in self.blocks for g in ([b.attention.q, b.attention.k, b.attention.v], [b.mlp.gate, b.mlp.up])
+        ]
         return [*groups, [self.lm_head]]
 
     def norms(self) -> list[Norm]:
@@ -173,7 +179,9 @@ class ModelDescription:
     def summary(self) -> str:
         a = self.blocks[0].attention
         m = self.blocks[0].mlp
-        has_bias = any(lin.bias is not None for b in self.blocks for lin in (b.attention.q, b.attention.k, b.attention.v))
+        has_bias = any(
+            lin.bias is not None for b in self.blocks for lin in (b.attention.q, b.attention.k, b.attention.v)
+        )
         lines = [
             f"decoder: {len(self.blocks)} blocks, hidden {self.hidden_size}, vocab {self.vocab_size}",
             f"attention: {a.num_heads} query heads, {a.num_kv_heads} KV heads "
@@ -309,22 +317,26 @@ def _rope_before(value: ir.Value) -> ir.Value | None:
         node = current.producer()
         if node is None:
             return None
-        if node.op_type in _LAYOUT_OPS or is_hadamard(node):
-            assert node.inputs[0] is not None
-            current = node.inputs[0]
-        elif node.op_type in ("Mul", "Div") and _is_scalar_const(node.inputs[1]):
+        if (
+            node.op_type in _LAYOUT_OPS
+            or is_hadamard(node)
+            or (node.op_type in ("Mul", "Div") and _is_scalar_const(node.inputs[1]))
+        ):
             assert node.inputs[0] is not None
             current = node.inputs[0]
         elif node.op_type == "Mul" and _is_scalar_const(node.inputs[0]):
             assert node.inputs[1] is not None
             current = node.inputs[1]
-        elif node.op_type == "RotaryEmbedding":
-            return current
-        elif node.op_type == "Add" and _is_rope_add(node):
+        elif node.op_type == "RotaryEmbedding" or (node.op_type == "Add" and _is_rope_add(node)):
             return current
         else:
             return None
     return None
+
+
+def _produced_by(value: ir.Value | None, op_type: str) -> bool:
+    producer = value.producer() if value is not None else None
+    return producer is not None and producer.op_type == op_type
 
 
 def _is_rope_add(node: ir.Node) -> bool:
@@ -336,9 +348,12 @@ def _is_rope_add(node: ir.Node) -> bool:
         assert mul is not None
         for inp in mul.inputs:
             producer = inp.producer() if inp is not None else None
-            if producer is not None and producer.op_type == "Concat":
-                if any(i is not None and i.producer() is not None and i.producer().op_type == "Neg" for i in producer.inputs):  # type: ignore[union-attr]
-                    return True
+            if (
+                producer is not None
+                and producer.op_type == "Concat"
+                and any(_produced_by(i, "Neg") for i in producer.inputs)
+            ):
+                return True
     return False
 
 
@@ -386,8 +401,7 @@ def _attention(model: ir.Model, norm: Norm, o: Linear, where: str) -> Attention:
     q_out, k_out, v_out, o_in = q.shape[1], k.shape[1], v.shape[1], o.shape[0]
     if q_out % head_dim or k_out % head_dim or v_out != k_out or o_in != q_out:
         raise StructureError(
-            f"{where}: projection widths Q {q_out}, K {k_out}, V {v_out}, O-in {o_in} "
-            f"do not fit head_dim {head_dim}"
+            f"{where}: projection widths Q {q_out}, K {k_out}, V {v_out}, O-in {o_in} do not fit head_dim {head_dim}"
         )
     return Attention(q, k, v, o, scores, q_rope, k_rope, q_out // head_dim, k_out // head_dim, head_dim)
 
@@ -448,7 +462,9 @@ def discover(model: ir.Model) -> ModelDescription:
         add_node, attn_out = add
         o = _linear_producing(attn_out)
         if o is None:
-            raise StructureError(f"{where}: expected the residual Add's other operand to be o_proj, found {_where(attn_out)}")
+            raise StructureError(
+                f"{where}: expected the residual Add's other operand to be o_proj, found {_where(attn_out)}"
+            )
         attention = _attention(model, norm, o, where)
         mid = add_node.outputs[0]
         mlp_norm = _norm_reading(mid, where)
@@ -457,7 +473,9 @@ def discover(model: ir.Model) -> ModelDescription:
             raise StructureError(f"{where}: expected an RMSNorm and a residual Add after attention at {_where(mid)}")
         down = _linear_producing(add2[1])
         if down is None:
-            raise StructureError(f"{where}: expected the MLP residual Add's operand to be down_proj, found {_where(add2[1])}")
+            raise StructureError(
+                f"{where}: expected the MLP residual Add's operand to be down_proj, found {_where(add2[1])}"
+            )
         mlp = _mlp(mlp_norm, down, where)
         out = add2[0].outputs[0]
         blocks.append(Block(len(blocks), residual, norm, attention, mid, mlp_norm, mlp, out))

@@ -15,6 +15,7 @@ positions the evaluation split.
 from __future__ import annotations
 
 import bz2
+import contextlib
 import importlib.util
 import json
 import logging
@@ -73,15 +74,11 @@ def clean_wikitext(wikitext: str) -> str:
     code = mwparserfromhell.parse(wikitext)
     for tag in code.filter_tags(recursive=False):
         if str(tag.tag).lower() in ("ref", "table", "gallery", "math", "references"):
-            try:
+            with contextlib.suppress(ValueError):
                 code.remove(tag)
-            except ValueError:
-                pass
     for template in code.filter_templates(recursive=False):
-        try:
+        with contextlib.suppress(ValueError):
             code.remove(template)
-        except ValueError:
-            pass
     text = code.strip_code(normalize=True, collapse=True)
     paragraphs = []
     for para in re.split(r"\n\s*\n", text):

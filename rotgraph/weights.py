@@ -68,7 +68,9 @@ def rewrite_initializer(value: ir.Value, step: Step, shape: Sequence[int] | None
     tensor = initializer_tensor(value)
     chain = _chain_of(tensor)
     new = _Chain(chain.base, (*chain.steps, step), chain.name)
-    value.const_value = ChainTensor(new, tensor.dtype, ir.Shape(shape if shape is not None else tensor.shape), tensor.name)
+    value.const_value = ChainTensor(
+        new, tensor.dtype, ir.Shape(shape if shape is not None else tensor.shape.numpy()), tensor.name
+    )
     if shape is not None:
         value.shape = ir.Shape(shape)
 
@@ -79,7 +81,7 @@ def new_initializer(graph: ir.Graph, name: str, tensor: ir.TensorProtocol) -> ir
     unique, i = name, 1
     while unique in taken:
         unique, i = f"{name}_{i}", i + 1
-    value = ir.Value(name=unique, shape=ir.Shape(tensor.shape), type=ir.TensorType(tensor.dtype))
+    value = ir.Value(name=unique, shape=ir.Shape(tensor.shape.numpy()), type=ir.TensorType(tensor.dtype))
     value.const_value = tensor
     graph.register_initializer(value)
     return value

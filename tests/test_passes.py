@@ -8,8 +8,8 @@ import numpy as np
 import onnx_ir as ir
 import onnx_ir.passes.common as common_passes
 import pytest
-
 from conftest import ort_logits, torch_logits
+
 from rotgraph import io
 from rotgraph.hadamard import hadamard_factors
 from rotgraph.online import insert_hadamard
@@ -93,7 +93,7 @@ def canonical_embedding(path: Path) -> np.ndarray:
 def test_r1_requires_fused_norms(exported) -> None:
     _, path = exported
     model = io.load_model(path)
-    with pytest.raises(Exception, match="FuseNormScalesPass|UntieEmbeddingPass"):
+    with pytest.raises(Exception, match=r"FuseNormScalesPass|UntieEmbeddingPass"):
         run_passes(model, [CanonicalizeNormsPass(), RotateResidualPass()])
 
 
@@ -164,7 +164,10 @@ def test_hadamard_function_body_computes_the_matrix(n: int, tmp_path) -> None:
     np.testing.assert_allclose(y, data.astype(np.float64) @ factors.matrix(), atol=1e-5)
 
 
-@pytest.mark.parametrize("model_type,exporter", [("llama", "dynamo"), ("llama", "torchscript"), ("qwen2", "dynamo"), ("qwen2", "torchscript")])
+@pytest.mark.parametrize(
+    "model_type,exporter",
+    [("llama", "dynamo"), ("llama", "torchscript"), ("qwen2", "dynamo"), ("qwen2", "torchscript")],
+)
 def test_full_pipeline_is_exact(tiny, tokens, tmp_path, model_type: str, exporter: str) -> None:
     folder, path = tiny(model_type, exporter)
     model = io.load_model(path)

@@ -29,7 +29,7 @@ def test_discovers_tiny_models(tiny, exporter: str, model_type: str) -> None:
 
 
 def test_gate_and_up_are_told_apart_by_data_flow(tiny) -> None:
-    folder, path = tiny("llama", "dynamo")
+    _folder, path = tiny("llama", "dynamo")
     desc = canonicalize(io.load_model(path))
     mlp = desc.blocks[1].mlp
     # gate feeds the activation (Sigmoid for SiLU), up feeds the gating Mul directly

@@ -46,8 +46,6 @@ class FuseNormScalesPass(ir.passes.InPlacePass):
         for norm, gamma in scales:
             if not np.all(gamma == 1.0):
                 dtype = norm.scale.dtype or ir.DataType.FLOAT
-                norm.scale.const_value = ir.Tensor(
-                    np.ones(gamma.shape, dtype=dtype.numpy()), name=norm.scale.name
-                )
+                norm.scale.const_value = ir.Tensor(np.ones(gamma.shape, dtype=dtype.numpy()), name=norm.scale.name)
         logger.info("fused %d RMSNorm scales into their MatMuls", fused)
         return ir.passes.PassResult(model, fused > 0)

