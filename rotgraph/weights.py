@@ -49,6 +49,16 @@ def _chain_of(tensor: ir.TensorProtocol) -> _Chain:
     return _Chain(tensor, (), tensor.name)
 
 
+def multiply_left(w: np.ndarray, m: np.ndarray) -> np.ndarray:
+    """Step W -> m @ W (bind `m` with functools.partial, never a late-binding closure)."""
+    return m @ w
+
+
+def multiply_right(w: np.ndarray, m: np.ndarray) -> np.ndarray:
+    """Step W -> W @ m."""
+    return w @ m
+
+
 def initializer_tensor(value: ir.Value) -> ir.TensorProtocol:
     if value.const_value is None:
         raise ValueError(f"value {value.name!r} has no constant tensor")

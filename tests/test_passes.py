@@ -196,3 +196,31 @@ def test_seeds_change_the_rotation(tiny, tmp_path) -> None:
         tables.append(read_float64(discover(model).embedding_table))
     np.testing.assert_array_equal(tables[0], tables[1])
     assert not np.allclose(tables[0], tables[2])
+
+
+def test_onnxruntime_simplified_layer_norm_is_accepted(tiny, tokens, tmp_path) -> None:
+    """Graphs fused by onnxruntime's tools carry SimplifiedLayerNormalization instead of RMSNormalization."""
+    folder, path = tiny("llama", "dynamo")
+    model = io.load_model(path)
+    run_passes(model, [CanonicalizeNormsPass()])
+    for node in model.graph:
+        if node.op_type == "RMSNormalization":
+            node.op_type = "SimplifiedLayerNormalization"  # same inputs and attributes in onnxruntime
+    rotate_model(model, RotateOptions(seed=3))
+    assert sum(n.op_type == "SimplifiedLayerNormalization" for n in model.graph) == 5
+    out = tmp_path / "rotated.onnx"
+    io.save_model(model, out)
+    np.testing.assert_allclose(ort_logits(out, tokens), torch_logits(folder, tokens), atol=ATOL)
+
+
+def test_sizes_without_hadamard_fall_back_to_random_orthogonal(tiny, tokens, tmp_path, caplog) -> None:
+    # hidden 92 and head_dim 23 have no known Hadamard matrix: R1 and R2 must still be exact
+    folder, path = tiny("llama", "dynamo", hidden_size=92, num_attention_heads=4, num_key_value_heads=2)
+    model = io.load_model(path)
+    rotate_model(model, RotateOptions(seed=0, online=False))
+    assert "no Hadamard matrix of order 92" in caplog.text and "order 23" in caplog.text
+    out = tmp_path / "rotated.onnx"
+    io.save_model(model, out)
+    np.testing.assert_allclose(ort_logits(out, tokens), torch_logits(folder, tokens), atol=ATOL)
+    with pytest.raises(Exception, match="no Hadamard matrix of order 23"):
+        rotate_model(io.load_model(path), RotateOptions(online=True))

@@ -12,17 +12,9 @@ import onnx_ir as ir
 from rotgraph.errors import RotgraphError, StructureError
 from rotgraph.hadamard import random_rotation
 from rotgraph.structure import discover
-from rotgraph.weights import read_float64, rewrite_initializer
+from rotgraph.weights import multiply_left, multiply_right, read_float64, rewrite_initializer
 
 logger = logging.getLogger(__name__)
-
-
-def _left(w: np.ndarray, m: np.ndarray) -> np.ndarray:
-    return m @ w
-
-
-def _right(w: np.ndarray, m: np.ndarray) -> np.ndarray:
-    return w @ m
 
 
 class RotateResidualPass(ir.passes.InPlacePass):
@@ -58,15 +50,15 @@ class RotateResidualPass(ir.passes.InPlacePass):
             q, kind = np.asarray(self.rotation, dtype=np.float64), "given"
         else:
             q, kind = random_rotation(n, np.random.default_rng([self.seed, 1]), what="R1")
-        rewrite_initializer(desc.embedding_table, functools.partial(_right, m=q))
+        rewrite_initializer(desc.embedding_table, functools.partial(multiply_right, m=q))
         readers = [lin for group in desc.norm_readers() for lin in group]
         writers = [lin for b in desc.blocks for lin in (b.attention.o, b.mlp.down)]
         for lin in readers:
-            rewrite_initializer(lin.weight, functools.partial(_left, m=q.T))
+            rewrite_initializer(lin.weight, functools.partial(multiply_left, m=q.T))
         for lin in writers:
-            rewrite_initializer(lin.weight, functools.partial(_right, m=q))
+            rewrite_initializer(lin.weight, functools.partial(multiply_right, m=q))
             if lin.bias is not None:
-                rewrite_initializer(lin.bias, functools.partial(_right, m=q))
+                rewrite_initializer(lin.bias, functools.partial(multiply_right, m=q))
         model.metadata_props["rotgraph.r1"] = json.dumps({"kind": kind, "size": n, "seed": self.seed})
         logger.info(
             "R1 (%s, %d): %d readers, %d writers and the embedding rotated", kind, n, len(readers), len(writers)

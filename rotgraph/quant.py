@@ -1,0 +1,152 @@
+"""Weight quantizers: round-to-nearest with a clipping search, and GPTQ. numpy, float64.
+
+Conventions: a weight is given as `wt` with shape [rows, cols] = [out_features, in_features] (the
+transpose of an ONNX MatMul initializer); groups run along `cols` (the reduction axis), so every
+output channel has one scale (and zero point) per `group_size` inputs, or one in all (per channel).
+Integer codes are signed for symmetric grids ([-2^(b-1), 2^(b-1) - 1]) and unsigned for asymmetric ones
+([0, 2^b - 1]); dequantized value = (code - zero) * scale.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+
+from rotgraph.errors import RotgraphError
+
+
+@dataclass(frozen=True)
+class WeightSpec:
+    bits: int = 4
+    symmetric: bool = True
+    group_size: int | None = 128  # None: per output channel
+    clip_search: bool = True  # try clipping ratios 1.0, 0.95, ..., 0.55 per group, keep the best
+
+    def __post_init__(self) -> None:
+        if self.bits not in (4, 8):
+            raise RotgraphError(f"weight bits must be 4 or 8, got {self.bits}")
+
+    @property
+    def qmin(self) -> int:
+        return -(2 ** (self.bits - 1)) if self.symmetric else 0
+
+    @property
+    def qmax(self) -> int:
+        return 2 ** (self.bits - 1) - 1 if self.symmetric else 2**self.bits - 1
+
+    def groups(self, cols: int) -> int:
+        g = self.group_size or cols
+        if cols % g:
+            raise RotgraphError(f"group size {g} does not divide the input size {cols}")
+        return cols // g
+
+
+@dataclass
+class QuantizedWeight:
+    codes: np.ndarray  # [rows, cols] int16 (signed or unsigned grid values)
+    scales: np.ndarray  # [rows, groups] float64
+    zeros: np.ndarray  # [rows, groups] float64 (0 for symmetric grids)
+    spec: WeightSpec
+
+    def dequantize(self) -> np.ndarray:
+        g = self.codes.shape[1] // self.scales.shape[1]
+        scales = np.repeat(self.scales, g, axis=1)
+        zeros = np.repeat(self.zeros, g, axis=1)
+        return (self.codes.astype(np.float64) - zeros) * scales
+
+
+_RATIOS = np.linspace(1.0, 0.55, 10)
+
+
+def _params(x: np.ndarray, spec: WeightSpec, ratio: float | np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Scale and zero point for each row of x [..., n] at a clipping ratio."""
+    if spec.symmetric:
+        amax = np.abs(x).max(axis=-1) * ratio
+        scale = np.where(amax > 0, amax / spec.qmax, 1.0)
+        return scale, np.zeros_like(scale)
+    lo = np.minimum(x.min(axis=-1), 0) * ratio
+    hi = np.maximum(x.max(axis=-1), 0) * ratio
+    scale = np.where(hi > lo, (hi - lo) / spec.qmax, 1.0)
+    return scale, np.round(-lo / scale)
+
+
+def _codes(x: np.ndarray, scale: np.ndarray, zero: np.ndarray, spec: WeightSpec) -> np.ndarray:
+    return np.clip(np.round(x / scale[..., None]) + zero[..., None], spec.qmin, spec.qmax)
+
+
+def _group_params(x: np.ndarray, spec: WeightSpec) -> tuple[np.ndarray, np.ndarray]:
+    """Best (scale, zero) for each row of x [..., n] over the clipping ratios (squared error)."""
+    if not spec.clip_search:
+        return _params(x, spec, 1.0)
+    best_err = np.full(x.shape[:-1], np.inf)
+    best_scale, best_zero = _params(x, spec, 1.0)
+    for r in _RATIOS:
+        scale, zero = _params(x, spec, r)
+        err = (((_codes(x, scale, zero, spec) - zero[..., None]) * scale[..., None] - x) ** 2).sum(axis=-1)
+        better = err < best_err
+        best_err = np.where(better, err, best_err)
+        best_scale = np.where(better, scale, best_scale)
+        best_zero = np.where(better, zero, best_zero)
+    return best_scale, best_zero
+
+
+def quantize_rtn(wt: np.ndarray, spec: WeightSpec) -> QuantizedWeight:
+    rows, cols = wt.shape
+    n = spec.groups(cols)
+    grouped = wt.reshape(rows, n, cols // n)
+    scale, zero = _group_params(grouped, spec)
+    codes = _codes(grouped, scale, zero, spec).reshape(rows, cols)
+    return QuantizedWeight(codes.astype(np.int16), scale, zero, spec)
+
+
+def gptq(
+    wt: np.ndarray,
+    hessian: np.ndarray,
+    spec: WeightSpec,
+    *,
+    damp: float = 0.01,
+    act_order: bool = False,
+    block: int = 128,
+) -> QuantizedWeight:
+    """GPTQ (Frantar et al. 2022): quantize columns in order, spreading each column's error over the
+    columns not yet quantized through the inverse Hessian's Cholesky factor (lazy block updates).
+
+    `hessian` is X^T X of the layer's calibration inputs ([cols, cols]); `damp` is added as a fraction
+    of its mean diagonal. Group scales come from the original weights (static groups), so they stay
+    aligned with input columns when `act_order` permutes the processing order.
+    """
+    rows, cols = wt.shape
+    n_groups = spec.groups(cols)
+    g = cols // n_groups
+    w = wt.astype(np.float64).copy()
+    h = hessian.astype(np.float64).copy()
+    dead = np.diag(h) == 0
+    h[dead, dead] = 1.0
+    w[:, dead] = 0.0
+    scale, zero = _group_params(w.reshape(rows, n_groups, g), spec)
+    perm = np.argsort(-np.diag(h), kind="stable") if act_order else np.arange(cols)
+    w, h = w[:, perm], h[perm][:, perm]
+    h[np.diag_indices(cols)] += damp * np.mean(np.diag(h))
+    try:
+        u = np.linalg.cholesky(np.linalg.inv(h)).T  # upper Cholesky factor of H^-1
+    except np.linalg.LinAlgError:
+        raise RotgraphError("GPTQ: the Hessian is not positive definite; raise --damp") from None
+    codes = np.zeros((rows, cols))
+    group_of = perm // g
+    for i1 in range(0, cols, block):
+        i2 = min(i1 + block, cols)
+        w1 = w[:, i1:i2].copy()
+        err1 = np.zeros_like(w1)
+        u1 = u[i1:i2, i1:i2]
+        for i in range(i2 - i1):
+            col = w1[:, i]
+            s, z = scale[:, group_of[i1 + i]], zero[:, group_of[i1 + i]]
+            c = np.clip(np.round(col / s) + z, spec.qmin, spec.qmax)
+            codes[:, i1 + i] = c
+            err = (col - (c - z) * s) / u1[i, i]
+            w1[:, i:] -= np.outer(err, u1[i, i:])
+            err1[:, i] = err
+        w[:, i2:] -= err1 @ u[i1:i2, i2:]
+    inverse = np.argsort(perm)
+    return QuantizedWeight(codes[:, inverse].astype(np.int16), scale, zero, spec)

@@ -1,0 +1,81 @@
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from rotgraph.quant import WeightSpec, gptq, quantize_rtn
+
+
+def reference_gptq(wt: np.ndarray, h: np.ndarray, spec: WeightSpec, damp: float) -> np.ndarray:
+    """Textbook OBQ/GPTQ order: one column at a time with the full inverse Hessian, no blocking."""
+    w = wt.copy()
+    cols = w.shape[1]
+    g = spec.group_size or cols
+    h = h + damp * np.mean(np.diag(h)) * np.eye(cols)
+    hinv = np.linalg.inv(h)
+    out = np.zeros_like(w)
+    # static group parameters from the original weights, symmetric grid without clipping search
+    amax = np.abs(wt.reshape(w.shape[0], -1, g)).max(-1)
+    scales = np.where(amax > 0, amax / spec.qmax, 1.0)
+    for j in range(cols):
+        s = scales[:, j // g]
+        q = np.clip(np.round(w[:, j] / s), spec.qmin, spec.qmax) * s
+        out[:, j] = q
+        err = (w[:, j] - q) / hinv[j, j]
+        w[:, j + 1 :] -= np.outer(err, hinv[j, j + 1 :])
+        # the inverse Hessian of the remaining columns (Schur complement)
+        hinv[j + 1 :, j + 1 :] -= np.outer(hinv[j + 1 :, j], hinv[j, j + 1 :]) / hinv[j, j]
+    return out
+
+
+@pytest.fixture
+def problem() -> tuple[np.ndarray, np.ndarray]:
+    rng = np.random.default_rng(0)
+    x = rng.standard_normal((512, 64)) @ rng.standard_normal((64, 64))  # correlated inputs
+    wt = rng.standard_normal((24, 64))
+    return wt, x.T @ x
+
+
+@pytest.mark.parametrize("group", [None, 16])
+def test_gptq_matches_the_unblocked_algorithm(problem, group) -> None:
+    wt, h = problem
+    spec = WeightSpec(bits=4, symmetric=True, group_size=group, clip_search=False)
+    got = gptq(wt, h, spec, damp=0.01, block=16).dequantize()
+    np.testing.assert_allclose(got, reference_gptq(wt, h, spec, 0.01), atol=1e-9)
+
+
+@pytest.mark.parametrize("act_order", [False, True])
+def test_gptq_beats_rtn_on_the_layer_output(problem, act_order) -> None:
+    wt, h = problem
+    spec = WeightSpec(bits=4, group_size=16)
+
+    def output_error(q: np.ndarray) -> float:
+        d = q - wt
+        return float(np.trace(d @ h @ d.T))
+
+    rtn = output_error(quantize_rtn(wt, spec).dequantize())
+    assert output_error(gptq(wt, h, spec, act_order=act_order).dequantize()) < 0.7 * rtn
+
+
+@pytest.mark.parametrize("symmetric", [True, False])
+@pytest.mark.parametrize("bits", [4, 8])
+def test_rtn_codes_lie_on_the_grid_and_round_to_nearest(symmetric, bits) -> None:
+    wt = np.random.default_rng(1).standard_normal((8, 32))
+    spec = WeightSpec(bits=bits, symmetric=symmetric, group_size=8, clip_search=False)
+    q = quantize_rtn(wt, spec)
+    assert q.codes.min() >= spec.qmin and q.codes.max() <= spec.qmax
+    step = np.repeat(q.scales, 8, axis=1)
+    # without clipping every weight is within half a step of its dequantized value
+    assert np.all(np.abs(q.dequantize() - wt) <= step / 2 + 1e-12)
+
+
+def test_clip_search_never_hurts() -> None:
+    wt = np.random.default_rng(2).standard_t(3, size=(16, 128))  # heavy tails: clipping pays
+    plain = quantize_rtn(wt, WeightSpec(group_size=32, clip_search=False)).dequantize()
+    clipped = quantize_rtn(wt, WeightSpec(group_size=32, clip_search=True)).dequantize()
+    assert ((clipped - wt) ** 2).sum() < ((plain - wt) ** 2).sum()
+
+
+def test_group_must_divide() -> None:
+    with pytest.raises(Exception, match="does not divide"):
+        quantize_rtn(np.zeros((2, 48)), WeightSpec(group_size=32))
