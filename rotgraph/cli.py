@@ -52,6 +52,28 @@ def cmd_rotate(args: argparse.Namespace) -> None:
     print(f"wrote {report.output} in {report.seconds:.1f} s")
 
 
+def cmd_quantize(args: argparse.Namespace) -> None:
+    from rotgraph.quantize import QuantOptions, quantize
+
+    options = QuantOptions(
+        scheme=args.scheme,
+        rotation=args.rotation,
+        weights=args.weights,
+        group=args.group,
+        symmetric_weights=not args.asymmetric,
+        seed=args.seed,
+        damp=args.damp,
+        act_order=not args.no_act_order,
+        calibration_windows=args.calibration_windows,
+        text=args.text,
+    )
+    report = quantize(Path(args.input), Path(args.output), options)
+    print(
+        f"wrote {report.output} ({args.scheme}, rotation {args.rotation}, weights {args.weights}) "
+        f"in {report.seconds:.1f} s"
+    )
+
+
 def cmd_eval(args: argparse.Namespace) -> None:
     from rotgraph.evaluate import evaluate
     from rotgraph.io import require_files
@@ -156,6 +178,22 @@ def parser() -> argparse.ArgumentParser:
     r.add_argument("--no-validate", action="store_true", help="skip the onnxruntime comparison")
     r.add_argument("--tolerance", type=float, default=1e-3, help="max |logit difference| accepted")
     r.set_defaults(func=cmd_rotate)
+
+    q = sub.add_parser("quantize", help="quantize weights, activations and KV cache (QDQ ONNX)")
+    q.add_argument("input")
+    q.add_argument("-o", "--output", required=True)
+    q.add_argument("--scheme", default="w4a8", help="w<4|8>a<4|8|16>[kv<4|8>], e.g. w4a16, w4a8, w4a4kv4, w8a8")
+    q.add_argument("--rotation", choices=["none", "quarot"], default="quarot")
+    q.add_argument("--weights", choices=["rtn", "gptq"], default="rtn")
+    q.add_argument("--group", type=int, default=32, help="weight group size along the input axis; 0 = per channel")
+    q.add_argument("--asymmetric", action="store_true", help="asymmetric weight grid (UINT codes + zero points)")
+    q.add_argument("--format", choices=["qdq"], default="qdq", help="qdq: standard QuantizeLinear/DequantizeLinear")
+    q.add_argument("--seed", type=int, default=0)
+    q.add_argument("--damp", type=float, default=0.01, help="GPTQ damping, fraction of the mean Hessian diagonal")
+    q.add_argument("--no-act-order", action="store_true", help="GPTQ: process columns in their stored order")
+    q.add_argument("--calibration-windows", type=int, default=32, help="GPTQ: 512-token windows of calibration text")
+    q.add_argument("--text", help="calibration text (default: the calibration split of the Wikipedia excerpt)")
+    q.set_defaults(func=cmd_quantize)
 
     v = sub.add_parser("eval", help="perplexity, KL and top-1 agreement to the first model")
     v.add_argument("models", nargs="+")

@@ -47,7 +47,10 @@ def run_logits(session: ort.InferenceSession, tokens: np.ndarray) -> np.ndarray:
             feeds[extra.name] = np.ones_like(tokens, dtype=np.int64)
         else:
             raise RotgraphError(f"model input {extra.name!r} is not supported (expected input_ids [, attention_mask])")
-    return np.asarray(session.run(None, feeds)[0])
+    try:
+        return np.asarray(session.run(None, feeds)[0])
+    except Exception as e:  # onnxruntime raises its own Fail/InvalidArgument types
+        raise RotgraphError(f"onnxruntime failed to run the model: {e}") from None
 
 
 def windows(ids: Sequence[int], count: int, seq_len: int) -> np.ndarray:

@@ -57,16 +57,12 @@ def _function(factors: HadamardFactors, dtype: ir.DataType) -> ir.Function:
     return ir.Function(ROTGRAPH_DOMAIN, "Hadamard", f"n{factors.n}", graph=graph, attributes=[])
 
 
-def insert_hadamard(model: ir.Model, value: ir.Value, factors: HadamardFactors) -> ir.Node:
-    """Insert y = Hadamard(value) and make every former consumer of `value` read y instead."""
-    dtype = value.dtype or ir.DataType.FLOAT
-    key = (ROTGRAPH_DOMAIN, "Hadamard", f"n{factors.n}")
-    if key not in model.functions:
-        model.functions[key] = _function(factors, dtype)
+def insert_after_value(model: ir.Model, value: ir.Value, node: ir.Node, suffix: str) -> None:
+    """Place the single-output `node` (already reading `value`) right after `value`'s producer and
+    make every other consumer of `value` read the node's output instead."""
     model.opset_imports.setdefault(ROTGRAPH_DOMAIN, 1)
-    node = ir.Node(ROTGRAPH_DOMAIN, "Hadamard", [value], overload=f"n{factors.n}", num_outputs=1)
     out = node.outputs[0]
-    out.name = f"{value.name}_hadamard"
+    out.name = f"{value.name}_{suffix}"
     out.shape = value.shape
     out.type = value.type
     value.replace_all_uses_with(out)
@@ -79,4 +75,13 @@ def insert_hadamard(model: ir.Model, value: ir.Value, factors: HadamardFactors) 
         graph.insert_before(graph[0], node)
     else:
         graph.append(node)
+
+
+def insert_hadamard(model: ir.Model, value: ir.Value, factors: HadamardFactors) -> ir.Node:
+    """Insert y = Hadamard(value) and make every former consumer of `value` read y instead."""
+    key = (ROTGRAPH_DOMAIN, "Hadamard", f"n{factors.n}")
+    if key not in model.functions:
+        model.functions[key] = _function(factors, value.dtype or ir.DataType.FLOAT)
+    node = ir.Node(ROTGRAPH_DOMAIN, "Hadamard", [value], overload=f"n{factors.n}", num_outputs=1)
+    insert_after_value(model, value, node, suffix="hadamard")
     return node

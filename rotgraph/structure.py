@@ -47,6 +47,16 @@ def is_hadamard(node: ir.Node | None) -> bool:
     return node is not None and node.domain == ROTGRAPH_DOMAIN and node.op_type == "Hadamard"
 
 
+def is_quantized_weight(value: ir.Value) -> bool:
+    """DequantizeLinear of initializers (codes, scales[, zero points]): a quantized weight."""
+    producer = value.producer()
+    return (
+        producer is not None
+        and producer.op_type == "DequantizeLinear"
+        and all(i is None or i.is_initializer() for i in producer.inputs)
+    )
+
+
 def _data_consumers(value: ir.Value) -> list[ir.Node]:
     """Consumers of `value` that use it as data (shape-reading ops are left out)."""
     return [n for n in value.consumers() if n.op_type not in _SHAPE_OPS]
@@ -84,12 +94,14 @@ class Linear:
         tensor = self.weight.const_value
         if tensor is not None:
             dims = tensor.shape.numpy()
-        else:  # a tied lm_head: Transpose of the embedding table
+        else:  # a tied lm_head (Transpose of the embedding table) or a quantized weight
             producer = self.weight.producer()
             assert producer is not None and producer.inputs[0] is not None
             source = producer.inputs[0].const_value
             assert source is not None
-            dims = tuple(reversed(source.shape.numpy()))
+            dims = source.shape.numpy()
+            if producer.op_type == "Transpose":
+                dims = tuple(reversed(dims))
         return dims[0], dims[1]
 
 
@@ -113,6 +125,7 @@ class Attention:
     num_heads: int
     num_kv_heads: int
     head_dim: int
+    v_cache: ir.Value | None = None  # values as [batch, kv_heads, seq, head_dim], before any repeat
 
 
 @dataclass(frozen=True)
@@ -209,7 +222,7 @@ def _as_linear(node: ir.Node, *, allow_tied: bool = False) -> Linear | None:
             and producer.inputs[0] is not None
             and producer.inputs[0].is_initializer()
         )
-        if not tied:
+        if not tied and not is_quantized_weight(weight):
             return None
     if len(weight.shape or ()) != 2 and weight.const_value is not None:
         return None
@@ -268,12 +281,34 @@ def _residual_add(value: ir.Value) -> tuple[ir.Node, ir.Value] | None:
     return add, other
 
 
+def is_rotgraph_op(node: ir.Node | None) -> bool:
+    """rotgraph's own single-input ops (Hadamard, FakeQuant): transparent to structure discovery."""
+    return node is not None and node.domain == ROTGRAPH_DOMAIN
+
+
+def _through_rotgraph_ops(value: ir.Value) -> list[ir.Node]:
+    """Data consumers of `value`, looking through chains of rotgraph ops."""
+    nodes = []
+    for node in _data_consumers(value):
+        nodes += _through_rotgraph_ops(node.outputs[0]) if is_rotgraph_op(node) else [node]
+    return nodes
+
+
+def _before_rotgraph_ops(value: ir.Value) -> ir.Value:
+    """The value a chain of rotgraph ops ending in `value` started from."""
+    while is_rotgraph_op(value.producer()):
+        producer = value.producer()
+        assert producer is not None and producer.inputs[0] is not None
+        value = producer.inputs[0]
+    return value
+
+
 def _reader_linears(norm: Norm, where: str) -> list[Linear]:
     out = norm.node.outputs[0]
     linears = []
-    for node in _data_consumers(out):
+    for node in _through_rotgraph_ops(out):
         lin = _as_linear(node)
-        if lin is None or lin.input is not out:
+        if lin is None or _before_rotgraph_ops(lin.input) is not out:
             raise StructureError(
                 f"{where}: the RMSNorm output {out.name!r} feeds {node.op_type} node {node.name!r}; "
                 "expected only MatMuls with initializer weights"
@@ -403,7 +438,24 @@ def _attention(model: ir.Model, norm: Norm, o: Linear, where: str) -> Attention:
         raise StructureError(
             f"{where}: projection widths Q {q_out}, K {k_out}, V {v_out}, O-in {o_in} do not fit head_dim {head_dim}"
         )
-    return Attention(q, k, v, o, scores, q_rope, k_rope, q_out // head_dim, k_out // head_dim, head_dim)
+    v_cache = _head_layout(v.output)
+    return Attention(q, k, v, o, scores, q_rope, k_rope, q_out // head_dim, k_out // head_dim, head_dim, v_cache)
+
+
+def _head_layout(value: ir.Value) -> ir.Value | None:
+    """Follow a projection output through Reshape to the Transpose that puts heads before tokens."""
+    current = value
+    for _ in range(4):
+        consumers = _data_consumers(current)
+        if len(consumers) != 1:
+            return None
+        node = consumers[0]
+        if node.op_type == "Transpose":
+            return node.outputs[0]
+        if node.op_type not in ("Reshape", "Identity") or node.inputs[0] is not current:
+            return None
+        current = node.outputs[0]
+    return None
 
 
 def _mlp(norm: Norm, down: Linear, where: str) -> MLP:
@@ -413,11 +465,8 @@ def _mlp(norm: Norm, down: Linear, where: str) -> MLP:
             f"{where}: expected 2 MatMuls (gate, up) reading the MLP RMSNorm, found {len(readers)} "
             "(fused gate/up projections are not supported yet)"
         )
-    x = down.input
+    x = _before_rotgraph_ops(down.input)
     producer = x.producer()
-    if is_hadamard(producer):
-        assert producer is not None and producer.inputs[0] is not None
-        producer = producer.inputs[0].producer()
     if producer is None or producer.op_type != "Mul":
         raise StructureError(f"{where}: expected down_proj input to be Mul(act(gate), up), found {_where(x)}")
     direct = [lin for lin in readers if lin.output in producer.inputs]
@@ -482,7 +531,7 @@ def discover(model: ir.Model) -> ModelDescription:
         residual = out
     if not blocks:
         raise StructureError("expected at least one decoder block after the embedding")
-    consumers = _data_consumers(norm.node.outputs[0])
+    consumers = _through_rotgraph_ops(norm.node.outputs[0])
     heads = [lin for lin in (_as_linear(n, allow_tied=True) for n in consumers) if lin is not None]
     if len(consumers) != 1 or len(heads) != 1:
         raise StructureError("final norm: expected exactly one MatMul (lm_head) reading it")

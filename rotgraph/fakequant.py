@@ -1,0 +1,113 @@
+"""rotgraph's `FakeQuant` op: dynamic quantize-dequantize over groups of the last axis.
+
+One overload per configuration (`b8s_g0_c100`: 8 bits, symmetric, group = whole last axis, clip 1.00),
+each carried in the model as an ONNX function in standard ops (Reshape, ReduceMax/Min, Div, Round,
+Clip, Mul), so every runtime computes it. Per-token activation quantization is a group of the whole
+hidden axis; KV-cache quantization per token and head is a group of head_dim (or smaller groups).
+Symmetric: scale = clip * max|x| / qmax. Asymmetric: scale = clip * (max - min) / qmax over the
+group's range widened to contain 0, zero = round(-clip * min / scale).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+import onnx_ir as ir
+
+from rotgraph.online import insert_after_value
+from rotgraph.structure import ROTGRAPH_DOMAIN
+
+FUNCTION_OPSET = 23
+
+
+@dataclass(frozen=True)
+class ActSpec:
+    bits: int
+    symmetric: bool = True
+    group: int = 0  # 0: the whole last axis
+    clip: float = 1.0
+
+    @property
+    def overload(self) -> str:
+        return f"b{self.bits}{'s' if self.symmetric else 'a'}_g{self.group}_c{round(self.clip * 100)}"
+
+    @property
+    def qmax(self) -> int:
+        return 2 ** (self.bits - 1) - 1 if self.symmetric else 2**self.bits - 1
+
+    @property
+    def qmin(self) -> int:
+        return -(2 ** (self.bits - 1)) if self.symmetric else 0
+
+    def reference(self, x: np.ndarray) -> np.ndarray:
+        """The same computation in numpy (float64), for tests and for learning."""
+        g = self.group or x.shape[-1]
+        xr = x.reshape(-1, g).astype(np.float64)
+        if self.symmetric:
+            scale = np.maximum(np.abs(xr).max(-1, keepdims=True) * self.clip / self.qmax, 1e-8)
+            y = np.clip(np.round(xr / scale), self.qmin, self.qmax) * scale
+        else:
+            hi = np.maximum(xr.max(-1, keepdims=True), 0) * self.clip
+            lo = np.minimum(xr.min(-1, keepdims=True), 0) * self.clip
+            scale = np.maximum((hi - lo) / self.qmax, 1e-8)
+            zero = np.round(-lo / scale)
+            y = (np.clip(np.round(xr / scale) + zero, 0, self.qmax) - zero) * scale
+        return y.reshape(x.shape)
+
+
+def _const(name: str, array: np.ndarray) -> ir.Node:
+    return ir.Node("", "Constant", [], [ir.AttrTensor("value", ir.Tensor(array, name=name))], name=name)
+
+
+def _function(spec: ActSpec, dtype: ir.DataType) -> ir.Function:
+    f = dtype.numpy()
+    x = ir.Value(name="X")
+    nodes: list[ir.Node] = []
+
+    def op(op_type: str, *inputs: ir.Value, **attrs: int) -> ir.Value:
+        node = ir.Node("", op_type, list(inputs), [ir.AttrInt64(k, v) for k, v in attrs.items()])
+        nodes.append(node)
+        return node.outputs[0]
+
+    def const(name: str, value: np.ndarray) -> ir.Value:
+        node = _const(name, value)
+        nodes.append(node)
+        return node.outputs[0]
+
+    if spec.group:  # groups of the last axis; the whole axis needs no reshape and fits any width
+        shape = op("Shape", x)
+        xr = op("Reshape", x, const("groups", np.array([-1, spec.group], dtype=np.int64)))
+    else:
+        xr = x
+    axes = const("axes", np.array([-1], dtype=np.int64))
+    eps = const("eps", np.array(1e-8, dtype=f))
+    lo_q, hi_q = const("qmin", np.array(spec.qmin, dtype=f)), const("qmax", np.array(spec.qmax, dtype=f))
+    ratio = const("ratio", np.array(spec.clip / spec.qmax, dtype=f))
+    if spec.symmetric:
+        amax = op("ReduceMax", op("Abs", xr), axes, keepdims=1)
+        scale = op("Max", op("Mul", amax, ratio), eps)
+        y = op("Mul", op("Clip", op("Round", op("Div", xr, scale)), lo_q, hi_q), scale)
+    else:
+        zero_f = const("zero", np.array(0.0, dtype=f))
+        clip = const("clip", np.array(spec.clip, dtype=f))
+        hi = op("Mul", op("Max", op("ReduceMax", xr, axes, keepdims=1), zero_f), clip)
+        lo = op("Mul", op("Min", op("ReduceMin", xr, axes, keepdims=1), zero_f), clip)
+        scale = op("Max", op("Div", op("Sub", hi, lo), hi_q), eps)
+        zp = op("Round", op("Div", op("Neg", lo), scale))
+        q = op("Clip", op("Add", op("Round", op("Div", xr, scale)), zp), zero_f, hi_q)
+        y = op("Mul", op("Sub", q, zp), scale)
+    out = op("Reshape", y, shape) if spec.group else op("Identity", y)
+    out.name = "Y"
+    graph = ir.Graph([x], [out], nodes=nodes, opset_imports={"": FUNCTION_OPSET}, name="FakeQuant")
+    return ir.Function(ROTGRAPH_DOMAIN, "FakeQuant", spec.overload, graph=graph, attributes=[])
+
+
+def insert_fake_quant(model: ir.Model, value: ir.Value, spec: ActSpec) -> ir.Node:
+    """Insert y = FakeQuant(value) and make every former consumer of `value` read y."""
+    key = (ROTGRAPH_DOMAIN, "FakeQuant", spec.overload)
+    if key not in model.functions:
+        model.functions[key] = _function(spec, value.dtype or ir.DataType.FLOAT)
+    node = ir.Node(ROTGRAPH_DOMAIN, "FakeQuant", [value], overload=spec.overload, num_outputs=1)
+    insert_after_value(model, value, node, suffix="fakequant")
+    return node

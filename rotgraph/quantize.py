@@ -1,0 +1,124 @@
+"""The quantization pipeline: optional QuaRot rotation, weights (RTN or GPTQ), activations, KV cache."""
+
+from __future__ import annotations
+
+import json
+import logging
+import re
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import numpy as np
+import onnx_ir as ir
+
+from rotgraph import io
+from rotgraph.calibrate import input_hessians
+from rotgraph.errors import RotgraphError
+from rotgraph.evaluate import make_session, run_logits, windows
+from rotgraph.fakequant import ActSpec
+from rotgraph.passes.quantize_activations import QuantizeActivationsPass
+from rotgraph.passes.quantize_kv import QuantizeKVCachePass
+from rotgraph.passes.quantize_weights import QuantizeWeightsPass
+from rotgraph.pipeline import RotateOptions, canonicalize, rotate_model, run_passes
+from rotgraph.quant import WeightSpec
+
+logger = logging.getLogger(__name__)
+
+_SCHEME = re.compile(r"^w(4|8)a(4|8|16)(?:kv(4|8))?$")
+
+
+@dataclass(frozen=True)
+class Scheme:
+    weight_bits: int
+    act_bits: int  # 16: activations stay float
+    kv_bits: int | None
+
+    @classmethod
+    def parse(cls, text: str) -> Scheme:
+        m = _SCHEME.match(text)
+        if m is None:
+            raise RotgraphError(f"scheme {text!r}: expected w<4|8>a<4|8|16>[kv<4|8>], e.g. w4a8, w4a4kv4")
+        return cls(int(m[1]), int(m[2]), int(m[3]) if m[3] else None)
+
+
+@dataclass(frozen=True)
+class QuantOptions:
+    """Defaults follow QuaRot: symmetric weights and activations, activation clip 0.9 at 4 bits,
+    asymmetric KV cache per token and head with clip 0.95 at 4 bits."""
+
+    scheme: str = "w4a8"
+    rotation: str = "quarot"  # none | quarot
+    weights: str = "rtn"  # rtn | gptq
+    group: int = 32  # 0: per output channel
+    symmetric_weights: bool = True
+    act_clip: float | None = None  # None: 0.9 at 4 bits, 1.0 at 8
+    kv_clip: float | None = None  # None: 0.95 at 4 bits, 1.0 at 8
+    seed: int = 0
+    damp: float = 0.01
+    act_order: bool = True
+    calibration_windows: int = 32
+    calibration_seq_len: int = 512
+    text: str | None = None
+
+
+@dataclass(frozen=True)
+class QuantReport:
+    output: Path
+    seconds: float
+    options: QuantOptions
+
+
+def calibration_tokens(model_path: Path, options: QuantOptions) -> np.ndarray:
+    from rotgraph.text import load_text
+    from rotgraph.tokenize import encode
+
+    tok = io.find_tokenizer(model_path)
+    if tok is None:
+        raise RotgraphError(f"GPTQ calibration needs tokenizer.json beside {model_path}")
+    text = load_text("calibration", options.text)
+    return windows(encode(tok, text), options.calibration_windows, options.calibration_seq_len)
+
+
+def quantize_model(model: ir.Model, options: QuantOptions, calibration: np.ndarray | None = None) -> None:
+    """Apply `options` to `model` in place (rotation first, then weights, activations, KV cache)."""
+    scheme = Scheme.parse(options.scheme)
+    if options.rotation == "quarot":
+        rotate_model(model, RotateOptions(seed=options.seed))
+    elif options.rotation == "none":
+        canonicalize(model)
+    else:
+        raise RotgraphError(f"rotation {options.rotation!r}: expected none or quarot")
+    hessians = None
+    if options.weights == "gptq":
+        if calibration is None:
+            raise RotgraphError("GPTQ needs calibration tokens")
+        hessians = input_hessians(model, calibration)
+    wspec = WeightSpec(scheme.weight_bits, options.symmetric_weights, options.group or None)
+    passes: list[ir.passes.PassBase] = [
+        QuantizeWeightsPass(wspec, options.weights, hessians, options.damp, options.act_order)
+    ]
+    if scheme.act_bits < 16:
+        clip = options.act_clip if options.act_clip is not None else (0.9 if scheme.act_bits == 4 else 1.0)
+        passes.append(QuantizeActivationsPass(ActSpec(scheme.act_bits, True, 0, clip)))
+    if scheme.kv_bits is not None:
+        clip = options.kv_clip if options.kv_clip is not None else (0.95 if scheme.kv_bits == 4 else 1.0)
+        passes.append(QuantizeKVCachePass(ActSpec(scheme.kv_bits, False, 0, clip)))
+    run_passes(model, passes)
+    model.metadata_props["rotgraph.quantization"] = json.dumps(asdict(options))
+
+
+def quantize(input_path: Path, output: Path, options: QuantOptions = QuantOptions()) -> QuantReport:
+    """Quantize the model at `input_path` into `output` (QDQ format); checks that it runs and is finite."""
+    start = time.perf_counter()
+    io.check_output_path([input_path], output)
+    model = io.load_model(input_path)
+    calibration = calibration_tokens(input_path, options) if options.weights == "gptq" else None
+    quantize_model(model, options, calibration)
+    with io.staged_output(output) as staged:
+        io.save_model(model, staged)
+        io.copy_tokenizer(input_path, staged)
+        logits = run_logits(make_session(staged, "disable"), np.arange(16, dtype=np.int64)[None, :])
+        if not np.isfinite(logits).all():
+            raise RotgraphError("the quantized model produces non-finite logits; nothing written")
+    return QuantReport(output, time.perf_counter() - start, options)

@@ -1,0 +1,118 @@
+"""Quantization passes: the ONNX ops compute what the numpy quantizers compute, on real graphs."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import onnx_ir as ir
+import onnxruntime as ort
+import pytest
+from conftest import ort_logits
+
+from rotgraph import io
+from rotgraph.fakequant import ActSpec, insert_fake_quant
+from rotgraph.pipeline import canonicalize
+from rotgraph.quant import WeightSpec, quantize_rtn
+from rotgraph.quantize import QuantOptions, Scheme, quantize_model
+from rotgraph.structure import discover
+from rotgraph.weights import read_float64
+
+
+def run_single(tmp_path: Path, spec: ActSpec, widths: list[int], data: list[np.ndarray]) -> list[np.ndarray]:
+    """A graph with one FakeQuant per input, all sharing one overload."""
+    inputs = [
+        ir.Value(name=f"x{i}", shape=ir.Shape(["b", w]), type=ir.TensorType(ir.DataType.FLOAT))
+        for i, w in enumerate(widths)
+    ]
+    graph = ir.Graph(inputs, [], nodes=[], opset_imports={"": 23}, name="g")
+    model = ir.Model(graph, ir_version=10)
+    for i, x in enumerate(inputs):
+        node = insert_fake_quant(model, x, spec)
+        node.outputs[0].name = f"y{i}"
+        graph.outputs.append(node.outputs[0])
+    path = tmp_path / "fq.onnx"
+    io.save_model(model, path)
+    session = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+    return session.run(None, {f"x{i}": d for i, d in enumerate(data)})
+
+
+@pytest.mark.parametrize(
+    "spec",
+    [ActSpec(8), ActSpec(4, clip=0.9), ActSpec(4, symmetric=False, clip=0.95), ActSpec(4, symmetric=False, group=16)],
+    ids=lambda s: s.overload,
+)
+def test_fake_quant_op_matches_numpy_for_every_width(tmp_path, spec: ActSpec) -> None:
+    rng = np.random.default_rng(0)
+    data = [rng.standard_normal((5, 48)).astype(np.float32), (3 * rng.standard_normal((5, 96))).astype(np.float32)]
+    for got, x in zip(run_single(tmp_path, spec, [48, 96], data), data, strict=True):
+        np.testing.assert_allclose(got, spec.reference(x), rtol=1e-5, atol=1e-6)
+        assert len(np.unique(got[0])) <= 2**spec.bits * (x.shape[1] // (spec.group or x.shape[1]))
+
+
+def test_scheme_parsing() -> None:
+    assert Scheme.parse("w4a4kv4") == Scheme(4, 4, 4)
+    assert Scheme.parse("w4a16") == Scheme(4, 16, None)
+    with pytest.raises(Exception, match="expected w"):
+        Scheme.parse("w3a4")
+
+
+@pytest.mark.parametrize("group,symmetric", [(16, True), (0, True), (16, False)])
+def test_weights_dequantize_to_the_rtn_result(tiny, tokens, tmp_path, group: int, symmetric: bool) -> None:
+    _, path = tiny("llama", "dynamo")
+    reference = io.load_model(path)
+    canonicalize(reference)
+    expected = {}
+    for block in discover(reference).blocks:
+        w = read_float64(block.mlp.down.weight)
+        expected[block.index] = quantize_rtn(w.T, WeightSpec(4, symmetric, group or None)).dequantize().T
+    model = io.load_model(path)
+    quantize_model(model, QuantOptions(scheme="w4a16", rotation="none", group=group, symmetric_weights=symmetric))
+    out = tmp_path / "q.onnx"
+    io.save_model(model, out)
+    # Evaluate each down_proj's DequantizeLinear output with onnxruntime and compare to numpy.
+    desc = discover(model)
+    for block in desc.blocks:
+        model.graph.outputs.append(block.mlp.down.weight)
+    probe = tmp_path / "probe.onnx"
+    io.save_model(model, probe)
+    session = ort.InferenceSession(str(probe), providers=["CPUExecutionProvider"])
+    names = [b.mlp.down.weight.name for b in desc.blocks]
+    for block, got in zip(desc.blocks, session.run(names, {"input_ids": tokens}), strict=True):
+        np.testing.assert_allclose(got, expected[block.index], rtol=1e-6, atol=1e-7)
+    assert np.isfinite(ort_logits(out, tokens)).all()
+
+
+@pytest.mark.parametrize("scheme", ["w8a8", "w4a8kv8", "w4a4kv4"])
+@pytest.mark.parametrize("rotation", ["none", "quarot"])
+def test_schemes_build_and_stay_close_at_8_bits(tiny, tokens, tmp_path, scheme: str, rotation: str) -> None:
+    _, path = tiny("qwen2", "torchscript")
+    model = io.load_model(path)
+    quantize_model(model, QuantOptions(scheme=scheme, rotation=rotation, group=16))
+    counts = {op: sum(n.op_type == op for n in model.graph) for op in ("DequantizeLinear", "FakeQuant")}
+    kv = 4 if "kv" in scheme else 0
+    assert counts == {"DequantizeLinear": 14, "FakeQuant": 8 + kv}
+    out = tmp_path / "q.onnx"
+    io.save_model(model, out)
+    logits, reference = ort_logits(out, tokens), ort_logits(path, tokens)
+    assert np.isfinite(logits).all()
+    if scheme == "w8a8":  # 8 bits everywhere: a small perturbation of the float model
+        assert np.abs(logits - reference).max() < 0.05 * np.abs(reference).max()
+
+
+def test_gptq_pipeline_runs_on_calibration_tokens(tiny, tokens, tmp_path) -> None:
+    _, path = tiny("llama", "dynamo")
+    model = io.load_model(path)
+    calibration = np.random.default_rng(5).integers(0, 384, size=(4, 64))
+    quantize_model(model, QuantOptions(scheme="w4a16", rotation="quarot", weights="gptq", group=16), calibration)
+    out = tmp_path / "q.onnx"
+    io.save_model(model, out)
+    assert np.isfinite(ort_logits(out, tokens)).all()
+
+
+def test_quantizing_twice_is_refused(tiny) -> None:
+    _, path = tiny("llama", "dynamo")
+    model = io.load_model(path)
+    quantize_model(model, QuantOptions(scheme="w4a16", rotation="none", group=16))
+    with pytest.raises(Exception, match="already"):
+        quantize_model(model, QuantOptions(scheme="w4a16", rotation="none", group=16))
