@@ -80,8 +80,17 @@ def calibration_tokens(model_path: Path, options: QuantOptions) -> np.ndarray:
     return windows(encode(tok, text), options.calibration_windows, options.calibration_seq_len)
 
 
-def quantize_model(model: ir.Model, options: QuantOptions, calibration: np.ndarray | None = None) -> None:
-    """Apply `options` to `model` in place (rotation first, then weights, activations, KV cache)."""
+def quantize_model(
+    model: ir.Model,
+    options: QuantOptions,
+    calibration: np.ndarray | None = None,
+    hessians: dict[str, np.ndarray] | None = None,
+) -> dict[str, np.ndarray] | None:
+    """Apply `options` to `model` in place (rotation first, then weights, activations, KV cache).
+
+    GPTQ needs `calibration` tokens, or `hessians` from an earlier call on the same model file with
+    the same rotation (they are returned, so several schemes can share one calibration run).
+    """
     scheme = Scheme.parse(options.scheme)
     if options.rotation == "quarot":
         rotate_model(model, RotateOptions(seed=options.seed))
@@ -89,8 +98,7 @@ def quantize_model(model: ir.Model, options: QuantOptions, calibration: np.ndarr
         canonicalize(model)
     else:
         raise RotgraphError(f"rotation {options.rotation!r}: expected none or quarot")
-    hessians = None
-    if options.weights == "gptq":
+    if options.weights == "gptq" and hessians is None:
         if calibration is None:
             raise RotgraphError("GPTQ needs calibration tokens")
         hessians = input_hessians(model, calibration)
@@ -106,6 +114,7 @@ def quantize_model(model: ir.Model, options: QuantOptions, calibration: np.ndarr
         passes.append(QuantizeKVCachePass(ActSpec(scheme.kv_bits, False, 0, clip)))
     run_passes(model, passes)
     model.metadata_props["rotgraph.quantization"] = json.dumps(asdict(options))
+    return hessians
 
 
 def quantize(input_path: Path, output: Path, options: QuantOptions = QuantOptions()) -> QuantReport:
