@@ -160,7 +160,11 @@ def _text_options(p: argparse.ArgumentParser, windows: int) -> None:
 
 
 def parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="rotgraph", description=__doc__)
+    p = argparse.ArgumentParser(
+        prog="rotgraph",
+        description="Rotate ONNX language models so they quantize well (QuaRot as compiler passes), "
+        "quantize and evaluate them.",
+    )
     p.add_argument("-v", "--verbose", action="store_true", help="debug logging")
     sub = p.add_subparsers(dest="command", required=True)
 
@@ -187,7 +191,12 @@ def parser() -> argparse.ArgumentParser:
     q.add_argument("--weights", choices=["rtn", "gptq"], default="rtn")
     q.add_argument("--group", type=int, default=32, help="weight group size along the input axis; 0 = per channel")
     q.add_argument("--asymmetric", action="store_true", help="asymmetric weight grid (UINT codes + zero points)")
-    q.add_argument("--format", choices=["qdq"], default="qdq", help="qdq: standard QuantizeLinear/DequantizeLinear")
+    q.add_argument(
+        "--format",
+        choices=["qdq"],
+        default="qdq",
+        help="qdq: int codes + DequantizeLinear feeding the unchanged float MatMuls",
+    )
     q.add_argument("--seed", type=int, default=0)
     q.add_argument("--damp", type=float, default=0.01, help="GPTQ damping, fraction of the mean Hessian diagonal")
     q.add_argument("--no-act-order", action="store_true", help="GPTQ: process columns in their stored order")

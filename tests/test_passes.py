@@ -214,13 +214,13 @@ def test_onnxruntime_simplified_layer_norm_is_accepted(tiny, tokens, tmp_path) -
 
 
 def test_sizes_without_hadamard_fall_back_to_random_orthogonal(tiny, tokens, tmp_path, caplog) -> None:
-    # hidden 92 and head_dim 23 have no known Hadamard matrix: R1 and R2 must still be exact
-    folder, path = tiny("llama", "dynamo", hidden_size=92, num_attention_heads=4, num_key_value_heads=2)
+    # hidden 92 and head_dim 46 have no known Hadamard matrix: R1 and R2 must still be exact
+    folder, path = tiny("llama", "dynamo", hidden_size=92, num_attention_heads=2, num_key_value_heads=1)
     model = io.load_model(path)
     rotate_model(model, RotateOptions(seed=0, online=False))
-    assert "no Hadamard matrix of order 92" in caplog.text and "order 23" in caplog.text
+    assert "no Hadamard matrix of order 92" in caplog.text and "order 46" in caplog.text
     out = tmp_path / "rotated.onnx"
     io.save_model(model, out)
     np.testing.assert_allclose(ort_logits(out, tokens), torch_logits(folder, tokens), atol=ATOL)
-    with pytest.raises(Exception, match="no Hadamard matrix of order 23"):
+    with pytest.raises(Exception, match="no Hadamard matrix of order 46"):
         rotate_model(io.load_model(path), RotateOptions(online=True))
