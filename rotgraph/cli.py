@@ -62,6 +62,8 @@ def cmd_quantize(args: argparse.Namespace) -> None:
         group=args.group,
         symmetric_weights=not args.asymmetric,
         seed=args.seed,
+        fmt=args.format,
+        head_bits=args.head_bits,
         damp=args.damp,
         act_order=not args.no_act_order,
         calibration_windows=args.calibration_windows,
@@ -193,9 +195,13 @@ def parser() -> argparse.ArgumentParser:
     q.add_argument("--asymmetric", action="store_true", help="asymmetric weight grid (UINT codes + zero points)")
     q.add_argument(
         "--format",
-        choices=["qdq"],
+        choices=["qdq", "ort"],
         default="qdq",
-        help="qdq: int codes + DequantizeLinear feeding the unchanged float MatMuls",
+        help="qdq: int codes + DequantizeLinear feeding the float MatMuls (edge compilers); "
+        "ort: onnxruntime's int4 MatMulNBits (int8 activation compute for a4/a8 schemes)",
+    )
+    q.add_argument(
+        "--head-bits", type=int, choices=[8, 16], default=8, help="embedding and lm_head: 8-bit RTN or float"
     )
     q.add_argument("--seed", type=int, default=0)
     q.add_argument("--damp", type=float, default=0.01, help="GPTQ damping, fraction of the mean Hessian diagonal")

@@ -17,6 +17,7 @@ from rotgraph.calibrate import input_hessians
 from rotgraph.errors import RotgraphError
 from rotgraph.evaluate import make_session, run_logits, windows
 from rotgraph.fakequant import ActSpec
+from rotgraph.passes import UntieEmbeddingPass
 from rotgraph.passes.quantize_activations import QuantizeActivationsPass
 from rotgraph.passes.quantize_kv import QuantizeKVCachePass
 from rotgraph.passes.quantize_weights import QuantizeWeightsPass
@@ -55,6 +56,8 @@ class QuantOptions:
     act_clip: float | None = None  # None: 0.9 at 4 bits, 1.0 at 8
     kv_clip: float | None = None  # None: 0.95 at 4 bits, 1.0 at 8
     seed: int = 0
+    fmt: str = "qdq"  # qdq | ort
+    head_bits: int = 8  # embedding and lm_head: 8 (RTN, same group) or 16 (float)
     damp: float = 0.01
     act_order: bool = True
     calibration_windows: int = 32
@@ -103,15 +106,34 @@ def quantize_model(
             raise RotgraphError("GPTQ needs calibration tokens")
         hessians = input_hessians(model, calibration)
     wspec = WeightSpec(scheme.weight_bits, options.symmetric_weights, options.group or None)
-    passes: list[ir.passes.PassBase] = [
-        QuantizeWeightsPass(wspec, options.weights, hessians, options.damp, options.act_order)
-    ]
-    if scheme.act_bits < 16:
+    head_spec = None
+    if options.head_bits == 8:
+        head_spec = WeightSpec(8, True, options.group or None)
+        run_passes(model, [UntieEmbeddingPass()])
+    elif options.head_bits != 16:
+        raise RotgraphError(f"head bits must be 8 or 16, got {options.head_bits}")
+    passes: list[ir.passes.PassBase] = []
+    # onnxruntime's MatMulNBits with accuracy_level 4 quantizes its input to int8 itself (per block of
+    # the weight group, finer than per token), so the ort format leaves 8-bit activations to it.
+    ort_int8 = options.fmt == "ort" and scheme.act_bits <= 8
+    if scheme.act_bits == 4 or (scheme.act_bits == 8 and not ort_int8):
         clip = options.act_clip if options.act_clip is not None else (0.9 if scheme.act_bits == 4 else 1.0)
         passes.append(QuantizeActivationsPass(ActSpec(scheme.act_bits, True, 0, clip)))
     if scheme.kv_bits is not None:
         clip = options.kv_clip if options.kv_clip is not None else (0.95 if scheme.kv_bits == 4 else 1.0)
         passes.append(QuantizeKVCachePass(ActSpec(scheme.kv_bits, False, 0, clip)))
+    passes.append(
+        QuantizeWeightsPass(
+            wspec,
+            options.weights,
+            hessians,
+            options.damp,
+            options.act_order,
+            head_spec,
+            options.fmt,
+            accuracy_level=4 if ort_int8 else 0,
+        )
+    )
     run_passes(model, passes)
     model.metadata_props["rotgraph.quantization"] = json.dumps(asdict(options))
     return hessians

@@ -55,9 +55,84 @@ def emit_dequantize(model: ir.Model, lin: Linear, q: QuantizedWeight, name: str)
         graph.initializers.pop(old.name)
 
 
+def emit_matmulnbits(model: ir.Model, lin: Linear, q: QuantizedWeight, name: str, accuracy_level: int) -> None:
+    """Replace lin's MatMul by com.microsoft MatMulNBits (onnxruntime's int4 kernel) with the same codes."""
+    graph = model.graph
+    spec = q.spec
+    n, k = q.codes.shape
+    blocks = q.scales.shape[1]
+    g = k // blocks
+    if spec.bits != 4 or g < 16 or g & (g - 1):
+        raise RotgraphError(
+            f"{name}: the ort format needs 4-bit weights in power-of-two groups >= 16 (got {spec.bits} bits, group {g})"
+        )
+    unsigned = (q.codes + (8 if spec.symmetric else 0)).astype(np.uint8)  # symmetric: default zero point 8
+    packed = (unsigned[:, 0::2] | (unsigned[:, 1::2] << 4)).astype(np.uint8).reshape(n, blocks, g // 2)
+    dtype = lin.weight.dtype or ir.DataType.FLOAT
+    inputs: list[ir.Value | None] = [
+        lin.input,
+        new_initializer(graph, f"{name}.packed", ir.Tensor(packed, name=f"{name}.packed")),
+        new_initializer(
+            graph, f"{name}.scales", ir.Tensor(q.scales.reshape(-1).astype(dtype.numpy()), name=f"{name}.scales")
+        ),
+    ]
+    if not spec.symmetric:
+        zeros = q.zeros.astype(np.uint8)
+        if blocks % 2:
+            zeros = np.concatenate([zeros, np.zeros((n, 1), np.uint8)], axis=1)
+        zp = (zeros[:, 0::2] | (zeros[:, 1::2] << 4)).astype(np.uint8).reshape(-1)
+        inputs.append(new_initializer(graph, f"{name}.zeros", ir.Tensor(zp, name=f"{name}.zeros")))
+    attrs = [
+        ir.AttrInt64("K", k),
+        ir.AttrInt64("N", n),
+        ir.AttrInt64("bits", 4),
+        ir.AttrInt64("block_size", g),
+        ir.AttrInt64("accuracy_level", accuracy_level),
+    ]
+    node = ir.Node("com.microsoft", "MatMulNBits", inputs, attrs, name=f"{name}.matmulnbits")
+    model.opset_imports.setdefault("com.microsoft", 1)
+    out = lin.node.outputs[0]
+    node.outputs[0].name = f"{name}.out"
+    node.outputs[0].type, node.outputs[0].shape = out.type, out.shape
+    graph.insert_before(lin.node, node)
+    out.replace_all_uses_with(node.outputs[0], replace_graph_outputs=True)
+    old = lin.weight
+    graph.remove(lin.node, safe=True)
+    if not old.uses() and old.name is not None and old.name in graph.initializers:
+        graph.initializers.pop(old.name)
+
+
+def emit_embedding(model: ir.Model, gather: ir.Node, q: QuantizedWeight, name: str) -> None:
+    """Gather(E, ids) -> Gather(DequantizeLinear(codes [vocab, hidden], scales along hidden), ids)."""
+    graph = model.graph
+    table = gather.inputs[0]
+    assert table is not None
+    dtype = table.dtype or ir.DataType.FLOAT
+    store = q.codes.astype(np.int8)
+    codes = new_initializer(graph, f"{name}.codes", ir.Tensor(store, dtype=_code_type(q.spec), name=f"{name}.codes"))
+    scales = new_initializer(graph, f"{name}.scale", ir.Tensor(q.scales.astype(dtype.numpy()), name=f"{name}.scale"))
+    block = q.codes.shape[1] // q.scales.shape[1]
+    dq = ir.Node(
+        "",
+        "DequantizeLinear",
+        [codes, scales],
+        [ir.AttrInt64("axis", 1), ir.AttrInt64("block_size", block)],
+        name=f"{name}.dequantize",
+    )
+    dq.outputs[0].name = f"{name}.dequantized"
+    dq.outputs[0].type, dq.outputs[0].shape = ir.TensorType(dtype), ir.Shape(list(q.codes.shape))
+    graph.insert_before(gather, dq)
+    gather.replace_input_with(0, dq.outputs[0])
+    if not table.uses() and table.name is not None and table.name in graph.initializers:
+        graph.initializers.pop(table.name)
+
+
 class QuantizeWeightsPass(ir.passes.InPlacePass):
     """W (float [in, out]) -> DequantizeLinear(int codes, scales[, zero points]) for every Q/K/V/O,
-    gate/up/down MatMul; the embedding and lm_head stay float.
+    gate/up/down MatMul (format "qdq"), or MatMul -> com.microsoft MatMulNBits with the same codes
+    (format "ort", 4 bits, `accuracy_level` 0: float compute, 4: int8 activations). With `head_spec`
+    the embedding table and lm_head are quantized by RTN too (DequantizeLinear in both formats),
+    else they stay float.
 
     Methods: "rtn" (round to nearest, clipping ratio searched per group) or "gptq" (needs `hessians`,
     X^T X of each projection's input keyed by the input value's name). Codes are INT4/UINT4/INT8/UINT8,
@@ -72,13 +147,19 @@ class QuantizeWeightsPass(ir.passes.InPlacePass):
         hessians: Mapping[str, np.ndarray] | None = None,
         damp: float = 0.01,
         act_order: bool = False,
+        head_spec: WeightSpec | None = None,
+        fmt: str = "qdq",
+        accuracy_level: int = 0,
     ) -> None:
         super().__init__()
         if method not in ("rtn", "gptq"):
             raise RotgraphError(f"unknown weight quantizer {method!r} (rtn, gptq)")
         if method == "gptq" and hessians is None:
             raise RotgraphError("GPTQ needs calibration Hessians")
+        if fmt not in ("qdq", "ort"):
+            raise RotgraphError(f"unknown format {fmt!r} (qdq, ort)")
         self.spec, self.method, self.hessians, self.damp, self.act_order = spec, method, hessians, damp, act_order
+        self.head_spec, self.fmt, self.accuracy_level = head_spec, fmt, accuracy_level
 
     def call(self, model: ir.Model) -> ir.passes.PassResult:
         desc = discover(model)
@@ -107,7 +188,18 @@ class QuantizeWeightsPass(ir.passes.InPlacePass):
                     q = gptq(wt, h, self.spec, damp=self.damp, act_order=self.act_order)
                 else:
                     q = quantize_rtn(wt, self.spec)
-                emit_dequantize(model, lin, q, f"layers.{block.index}.{role}")
+                if self.fmt == "ort":
+                    emit_matmulnbits(model, lin, q, f"layers.{block.index}.{role}", self.accuracy_level)
+                else:
+                    emit_dequantize(model, lin, q, f"layers.{block.index}.{role}")
                 count += 1
+        if self.head_spec is not None:
+            if desc.lm_head_tied:
+                raise RotgraphError("quantizing lm_head needs it untied (UntieEmbeddingPass)")
+            head = quantize_rtn(read_float64(desc.lm_head.weight).T, self.head_spec)
+            emit_dequantize(model, desc.lm_head, head, "lm_head")
+            emb = quantize_rtn(read_float64(desc.embedding_table), self.head_spec)
+            emit_embedding(model, desc.embedding, emb, "embedding")
+            count += 2
         logger.info("quantized %d weights (%s, %d bits)", count, self.method, self.spec.bits)
         return ir.passes.PassResult(model, True)
