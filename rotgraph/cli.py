@@ -58,6 +58,7 @@ def cmd_quantize(args: argparse.Namespace) -> None:
     options = QuantOptions(
         scheme=args.scheme,
         rotation=args.rotation,
+        online=not args.no_online,
         weights=args.weights,
         group=args.group,
         symmetric_weights=not args.asymmetric,
@@ -203,6 +204,7 @@ def parser() -> argparse.ArgumentParser:
     q.add_argument(
         "--head-bits", type=int, choices=[8, 16], default=8, help="embedding and lm_head: 8-bit RTN or float"
     )
+    q.add_argument("--no-online", action="store_true", help="with quarot: no online Hadamards (R3/R4)")
     q.add_argument("--seed", type=int, default=0)
     q.add_argument("--damp", type=float, default=0.01, help="GPTQ damping, fraction of the mean Hessian diagonal")
     q.add_argument("--no-act-order", action="store_true", help="GPTQ: process columns in their stored order")

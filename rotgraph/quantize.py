@@ -50,6 +50,7 @@ class QuantOptions:
 
     scheme: str = "w4a8"
     rotation: str = "quarot"  # none | quarot
+    online: bool = True  # with quarot: insert R3/R4 online Hadamards
     weights: str = "rtn"  # rtn | gptq
     group: int = 32  # 0: per output channel
     symmetric_weights: bool = True
@@ -96,7 +97,7 @@ def quantize_model(
     """
     scheme = Scheme.parse(options.scheme)
     if options.rotation == "quarot":
-        rotate_model(model, RotateOptions(seed=options.seed))
+        rotate_model(model, RotateOptions(seed=options.seed, online=options.online))
     elif options.rotation == "none":
         canonicalize(model)
     else:

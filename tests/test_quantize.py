@@ -116,3 +116,30 @@ def test_quantizing_twice_is_refused(tiny) -> None:
     quantize_model(model, QuantOptions(scheme="w4a16", rotation="none", group=16))
     with pytest.raises(Exception, match="already"):
         quantize_model(model, QuantOptions(scheme="w4a16", rotation="none", group=16))
+
+
+@pytest.mark.parametrize("symmetric", [True, False])
+def test_ort_format_computes_what_the_qdq_format_computes(tiny, tokens, tmp_path, symmetric: bool) -> None:
+    """MatMulNBits (accuracy level 0) with rotgraph's packed codes equals DequantizeLinear + MatMul."""
+    _, path = tiny("llama", "dynamo")
+    outs = {}
+    for fmt in ("qdq", "ort"):
+        model = io.load_model(path)
+        quantize_model(model, QuantOptions(scheme="w4a16", group=16, symmetric_weights=symmetric, fmt=fmt))
+        if fmt == "ort":
+            assert sum(n.op_type == "MatMulNBits" for n in model.graph) == 14
+        outs[fmt] = tmp_path / f"{fmt}.onnx"
+        io.save_model(model, outs[fmt])
+    np.testing.assert_allclose(ort_logits(outs["ort"], tokens), ort_logits(outs["qdq"], tokens), atol=1e-4)
+
+
+def test_ort_format_w4a8_uses_int8_kernels(tiny, tokens, tmp_path) -> None:
+    _, path = tiny("llama", "dynamo")
+    model = io.load_model(path)
+    quantize_model(model, QuantOptions(scheme="w4a8", group=16, fmt="ort"))
+    levels = {n.attributes.get_int("accuracy_level") for n in model.graph if n.op_type == "MatMulNBits"}
+    assert levels == {4}
+    assert not any(n.op_type == "FakeQuant" for n in model.graph)  # onnxruntime quantizes to int8 itself
+    out = tmp_path / "q.onnx"
+    io.save_model(model, out)
+    assert np.isfinite(ort_logits(out, tokens)).all()
