@@ -55,6 +55,19 @@ def latency_ms(path: Path, tokens: np.ndarray, repeats: int) -> float:
     return 1000 * float(np.median(times))
 
 
+def onnxruntime_rtn(source: Path, out: Path) -> float:
+    """onnxruntime's own weight-only int4 quantizer on the float graph: what users would otherwise run."""
+    import onnx
+    from onnxruntime.quantization.matmul_nbits_quantizer import DefaultWeightOnlyQuantConfig, MatMulNBitsQuantizer
+
+    t = time.perf_counter()
+    config = DefaultWeightOnlyQuantConfig(block_size=32, is_symmetric=True, accuracy_level=4)
+    quantizer = MatMulNBitsQuantizer(onnx.load(source), algo_config=config)
+    quantizer.process()
+    onnx.save(quantizer.model.model, out, save_as_external_data=True, location=out.name + ".data")
+    return time.perf_counter() - t
+
+
 def size_mb(path: Path) -> float:
     return sum(f.stat().st_size for f in path.parent.glob(path.name + "*")) / 1e6
 
@@ -93,6 +106,10 @@ def main() -> None:
         cost.append((name, r["seconds"], r["peak_rss_mb"]))
         paths[name] = out
         print(f"built {name} in {r['seconds']:.0f} s", file=sys.stderr)
+    baseline = folder / "ort_rtn.onnx"
+    seconds = onnxruntime_rtn(source, baseline)
+    cost.append(("onnxruntime MatMulNBitsQuantizer (in process)", seconds, float("nan")))
+    paths["onnxruntime RTN int4 (block 32, acc. 4)"] = baseline
     ids = encode(source.parent / "tokenizer.json", load_text("evaluation"))
     one = np.asarray(ids[:1], dtype=np.int64)[None, :]
     prompt = np.asarray(ids[:512], dtype=np.int64)[None, :]
