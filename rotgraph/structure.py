@@ -303,6 +303,16 @@ def _before_rotgraph_ops(value: ir.Value) -> ir.Value:
     return value
 
 
+def before_fake_quant(value: ir.Value) -> ir.Value:
+    """The value a chain of rotgraph FakeQuant ops ending in `value` started from."""
+    producer = value.producer()
+    while is_rotgraph_op(producer) and producer is not None and producer.op_type == "FakeQuant":
+        assert producer.inputs[0] is not None
+        value = producer.inputs[0]
+        producer = value.producer()
+    return value
+
+
 def _reader_linears(norm: Norm, where: str) -> list[Linear]:
     out = norm.node.outputs[0]
     linears = []

@@ -100,11 +100,12 @@ def test_schemes_build_and_stay_close_at_8_bits(tiny, tokens, tmp_path, scheme: 
         assert np.abs(logits - reference).max() < 0.05 * np.abs(reference).max()
 
 
-def test_gptq_pipeline_runs_on_calibration_tokens(tiny, tokens, tmp_path) -> None:
+@pytest.mark.parametrize("scheme", ["w4a16", "w4a4kv4"])
+def test_gptq_pipeline_runs_on_calibration_tokens(tiny, tokens, tmp_path, scheme: str) -> None:
     _, path = tiny("llama", "dynamo")
     model = io.load_model(path)
     calibration = np.random.default_rng(5).integers(0, 384, size=(4, 64))
-    quantize_model(model, QuantOptions(scheme="w4a16", rotation="quarot", weights="gptq", group=16), calibration)
+    quantize_model(model, QuantOptions(scheme=scheme, rotation="quarot", weights="gptq", group=16), calibration)
     out = tmp_path / "q.onnx"
     io.save_model(model, out)
     assert np.isfinite(ort_logits(out, tokens)).all()

@@ -10,7 +10,7 @@ import onnx_ir as ir
 
 from rotgraph.errors import RotgraphError
 from rotgraph.quant import QuantizedWeight, WeightSpec, gptq, quantize_rtn
-from rotgraph.structure import Linear, discover, is_quantized_weight
+from rotgraph.structure import Linear, before_fake_quant, discover, is_quantized_weight
 from rotgraph.weights import new_initializer, read_float64
 
 logger = logging.getLogger(__name__)
@@ -180,7 +180,7 @@ class QuantizeWeightsPass(ir.passes.InPlacePass):
                 wt = read_float64(lin.weight).T
                 if self.method == "gptq":
                     assert self.hessians is not None
-                    h = self.hessians.get(lin.input.name or "")
+                    h = self.hessians.get(before_fake_quant(lin.input).name or "")
                     if h is None:
                         raise RotgraphError(
                             f"block {block.index} {role}: no calibration Hessian for {lin.input.name!r}"
