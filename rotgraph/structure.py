@@ -47,6 +47,16 @@ def is_hadamard(node: ir.Node | None) -> bool:
     return node is not None and node.domain == ROTGRAPH_DOMAIN and node.op_type == "Hadamard"
 
 
+def static_shape(value: ir.Value) -> tuple[int, ...]:
+    """Shape of an initializer, or of the codes behind a quantized weight; () when unknown."""
+    tensor = value.const_value
+    if tensor is None and is_quantized_weight(value):
+        producer = value.producer()
+        assert producer is not None and producer.inputs[0] is not None
+        tensor = producer.inputs[0].const_value
+    return tuple(tensor.shape.numpy()) if tensor is not None else ()
+
+
 def is_quantized_weight(value: ir.Value) -> bool:
     """DequantizeLinear of initializers (codes, scales[, zero points]): a quantized weight."""
     producer = value.producer()
@@ -169,15 +179,11 @@ class ModelDescription:
 
     @property
     def vocab_size(self) -> int:
-        tensor = self.embedding_table.const_value
-        assert tensor is not None
-        return tensor.shape.numpy()[0]
+        return static_shape(self.embedding_table)[0]
 
     @property
     def hidden_size(self) -> int:
-        tensor = self.embedding_table.const_value
-        assert tensor is not None
-        return tensor.shape.numpy()[1]
+        return static_shape(self.embedding_table)[1]
 
     def norm_readers(self) -> list[list[Linear]]:
         """The Linears reading each norm, in the order of `norms()`."""
@@ -496,8 +502,8 @@ def discover(model: ir.Model) -> ModelDescription:
         for n in graph
         if n.op_type == "Gather"
         and n.inputs[0] is not None
-        and n.inputs[0].is_initializer()
-        and len(n.inputs[0].shape or ()) == 2
+        and (n.inputs[0].is_initializer() or is_quantized_weight(n.inputs[0]))
+        and len(static_shape(n.inputs[0])) == 2
         and n.inputs[1] is not None
         and id(n.inputs[1]) in inputs
     ]
@@ -551,7 +557,8 @@ def discover(model: ir.Model) -> ModelDescription:
         raise StructureError(f"lm_head: its output {lm_head.output.name!r} is not a graph output")
     table = embedding.inputs[0]
     producer = lm_head.weight.producer()
-    tied = lm_head.weight is table or (producer is not None and producer.inputs[0] is table)
-    if producer is not None and not tied:
+    transposed = producer is not None and producer.op_type == "Transpose"
+    tied = lm_head.weight is table or (transposed and producer is not None and producer.inputs[0] is table)
+    if transposed and not tied:
         raise StructureError("lm_head: its weight is a Transpose of an initializer other than the embedding")
     return ModelDescription(embedding, tuple(blocks), norm, lm_head, tied)

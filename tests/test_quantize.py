@@ -91,7 +91,7 @@ def test_schemes_build_and_stay_close_at_8_bits(tiny, tokens, tmp_path, scheme: 
     quantize_model(model, QuantOptions(scheme=scheme, rotation=rotation, group=16))
     counts = {op: sum(n.op_type == op for n in model.graph) for op in ("DequantizeLinear", "FakeQuant")}
     kv = 4 if "kv" in scheme else 0
-    assert counts == {"DequantizeLinear": 14, "FakeQuant": 8 + kv}
+    assert counts == {"DequantizeLinear": 14 + 2, "FakeQuant": 8 + kv}  # 7 projections x 2 blocks, embedding, lm_head
     out = tmp_path / "q.onnx"
     io.save_model(model, out)
     logits, reference = ort_logits(out, tokens), ort_logits(path, tokens)
