@@ -46,8 +46,8 @@ def input_hessians(model: ir.Model, token_windows: np.ndarray, progress: bool = 
             for window in tqdm(token_windows, desc="calibrate", unit="window", disable=not progress, leave=False):
                 outs = session.run(names, {feed: window[None, :].astype(np.int64)})
                 for name, x in zip(names, outs, strict=True):
-                    x = np.asarray(x, dtype=np.float64).reshape(-1, x.shape[-1])
-                    sums[name] += x.T @ x
+                    x = np.asarray(x, dtype=np.float32).reshape(-1, x.shape[-1])
+                    sums[name] += (x.T @ x).astype(np.float64)  # float32 per window, float64 across windows
                 tokens += window.size
             del session
     finally:
