@@ -51,3 +51,18 @@ def test_rotation_is_exact_on_real_text(exported: Path, eval_windows: np.ndarray
     float_ppl, rotated_ppl = (r.perplexity for r in evaluate([exported, rotated], eval_windows, progress=False))
     assert abs(rotated_ppl - float_ppl) / float_ppl < 5e-5  # 4 significant digits
     assert 5 < float_ppl < 60  # a working model on English text, not noise
+
+
+def test_quarot_w4a8_ort_is_small_and_close_to_float(exported: Path, eval_windows: np.ndarray) -> None:
+    from rotgraph.quantize import QuantOptions, quantize
+
+    out = exported.parent / "w4a8.onnx"
+    quantize(exported, out, QuantOptions(scheme="w4a8", fmt="ort"))
+
+    def size(p: Path) -> int:
+        return sum(f.stat().st_size for f in p.parent.glob(p.name + "*"))
+
+    assert size(exported) / size(out) >= 2.5
+    float_r, quant_r = evaluate([exported, out], eval_windows[:4], progress=False)
+    assert quant_r.perplexity < 1.5 * float_r.perplexity  # 4-bit RTN weights: a bounded loss, not a collapse
+    assert quant_r.top1_agreement is not None and quant_r.top1_agreement > 0.7
