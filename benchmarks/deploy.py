@@ -12,34 +12,16 @@ all graph optimizations, no KV cache) on a 1-token and a 512-token input, and re
 from __future__ import annotations
 
 import argparse
-import json
-import subprocess
 import sys
 import time
 from pathlib import Path
 
 import numpy as np
+from _common import measured, size_mb
 
 from rotgraph.evaluate import evaluate, make_session, windows
 from rotgraph.text import load_text
 from rotgraph.tokenize import encode
-
-MEASURE = """
-import resource, subprocess, sys, time, json
-t = time.perf_counter()
-done = subprocess.run(sys.argv[1:], capture_output=True, text=True)
-print(json.dumps({"rc": done.returncode, "seconds": time.perf_counter() - t,
-                  "peak_rss_mb": resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss / 1024,
-                  "err": done.stderr[-2000:]}))
-"""
-
-
-def measured(cmd: list[str]) -> dict:
-    out = subprocess.run([sys.executable, "-c", MEASURE, *cmd], capture_output=True, text=True, check=True)
-    result = json.loads(out.stdout)
-    if result["rc"] != 0:
-        raise SystemExit(f"{' '.join(cmd)} failed:\n{result['err']}")
-    return result
 
 
 def latency_ms(path: Path, tokens: np.ndarray, repeats: int) -> float:
@@ -66,10 +48,6 @@ def onnxruntime_rtn(source: Path, out: Path) -> float:
     quantizer.process()
     onnx.save(quantizer.model.model, out, save_as_external_data=True, location=out.name + ".data")
     return time.perf_counter() - t
-
-
-def size_mb(path: Path) -> float:
-    return sum(f.stat().st_size for f in path.parent.glob(path.name + "*")) / 1e6
 
 
 def main() -> None:

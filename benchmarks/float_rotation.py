@@ -12,36 +12,18 @@ Prints markdown tables.
 from __future__ import annotations
 
 import argparse
-import json
-import subprocess
 import sys
 import time
 from pathlib import Path
 
 import numpy as np
+from _common import measured
 
 from rotgraph.evaluate import evaluate, make_session, run_logits, windows
 from rotgraph.export import export
 from rotgraph.stats import activation_stats
 from rotgraph.text import load_text
 from rotgraph.tokenize import encode
-
-MEASURE = """
-import resource, subprocess, sys, time, json
-t = time.perf_counter()
-done = subprocess.run(sys.argv[1:], capture_output=True, text=True)
-print(json.dumps({"rc": done.returncode, "seconds": time.perf_counter() - t,
-                  "peak_rss_mb": resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss / 1024,
-                  "err": done.stderr[-2000:]}))
-"""
-
-
-def measured(cmd: list[str]) -> dict:
-    out = subprocess.run([sys.executable, "-c", MEASURE, *cmd], capture_output=True, text=True, check=True)
-    result = json.loads(out.stdout)
-    if result["rc"] != 0:
-        raise SystemExit(f"{' '.join(cmd)} failed:\n{result['err']}")
-    return result
 
 
 def main() -> None:

@@ -16,6 +16,8 @@ import tempfile
 import time
 from pathlib import Path
 
+from _common import size_mb
+
 from rotgraph import io
 from rotgraph.evaluate import evaluate, windows
 from rotgraph.quantize import QuantOptions, calibration_tokens, quantize_model
@@ -28,10 +30,6 @@ METHODS = [
     ("QuaRot+RTN", "quarot", "rtn"),
     ("QuaRot+GPTQ", "quarot", "gptq"),
 ]
-
-
-def size_mb(path: Path) -> float:
-    return sum(f.stat().st_size for f in path.parent.glob(path.name + "*")) / 1e6
 
 
 def main() -> None:

@@ -15,7 +15,7 @@ from dataclasses import dataclass
 import numpy as np
 import onnx_ir as ir
 
-from rotgraph.online import insert_after_value
+from rotgraph.online import constant_node, insert_after_value
 from rotgraph.structure import ROTGRAPH_DOMAIN
 
 FUNCTION_OPSET = 23
@@ -56,10 +56,6 @@ class ActSpec:
         return y.reshape(x.shape)
 
 
-def _const(name: str, array: np.ndarray) -> ir.Node:
-    return ir.Node("", "Constant", [], [ir.AttrTensor("value", ir.Tensor(array, name=name))], name=name)
-
-
 def _function(spec: ActSpec, dtype: ir.DataType) -> ir.Function:
     f = dtype.numpy()
     x = ir.Value(name="X")
@@ -71,7 +67,7 @@ def _function(spec: ActSpec, dtype: ir.DataType) -> ir.Function:
         return node.outputs[0]
 
     def const(name: str, value: np.ndarray) -> ir.Value:
-        node = _const(name, value)
+        node = constant_node(name, value)
         nodes.append(node)
         return node.outputs[0]
 

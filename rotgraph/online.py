@@ -29,7 +29,8 @@ def factors_for(n: int, what: str) -> HadamardFactors:
     return factors
 
 
-def _constant(name: str, array: np.ndarray) -> ir.Node:
+def constant_node(name: str, array: np.ndarray) -> ir.Node:
+    """A Constant node holding `array` (for function bodies)."""
     return ir.Node("", "Constant", [], [ir.AttrTensor("value", ir.Tensor(array, name=name))], name=name)
 
 
@@ -38,15 +39,15 @@ def _function(factors: HadamardFactors, dtype: ir.DataType) -> ir.Function:
     x = ir.Value(name="X")
     nodes: list[ir.Node] = []
     shape = ir.Node("", "Shape", [x], name="shape")
-    split = _constant("split_shape", np.array([-1, factors.m, factors.p], dtype=np.int64))
-    b = _constant("B", (factors.b / np.sqrt(factors.p)).astype(np_dtype))
+    split = constant_node("split_shape", np.array([-1, factors.m, factors.p], dtype=np.int64))
+    b = constant_node("B", (factors.b / np.sqrt(factors.p)).astype(np_dtype))
     nodes += [shape, split, b]
     reshaped = ir.Node("", "Reshape", [x, split.outputs[0]], name="split")
     right = ir.Node("", "MatMul", [reshaped.outputs[0], b.outputs[0]], name="right")
     nodes += [reshaped, right]
     current = right.outputs[0]
     if factors.m > 1:
-        a_t = _constant("A_T", (factors.a.T / np.sqrt(factors.m)).astype(np_dtype))
+        a_t = constant_node("A_T", (factors.a.T / np.sqrt(factors.m)).astype(np_dtype))
         left = ir.Node("", "MatMul", [a_t.outputs[0], current], name="left")
         nodes += [a_t, left]
         current = left.outputs[0]
