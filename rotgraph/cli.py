@@ -59,6 +59,7 @@ def cmd_quantize(args: argparse.Namespace) -> None:
         scheme=args.scheme,
         rotation=args.rotation,
         online=not args.no_online,
+        smooth=args.alpha if args.smooth else None,
         weights=args.weights,
         group=args.group,
         symmetric_weights=not args.asymmetric,
@@ -205,10 +206,16 @@ def parser() -> argparse.ArgumentParser:
         "--head-bits", type=int, choices=[8, 16], default=8, help="embedding and lm_head: 8-bit RTN or float"
     )
     q.add_argument("--no-online", action="store_true", help="with quarot: no online Hadamards (R3/R4)")
+    q.add_argument(
+        "--smooth", action="store_true", help="SmoothQuant: migrate activation ranges into weights (after rotation)"
+    )
+    q.add_argument("--alpha", type=float, default=0.5, help="SmoothQuant migration strength in [0, 1]")
     q.add_argument("--seed", type=int, default=0)
     q.add_argument("--damp", type=float, default=0.01, help="GPTQ damping, fraction of the mean Hessian diagonal")
     q.add_argument("--no-act-order", action="store_true", help="GPTQ: process columns in their stored order")
-    q.add_argument("--calibration-windows", type=int, default=32, help="GPTQ: 512-token windows of calibration text")
+    q.add_argument(
+        "--calibration-windows", type=int, default=32, help="GPTQ/SmoothQuant: 512-token windows of calibration text"
+    )
     q.add_argument("--text", help="calibration text (default: the calibration split of the Wikipedia excerpt)")
     q.set_defaults(func=cmd_quantize)
 

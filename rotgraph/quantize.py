@@ -13,7 +13,7 @@ import numpy as np
 import onnx_ir as ir
 
 from rotgraph import io
-from rotgraph.calibrate import input_hessians
+from rotgraph.calibrate import input_absmax, input_hessians
 from rotgraph.errors import RotgraphError
 from rotgraph.evaluate import make_session, run_logits, windows
 from rotgraph.fakequant import ActSpec
@@ -21,6 +21,7 @@ from rotgraph.passes import UntieEmbeddingPass
 from rotgraph.passes.quantize_activations import QuantizeActivationsPass
 from rotgraph.passes.quantize_kv import QuantizeKVCachePass
 from rotgraph.passes.quantize_weights import QuantizeWeightsPass
+from rotgraph.passes.smooth import SmoothQuantPass
 from rotgraph.pipeline import RotateOptions, canonicalize, rotate_model, run_passes
 from rotgraph.quant import WeightSpec
 
@@ -51,6 +52,7 @@ class QuantOptions:
     scheme: str = "w4a8"
     rotation: str = "quarot"  # none | quarot
     online: bool = True  # with quarot: insert R3/R4 online Hadamards
+    smooth: float | None = None  # SmoothQuant migration strength alpha (after any rotation); None: off
     weights: str = "rtn"  # rtn | gptq
     group: int = 32  # 0: per output channel
     symmetric_weights: bool = True
@@ -90,10 +92,11 @@ def quantize_model(
     calibration: np.ndarray | None = None,
     hessians: dict[str, np.ndarray] | None = None,
 ) -> dict[str, np.ndarray] | None:
-    """Apply `options` to `model` in place (rotation first, then weights, activations, KV cache).
+    """Apply `options` to `model` in place (rotation, SmoothQuant, then weights, activations, KV cache).
 
-    GPTQ needs `calibration` tokens, or `hessians` from an earlier call on the same model file with
-    the same rotation (they are returned, so several schemes can share one calibration run).
+    SmoothQuant and GPTQ need `calibration` tokens; GPTQ can instead take `hessians` from an earlier
+    call on the same model file with the same rotation and smoothing (they are returned, so several
+    schemes can share one calibration run).
     """
     scheme = Scheme.parse(options.scheme)
     if options.rotation == "quarot":
@@ -102,6 +105,10 @@ def quantize_model(
         canonicalize(model)
     else:
         raise RotgraphError(f"rotation {options.rotation!r}: expected none or quarot")
+    if options.smooth is not None:
+        if calibration is None:
+            raise RotgraphError("SmoothQuant needs calibration tokens")
+        run_passes(model, [SmoothQuantPass(input_absmax(model, calibration), options.smooth)])
     if options.weights == "gptq" and hessians is None:
         if calibration is None:
             raise RotgraphError("GPTQ needs calibration tokens")
@@ -145,7 +152,8 @@ def quantize(input_path: Path, output: Path, options: QuantOptions = QuantOption
     start = time.perf_counter()
     io.check_output_path([input_path], output)
     model = io.load_model(input_path)
-    calibration = calibration_tokens(input_path, options) if options.weights == "gptq" else None
+    needs_text = options.weights == "gptq" or options.smooth is not None
+    calibration = calibration_tokens(input_path, options) if needs_text else None
     quantize_model(model, options, calibration)
     with io.staged_output(output) as staged:
         io.save_model(model, staged)

@@ -6,6 +6,7 @@ from rotgraph.passes.fuse_norm_scales import FuseNormScalesPass
 from rotgraph.passes.qk_hadamard import InsertQKHadamardPass
 from rotgraph.passes.rotate_heads import RotateHeadsPass
 from rotgraph.passes.rotate_residual import RotateResidualPass
+from rotgraph.passes.smooth import SmoothQuantPass
 from rotgraph.passes.untie_embedding import UntieEmbeddingPass
 
 __all__ = [
@@ -15,5 +16,6 @@ __all__ = [
     "InsertQKHadamardPass",
     "RotateHeadsPass",
     "RotateResidualPass",
+    "SmoothQuantPass",
     "UntieEmbeddingPass",
 ]

@@ -22,37 +22,52 @@ def _code_type(spec: WeightSpec) -> ir.DataType:
     return ir.DataType.INT8 if spec.symmetric else ir.DataType.UINT8
 
 
-def emit_dequantize(model: ir.Model, lin: Linear, q: QuantizedWeight, name: str) -> None:
-    """Replace lin's float weight by DequantizeLinear(codes [in, out], scale[, zero point])."""
-    graph = model.graph
-    spec = q.spec
-    dtype = lin.weight.dtype or ir.DataType.FLOAT
+def _dequantize_linear(
+    graph: ir.Graph,
+    name: str,
+    codes: np.ndarray,
+    scales: np.ndarray,
+    zeros: np.ndarray | None,
+    axis: int,
+    spec: WeightSpec,
+    dtype: ir.DataType,
+) -> ir.Node:
+    """A DequantizeLinear node over new initializers `{name}.codes/.scale/.zero`: per-axis along `axis`
+    when `scales` is 1-D, block-wise along `axis` (opset 21 block_size) when it has the codes' rank."""
     code_type = _code_type(spec)
-    codes = q.codes.T  # [in, out]
-    store = codes.astype(np.int8) if spec.symmetric else codes.astype(np.uint8)
-    codes_v = new_initializer(graph, f"{name}.codes", ir.Tensor(store, dtype=code_type, name=f"{name}.codes"))
-    per_channel = q.scales.shape[1] == 1
-    scales = q.scales[:, 0] if per_channel else q.scales.T  # [out] or [groups, out]
-    scale_v = new_initializer(graph, f"{name}.scale", ir.Tensor(scales.astype(dtype.numpy()), name=f"{name}.scale"))
-    inputs = [codes_v, scale_v]
-    if not spec.symmetric:
-        zeros = q.zeros[:, 0] if per_channel else q.zeros.T
-        zero_v = new_initializer(
-            graph, f"{name}.zero", ir.Tensor(zeros.astype(np.uint8), dtype=code_type, name=f"{name}.zero")
-        )
-        inputs.append(zero_v)
-    attrs = [ir.AttrInt64("axis", 1)] if per_channel else [ir.AttrInt64("axis", 0)]
-    if not per_channel:
-        attrs.append(ir.AttrInt64("block_size", codes.shape[0] // scales.shape[0]))
+    store = codes.astype(np.int8 if spec.symmetric else np.uint8)
+    inputs = [
+        new_initializer(graph, f"{name}.codes", ir.Tensor(store, dtype=code_type, name=f"{name}.codes")),
+        new_initializer(graph, f"{name}.scale", ir.Tensor(scales.astype(dtype.numpy()), name=f"{name}.scale")),
+    ]
+    if zeros is not None:
+        z = ir.Tensor(zeros.astype(np.uint8), dtype=code_type, name=f"{name}.zero")
+        inputs.append(new_initializer(graph, f"{name}.zero", z))
+    attrs = [ir.AttrInt64("axis", axis)]
+    if scales.ndim == codes.ndim:
+        attrs.append(ir.AttrInt64("block_size", codes.shape[axis] // scales.shape[axis]))
     dq = ir.Node("", "DequantizeLinear", inputs, attrs, name=f"{name}.dequantize")
     dq.outputs[0].name = f"{name}.dequantized"
-    dq.outputs[0].type = ir.TensorType(dtype)
-    dq.outputs[0].shape = ir.Shape(list(codes.shape))
-    graph.insert_before(lin.node, dq)
+    dq.outputs[0].type, dq.outputs[0].shape = ir.TensorType(dtype), ir.Shape(list(codes.shape))
+    return dq
+
+
+def _drop_if_unused(graph: ir.Graph, value: ir.Value) -> None:
+    if not value.uses() and value.name is not None and value.name in graph.initializers:
+        graph.initializers.pop(value.name)
+
+
+def emit_dequantize(model: ir.Model, lin: Linear, q: QuantizedWeight, name: str) -> None:
+    """Replace lin's float weight by DequantizeLinear(codes [in, out], scale[, zero point])."""
+    per_channel = q.scales.shape[1] == 1
+    scales = q.scales[:, 0] if per_channel else q.scales.T  # [out] or [groups, out]
+    zeros = None if q.spec.symmetric else (q.zeros[:, 0] if per_channel else q.zeros.T)
+    dtype = lin.weight.dtype or ir.DataType.FLOAT
+    dq = _dequantize_linear(model.graph, name, q.codes.T, scales, zeros, 1 if per_channel else 0, q.spec, dtype)
+    model.graph.insert_before(lin.node, dq)
     old = lin.weight
     lin.node.replace_input_with(1, dq.outputs[0])
-    if not old.uses() and old.name is not None and old.name in graph.initializers:
-        graph.initializers.pop(old.name)
+    _drop_if_unused(model.graph, old)
 
 
 def emit_matmulnbits(model: ir.Model, lin: Linear, q: QuantizedWeight, name: str, accuracy_level: int) -> None:
@@ -98,33 +113,17 @@ def emit_matmulnbits(model: ir.Model, lin: Linear, q: QuantizedWeight, name: str
     out.replace_all_uses_with(node.outputs[0], replace_graph_outputs=True)
     old = lin.weight
     graph.remove(lin.node, safe=True)
-    if not old.uses() and old.name is not None and old.name in graph.initializers:
-        graph.initializers.pop(old.name)
+    _drop_if_unused(graph, old)
 
 
 def emit_embedding(model: ir.Model, gather: ir.Node, q: QuantizedWeight, name: str) -> None:
     """Gather(E, ids) -> Gather(DequantizeLinear(codes [vocab, hidden], scales along hidden), ids)."""
-    graph = model.graph
     table = gather.inputs[0]
-    assert table is not None
-    dtype = table.dtype or ir.DataType.FLOAT
-    store = q.codes.astype(np.int8)
-    codes = new_initializer(graph, f"{name}.codes", ir.Tensor(store, dtype=_code_type(q.spec), name=f"{name}.codes"))
-    scales = new_initializer(graph, f"{name}.scale", ir.Tensor(q.scales.astype(dtype.numpy()), name=f"{name}.scale"))
-    block = q.codes.shape[1] // q.scales.shape[1]
-    dq = ir.Node(
-        "",
-        "DequantizeLinear",
-        [codes, scales],
-        [ir.AttrInt64("axis", 1), ir.AttrInt64("block_size", block)],
-        name=f"{name}.dequantize",
-    )
-    dq.outputs[0].name = f"{name}.dequantized"
-    dq.outputs[0].type, dq.outputs[0].shape = ir.TensorType(dtype), ir.Shape(list(q.codes.shape))
-    graph.insert_before(gather, dq)
+    assert table is not None and q.spec.symmetric
+    dq = _dequantize_linear(model.graph, name, q.codes, q.scales, None, 1, q.spec, table.dtype or ir.DataType.FLOAT)
+    model.graph.insert_before(gather, dq)
     gather.replace_input_with(0, dq.outputs[0])
-    if not table.uses() and table.name is not None and table.name in graph.initializers:
-        graph.initializers.pop(table.name)
+    _drop_if_unused(model.graph, table)
 
 
 class QuantizeWeightsPass(ir.passes.InPlacePass):

@@ -1,0 +1,116 @@
+"""SmoothQuant: migrate per-channel activation range into the weights that read the activation."""
+
+from __future__ import annotations
+
+import functools
+import json
+import logging
+
+import numpy as np
+import onnx_ir as ir
+
+from rotgraph.errors import RotgraphError, StructureError
+from rotgraph.structure import Linear, Norm, discover, is_rotgraph_op
+from rotgraph.weights import read_float64, rewrite_initializer
+
+logger = logging.getLogger(__name__)
+
+
+def smoothing_scales(act_max: np.ndarray, weight_max: np.ndarray, alpha: float) -> np.ndarray:
+    """s_j = max|X_j|^alpha / max|W_j|^(1 - alpha) (SmoothQuant, eq. 4), kept away from zero."""
+    act = np.maximum(act_max, 1e-5)
+    weight = np.maximum(weight_max, 1e-5)
+    return np.maximum(act**alpha / weight ** (1.0 - alpha), 1e-5)
+
+
+def _scale_rows(w: np.ndarray, s: np.ndarray) -> np.ndarray:
+    return w * s.reshape(-1, *([1] * (w.ndim - 1)))
+
+
+def _divide_last(w: np.ndarray, s: np.ndarray) -> np.ndarray:
+    return w / s
+
+
+def _row_max(linears: list[Linear]) -> np.ndarray:
+    return np.max([np.abs(read_float64(lin.weight)).max(axis=1) for lin in linears], axis=0)
+
+
+class SmoothQuantPass(ir.passes.InPlacePass):
+    """Divide each smoothed activation by s per channel and multiply the weight rows that read it by s.
+
+    Sites, in every block (X' = X / s, W' = diag(s) W, the product unchanged):
+    - attention norm -> Q/K/V and MLP norm -> gate/up: 1/s goes into the norm's scale;
+    - V -> O: 1/s goes into V's weight columns (and bias); attention is linear in V and never mixes
+      channels, and with grouped-query attention each KV head's s is shared by the query heads
+      that read it (their maxima are pooled);
+    - up -> down: 1/s goes into up's weight columns (and bias); down reads silu(gate) * up, linear in
+      up. Skipped when an online Hadamard (R4) sits before down: its input is then the Hadamard's
+      output, which no foldable scale reaches.
+
+    `act_max` holds max |x| per channel of each projection input (keyed by value name, measured on
+    this model as it is now); s follows SmoothQuant with migration strength `alpha`. Guarantees:
+    exact in real arithmetic (float64, one rounding per rewritten tensor).
+    """
+
+    def __init__(self, act_max: dict[str, np.ndarray], alpha: float = 0.5) -> None:
+        super().__init__()
+        if not 0.0 <= alpha <= 1.0:
+            raise RotgraphError(f"SmoothQuant alpha must be in [0, 1], got {alpha}")
+        self.act_max = act_max
+        self.alpha = alpha
+
+    def _input_max(self, lin: Linear) -> np.ndarray:
+        name = lin.input.name or ""
+        if name not in self.act_max:
+            raise StructureError(f"no calibrated activation range for the input {name!r} of {lin.node.name!r}")
+        return self.act_max[name]
+
+    def _smooth_norm(self, norm: Norm, readers: list[Linear]) -> None:
+        s = smoothing_scales(self._input_max(readers[0]), _row_max(readers), self.alpha)
+        if len(norm.scale.uses()) > 1:
+            raise StructureError(f"norm {norm.node.name!r} shares its scale initializer with another node")
+        rewrite_initializer(norm.scale, functools.partial(_divide_last, s=s))
+        for lin in readers:
+            rewrite_initializer(lin.weight, functools.partial(_scale_rows, s=s))
+
+    def _smooth_value_output(self, v: Linear, o: Linear, heads: int, kv_heads: int, head_dim: int) -> None:
+        group = heads // kv_heads  # query heads per KV head (query head h reads KV head h // group)
+        pooled_act = self._input_max(o).reshape(kv_heads, group, head_dim).max(axis=1)
+        pooled_weight = _row_max([o]).reshape(kv_heads, group, head_dim).max(axis=1)
+        s_kv = smoothing_scales(pooled_act, pooled_weight, self.alpha).reshape(-1)
+        s_q = np.repeat(s_kv.reshape(kv_heads, 1, head_dim), group, axis=1).reshape(-1)
+        rewrite_initializer(v.weight, functools.partial(_divide_last, s=s_kv))
+        if v.bias is not None:
+            rewrite_initializer(v.bias, functools.partial(_divide_last, s=s_kv))
+        rewrite_initializer(o.weight, functools.partial(_scale_rows, s=s_q))
+
+    def _smooth_up_down(self, up: Linear, down: Linear) -> None:
+        s = smoothing_scales(self._input_max(down), _row_max([down]), self.alpha)
+        rewrite_initializer(up.weight, functools.partial(_divide_last, s=s))
+        if up.bias is not None:
+            rewrite_initializer(up.bias, functools.partial(_divide_last, s=s))
+        rewrite_initializer(down.weight, functools.partial(_scale_rows, s=s))
+
+    def call(self, model: ir.Model) -> ir.passes.PassResult:
+        desc = discover(model)
+        sites = 0
+        skipped_down = 0
+        for block in desc.blocks:
+            a, m = block.attention, block.mlp
+            self._smooth_norm(block.attn_norm, [a.q, a.k, a.v])
+            self._smooth_value_output(a.v, a.o, a.num_heads, a.num_kv_heads, a.head_dim)
+            self._smooth_norm(block.mlp_norm, [m.gate, m.up])
+            sites += 3
+            if is_rotgraph_op(m.down.input.producer()):
+                skipped_down += 1
+            else:
+                self._smooth_up_down(m.up, m.down)
+                sites += 1
+        model.metadata_props["rotgraph.smoothquant"] = json.dumps({"alpha": self.alpha, "sites": sites})
+        logger.info(
+            "SmoothQuant (alpha %.2f): %d sites; up->down skipped in %d blocks (online Hadamard before down)",
+            self.alpha,
+            sites,
+            skipped_down,
+        )
+        return ir.passes.PassResult(model, True)
