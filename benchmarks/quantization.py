@@ -4,8 +4,9 @@
 
 For every scheme and method (RTN or GPTQ weights, with or without QuaRot, with or without
 SmoothQuant at --alpha), quantizes the exported float model into the QDQ format, then scores it
-against the float model on the same windows of the evaluation split: perplexity, KL to float, top-1 agreement, size on disk. GPTQ calibrates once per
-rotation and smoothing setting on the calibration split. Prints a markdown table.
+against the float model on the same windows of the evaluation split: perplexity, KL to float,
+top-1 agreement, size on disk. GPTQ calibrates once per rotation and smoothing setting on the
+calibration split. Prints a markdown table.
 """
 
 from __future__ import annotations

@@ -49,6 +49,11 @@ def _chain_of(tensor: ir.TensorProtocol) -> _Chain:
     return _Chain(tensor, (), tensor.name)
 
 
+def scale_rows(w: np.ndarray, s: np.ndarray) -> np.ndarray:
+    """Step W [in, out] -> diag(s) W (bind `s` with functools.partial)."""
+    return w * s[:, None]
+
+
 def multiply_left(w: np.ndarray, m: np.ndarray) -> np.ndarray:
     """Step W -> m @ W (bind `m` with functools.partial, never a late-binding closure)."""
     return m @ w

@@ -10,13 +10,9 @@ import onnx_ir as ir
 
 from rotgraph.errors import StructureError
 from rotgraph.structure import discover
-from rotgraph.weights import read_float64, rewrite_initializer
+from rotgraph.weights import read_float64, rewrite_initializer, scale_rows
 
 logger = logging.getLogger(__name__)
-
-
-def _scale_rows(w: np.ndarray, gamma: np.ndarray) -> np.ndarray:
-    return w * gamma[:, None]
 
 
 class FuseNormScalesPass(ir.passes.InPlacePass):
@@ -41,7 +37,7 @@ class FuseNormScalesPass(ir.passes.InPlacePass):
                         f"norm {norm.node.name!r}: reader {lin.node.name!r} has no own weight initializer "
                         "(a tied lm_head: run UntieEmbeddingPass first)"
                     )
-                rewrite_initializer(lin.weight, functools.partial(_scale_rows, gamma=gamma))
+                rewrite_initializer(lin.weight, functools.partial(scale_rows, s=gamma))
             fused += 1
         for norm, gamma in scales:
             if not np.all(gamma == 1.0):

@@ -11,7 +11,7 @@ import onnx_ir as ir
 
 from rotgraph.errors import RotgraphError, StructureError
 from rotgraph.structure import Linear, Norm, discover, is_rotgraph_op
-from rotgraph.weights import read_float64, rewrite_initializer
+from rotgraph.weights import read_float64, rewrite_initializer, scale_rows
 
 logger = logging.getLogger(__name__)
 
@@ -21,10 +21,6 @@ def smoothing_scales(act_max: np.ndarray, weight_max: np.ndarray, alpha: float) 
     act = np.maximum(act_max, 1e-5)
     weight = np.maximum(weight_max, 1e-5)
     return np.maximum(act**alpha / weight ** (1.0 - alpha), 1e-5)
-
-
-def _scale_rows(w: np.ndarray, s: np.ndarray) -> np.ndarray:
-    return w * s.reshape(-1, *([1] * (w.ndim - 1)))
 
 
 def _divide_last(w: np.ndarray, s: np.ndarray) -> np.ndarray:
@@ -71,7 +67,7 @@ class SmoothQuantPass(ir.passes.InPlacePass):
             raise StructureError(f"norm {norm.node.name!r} shares its scale initializer with another node")
         rewrite_initializer(norm.scale, functools.partial(_divide_last, s=s))
         for lin in readers:
-            rewrite_initializer(lin.weight, functools.partial(_scale_rows, s=s))
+            rewrite_initializer(lin.weight, functools.partial(scale_rows, s=s))
 
     def _smooth_value_output(self, v: Linear, o: Linear, heads: int, kv_heads: int, head_dim: int) -> None:
         group = heads // kv_heads  # query heads per KV head (query head h reads KV head h // group)
@@ -82,14 +78,14 @@ class SmoothQuantPass(ir.passes.InPlacePass):
         rewrite_initializer(v.weight, functools.partial(_divide_last, s=s_kv))
         if v.bias is not None:
             rewrite_initializer(v.bias, functools.partial(_divide_last, s=s_kv))
-        rewrite_initializer(o.weight, functools.partial(_scale_rows, s=s_q))
+        rewrite_initializer(o.weight, functools.partial(scale_rows, s=s_q))
 
     def _smooth_up_down(self, up: Linear, down: Linear) -> None:
         s = smoothing_scales(self._input_max(down), _row_max([down]), self.alpha)
         rewrite_initializer(up.weight, functools.partial(_divide_last, s=s))
         if up.bias is not None:
             rewrite_initializer(up.bias, functools.partial(_divide_last, s=s))
-        rewrite_initializer(down.weight, functools.partial(_scale_rows, s=s))
+        rewrite_initializer(down.weight, functools.partial(scale_rows, s=s))
 
     def call(self, model: ir.Model) -> ir.passes.PassResult:
         desc = discover(model)
