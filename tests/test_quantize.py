@@ -120,15 +120,20 @@ def test_quantizing_twice_is_refused(tiny) -> None:
 
 
 @pytest.mark.parametrize("symmetric", [True, False])
-def test_ort_format_computes_what_the_qdq_format_computes(tiny, tokens, tmp_path, symmetric: bool) -> None:
-    """MatMulNBits (accuracy level 0) with rotgraph's packed codes equals DequantizeLinear + MatMul."""
+@pytest.mark.parametrize("scheme", ["w4a16", "w8a16"])
+def test_ort_format_computes_what_the_qdq_format_computes(tiny, tokens, tmp_path, scheme: str, symmetric: bool) -> None:
+    """MatMulNBits (accuracy level 0) and GatherBlockQuantized with rotgraph's packed codes equal
+    DequantizeLinear + MatMul / Gather, for the 4- or 8-bit body and the 8-bit embedding and lm_head."""
     _, path = tiny("llama", "dynamo")
     outs = {}
     for fmt in ("qdq", "ort"):
         model = io.load_model(path)
-        quantize_model(model, QuantOptions(scheme="w4a16", group=16, symmetric_weights=symmetric, fmt=fmt))
+        options = QuantOptions(scheme=scheme, group=16, symmetric_weights=symmetric, fmt=fmt)
+        quantize_model(model, options)
         if fmt == "ort":
-            assert sum(n.op_type == "MatMulNBits" for n in model.graph) == 14
+            ops = [n.op_type for n in model.graph]
+            assert ops.count("MatMulNBits") == 14 + 1 and ops.count("GatherBlockQuantized") == 1
+            assert "DequantizeLinear" not in ops
         outs[fmt] = tmp_path / f"{fmt}.onnx"
         io.save_model(model, outs[fmt])
     np.testing.assert_allclose(ort_logits(outs["ort"], tokens), ort_logits(outs["qdq"], tokens), atol=1e-4)

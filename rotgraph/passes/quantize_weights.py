@@ -70,37 +70,59 @@ def emit_dequantize(model: ir.Model, lin: Linear, q: QuantizedWeight, name: str)
     _drop_if_unused(model.graph, old)
 
 
-def emit_matmulnbits(model: ir.Model, lin: Linear, q: QuantizedWeight, name: str, accuracy_level: int) -> None:
-    """Replace lin's MatMul by com.microsoft MatMulNBits (onnxruntime's int4 kernel) with the same codes."""
-    graph = model.graph
-    spec = q.spec
-    n, k = q.codes.shape
-    blocks = q.scales.shape[1]
-    g = k // blocks
-    if spec.bits != 4 or g < 16 or g & (g - 1):
+def _ort_blocks(q: QuantizedWeight, name: str, op: str) -> int:
+    """The block size of q's codes [rows, cols] for a com.microsoft block-quantized op."""
+    g = q.codes.shape[1] // q.scales.shape[1]
+    if g < 16 or g & (g - 1):
         raise RotgraphError(
-            f"{name}: the ort format needs 4-bit weights in power-of-two groups >= 16 (got {spec.bits} bits, group {g})"
+            f"{name}: onnxruntime's {op} needs groups of a power of two >= 16 along the input axis "
+            f"(got {g}); pass --group 16, 32, 64 or 128 dividing the hidden size"
         )
-    unsigned = (q.codes + (8 if spec.symmetric else 0)).astype(np.uint8)  # symmetric: default zero point 8
-    packed = (unsigned[:, 0::2] | (unsigned[:, 1::2] << 4)).astype(np.uint8).reshape(n, blocks, g // 2)
+    return g
+
+
+def _ort_codes(q: QuantizedWeight, g: int) -> np.ndarray:
+    """Codes [rows, cols] -> uint8 [rows, cols/g, bytes per block] in the MatMulNBits/GatherBlockQuantized
+    layout: unsigned (symmetric codes shifted by 2^(bits-1), the ops' default zero point), 4-bit values
+    packed two per byte, low nibble first."""
+    rows, cols = q.codes.shape
+    unsigned = (q.codes + (2 ** (q.spec.bits - 1) if q.spec.symmetric else 0)).astype(np.uint8)
+    if q.spec.bits == 4:
+        unsigned = (unsigned[:, 0::2] | (unsigned[:, 1::2] << 4)).astype(np.uint8)
+    return unsigned.reshape(rows, cols // g, -1)
+
+
+def _ort_zero_points(q: QuantizedWeight) -> np.ndarray:
+    """Zero points [rows, blocks] -> uint8 [rows, ceil(blocks·bits/8)], 4-bit values packed per row (the
+    MatMulNBits layout)."""
+    zeros = q.zeros.astype(np.uint8)
+    if q.spec.bits == 8:
+        return zeros
+    if zeros.shape[1] % 2:
+        zeros = np.concatenate([zeros, np.zeros((zeros.shape[0], 1), np.uint8)], axis=1)
+    return (zeros[:, 0::2] | (zeros[:, 1::2] << 4)).astype(np.uint8)
+
+
+def emit_matmulnbits(model: ir.Model, lin: Linear, q: QuantizedWeight, name: str, accuracy_level: int) -> None:
+    """Replace lin's MatMul by com.microsoft MatMulNBits (onnxruntime's int4/int8 kernel) with the same codes."""
+    graph = model.graph
+    n, k = q.codes.shape
+    g = _ort_blocks(q, name, "MatMulNBits")
     dtype = lin.weight.dtype or ir.DataType.FLOAT
     inputs: list[ir.Value | None] = [
         lin.input,
-        new_initializer(graph, f"{name}.packed", ir.Tensor(packed, name=f"{name}.packed")),
+        new_initializer(graph, f"{name}.packed", ir.Tensor(_ort_codes(q, g), name=f"{name}.packed")),
         new_initializer(
             graph, f"{name}.scales", ir.Tensor(q.scales.reshape(-1).astype(dtype.numpy()), name=f"{name}.scales")
         ),
     ]
-    if not spec.symmetric:
-        zeros = q.zeros.astype(np.uint8)
-        if blocks % 2:
-            zeros = np.concatenate([zeros, np.zeros((n, 1), np.uint8)], axis=1)
-        zp = (zeros[:, 0::2] | (zeros[:, 1::2] << 4)).astype(np.uint8).reshape(-1)
+    if not q.spec.symmetric:
+        zp = _ort_zero_points(q).reshape(-1)
         inputs.append(new_initializer(graph, f"{name}.zeros", ir.Tensor(zp, name=f"{name}.zeros")))
     attrs = [
         ir.AttrInt64("K", k),
         ir.AttrInt64("N", n),
-        ir.AttrInt64("bits", 4),
+        ir.AttrInt64("bits", q.spec.bits),
         ir.AttrInt64("block_size", g),
         ir.AttrInt64("accuracy_level", accuracy_level),
     ]
@@ -116,6 +138,38 @@ def emit_matmulnbits(model: ir.Model, lin: Linear, q: QuantizedWeight, name: str
     _drop_if_unused(graph, old)
 
 
+def emit_gather_quantized(model: ir.Model, gather: ir.Node, q: QuantizedWeight, name: str) -> None:
+    """Gather(E, ids) -> com.microsoft GatherBlockQuantized(codes, ids, scales): onnxruntime dequantizes
+    only the gathered rows, where DequantizeLinear + Gather would dequantize the whole table per call."""
+    graph = model.graph
+    table = gather.inputs[0]
+    assert table is not None and q.spec.symmetric
+    g = _ort_blocks(q, name, "GatherBlockQuantized")
+    dtype = table.dtype or ir.DataType.FLOAT
+    rows = q.codes.shape[0]
+    codes = ir.Tensor(_ort_codes(q, g).reshape(rows, -1), name=f"{name}.codes")
+    inputs: list[ir.Value | None] = [
+        new_initializer(graph, f"{name}.codes", codes),
+        gather.inputs[1],
+        new_initializer(graph, f"{name}.scales", ir.Tensor(q.scales.astype(dtype.numpy()), name=f"{name}.scales")),
+    ]
+    attrs = [
+        ir.AttrInt64("bits", q.spec.bits),
+        ir.AttrInt64("block_size", g),
+        ir.AttrInt64("gather_axis", 0),
+        ir.AttrInt64("quantize_axis", 1),
+    ]
+    node = ir.Node("com.microsoft", "GatherBlockQuantized", inputs, attrs, name=f"{name}.gather")
+    model.opset_imports.setdefault("com.microsoft", 1)
+    out = gather.outputs[0]
+    node.outputs[0].name = f"{name}.out"
+    node.outputs[0].type, node.outputs[0].shape = out.type, out.shape
+    graph.insert_before(gather, node)
+    out.replace_all_uses_with(node.outputs[0], replace_graph_outputs=True)
+    graph.remove(gather, safe=True)
+    _drop_if_unused(graph, table)
+
+
 def emit_embedding(model: ir.Model, gather: ir.Node, q: QuantizedWeight, name: str) -> None:
     """Gather(E, ids) -> Gather(DequantizeLinear(codes [vocab, hidden], scales along hidden), ids)."""
     table = gather.inputs[0]
@@ -129,9 +183,10 @@ def emit_embedding(model: ir.Model, gather: ir.Node, q: QuantizedWeight, name: s
 class QuantizeWeightsPass(ir.passes.InPlacePass):
     """W (float [in, out]) -> DequantizeLinear(int codes, scales[, zero points]) for every Q/K/V/O,
     gate/up/down MatMul (format "qdq"), or MatMul -> com.microsoft MatMulNBits with the same codes
-    (format "ort", 4 bits, `accuracy_level` 0: float compute, 4: int8 activations). With `head_spec`
-    the embedding table and lm_head are quantized by RTN too (DequantizeLinear in both formats),
-    else they stay float.
+    (format "ort", `accuracy_level` 0: float compute, 4: int8 activations). With `head_spec` the
+    embedding table and lm_head are quantized by RTN too: DequantizeLinear in "qdq"; in "ort"
+    GatherBlockQuantized for the embedding and MatMulNBits for lm_head, so that onnxruntime never
+    dequantizes the whole vocabulary table. Without it they stay float.
 
     Methods: "rtn" (round to nearest, clipping ratio searched per group) or "gptq" (needs `hessians`,
     X^T X of each projection's input keyed by the input value's name). Codes are INT4/UINT4/INT8/UINT8,
@@ -196,9 +251,13 @@ class QuantizeWeightsPass(ir.passes.InPlacePass):
             if desc.lm_head_tied:
                 raise RotgraphError("quantizing lm_head needs it untied (UntieEmbeddingPass)")
             head = quantize_rtn(read_float64(desc.lm_head.weight).T, self.head_spec)
-            emit_dequantize(model, desc.lm_head, head, "lm_head")
             emb = quantize_rtn(read_float64(desc.embedding_table), self.head_spec)
-            emit_embedding(model, desc.embedding, emb, "embedding")
+            if self.fmt == "ort":
+                emit_matmulnbits(model, desc.lm_head, head, "lm_head", self.accuracy_level)
+                emit_gather_quantized(model, desc.embedding, emb, "embedding")
+            else:
+                emit_dequantize(model, desc.lm_head, head, "lm_head")
+                emit_embedding(model, desc.embedding, emb, "embedding")
             count += 2
         logger.info("quantized %d weights (%s, %d bits)", count, self.method, self.spec.bits)
         return ir.passes.PassResult(model, True)
