@@ -3,17 +3,20 @@
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import logging
 import sys
 from collections.abc import Sequence
 from pathlib import Path
+from typing import TypeVar
 
 import numpy as np
 
 from rotgraph.errors import RotgraphError
 
 logger = logging.getLogger("rotgraph")
+T = TypeVar("T")
 
 
 def _tokens(args: argparse.Namespace, model: Path, split: str = "evaluation") -> np.ndarray:
@@ -39,12 +42,18 @@ def cmd_export(args: argparse.Namespace) -> None:
     )
 
 
+def _options(cls: type[T], args: argparse.Namespace, **explicit: object) -> T:
+    """An options dataclass from the parsed arguments of the same names, plus `explicit` values."""
+    values = {f.name: getattr(args, f.name) for f in dataclasses.fields(cls) if hasattr(args, f.name)}  # type: ignore[arg-type]
+    return cls(**{**values, **explicit})
+
+
 def cmd_rotate(args: argparse.Namespace) -> None:
     from rotgraph.pipeline import RotateOptions, rotate
 
-    options = RotateOptions(
-        seed=args.seed, online=not args.no_online, validate=not args.no_validate, tolerance=args.tolerance
-    )
+    if (args.rotation == "spinquant") != (args.rotations is not None):
+        raise RotgraphError("--rotation spinquant needs --rotations FILE, and --rotations needs spinquant")
+    options = _options(RotateOptions, args, online=not args.no_online, validate=not args.no_validate)
     report = rotate(Path(args.input), Path(args.output), options)
     print(report.description)
     if report.max_abs_logit_diff is not None:
@@ -52,24 +61,28 @@ def cmd_rotate(args: argparse.Namespace) -> None:
     print(f"wrote {report.output} in {report.seconds:.1f} s")
 
 
+def cmd_learn(args: argparse.Namespace) -> None:
+    from rotgraph.learn import LearnOptions, learn
+
+    options = _options(LearnOptions, args, online=not args.no_online)
+    report = learn(Path(args.input), Path(args.output), options, resume=args.resume)
+    if report.rank == 0:
+        print(f"loss {report.loss_first:.4f} (first step) -> {report.loss_last:.4f} (last step)")
+        print(f"orthogonality: max |R^T R - I| = {report.orthogonality_error:.2g}")
+        print(f"wrote {report.output} ({report.steps} steps) in {report.seconds:.1f} s")
+
+
 def cmd_quantize(args: argparse.Namespace) -> None:
     from rotgraph.quantize import QuantOptions, quantize
 
-    options = QuantOptions(
-        scheme=args.scheme,
-        rotation=args.rotation,
+    options = _options(
+        QuantOptions,
+        args,
         online=not args.no_online,
         smooth=args.alpha if args.smooth else None,
-        weights=args.weights,
-        group=args.group,
         symmetric_weights=not args.asymmetric,
-        seed=args.seed,
         fmt=args.format,
-        head_bits=args.head_bits,
-        damp=args.damp,
         act_order=not args.no_act_order,
-        calibration_windows=args.calibration_windows,
-        text=args.text,
     )
     report = quantize(Path(args.input), Path(args.output), options)
     print(
@@ -163,6 +176,11 @@ def _text_options(p: argparse.ArgumentParser, windows: int) -> None:
     p.add_argument("--tokenizer", help="tokenizer.json (default: beside the model)")
 
 
+def _rotation_options(p: argparse.ArgumentParser, choices: list[str]) -> None:
+    p.add_argument("--rotation", choices=choices, default="quarot", help="spinquant: fold learned R1/R2")
+    p.add_argument("--rotations", help="with --rotation spinquant: the file `rotgraph learn` wrote")
+
+
 def parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
         prog="rotgraph",
@@ -178,20 +196,40 @@ def parser() -> argparse.ArgumentParser:
     e.add_argument("--exporter", choices=["dynamo", "torchscript"], default="dynamo")
     e.set_defaults(func=cmd_export)
 
-    r = sub.add_parser("rotate", help="apply the QuaRot float rotation (R1-R4) and validate it")
+    r = sub.add_parser("rotate", help="apply the float rotation (R1-R4) and validate it")
     r.add_argument("input")
     r.add_argument("-o", "--output", required=True)
+    _rotation_options(r, ["quarot", "spinquant"])
     r.add_argument("--seed", type=int, default=0)
     r.add_argument("--no-online", action="store_true", help="fold R1/R2 only, no online Hadamards (R3/R4)")
     r.add_argument("--no-validate", action="store_true", help="skip the onnxruntime comparison")
     r.add_argument("--tolerance", type=float, default=1e-3, help="max |logit difference| accepted")
     r.set_defaults(func=cmd_rotate)
 
+    lp = sub.add_parser("learn", help="SpinQuant: learn R1/R2 for a scheme with Cayley SGD")
+    lp.add_argument("input")
+    lp.add_argument("-o", "--output", required=True, help="rotations file (.safetensors)")
+    lp.add_argument("--scheme", default="w4a4kv4", help="the scheme to learn for, e.g. w4a4kv4, w4a8, w16a4kv4")
+    lp.add_argument("--steps", type=int, default=100)
+    lp.add_argument("--lr", type=float, default=1.5, help="initial Cayley SGD step (cosine decay to 0)")
+    lp.add_argument("--momentum", type=float, default=0.0)
+    lp.add_argument("--batch", type=int, default=2, help="windows per step, over all processes")
+    lp.add_argument("--seq-len", type=int, default=256)
+    lp.add_argument("--windows", type=int, default=64, help="calibration windows to draw batches from")
+    lp.add_argument("--group", type=int, default=32, help="weight group size of the fake quantizer; 0 = per channel")
+    lp.add_argument("--head-bits", type=int, choices=[8, 16], default=8)
+    lp.add_argument("--seed", type=int, default=0, help="seed of the starting Hadamards and of the batch order")
+    lp.add_argument("--no-online", action="store_true", help="learn for a graph without R3/R4")
+    lp.add_argument("--checkpoint-every", type=int, default=10)
+    lp.add_argument("--resume", action="store_true", help="continue from OUTPUT.ckpt")
+    lp.add_argument("--text", help="calibration text (default: the calibration split of the Wikipedia excerpt)")
+    lp.set_defaults(func=cmd_learn)
+
     q = sub.add_parser("quantize", help="quantize weights, activations and KV cache (QDQ ONNX)")
     q.add_argument("input")
     q.add_argument("-o", "--output", required=True)
     q.add_argument("--scheme", default="w4a8", help="w<4|8>a<4|8|16>[kv<4|8>], e.g. w4a16, w4a8, w4a4kv4, w8a8")
-    q.add_argument("--rotation", choices=["none", "quarot"], default="quarot")
+    _rotation_options(q, ["none", "quarot", "spinquant"])
     q.add_argument("--weights", choices=["rtn", "gptq"], default="rtn")
     q.add_argument("--group", type=int, default=32, help="weight group size along the input axis; 0 = per channel")
     q.add_argument("--asymmetric", action="store_true", help="asymmetric weight grid (UINT codes + zero points)")

@@ -10,11 +10,13 @@ group's range widened to contain 0, zero = round(-clip * min / scale).
 
 from __future__ import annotations
 
+import re
 from dataclasses import dataclass
 
 import numpy as np
 import onnx_ir as ir
 
+from rotgraph.errors import RotgraphError
 from rotgraph.online import constant_node, insert_after_value
 from rotgraph.structure import ROTGRAPH_DOMAIN
 
@@ -31,6 +33,14 @@ class ActSpec:
     @property
     def overload(self) -> str:
         return f"b{self.bits}{'s' if self.symmetric else 'a'}_g{self.group}_c{round(self.clip * 100)}"
+
+    @classmethod
+    def from_overload(cls, overload: str) -> ActSpec:
+        """The spec whose `overload` name this is (the FakeQuant function of a saved model)."""
+        m = re.fullmatch(r"b(\d+)([sa])_g(\d+)_c(\d+)", overload)
+        if m is None:
+            raise RotgraphError(f"not a FakeQuant overload: {overload!r}")
+        return cls(int(m[1]), m[2] == "s", int(m[3]), int(m[4]) / 100)
 
     @property
     def qmax(self) -> int:

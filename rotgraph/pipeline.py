@@ -24,6 +24,7 @@ from rotgraph.passes import (
     RotateResidualPass,
     UntieEmbeddingPass,
 )
+from rotgraph.rotations import load_rotations
 from rotgraph.structure import ModelDescription, discover
 
 logger = logging.getLogger(__name__)
@@ -40,6 +41,7 @@ class RotateOptions:
     validate: bool = True
     tolerance: float = 1e-3
     validation_tokens: int = 256
+    rotations: str | None = None  # a `rotgraph learn` file: fold its R1/R2 (SpinQuant), not seeded Hadamards
 
 
 @dataclass(frozen=True)
@@ -76,9 +78,12 @@ def rotation_passes(options: RotateOptions) -> list[ir.passes.PassBase]:
         common_passes.ShapeInferencePass(strict_mode=False),
         UntieEmbeddingPass(),
         FuseNormScalesPass(),
-        RotateResidualPass(seed=options.seed),
-        RotateHeadsPass(seed=options.seed),
     ]
+    if options.rotations is not None:
+        r1, r2 = load_rotations(Path(options.rotations))
+        passes += [RotateResidualPass(rotation=r1), RotateHeadsPass(rotations=tuple(r2))]
+    else:
+        passes += [RotateResidualPass(seed=options.seed), RotateHeadsPass(seed=options.seed)]
     if options.online:
         passes += [InsertQKHadamardPass(), InsertDownHadamardPass()]
     return passes
@@ -89,9 +94,10 @@ def rotate_model(model: ir.Model, options: RotateOptions = RotateOptions()) -> M
     if ROTATION_KEY in model.metadata_props:
         raise RotgraphError(f"model is already rotated ({model.metadata_props[ROTATION_KEY]})")
     run_passes(model, rotation_passes(options))
-    model.metadata_props[ROTATION_KEY] = json.dumps(
-        {"method": "quarot", "seed": options.seed, "online": options.online}
-    )
+    method = {"method": "quarot", "seed": options.seed}
+    if options.rotations is not None:
+        method = {"method": "spinquant", "rotations": Path(options.rotations).name}
+    model.metadata_props[ROTATION_KEY] = json.dumps({**method, "online": options.online})
     return discover(model)
 
 

@@ -27,7 +27,7 @@ from rotgraph.quant import WeightSpec
 
 logger = logging.getLogger(__name__)
 
-_SCHEME = re.compile(r"^w(4|8)a(4|8|16)(?:kv(4|8))?$")
+_SCHEME = re.compile(r"^w(4|8|16)a(4|8|16)(?:kv(4|8))?$")
 
 
 @dataclass(frozen=True)
@@ -40,7 +40,7 @@ class Scheme:
     def parse(cls, text: str) -> Scheme:
         m = _SCHEME.match(text)
         if m is None:
-            raise RotgraphError(f"scheme {text!r}: expected w<4|8>a<4|8|16>[kv<4|8>], e.g. w4a8, w4a4kv4")
+            raise RotgraphError(f"scheme {text!r}: expected w<4|8|16>a<4|8|16>[kv<4|8>], e.g. w4a8, w4a4kv4, w16a4kv4")
         return cls(int(m[1]), int(m[2]), int(m[3]) if m[3] else None)
 
 
@@ -50,7 +50,8 @@ class QuantOptions:
     asymmetric KV cache per token and head with clip 0.95 at 4 bits."""
 
     scheme: str = "w4a8"
-    rotation: str = "quarot"  # none | quarot
+    rotation: str = "quarot"  # none | quarot | spinquant (needs `rotations`)
+    rotations: str | None = None  # with spinquant: the `rotgraph learn` file
     online: bool = True  # with quarot: insert R3/R4 online Hadamards
     smooth: float | None = None  # SmoothQuant migration strength alpha (after any rotation); None: off
     weights: str = "rtn"  # rtn | gptq
@@ -66,6 +67,25 @@ class QuantOptions:
     calibration_windows: int = 32
     calibration_seq_len: int = 512
     text: str | None = None
+
+    def __post_init__(self) -> None:
+        """Refuse bad options before any model is loaded or calibrated."""
+        if Scheme.parse(self.scheme).weight_bits == 16 and self.weights == "gptq":
+            raise RotgraphError(f"scheme {self.scheme} keeps weights float: GPTQ has nothing to quantize")
+        for field, value, allowed in (
+            ("rotation", self.rotation, ("none", "quarot", "spinquant")),
+            ("weights", self.weights, ("rtn", "gptq")),
+            ("format", self.fmt, ("qdq", "ort")),
+            ("head bits", self.head_bits, (8, 16)),
+        ):
+            if value not in allowed:
+                raise RotgraphError(f"{field} {value!r}: expected one of {', '.join(map(str, allowed))}")
+        if (self.rotation == "spinquant") != (self.rotations is not None):
+            raise RotgraphError("--rotation spinquant needs --rotations FILE, and --rotations needs spinquant")
+        if self.smooth is not None and not 0.0 <= self.smooth <= 1.0:
+            raise RotgraphError(f"SmoothQuant alpha must be in [0, 1], got {self.smooth}")
+        if self.group < 0 or self.calibration_windows < 1:
+            raise RotgraphError("group must be >= 0 (0: per channel) and calibration windows >= 1")
 
 
 @dataclass(frozen=True)
@@ -86,6 +106,22 @@ def calibration_tokens(model_path: Path, options: QuantOptions) -> np.ndarray:
     return windows(encode(tok, text), options.calibration_windows, options.calibration_seq_len)
 
 
+def activation_passes(
+    scheme: Scheme, act_clip: float | None = None, kv_clip: float | None = None, skip_int8: bool = False
+) -> list[ir.passes.PassBase]:
+    """The FakeQuant passes of `scheme`: per-token activations (symmetric, clip 0.9 at 4 bits unless
+    given; none at 8 bits with `skip_int8`, where the runtime's int8 kernels quantize) and the KV cache
+    (asymmetric per token and head, clip 0.95 at 4 bits unless given)."""
+    passes: list[ir.passes.PassBase] = []
+    if scheme.act_bits == 4 or (scheme.act_bits == 8 and not skip_int8):
+        clip = act_clip if act_clip is not None else (0.9 if scheme.act_bits == 4 else 1.0)
+        passes.append(QuantizeActivationsPass(ActSpec(scheme.act_bits, True, 0, clip)))
+    if scheme.kv_bits is not None:
+        clip = kv_clip if kv_clip is not None else (0.95 if scheme.kv_bits == 4 else 1.0)
+        passes.append(QuantizeKVCachePass(ActSpec(scheme.kv_bits, False, 0, clip)))
+    return passes
+
+
 def quantize_model(
     model: ir.Model,
     options: QuantOptions,
@@ -99,12 +135,10 @@ def quantize_model(
     schemes can share one calibration run).
     """
     scheme = Scheme.parse(options.scheme)
-    if options.rotation == "quarot":
-        rotate_model(model, RotateOptions(seed=options.seed, online=options.online))
-    elif options.rotation == "none":
-        canonicalize(model)
+    if options.rotation != "none":
+        rotate_model(model, RotateOptions(seed=options.seed, online=options.online, rotations=options.rotations))
     else:
-        raise RotgraphError(f"rotation {options.rotation!r}: expected none or quarot")
+        canonicalize(model)
     if options.smooth is not None:
         if calibration is None:
             raise RotgraphError("SmoothQuant needs calibration tokens")
@@ -113,35 +147,27 @@ def quantize_model(
         if calibration is None:
             raise RotgraphError("GPTQ needs calibration tokens")
         hessians = input_hessians(model, calibration)
-    wspec = WeightSpec(scheme.weight_bits, options.symmetric_weights, options.group or None)
-    head_spec = None
-    if options.head_bits == 8:
-        head_spec = WeightSpec(8, True, options.group or None)
-        run_passes(model, [UntieEmbeddingPass()])
-    elif options.head_bits != 16:
-        raise RotgraphError(f"head bits must be 8 or 16, got {options.head_bits}")
-    passes: list[ir.passes.PassBase] = []
     # onnxruntime's MatMulNBits with accuracy_level 4 quantizes its input to int8 itself (per block of
     # the weight group, finer than per token), so the ort format leaves 8-bit activations to it.
-    ort_int8 = options.fmt == "ort" and scheme.act_bits <= 8
-    if scheme.act_bits == 4 or (scheme.act_bits == 8 and not ort_int8):
-        clip = options.act_clip if options.act_clip is not None else (0.9 if scheme.act_bits == 4 else 1.0)
-        passes.append(QuantizeActivationsPass(ActSpec(scheme.act_bits, True, 0, clip)))
-    if scheme.kv_bits is not None:
-        clip = options.kv_clip if options.kv_clip is not None else (0.95 if scheme.kv_bits == 4 else 1.0)
-        passes.append(QuantizeKVCachePass(ActSpec(scheme.kv_bits, False, 0, clip)))
-    passes.append(
-        QuantizeWeightsPass(
-            wspec,
-            options.weights,
-            hessians,
-            options.damp,
-            options.act_order,
-            head_spec,
-            options.fmt,
-            accuracy_level=4 if ort_int8 else 0,
+    ort_int8 = options.fmt == "ort" and scheme.act_bits <= 8 and scheme.weight_bits < 16
+    passes = activation_passes(scheme, options.act_clip, options.kv_clip, skip_int8=ort_int8)
+    if scheme.weight_bits < 16:
+        head_spec = None
+        if options.head_bits == 8:
+            head_spec = WeightSpec(8, True, options.group or None)
+            run_passes(model, [UntieEmbeddingPass()])
+        passes.append(
+            QuantizeWeightsPass(
+                WeightSpec(scheme.weight_bits, options.symmetric_weights, options.group or None),
+                options.weights,
+                hessians,
+                options.damp,
+                options.act_order,
+                head_spec,
+                options.fmt,
+                accuracy_level=4 if ort_int8 else 0,
+            )
         )
-    )
     run_passes(model, passes)
     model.metadata_props["rotgraph.quantization"] = json.dumps(asdict(options))
     return hessians

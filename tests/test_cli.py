@@ -176,3 +176,54 @@ def test_inspect_shows_rotation_removes_outliers(model_dir, tmp_path, text_file,
     assert len(rows) == 2
     before, after = (float(x) for x in rows[0].split("|")[2].split("->"))
     assert after < before  # the tiny models carry planted embedding outliers
+
+
+def _quantization_options(path: Path) -> dict:
+    import onnx
+
+    meta = {p.key: p.value for p in onnx.load(path, load_external_data=False).metadata_props}
+    return json.loads(meta["rotgraph.quantization"])
+
+
+def test_quantize_smooth_calibrates_on_the_given_text(model_dir, tmp_path, capsys, tokens) -> None:
+    """--smooth --alpha reaches the pass (recorded in the output, changes the result), the w8a8 result stays
+    near the float model, and the input folder is untouched."""
+    text = tmp_path / "calibration.txt"
+    text.write_text(SAMPLE_TEXT * 60, encoding="utf-8")
+    before = digest(model_dir)
+    outs = {}
+    for name, extra in (("plain", []), ("smooth", ["--smooth", "--alpha", "0.7"])):
+        outs[name] = tmp_path / name / "q.onnx"
+        argv = ["quantize", str(model_dir / "model.onnx"), "-o", str(outs[name]), "--scheme", "w8a8"]
+        argv += ["--rotation", "none", "--group", "16", "--text", str(text), "--calibration-windows", "1", *extra]
+        assert main(argv) == 0, capsys.readouterr().err
+    assert digest(model_dir) == before
+    assert _quantization_options(outs["smooth"])["smooth"] == 0.7
+    assert _quantization_options(outs["plain"])["smooth"] is None
+    reference = ort_logits(model_dir / "model.onnx", tokens)
+    smooth, plain = ort_logits(outs["smooth"], tokens), ort_logits(outs["plain"], tokens)
+    assert np.abs(smooth - reference).max() < 0.05 * np.abs(reference).max()
+    assert np.abs(smooth - plain).max() > 1e-4
+
+
+@pytest.mark.parametrize(
+    "extra,message",
+    [
+        (["--smooth", "--alpha", "1.5"], "alpha must be in [0, 1]"),
+        (["--scheme", "w3a8"], "scheme 'w3a8'"),
+        (["--group", "-1"], "group must be >= 0"),
+    ],
+)
+def test_quantize_refuses_bad_options_before_any_work(model_dir, tmp_path, capsys, extra, message) -> None:
+    out = tmp_path / "out" / "q.onnx"
+    assert main(["quantize", str(model_dir / "model.onnx"), "-o", str(out), *extra]) == 1
+    err = capsys.readouterr().err
+    assert message in err and "Traceback" not in err
+    assert not out.parent.exists() or list(out.parent.iterdir()) == []
+
+
+def test_quantize_smooth_without_tokenizer(model_dir, tmp_path, capsys) -> None:
+    (model_dir / "tokenizer.json").unlink()
+    out = tmp_path / "q.onnx"
+    assert main(["quantize", str(model_dir / "model.onnx"), "-o", str(out), "--smooth"]) == 1
+    assert "tokenizer" in capsys.readouterr().err and not out.exists()

@@ -30,6 +30,13 @@ def _rotate_rows(w: np.ndarray, h: np.ndarray) -> np.ndarray:
     return np.einsum("ji,hjk->hik", h, w.reshape(-1, d, w.shape[1])).reshape(w.shape)
 
 
+def head_rotations(d: int, layers: int, seed: int) -> list[tuple[np.ndarray, str]]:
+    """QuaRot's R2 of every layer (head_dim d): randomized Hadamards drawn in layer order from
+    `default_rng([seed, 2])`, with their kind."""
+    rng = np.random.default_rng([seed, 2])
+    return [random_rotation(d, rng, what=f"R2 of layer {i}") for i in range(layers)]
+
+
 class RotateHeadsPass(ir.passes.InPlacePass):
     """Per layer, V's output and O's input are rotated by the same head_dim x head_dim matrix H.
 
@@ -47,19 +54,22 @@ class RotateHeadsPass(ir.passes.InPlacePass):
 
     def call(self, model: ir.Model) -> ir.passes.PassResult:
         desc = discover(model)
-        rng = np.random.default_rng([self.seed, 2])
         if self.rotations is not None and len(self.rotations) != len(desc.blocks):
             raise RotgraphError(f"R2 needs {len(desc.blocks)} matrices, got {len(self.rotations)}")
+        d = desc.blocks[0].attention.head_dim
+        drawn = head_rotations(d, len(desc.blocks), self.seed) if self.rotations is None else None
         kinds = set()
         for block in desc.blocks:
             attn = block.attention
-            d = attn.head_dim
-            if self.rotations is not None:
+            if attn.head_dim != d:
+                raise RotgraphError(f"layer {block.index} has head_dim {attn.head_dim}, layer 0 has {d}")
+            if drawn is not None:
+                h, kind = drawn[block.index]
+            else:
+                assert self.rotations is not None
                 h, kind = np.asarray(self.rotations[block.index], dtype=np.float64), "given"
                 if h.shape != (d, d):
                     raise RotgraphError(f"R2 of layer {block.index} must be {d} x {d}, got {h.shape}")
-            else:
-                h, kind = random_rotation(d, rng, what=f"R2 of layer {block.index}")
             kinds.add(kind)
             rewrite_initializer(attn.v.weight, functools.partial(_rotate_columns, h=h))
             if attn.v.bias is not None:

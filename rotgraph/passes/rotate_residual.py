@@ -17,6 +17,11 @@ from rotgraph.weights import multiply_left, multiply_right, read_float64, rewrit
 logger = logging.getLogger(__name__)
 
 
+def residual_rotation(n: int, seed: int) -> tuple[np.ndarray, str]:
+    """QuaRot's R1 for hidden size n: a randomized Hadamard from `default_rng([seed, 1])`, and its kind."""
+    return random_rotation(n, np.random.default_rng([seed, 1]), what="R1")
+
+
 class RotateResidualPass(ir.passes.InPlacePass):
     """Residual stream x -> x Q for an orthogonal Q (hidden x hidden), folded into the weights.
 
@@ -49,7 +54,7 @@ class RotateResidualPass(ir.passes.InPlacePass):
                 raise RotgraphError(f"R1 must be {n} x {n} for this model, got {self.rotation.shape}")
             q, kind = np.asarray(self.rotation, dtype=np.float64), "given"
         else:
-            q, kind = random_rotation(n, np.random.default_rng([self.seed, 1]), what="R1")
+            q, kind = residual_rotation(n, self.seed)
         rewrite_initializer(desc.embedding_table, functools.partial(multiply_right, m=q))
         readers = [lin for group in desc.norm_readers() for lin in group]
         writers = [lin for b in desc.blocks for lin in (b.attention.o, b.mlp.down)]
