@@ -217,7 +217,7 @@ def parser() -> argparse.ArgumentParser:
     lp.add_argument("--seq-len", type=int, default=256)
     lp.add_argument("--windows", type=int, default=64, help="calibration windows to draw batches from")
     lp.add_argument("--group", type=int, default=32, help="weight group size of the fake quantizer; 0 = per channel")
-    lp.add_argument("--head-bits", type=int, choices=[8, 16], default=8)
+    lp.add_argument("--head-bits", type=int, choices=[8, 16], default=16, help="lm_head and embedding in the objective")
     lp.add_argument("--seed", type=int, default=0, help="seed of the starting Hadamards and of the batch order")
     lp.add_argument("--no-online", action="store_true", help="learn for a graph without R3/R4")
     lp.add_argument("--checkpoint-every", type=int, default=10)

@@ -43,7 +43,7 @@ from rotgraph.quantize import Scheme, activation_passes
 from rotgraph.rotations import ORTHOGONALITY_TOLERANCE, save_rotations
 from rotgraph.stiefel import CayleySGD, orthogonality_error
 from rotgraph.structure import Linear, ModelDescription, discover
-from rotgraph.torch_graph import TorchGraph, round_ste
+from rotgraph.torch_graph import Override, TorchGraph, round_ste
 
 logger = logging.getLogger(__name__)
 
@@ -58,7 +58,9 @@ class LearnOptions:
     seq_len: int = 256
     windows: int = 64  # calibration windows to draw batches from
     group: int = 32  # weight groups of the RTN fake quantizer (0: per channel)
-    head_bits: int = 8  # embedding and lm_head: 8-bit RTN (as `rotgraph quantize`) or 16 (float)
+    # embedding and lm_head: 8-bit RTN as `rotgraph quantize` makes them, or 16: float (the default: an
+    # 8-bit lm_head changes the loss little and would cost a vocab x hidden^2 product per step)
+    head_bits: int = 16
     seed: int = 0
     online: bool = True
     checkpoint_every: int = 10
@@ -92,13 +94,14 @@ def learning_graph(model: ir.Model, scheme: Scheme, online: bool = True) -> Mode
 
 def weight_fake_quant(w: torch.Tensor, bits: int, group: int, axis: int) -> torch.Tensor:
     """Symmetric RTN of `w` in groups of `group` (0: the whole axis) along `axis`, straight-through."""
-    moved = w.movedim(axis, -1)
-    g = group or moved.shape[-1]
-    rows = moved.reshape(-1, g)
+    axis %= w.dim()
+    n = w.shape[axis]
+    g = group or n
+    grouped = w.reshape(*w.shape[:axis], n // g, g, *w.shape[axis + 1 :])  # a view: no transpose
     qmax = 2 ** (bits - 1) - 1
-    scale = torch.clamp(rows.abs().amax(-1, keepdim=True) / qmax, min=1e-8)
-    q = torch.clamp(round_ste(rows / scale), -qmax - 1, qmax) * scale
-    return q.reshape(moved.shape).movedim(-1, axis)
+    scale = torch.clamp(grouped.abs().amax(axis + 1, keepdim=True) / qmax, min=1e-8)
+    q = torch.clamp(round_ste(grouped / scale), -qmax - 1, qmax) * scale
+    return q.reshape(w.shape)
 
 
 def _rotate_head_columns(w: torch.Tensor, h: torch.Tensor) -> torch.Tensor:
@@ -146,12 +149,12 @@ class RotatedNetwork(torch.nn.Module):
     def _quant(self, w: torch.Tensor, bits: int) -> torch.Tensor:
         return w if bits >= 16 else weight_fake_quant(w, bits, self.group, axis=0)
 
-    def overrides(self, ids: torch.Tensor) -> dict[str, torch.Tensor]:
+    def overrides(self, ids: torch.Tensor) -> dict[str, Override]:
         """Rotated (fake-quantized) weights by initializer name, and the embedding output for `ids`
         (rows of E R1 gathered first: quantization groups lie within a row, so this is exact)."""
         c = self.graph.constants
         r1 = self.r1.to(torch.float32)
-        out: dict[str, torch.Tensor] = {}
+        out: dict[str, Override] = {}
 
         def put(lin: Linear, w: torch.Tensor, bits: int, bias: torch.Tensor | None = None) -> None:
             out[lin.weight.name or ""] = self._quant(w, bits)
@@ -164,7 +167,11 @@ class RotatedNetwork(torch.nn.Module):
             rows = weight_fake_quant(rows, self.head_bits, self.group, axis=-1)
         out[self.desc.embedding.outputs[0].name or ""] = rows
         head = self.desc.lm_head
-        put(head, r1.T @ c[head.weight.name or ""], self.head_bits)
+        if self.head_bits < 16:
+            put(head, r1.T @ c[head.weight.name or ""], self.head_bits)
+        else:  # (x R1^T) W costs tokens x hidden^2, R1^T W would cost vocab x hidden^2
+            w_head, x_name = c[head.weight.name or ""], head.input.name or ""
+            out[head.node.outputs[0].name or ""] = lambda env: (env[x_name] @ r1.T) @ w_head
         bits = self.weight_bits
         for block, r2 in zip(self.desc.blocks, self.r2, strict=True):
             h = r2.to(torch.float32)

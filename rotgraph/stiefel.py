@@ -5,6 +5,8 @@ A = M R^T - R M^T generates the descent curve R(t) = (I + t/2 A)^-1 (I - t/2 A) 
 transform (Wen & Yin 2013; Li, Li & Todorovic 2020, as used by SpinQuant). A Cayley transform of a
 skew matrix is orthogonal, so every iterate stays on the manifold to the precision of one linear solve;
 to first order the step is R - t (G - R G^T R), the Riemannian gradient under the canonical metric.
+The step is t = min(lr, 1 / |A|_F) (Li et al.'s adaptive step), so no update rotates far whatever the
+gradient's scale.
 Parameters are updated in float64 whatever precision the loss was computed in.
 """
 
@@ -51,5 +53,7 @@ class CayleySGD(torch.optim.Optimizer):
                     state["momentum"] = buf
                     g = buf
                 a = g @ p.T - p @ g.T
+                # the adaptive step of Li et al. (2020): t |A| <= 1 keeps each update a moderate rotation
+                t = min(lr, 1.0 / (float(torch.linalg.matrix_norm(a)) + 1e-8))
                 eye = torch.eye(p.shape[0], dtype=torch.float64)
-                p.copy_(torch.linalg.solve(eye + (lr / 2) * a, (eye - (lr / 2) * a) @ p))
+                p.copy_(torch.linalg.solve(eye + (t / 2) * a, (eye - (t / 2) * a) @ p))

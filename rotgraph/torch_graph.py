@@ -37,6 +37,7 @@ _DTYPES = {
 }
 
 Op = Callable[[ir.Node, list], list]
+Override = torch.Tensor | Callable[[Mapping[str, torch.Tensor]], torch.Tensor]
 
 
 def round_ste(x: torch.Tensor) -> torch.Tensor:
@@ -286,7 +287,8 @@ class TorchGraph:
     """Run `model`'s main graph on torch tensors: `graph(feeds, overrides)` returns the graph outputs.
 
     `overrides` maps initializer names to tensors used in their place (e.g. rotated weights computed
-    from trainable rotations), or node output names to their values (the node is then not run).
+    from trainable rotations), or node output names to their values or to functions of the values
+    computed before that node (the node is then not run).
     Initializers are converted to torch once, in the stored dtype.
     """
 
@@ -306,28 +308,32 @@ class TorchGraph:
                 spec = ActSpec.from_overload(overload)
                 self._native[(domain, op_type, overload)] = functools.partial(fake_quant, spec=spec)
 
-    def __call__(
-        self, feeds: Mapping[str, torch.Tensor], overrides: Mapping[str, torch.Tensor] | None = None
-    ) -> list[torch.Tensor]:
+    def __call__(self, feeds: Mapping[str, torch.Tensor], overrides: Mapping[str, Override] | None = None) -> list:
         env: dict[str, torch.Tensor] = dict(self.constants)
-        env.update(overrides or {})
+        given = dict(overrides or {})
+        env.update({k: v for k, v in given.items() if isinstance(v, torch.Tensor)})
         env.update(feeds)
         graph = self.model.graph
         missing = [v.name for v in graph.inputs if v.name not in env]
         if missing:
             raise RotgraphError(f"missing graph inputs {missing}")
-        return self._run(graph, env, [v.name or "" for v in graph.outputs], set(overrides or ()))
+        return self._run(graph, env, [v.name or "" for v in graph.outputs], given)
 
     def _run(
         self,
         nodes: Sequence[ir.Node] | ir.Graph,
         env: dict[str, torch.Tensor],
         outputs: list[str],
-        given: set[str] | frozenset[str] = frozenset(),
+        given: Mapping[str, Override] | None = None,
     ) -> list:
-        """Evaluate `nodes` in order; a node whose outputs are all `given` (overridden) is skipped."""
+        """Evaluate `nodes` in order. A node whose outputs are all `given` is not run; outputs given as
+        functions are computed from the values so far when the node's turn comes."""
         for node in nodes:
             if given and all(v.name in given for v in node.outputs):
+                for v in node.outputs:
+                    fixed = given[v.name or ""]
+                    if not isinstance(fixed, torch.Tensor):
+                        env[v.name or ""] = fixed(env)
                 continue
             inputs = [None if v is None else env[v.name or ""] for v in node.inputs]
             results = self._node(node, inputs)

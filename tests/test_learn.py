@@ -232,3 +232,16 @@ def test_rotation_files_that_do_not_fit_the_model_are_refused(tiny, tmp_path, ca
     assert main(["rotate", str(path), "-o", str(out), "--rotation", "spinquant"]) == 1
     assert "needs --rotations" in capsys.readouterr().err
     assert not out.exists()
+
+
+def test_weight_fake_quant_is_rotgraphs_rtn_grid() -> None:
+    """The learning quantizer is the final RTN quantizer without the clipping search."""
+    from rotgraph.learn import weight_fake_quant
+    from rotgraph.quant import WeightSpec, quantize_rtn
+
+    w = np.random.default_rng(2).normal(size=(64, 24))  # [in, out]
+    ours = weight_fake_quant(torch.from_numpy(w), 4, 16, axis=0).numpy()
+    reference = quantize_rtn(w.T, WeightSpec(4, True, 16, clip_search=False)).dequantize().T
+    np.testing.assert_allclose(ours, reference, atol=1e-12)
+    rows = weight_fake_quant(torch.from_numpy(w.T.copy()), 8, 0, axis=-1).numpy()
+    np.testing.assert_allclose(rows, quantize_rtn(w.T, WeightSpec(8, True, None, clip_search=False)).dequantize())
