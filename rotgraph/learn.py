@@ -225,6 +225,34 @@ def _distributed() -> tuple[int, int]:
     return 0, 1
 
 
+def _average_gradients(net: RotatedNetwork, loss: torch.Tensor, world: int) -> float:
+    """Average the rotations' gradients (and the loss, returned) over the data-parallel processes."""
+    if world > 1:
+        for p in net.parameters():
+            assert p.grad is not None
+            torch.distributed.all_reduce(p.grad)
+            p.grad /= world
+        loss = loss.clone()
+        torch.distributed.all_reduce(loss)
+        loss /= world
+    return float(loss)
+
+
+def _save_checkpoint(
+    path: Path, step: int, losses: list[float], options: LearnOptions, net: RotatedNetwork, optimizer: CayleySGD
+) -> None:
+    state = {
+        "step": step,
+        "losses": losses,
+        "options": asdict(options),
+        "network": {k: v for k, v in net.state_dict().items() if k.startswith("r")},
+        "optimizer": optimizer.state_dict(),
+    }
+    tmp = path.with_name(f".{path.name}.tmp")
+    torch.save(state, tmp)
+    os.replace(tmp, path)
+
+
 @dataclass(frozen=True)
 class LearnReport:
     output: Path
@@ -290,37 +318,25 @@ def learn(
         initial=first_step,
         total=options.steps,
     )
-    for step in bar:
-        lr = options.lr * 0.5 * (1 + np.cos(np.pi * step / options.steps))  # cosine decay to 0
-        for group in optimizer.param_groups:
-            group["lr"] = lr
-        picked = batch_indices(step, options.batch, len(pool), options.seed)[rank * share : (rank + 1) * share]
-        optimizer.zero_grad()
-        loss = net.loss(pool[picked])
-        loss.backward()
-        value = loss.detach().clone()
-        if world > 1:
-            for p in net.parameters():
-                assert p.grad is not None
-                torch.distributed.all_reduce(p.grad)
-                p.grad /= world
-            torch.distributed.all_reduce(value)
-            value /= world
-        optimizer.step()
-        losses.append(float(value))
-        bar.set_postfix(loss=f"{losses[-1]:.4f}", lr=f"{lr:.3g}")
-        done = step + 1
-        if rank == 0 and (done % options.checkpoint_every == 0 and done < options.steps):
-            state = {
-                "step": done,
-                "losses": losses,
-                "options": asdict(options),
-                "network": {k: v for k, v in net.state_dict().items() if k.startswith("r")},
-                "optimizer": optimizer.state_dict(),
-            }
-            tmp = checkpoint.with_name(f".{checkpoint.name}.tmp")
-            torch.save(state, tmp)
-            os.replace(tmp, checkpoint)
+    try:
+        for step in bar:
+            lr = options.lr * 0.5 * (1 + np.cos(np.pi * step / options.steps))  # cosine decay to 0
+            for group in optimizer.param_groups:
+                group["lr"] = lr
+            picked = batch_indices(step, options.batch, len(pool), options.seed)[rank * share : (rank + 1) * share]
+            optimizer.zero_grad()
+            loss = net.loss(pool[picked])
+            loss.backward()
+            losses.append(_average_gradients(net, loss.detach(), world))
+            optimizer.step()
+            bar.set_postfix(loss=f"{losses[-1]:.4f}", lr=f"{lr:.3g}")
+            done = step + 1
+            if rank == 0 and done % options.checkpoint_every == 0 and done < options.steps:
+                _save_checkpoint(checkpoint, done, losses, options, net, optimizer)
+    except KeyboardInterrupt:
+        if rank == 0 and checkpoint.is_file():
+            logger.warning("interrupted: %s holds the last checkpoint; rerun with --resume to continue", checkpoint)
+        raise
     rotations = net.rotations()
     err = max(orthogonality_error(r) for r in rotations.values())
     if not err <= ORTHOGONALITY_TOLERANCE:
