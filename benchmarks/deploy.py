@@ -50,7 +50,7 @@ class _Windows(CalibrationDataReader):
         return next(self.feeds, None)
 
 
-def onnxruntime_baseline(algorithm: str, source: Path, out: Path, calibration_windows: int) -> None:
+def onnxruntime_baseline(algorithm: str, source: Path, out: Path, calibration_windows: int, actorder: bool) -> None:
     """onnxruntime's own int4 weight-only quantizer (MatMulNBits, block 32, symmetric, accuracy_level 0)
     on the float graph: what users would otherwise run. GPTQ calibrates on the calibration split
     (damping 0.01, no activation order)."""
@@ -67,11 +67,10 @@ def onnxruntime_baseline(algorithm: str, source: Path, out: Path, calibration_wi
     else:
         ids = encode(source.parent / "tokenizer.json", load_text("calibration"))
         reader = _Windows(windows(ids, calibration_windows, 512))
-        # actorder stays off: onnxruntime's GPTQ (the Intel Neural Compressor port) forms its groups of
-        # 32 over the act-order permuted rows, then stores blocks of 32 in the original row order, which
-        # re-quantizes every block across several GPTQ grids (perplexity 38.32 with actorder=True on
-        # SmolLM2 in the 2026-11-22 19:00 run, against 22.47 for its RTN).
-        config = GPTQWeightOnlyQuantConfig(reader, percdamp=0.01, block_size=128, actorder=False)
+        # act-order is off by default: onnxruntime's GPTQ (the Intel Neural Compressor port) forms its
+        # groups of 32 over the act-order permuted rows, then re-quantizes the result in blocks of 32 in
+        # the original row order (quant_tensor after gptq), mixing several GPTQ grids in every block.
+        config = GPTQWeightOnlyQuantConfig(reader, percdamp=0.01, block_size=128, actorder=actorder)
     quantizer = MatMulNBitsQuantizer(
         onnx.load(source), block_size=32, is_symmetric=True, accuracy_level=0, algo_config=config
     )
@@ -85,18 +84,20 @@ def main() -> None:
     ap.add_argument("--model", default="rotgraph-demo/bench/dynamo/model.onnx")
     ap.add_argument("--windows", type=int, default=8)
     ap.add_argument("--ort-calibration-windows", type=int, default=8)
+    ap.add_argument("--ort-gptq-actorder", action="store_true", help="onnxruntime's GPTQ with activation order")
     ap.add_argument("--reuse", action="store_true", help="keep models built by an earlier run (time them only)")
     ap.add_argument("--onnxruntime-baseline", nargs=3, metavar=("ALGO", "SRC", "OUT"), help=argparse.SUPPRESS)
     args = ap.parse_args()
     if args.onnxruntime_baseline:
         algo, src, out = args.onnxruntime_baseline
-        onnxruntime_baseline(algo, Path(src), Path(out), args.ort_calibration_windows)
+        onnxruntime_baseline(algo, Path(src), Path(out), args.ort_calibration_windows, args.ort_gptq_actorder)
         return
     source = Path(args.model)
     folder = source.parent / "deploy"
     folder.mkdir(exist_ok=True)
     rotgraph = str(Path(sys.executable).parent / "rotgraph")
     baseline = [sys.executable, __file__, "--ort-calibration-windows", str(args.ort_calibration_windows)]
+    baseline += ["--ort-gptq-actorder"] if args.ort_gptq_actorder else []
     w4a16 = [rotgraph, "quantize", "SRC", "-o", "OUT", "--scheme", "w4a16", "--format", "ort", "--head-bits", "16"]
     w4a8 = [rotgraph, "quantize", "SRC", "-o", "OUT", "--scheme", "w4a8", "--weights", "gptq"]
     builds = {  # SRC and OUT stand for the float model and the output
