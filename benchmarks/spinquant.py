@@ -1,6 +1,6 @@
 """SpinQuant against QuaRot on the default model.
 
-    python benchmarks/spinquant.py [--model rotgraph-demo/bench/dynamo/model.onnx] [--steps 50]
+    python benchmarks/spinquant.py [--model rotgraph-demo/bench/dynamo/model.onnx] [--steps 20]
 
 For each scheme: learns R1/R2 with `rotgraph learn` on the calibration split (a child process, timed,
 peak RSS), starting from QuaRot's seed-0 Hadamards; quantizes the float model with QuaRot at seeds
@@ -30,7 +30,7 @@ def main() -> None:
     ap.add_argument("--model", default="rotgraph-demo/bench/dynamo/model.onnx")
     ap.add_argument("--schemes", nargs="+", default=["w4a4kv4", "w4a8"])
     ap.add_argument("--seeds", nargs="+", type=int, default=[0, 1, 2])
-    ap.add_argument("--steps", type=int, default=50)
+    ap.add_argument("--steps", type=int, default=20)
     ap.add_argument("--learn-windows", type=int, default=32, help="calibration windows learning draws from")
     ap.add_argument("--weights", choices=["rtn", "gptq"], default="rtn")
     ap.add_argument("--windows", type=int, default=16, help="evaluation windows of 512 tokens")

@@ -51,12 +51,12 @@ logger = logging.getLogger(__name__)
 @dataclass(frozen=True)
 class LearnOptions:
     scheme: str = "w4a4kv4"  # w16...: weights stay float (GPTQ follows)
-    steps: int = 100
-    lr: float = 1.5
+    steps: int = 20
+    lr: float = 0.1
     momentum: float = 0.0
-    batch: int = 2  # windows per step, over all processes
-    seq_len: int = 256
-    windows: int = 64  # calibration windows to draw batches from
+    batch: int = 4  # windows per step, over all processes
+    seq_len: int = 512
+    windows: int = 32  # calibration windows to draw batches from
     group: int = 32  # weight groups of the RTN fake quantizer (0: per channel)
     # embedding and lm_head: 8-bit RTN as `rotgraph quantize` makes them, or 16: float (the default: an
     # 8-bit lm_head changes the loss little and would cost a vocab x hidden^2 product per step)

@@ -173,7 +173,7 @@ def test_bad_rotation_files_are_refused(tmp_path) -> None:
 
 
 def _learn_cli(model: Path, out: Path, text: Path, processes: int) -> None:
-    argv = ["learn", str(model), "-o", str(out), "--scheme", "w4a4kv4", "--steps", "3", "--batch", "2"]
+    argv = ["learn", str(model), "-o", str(out), "--scheme", "w4a4kv4", "--steps", "3", "--batch", "2", "--lr", "1"]
     argv += ["--seq-len", "32", "--windows", "4", "--group", "16", "--text", str(text)]
     launcher = [sys.executable, "-m", "rotgraph.cli"]
     if processes > 1:
