@@ -23,22 +23,18 @@ from pathlib import Path
 
 import numpy as np
 import onnx_ir as ir
-import onnx_ir.passes.common as common_passes
 import torch
 from tqdm import tqdm
 
 from rotgraph import io
 from rotgraph.errors import RotgraphError
 from rotgraph.passes import (
-    CanonicalizeNormsPass,
-    FuseNormScalesPass,
     InsertDownHadamardPass,
     InsertQKHadamardPass,
-    UntieEmbeddingPass,
 )
 from rotgraph.passes.rotate_heads import head_rotations
 from rotgraph.passes.rotate_residual import residual_rotation
-from rotgraph.pipeline import run_passes
+from rotgraph.pipeline import foldable_form_passes, run_passes
 from rotgraph.quantize import Scheme, activation_passes
 from rotgraph.rotations import ORTHOGONALITY_TOLERANCE, save_rotations
 from rotgraph.stiefel import CayleySGD, orthogonality_error
@@ -79,12 +75,7 @@ class LearnOptions:
 def learning_graph(model: ir.Model, scheme: Scheme, online: bool = True) -> ModelDescription:
     """Bring `model` (in place) to the form SpinQuant trains: the rotation pipeline without R1/R2,
     with the scheme's activation and KV-cache FakeQuant ops; weights stay float."""
-    passes: list[ir.passes.PassBase] = [
-        CanonicalizeNormsPass(),
-        common_passes.ShapeInferencePass(strict_mode=False),
-        UntieEmbeddingPass(),
-        FuseNormScalesPass(),
-    ]
+    passes = foldable_form_passes()
     if online:
         passes += [InsertQKHadamardPass(), InsertDownHadamardPass()]
     passes += activation_passes(scheme)

@@ -72,13 +72,19 @@ def canonicalize(model: ir.Model) -> ModelDescription:
     return discover(model)
 
 
-def rotation_passes(options: RotateOptions) -> list[ir.passes.PassBase]:
-    passes: list[ir.passes.PassBase] = [
+def foldable_form_passes() -> list[ir.passes.PassBase]:
+    """Canonical norms, shapes, untied lm_head and weightless norms: the form R1 folds into (and the
+    form SpinQuant learns on)."""
+    return [
         CanonicalizeNormsPass(),
         common_passes.ShapeInferencePass(strict_mode=False),
         UntieEmbeddingPass(),
         FuseNormScalesPass(),
     ]
+
+
+def rotation_passes(options: RotateOptions) -> list[ir.passes.PassBase]:
+    passes = foldable_form_passes()
     if options.rotations is not None:
         r1, r2 = load_rotations(Path(options.rotations))
         passes += [RotateResidualPass(rotation=r1), RotateHeadsPass(rotations=tuple(r2))]
