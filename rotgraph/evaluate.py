@@ -39,14 +39,42 @@ def make_session(path: Path, optimization: str = "basic", threads: int | None = 
         raise RotgraphError(f"{path}: onnxruntime cannot load it ({type(e).__name__}: {e})") from None
 
 
-def run_logits(session: ort.InferenceSession, tokens: np.ndarray) -> np.ndarray:
+_ORT_TYPES = {"tensor(float)": np.float32, "tensor(float16)": np.float16, "tensor(uint8)": np.uint8}
+PAST_PREFIX, PRESENT_PREFIX = "past_key_values.", "present."
+
+
+def empty_cache(session: ort.InferenceSession, batch: int) -> dict[str, np.ndarray]:
+    """Zero-length `past_key_values.*` feeds (the prefill of a graph with a KV cache)."""
+    feeds = {}
+    for arg in session.get_inputs():
+        if not arg.name.startswith(PAST_PREFIX):
+            continue
+        if arg.type not in _ORT_TYPES or len(arg.shape) != 4:
+            raise RotgraphError(f"cache input {arg.name!r}: unsupported type {arg.type} or rank {len(arg.shape)}")
+        _, heads, _, width = arg.shape
+        if not isinstance(heads, int) or not isinstance(width, int):
+            raise RotgraphError(f"cache input {arg.name!r}: expected static heads and width, found {arg.shape}")
+        feeds[arg.name] = np.zeros((batch, heads, 0, width), dtype=_ORT_TYPES[arg.type])
+    return feeds
+
+
+def model_feeds(session: ort.InferenceSession, tokens: np.ndarray) -> dict[str, np.ndarray]:
+    """Feeds for a whole sequence: input_ids, an all-ones attention_mask if asked for, empty caches."""
     name = session.get_inputs()[0].name
-    feeds = {name: tokens.astype(np.int64)}
+    feeds = {name: tokens.astype(np.int64)} | empty_cache(session, tokens.shape[0])
     for extra in session.get_inputs()[1:]:
         if extra.name == "attention_mask":
             feeds[extra.name] = np.ones_like(tokens, dtype=np.int64)
-        else:
-            raise RotgraphError(f"model input {extra.name!r} is not supported (expected input_ids [, attention_mask])")
+        elif extra.name not in feeds:
+            raise RotgraphError(
+                f"model input {extra.name!r} is not supported (expected input_ids [, attention_mask] "
+                f"[, {PAST_PREFIX}*])"
+            )
+    return feeds
+
+
+def run_logits(session: ort.InferenceSession, tokens: np.ndarray) -> np.ndarray:
+    feeds = model_feeds(session, tokens)
     try:
         return np.asarray(session.run(None, feeds)[0])
     except Exception as e:  # onnxruntime raises its own Fail/InvalidArgument types

@@ -4,6 +4,11 @@ Output: `input_ids` [batch, seq] -> `logits` [batch, seq, vocab], dynamic batch 
 weights as external data, the tokenizer as `tokenizer.json` beside the model, and the model config in
 the metadata (`rotgraph.config`). Attention is exported in its eager form with an all-ones mask built
 inside the graph (no padding), which gives the plainest graph.
+
+With `with_past`, the graph also takes `past_key_values.{layer}.key|value` [batch, kv_heads, past,
+head_dim] and returns `present.{layer}.key|value` [batch, kv_heads, past + seq, head_dim]: one graph
+serves prefill (past = 0) and decoding (seq = 1); positions and the causal mask follow from the past
+length inside the graph.
 """
 
 from __future__ import annotations
@@ -112,6 +117,34 @@ def _config_metadata(config: Any, tokenizer: Any) -> dict[str, Any]:
     }
 
 
+def cache_names(layers: int, prefix: str) -> list[str]:
+    """`prefix.{layer}.key`, `prefix.{layer}.value` for every layer, in graph order."""
+    return [f"{prefix}.{i}.{kind}" for i in range(layers) for kind in ("key", "value")]
+
+
+def _wrapper_with_past(model: Any) -> Any:
+    import torch
+    from transformers import DynamicCache
+
+    layers = model.config.num_hidden_layers
+
+    class WithPast(torch.nn.Module):
+        def __init__(self, inner: Any) -> None:
+            super().__init__()
+            self.inner = inner
+
+        def forward(self, input_ids: torch.Tensor, past: list[torch.Tensor]) -> tuple[torch.Tensor, ...]:
+            cache = DynamicCache(config=self.inner.config)
+            for i in range(layers):
+                cache.update(past[2 * i], past[2 * i + 1], i)
+            mask = torch.ones(input_ids.shape[0], past[0].shape[2] + input_ids.shape[1], dtype=torch.int64)
+            out = self.inner(input_ids=input_ids, attention_mask=mask, past_key_values=cache, use_cache=True)
+            present = [t for layer in out.past_key_values.layers for t in (layer.keys, layer.values)]
+            return (out.logits, *present)
+
+    return WithPast(model).eval()
+
+
 def _wrapper(model: Any) -> Any:
     import torch
 
@@ -127,10 +160,38 @@ def _wrapper(model: Any) -> Any:
     return LogitsOnly(model).eval()
 
 
-def to_onnx(model: Any, exporter: Exporter = "dynamo") -> ir.Model:
-    """Trace `model` to an ONNX IR model (input_ids -> logits)."""
+def _to_onnx_with_past(model: Any) -> ir.Model:
     import torch
 
+    config = model.config
+    layers = config.num_hidden_layers
+    kv_heads = getattr(config, "num_key_value_heads", None) or config.num_attention_heads
+    head_dim = getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
+    example = torch.randint(0, min(1000, config.vocab_size), (2, 5))
+    past = [torch.zeros(2, kv_heads, 7, head_dim) for _ in range(2 * layers)]
+    batch, seq, past_len = torch.export.Dim("batch"), torch.export.Dim("seq"), torch.export.Dim("past")
+    with torch.no_grad():
+        program = torch.onnx.export(
+            _wrapper_with_past(model),
+            (example, past),
+            dynamo=True,
+            input_names=["input_ids", *cache_names(layers, "past_key_values")],
+            output_names=["logits", *cache_names(layers, "present")],
+            dynamic_shapes={"input_ids": {0: batch, 1: seq}, "past": [{0: batch, 2: past_len}] * (2 * layers)},
+            optimize=True,
+            verbose=False,
+        )
+    assert program is not None
+    return program.model
+
+
+def to_onnx(model: Any, exporter: Exporter = "dynamo", with_past: bool = False) -> ir.Model:
+    """Trace `model` to an ONNX IR model (input_ids [, past] -> logits [, present]); a graph with
+    past always comes from the dynamo exporter."""
+    import torch
+
+    if with_past:
+        return _to_onnx_with_past(model)
     wrapped = _wrapper(model)
     example = torch.randint(0, min(1000, model.config.vocab_size), (2, 16))
     with torch.no_grad():
@@ -167,19 +228,25 @@ def to_onnx(model: Any, exporter: Exporter = "dynamo") -> ir.Model:
             return loaded
 
 
-def export(model: str | None, output: Path, exporter: Exporter = "dynamo") -> tuple[Path, dict[str, Any], float]:
+def export(
+    model: str | None, output: Path, exporter: Exporter = "dynamo", with_past: bool = False
+) -> tuple[Path, dict[str, Any], float]:
     """Export `model` (None: the default SmolLM2) to `output`; returns (output, config, seconds)."""
     start = time.perf_counter()
     io.check_output_path([], output)
+    if with_past and exporter != "dynamo":
+        raise RotgraphError("--with-past needs the dynamo exporter")
     source = resolve_source(model)
     logger.info("loading %s", source)
     hf_model, tokenizer = load(source)
     logger.info("exporting with the %s exporter", exporter)
-    onnx_model = to_onnx(hf_model, exporter)
+    onnx_model = to_onnx(hf_model, exporter, with_past)
     config = _config_metadata(hf_model.config, tokenizer)
     onnx_model.metadata_props[CONFIG_KEY] = json.dumps(config)
     onnx_model.metadata_props["rotgraph.source"] = str(source)
     onnx_model.metadata_props["rotgraph.exporter"] = exporter
+    if getattr(tokenizer, "chat_template", None):
+        onnx_model.metadata_props["rotgraph.chat_template"] = tokenizer.chat_template
     with io.staged_output(output) as staged:
         io.save_model(onnx_model, staged)
         tokenizer.backend_tokenizer.save(str(staged.parent / io.TOKENIZER_FILE))

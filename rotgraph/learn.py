@@ -117,7 +117,10 @@ class RotatedNetwork(torch.nn.Module):
         self.graph = TorchGraph(model)
         self.desc = desc = discover(model)
         if len(model.graph.inputs) != 1:
-            raise RotgraphError(f"learning needs a graph with one input (token ids), got {len(model.graph.inputs)}")
+            raise RotgraphError(
+                f"learning needs a graph with one input (token ids), got {len(model.graph.inputs)}: learn on the "
+                "export without --with-past; the rotations it learns fold into either graph"
+            )
         self.input_name = model.graph.inputs[0].name or ""
         self.weight_bits = scheme.weight_bits
         self.head_bits = head_bits if scheme.weight_bits < 16 else 16

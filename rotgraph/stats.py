@@ -15,7 +15,7 @@ from pathlib import Path
 import numpy as np
 
 from rotgraph import io
-from rotgraph.evaluate import make_session
+from rotgraph.evaluate import make_session, model_feeds
 from rotgraph.pipeline import canonicalize
 
 
@@ -70,8 +70,7 @@ def activation_stats(model_path: Path, token_windows: np.ndarray) -> list[Activa
         io.save_model(model, path)
         session = make_session(path, "disable")
         for window in token_windows:
-            feeds = {session.get_inputs()[0].name: window[None, :].astype(np.int64)}
-            outs = session.run([v.name for v in probes], feeds)
+            outs = session.run([v.name for v in probes], model_feeds(session, window[None, :]))
             for a, out in zip(acc, outs, strict=True):
                 a.add(np.asarray(out))
         del session

@@ -124,6 +124,22 @@ class Norm:
 
 
 @dataclass(frozen=True)
+class KVCache:
+    """Concat(past, new) on the sequence axis, with `past` a graph input and the result a graph output
+    (`present`): where a decoder graph stores keys or values for the next step."""
+
+    concat: ir.Node
+    past: ir.Value
+    new: ir.Value
+    present: ir.Value
+
+    @property
+    def quantized(self) -> bool:
+        """Stored as integer codes (rotgraph's KVQuantize)."""
+        return self.past.dtype == ir.DataType.UINT8
+
+
+@dataclass(frozen=True)
 class Attention:
     q: Linear
     k: Linear
@@ -136,6 +152,8 @@ class Attention:
     num_kv_heads: int
     head_dim: int
     v_cache: ir.Value | None = None  # values as [batch, kv_heads, seq, head_dim], before any repeat
+    key_cache: KVCache | None = None  # graphs with past_key_values inputs
+    value_cache: KVCache | None = None
 
 
 @dataclass(frozen=True)
@@ -195,6 +213,13 @@ class ModelDescription:
     def norms(self) -> list[Norm]:
         return [n for b in self.blocks for n in (b.attn_norm, b.mlp_norm)] + [self.final_norm]
 
+    def _cache_summary(self) -> str:
+        caches = [c for b in self.blocks for c in (b.attention.key_cache, b.attention.value_cache) if c is not None]
+        if not caches:
+            return "none (the graph recomputes the whole sequence)"
+        kind = "integer codes + scales" if caches[0].quantized else "float"
+        return f"{len(caches)} past/present pairs ({kind})"
+
     def summary(self) -> str:
         a = self.blocks[0].attention
         m = self.blocks[0].mlp
@@ -209,6 +234,7 @@ class ModelDescription:
             f"mlp: gated, intermediate {m.down.shape[0]}",
             f"norms: {len(self.norms())} {self.final_norm.node.op_type}",
             f"lm_head: {'tied to the embedding' if self.lm_head_tied else 'own weight'}",
+            f"KV cache: {self._cache_summary()}",
         ]
         return "\n".join(lines)
 
@@ -368,9 +394,12 @@ def _rope_before(value: ir.Value) -> ir.Value | None:
         node = current.producer()
         if node is None:
             return None
-        if (
+        cache = _as_cache_concat(node)
+        if cache is not None:
+            current = cache.new
+        elif (
             node.op_type in _LAYOUT_OPS
-            or is_hadamard(node)
+            or is_rotgraph_op(node)
             or (node.op_type in ("Mul", "Div") and _is_scalar_const(node.inputs[1]))
         ):
             assert node.inputs[0] is not None
@@ -383,6 +412,30 @@ def _rope_before(value: ir.Value) -> ir.Value | None:
         else:
             return None
     return None
+
+
+def _as_cache_concat(node: ir.Node) -> KVCache | None:
+    """`node` as a KV cache Concat(past graph input, new) -> graph output, on axis -2 of a 4-D tensor."""
+    graph = node.graph
+    if node.op_type != "Concat" or not _is_default_domain(node) or len(node.inputs) != 2 or graph is None:
+        return None
+    past, new = node.inputs
+    present = node.outputs[0]
+    if past is None or new is None or past not in graph.inputs or present not in graph.outputs:
+        return None
+    axis = node.attributes.get_int("axis", 0)
+    rank = len(past.shape) if past.shape is not None else 4
+    if rank != 4 or axis not in (-2, 2):
+        return None
+    return KVCache(node, past, new, present)
+
+
+def _cache_after(value: ir.Value | None) -> KVCache | None:
+    """The KV cache Concat that `value` (possibly through rotgraph ops) enters, if any."""
+    if value is None:
+        return None
+    caches = [c for c in (_as_cache_concat(n) for n in _through_rotgraph_ops(value)) if c is not None]
+    return caches[0] if len(caches) == 1 else None
 
 
 def _produced_by(value: ir.Value | None, op_type: str) -> bool:
@@ -455,7 +508,24 @@ def _attention(model: ir.Model, norm: Norm, o: Linear, where: str) -> Attention:
             f"{where}: projection widths Q {q_out}, K {k_out}, V {v_out}, O-in {o_in} do not fit head_dim {head_dim}"
         )
     v_cache = _head_layout(v.output)
-    return Attention(q, k, v, o, scores, q_rope, k_rope, q_out // head_dim, k_out // head_dim, head_dim, v_cache)
+    key_cache, value_cache = _cache_after(k_rope), _cache_after(v_cache)
+    if (key_cache is None) != (value_cache is None):
+        raise StructureError(f"{where}: found a KV cache Concat for {'keys' if key_cache else 'values'} only")
+    return Attention(
+        q,
+        k,
+        v,
+        o,
+        scores,
+        q_rope,
+        k_rope,
+        q_out // head_dim,
+        k_out // head_dim,
+        head_dim,
+        v_cache,
+        key_cache,
+        value_cache,
+    )
 
 
 def _head_layout(value: ir.Value) -> ir.Value | None:

@@ -9,6 +9,7 @@ import numpy as np
 import onnxruntime as ort
 import pytest
 
+from rotgraph.evaluate import empty_cache
 from rotgraph.export import export
 from rotgraph.testing import make_tiny_model
 
@@ -18,7 +19,8 @@ def ort_logits(path: Path, tokens: np.ndarray) -> np.ndarray:
     options = ort.SessionOptions()
     options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
     session = ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
-    return np.asarray(session.run(None, {"input_ids": tokens.astype(np.int64)})[0])
+    feeds = {"input_ids": tokens.astype(np.int64)} | empty_cache(session, tokens.shape[0])
+    return np.asarray(session.run(None, feeds)[0])
 
 
 def torch_logits(folder: Path, tokens: np.ndarray) -> np.ndarray:
@@ -33,16 +35,23 @@ def torch_logits(folder: Path, tokens: np.ndarray) -> np.ndarray:
 
 @pytest.fixture(scope="session")
 def tiny(tmp_path_factory: pytest.TempPathFactory) -> Callable[..., tuple[Path, Path]]:
-    """tiny(model_type, exporter, **config) -> (hf_folder, exported model.onnx), cached per session."""
+    """tiny(model_type, exporter, with_past=False, **config) -> (hf_folder, exported model.onnx), cached
+    per session; the KV-cache export shares the Hugging Face folder of the plain one."""
     cache: dict[tuple, tuple[Path, Path]] = {}
 
-    def build(model_type: str = "llama", exporter: str = "dynamo", **overrides: object) -> tuple[Path, Path]:
-        key = (model_type, exporter, tuple(sorted(overrides.items())))
+    def build(
+        model_type: str = "llama", exporter: str = "dynamo", with_past: bool = False, **overrides: object
+    ) -> tuple[Path, Path]:
+        key = (model_type, exporter, with_past, tuple(sorted(overrides.items())))
         if key not in cache:
-            root = tmp_path_factory.mktemp(f"{model_type}-{exporter}")
-            folder = make_tiny_model(root / "hf", model_type, **overrides)
-            onnx_path = root / "onnx" / "model.onnx"
-            export(str(folder), onnx_path, exporter)  # type: ignore[arg-type]
+            if with_past:
+                folder, _ = build(model_type, exporter, **overrides)
+                onnx_path = folder.parent / "onnx-past" / "model.onnx"
+            else:
+                root = tmp_path_factory.mktemp(f"{model_type}-{exporter}")
+                folder = make_tiny_model(root / "hf", model_type, **overrides)
+                onnx_path = root / "onnx" / "model.onnx"
+            export(str(folder), onnx_path, exporter, with_past)  # type: ignore[arg-type]
             cache[key] = (folder, onnx_path)
         return cache[key]
 

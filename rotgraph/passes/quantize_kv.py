@@ -1,4 +1,4 @@
-"""Quantize keys and values where a KV cache would store them."""
+"""Quantize keys and values where a KV cache stores them."""
 
 from __future__ import annotations
 
@@ -6,17 +6,24 @@ import logging
 
 import onnx_ir as ir
 
+from rotgraph import kvcache
 from rotgraph.errors import StructureError
 from rotgraph.fakequant import ActSpec, insert_fake_quant
-from rotgraph.structure import discover, is_hadamard
+from rotgraph.structure import KVCache, discover, is_hadamard
 
 logger = logging.getLogger(__name__)
 
 
 class QuantizeKVCachePass(ir.passes.InPlacePass):
-    """Insert `rotgraph.FakeQuant` per token and KV head (groups of head_dim, or `spec.group`) on the
-    keys after RoPE (and after the R3 Hadamard when present) and on the values in [batch, kv_heads, seq,
-    head_dim] layout, both before the grouped-query repeat: the tensors a KV cache stores.
+    """Quantize keys and values per token and KV head (groups of head_dim, or `spec.group`), on the keys
+    after RoPE (and after the R3 Hadamard when present) and on the values in [batch, kv_heads, seq,
+    head_dim] layout, both before the grouped-query repeat.
+
+    Graphs without a cache get `rotgraph.FakeQuant` there. Graphs with `past_key_values` inputs store the
+    cache quantized: each `past`/`present` pair becomes three (uint8 codes, float32 scales, uint8 zero
+    points; see `rotgraph.kvcache`), new entries are quantized before they are appended and the whole
+    cache is dequantized for attention. Both forms compute the same values, so a cached graph gives the
+    same logits as the fake-quantized one.
     """
 
     def __init__(self, spec: ActSpec) -> None:
@@ -25,17 +32,86 @@ class QuantizeKVCachePass(ir.passes.InPlacePass):
 
     def call(self, model: ir.Model) -> ir.passes.PassResult:
         desc = discover(model)
+        stored = 0
         for block in desc.blocks:
             a = block.attention
             if a.k_rope is None or a.v_cache is None:
                 raise StructureError(f"block {block.index}: cannot find where keys and values enter the cache")
+            if self.spec.group and a.head_dim % self.spec.group:
+                raise StructureError(f"KV group {self.spec.group} does not divide head_dim {a.head_dim}")
+            if a.key_cache is not None and a.value_cache is not None:
+                cache_spec = kvcache.CacheSpec.from_act(self.spec, a.head_dim)
+                for cache in (a.key_cache, a.value_cache):
+                    _store_quantized(model, cache, cache_spec, f"block {block.index}")
+                stored += 1
+                continue
             keys = a.k_rope
             hadamards = [c for c in keys.consumers() if is_hadamard(c)]
             if hadamards:
                 keys = hadamards[0].outputs[0]
-            if self.spec.group and a.head_dim % self.spec.group:
-                raise StructureError(f"KV group {self.spec.group} does not divide head_dim {a.head_dim}")
             for value in (keys, a.v_cache):
                 insert_fake_quant(model, value, self.spec)
-        logger.info("KV cache: %d-bit keys and values in %d blocks", self.spec.bits, len(desc.blocks))
+        logger.info(
+            "KV cache: %d-bit keys and values in %d blocks (%d stored quantized)",
+            self.spec.bits,
+            len(desc.blocks),
+            stored,
+        )
         return ir.passes.PassResult(model, True)
+
+
+def _store_quantized(model: ir.Model, cache: KVCache, spec: kvcache.CacheSpec, where: str) -> None:
+    """Replace Concat(past, new) -> present by the quantized form; see the pass docstring."""
+    graph = model.graph
+    if cache.quantized:
+        raise StructureError(f"{where}: the KV cache {cache.past.name!r} is already quantized")
+    shape = cache.past.shape
+    if shape is None or len(shape) != 4 or shape[3] != spec.head_dim:
+        raise StructureError(
+            f"{where}: the cache input {cache.past.name!r} has shape {shape}, expected [b, h, t, {spec.head_dim}]"
+        )
+    for user in cache.past.consumers():
+        if user is cache.concat:
+            continue
+        start, end = user.attributes.get_int("start", 0), user.attributes.get_int("end", 4)
+        if user.op_type != "Shape" or not (start >= 0 and 0 <= end <= 3):
+            raise StructureError(
+                f"{where}: the cache input {cache.past.name!r} is read by {user.op_type} node {user.name!r}; "
+                "expected only the cache Concat and Shape nodes of its first three axes"
+            )
+    kvcache.add_functions(model, spec)
+    name, present_name = cache.past.name or "", cache.present.name or ""
+    dims = list(shape)
+    batch, heads, past_len = dims[0], dims[1], dims[2]
+    stored = {
+        "": (ir.DataType.UINT8, [batch, heads, past_len, spec.code_width]),
+        "_scale": (ir.DataType.FLOAT, [batch, heads, past_len, spec.groups]),
+        "_zero": (ir.DataType.UINT8, [batch, heads, past_len, spec.groups]),
+    }
+    cache.past.name = f"{name}_float"
+    pasts = [ir.Value(name=name + sfx, type=ir.TensorType(t), shape=ir.Shape(d)) for sfx, (t, d) in stored.items()]
+    index = graph.inputs.index(cache.past)
+    graph.inputs[index : index + 1] = pasts
+    for user in list(cache.past.consumers()):
+        if user is not cache.concat:
+            user.replace_input_with(0, pasts[0])
+    quantize = kvcache.quantize_node(spec, cache.new)
+    axis = cache.concat.attributes.get_int("axis", -2)
+    concats = [
+        ir.Node("", "Concat", [p, q], [ir.AttrInt64("axis", axis)])
+        for p, q in zip(pasts, quantize.outputs, strict=True)
+    ]
+    presents = [c.outputs[0] for c in concats]
+    out_index = graph.outputs.index(cache.present)
+    graph.outputs.pop(out_index)
+    cache.present.name = f"{present_name}_float"
+    for value, sfx in zip(presents, stored, strict=True):
+        value.name = present_name + sfx
+        value.dtype = stored[sfx][0]
+    graph.outputs[out_index:out_index] = presents
+    dequantize = kvcache.dequantize_node(spec, *presents)
+    full = dequantize.outputs[0]
+    full.name, full.shape, full.type = f"{present_name}_dequantized", cache.present.shape, cache.present.type
+    cache.present.replace_all_uses_with(full)
+    graph.insert_before(cache.concat, [quantize, *concats, dequantize])
+    graph.remove(cache.concat, safe=True)

@@ -1,0 +1,202 @@
+"""rotgraph's stored KV cache: `KVQuantize` and `KVDequantize`, asymmetric integer codes per token and head.
+
+`KVQuantize[b{bits}_d{head_dim}_g{group}_c{clip}](X) -> (codes, scale, zero)` quantizes X [batch,
+kv_heads, seq, head_dim] in groups of the last axis with the same arithmetic as the asymmetric
+`FakeQuant` (scale = clip * (max - min) / qmax over the group's range widened to contain 0, zero =
+round(-clip * min / scale)). The codes are uint8 [batch, kv_heads, seq, head_dim] at 8 bits and
+[.., head_dim / 2] at 4 bits, two codes per byte (element i in the low nibble, element i + head_dim/2 in
+the high nibble); scale is float32 and zero uint8, both [batch, kv_heads, seq, head_dim / group].
+`KVDequantize(codes, scale, zero) -> X` is the inverse: (code - zero) * scale, the values FakeQuant
+would have produced. Both are carried as ONNX functions in standard ops, so any runtime runs them.
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass
+
+import numpy as np
+import onnx_ir as ir
+
+from rotgraph.errors import RotgraphError
+from rotgraph.fakequant import ActSpec
+from rotgraph.online import constant_node
+from rotgraph.structure import ROTGRAPH_DOMAIN
+
+FUNCTION_OPSET = 23
+
+
+@dataclass(frozen=True)
+class CacheSpec:
+    bits: int  # 4 or 8
+    head_dim: int
+    group: int  # 0: the whole head_dim
+    clip: float
+
+    def __post_init__(self) -> None:
+        if self.bits not in (4, 8):
+            raise RotgraphError(f"a stored KV cache has 4 or 8 bits, not {self.bits}")
+        if self.bits == 4 and self.head_dim % 2:
+            raise RotgraphError(f"a 4-bit KV cache packs pairs of channels: head_dim {self.head_dim} is odd")
+        if self.group and self.head_dim % self.group:
+            raise RotgraphError(f"KV group {self.group} does not divide head_dim {self.head_dim}")
+
+    @classmethod
+    def from_act(cls, spec: ActSpec, head_dim: int) -> CacheSpec:
+        if spec.symmetric:
+            raise RotgraphError("a stored KV cache is quantized asymmetrically")
+        return cls(spec.bits, head_dim, spec.group, spec.clip)
+
+    @property
+    def act(self) -> ActSpec:
+        """The FakeQuant spec with the same arithmetic."""
+        return ActSpec(self.bits, False, self.group, self.clip)
+
+    @property
+    def group_size(self) -> int:
+        return self.group or self.head_dim
+
+    @property
+    def groups(self) -> int:
+        return self.head_dim // self.group_size
+
+    @property
+    def code_width(self) -> int:
+        """Bytes per token and head of the codes."""
+        return self.head_dim // 2 if self.bits == 4 else self.head_dim
+
+    @property
+    def overload(self) -> str:
+        return f"b{self.bits}_d{self.head_dim}_g{self.group}_c{round(self.clip * 100)}"
+
+    @classmethod
+    def from_overload(cls, overload: str) -> CacheSpec:
+        m = re.fullmatch(r"b(\d+)_d(\d+)_g(\d+)_c(\d+)", overload)
+        if m is None:
+            raise RotgraphError(f"not a KV cache overload: {overload!r}")
+        return cls(int(m[1]), int(m[2]), int(m[3]), int(m[4]) / 100)
+
+    def bytes_per_token(self, kv_heads: int) -> int:
+        """Stored bytes per token, per layer, for keys or values: codes + float32 scales + uint8 zeros."""
+        return kv_heads * (self.code_width + 5 * self.groups)
+
+    def quantize(self, x: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """numpy reference of KVQuantize (float32 arithmetic, as the function computes it)."""
+        f = np.float32
+        qmax = f(2**self.bits - 1)
+        xg = x.astype(f).reshape(*x.shape[:-1], self.groups, self.group_size)
+        hi = np.maximum(xg.max(-1), f(0)) * f(self.clip)
+        lo = np.minimum(xg.min(-1), f(0)) * f(self.clip)
+        scale = np.maximum((hi - lo) / qmax, f(1e-8))
+        zero = np.round(-lo / scale)
+        codes = np.clip(np.round(xg / scale[..., None]) + zero[..., None], 0, qmax).astype(np.uint8)
+        codes = codes.reshape(x.shape)
+        if self.bits == 4:
+            half = self.head_dim // 2
+            codes = codes[..., :half] | (codes[..., half:] << 4)
+        return codes, scale.astype(f), zero.astype(np.uint8)
+
+    def dequantize(self, codes: np.ndarray, scale: np.ndarray, zero: np.ndarray) -> np.ndarray:
+        """numpy reference of KVDequantize."""
+        if self.bits == 4:
+            codes = np.concatenate([codes & 15, codes >> 4], axis=-1)
+        q = codes.astype(np.float32).reshape(*codes.shape[:-1], self.groups, self.group_size)
+        y = (q - zero[..., None].astype(np.float32)) * scale[..., None]
+        return y.reshape(codes.shape)
+
+
+class _Builder:
+    """Nodes of a function body in standard ops."""
+
+    def __init__(self) -> None:
+        self.nodes: list[ir.Node] = []
+
+    def op(self, op_type: str, *inputs: ir.Value, **attrs: int) -> ir.Value:
+        node = ir.Node("", op_type, list(inputs), [ir.AttrInt64(k, v) for k, v in attrs.items()])
+        self.nodes.append(node)
+        return node.outputs[0]
+
+    def text_op(self, op_type: str, *inputs: ir.Value, **attrs: str) -> ir.Value:
+        node = ir.Node("", op_type, list(inputs), [ir.AttrString(k, v) for k, v in attrs.items()])
+        self.nodes.append(node)
+        return node.outputs[0]
+
+    def const(self, name: str, value: np.ndarray) -> ir.Value:
+        node = constant_node(name, value)
+        self.nodes.append(node)
+        return node.outputs[0]
+
+    def function(self, name: str, overload: str, inputs: list[ir.Value], outputs: list[ir.Value]) -> ir.Function:
+        graph = ir.Graph(inputs, outputs, nodes=self.nodes, opset_imports={"": FUNCTION_OPSET}, name=name)
+        return ir.Function(ROTGRAPH_DOMAIN, name, overload, graph=graph, attributes=[])
+
+
+def _quantize_function(spec: CacheSpec) -> ir.Function:
+    b = _Builder()
+    f = np.float32
+    x = ir.Value(name="X")
+    grouped = b.op("Reshape", x, b.const("grouped", np.array([0, 0, 0, spec.groups, spec.group_size], np.int64)))
+    axes = b.const("axes", np.array([-1], np.int64))
+    zero_f, clip = b.const("zero_f", np.array(0, f)), b.const("clip", np.array(spec.clip, f))
+    qmax = b.const("qmax", np.array(2**spec.bits - 1, f))
+    hi = b.op("Mul", b.op("Max", b.op("ReduceMax", grouped, axes, keepdims=0), zero_f), clip)
+    lo = b.op("Mul", b.op("Min", b.op("ReduceMin", grouped, axes, keepdims=0), zero_f), clip)
+    scale = b.op("Max", b.op("Div", b.op("Sub", hi, lo), qmax), b.const("eps", np.array(1e-8, f)))
+    zp = b.op("Round", b.op("Div", b.op("Neg", lo), scale))
+    q = b.op("Add", b.op("Round", b.op("Div", grouped, b.op("Unsqueeze", scale, axes))), b.op("Unsqueeze", zp, axes))
+    q = b.op("Cast", b.op("Clip", q, zero_f, qmax), to=ir.DataType.UINT8)
+    codes = b.op("Reshape", q, b.const("merged", np.array([0, 0, 0, spec.head_dim], np.int64)))
+    if spec.bits == 4:
+        half = spec.head_dim // 2
+        starts, mids = b.const("starts", np.array([0], np.int64)), b.const("mids", np.array([half], np.int64))
+        ends = b.const("ends", np.array([spec.head_dim], np.int64))
+        low = b.op("Slice", codes, starts, mids, axes)
+        high = b.text_op(
+            "BitShift", b.op("Slice", codes, mids, ends, axes), b.const("four", np.array(4, np.uint8)), direction="LEFT"
+        )
+        codes = b.op("BitwiseOr", low, high)
+    codes.name, scale.name = "codes", "scale"
+    zero = b.op("Cast", zp, to=ir.DataType.UINT8)
+    zero.name = "zero"
+    return b.function("KVQuantize", spec.overload, [x], [codes, scale, zero])
+
+
+def _dequantize_function(spec: CacheSpec) -> ir.Function:
+    b = _Builder()
+    codes, scale, zero = ir.Value(name="codes"), ir.Value(name="scale"), ir.Value(name="zero")
+    q = codes
+    if spec.bits == 4:
+        four = b.const("four", np.array(4, np.uint8))
+        low = b.op("BitwiseAnd", codes, b.const("mask", np.array(15, np.uint8)))
+        q = b.op("Concat", low, b.text_op("BitShift", codes, four, direction="RIGHT"), axis=-1)
+    axes = b.const("axes", np.array([-1], np.int64))
+    grouped = b.op(
+        "Reshape",
+        b.op("Cast", q, to=ir.DataType.FLOAT),
+        b.const("grouped", np.array([0, 0, 0, spec.groups, spec.group_size], np.int64)),
+    )
+    centered = b.op("Sub", grouped, b.op("Unsqueeze", b.op("Cast", zero, to=ir.DataType.FLOAT), axes))
+    y = b.op(
+        "Reshape",
+        b.op("Mul", centered, b.op("Unsqueeze", scale, axes)),
+        b.const("merged", np.array([0, 0, 0, spec.head_dim], np.int64)),
+    )
+    y.name = "Y"
+    return b.function("KVDequantize", spec.overload, [codes, scale, zero], [y])
+
+
+def add_functions(model: ir.Model, spec: CacheSpec) -> None:
+    """Make sure `model` carries the KVQuantize and KVDequantize functions of `spec`."""
+    model.opset_imports.setdefault(ROTGRAPH_DOMAIN, 1)
+    for name, build in (("KVQuantize", _quantize_function), ("KVDequantize", _dequantize_function)):
+        key = (ROTGRAPH_DOMAIN, name, spec.overload)
+        if key not in model.functions:
+            model.functions[key] = build(spec)
+
+
+def quantize_node(spec: CacheSpec, value: ir.Value) -> ir.Node:
+    return ir.Node(ROTGRAPH_DOMAIN, "KVQuantize", [value], overload=spec.overload, num_outputs=3)
+
+
+def dequantize_node(spec: CacheSpec, codes: ir.Value, scale: ir.Value, zero: ir.Value) -> ir.Node:
+    return ir.Node(ROTGRAPH_DOMAIN, "KVDequantize", [codes, scale, zero], overload=spec.overload, num_outputs=1)
