@@ -114,8 +114,8 @@ class RotatedNetwork(torch.nn.Module):
 
     def __init__(self, model: ir.Model, scheme: Scheme, group: int, head_bits: int, seed: int) -> None:
         super().__init__()
-        self.graph = TorchGraph(model)
         self.desc = desc = discover(model)
+        self.graph = TorchGraph(model, checkpoint_after=[b.residual_out.name or "" for b in desc.blocks])
         if len(model.graph.inputs) != 1:
             raise RotgraphError(
                 f"learning needs a graph with one input (token ids), got {len(model.graph.inputs)}: learn on the "

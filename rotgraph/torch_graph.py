@@ -283,6 +283,35 @@ def _hadamard(n: int) -> Callable[[torch.Tensor], torch.Tensor]:
     return run
 
 
+def _segments(graph: ir.Graph, cuts: Sequence[str]) -> list[tuple[list[ir.Node], list[str]]]:
+    """Graph nodes split after the producers of `cuts`, each with the names of the values it computes
+    that later nodes or the graph outputs read."""
+    nodes = list(graph)
+    position = {id(n): i for i, n in enumerate(nodes)}
+    ends = set()
+    for name in cuts:
+        value = next((v for n in nodes for v in n.outputs if v.name == name), None)
+        if value is None or value.producer() is None:
+            raise RotgraphError(f"checkpoint value {name!r} is not computed by the graph")
+        ends.add(position[id(value.producer())])
+    segments, start = [], 0
+    for end in [*sorted(ends), len(nodes) - 1]:
+        if end < start:
+            continue
+        part = nodes[start : end + 1]
+        inside = {id(n) for n in part}
+        outputs = set(map(id, graph.outputs))
+        exported = [
+            v.name or ""
+            for n in part
+            for v in n.outputs
+            if id(v) in outputs or any(id(c) not in inside for c in v.consumers())
+        ]
+        segments.append((part, exported))
+        start = end + 1
+    return segments
+
+
 class TorchGraph:
     """Run `model`'s main graph on torch tensors: `graph(feeds, overrides)` returns the graph outputs.
 
@@ -290,10 +319,16 @@ class TorchGraph:
     from trainable rotations), or node output names to their values or to functions of the values
     computed before that node (the node is then not run).
     Initializers are converted to torch once, in the stored dtype.
+
+    `checkpoint_after` names values (e.g. each decoder block's residual output) that cut the graph into
+    segments; when gradients are on, each segment runs under `torch.utils.checkpoint`, so only the
+    values crossing a cut are kept for the backward pass and the rest is recomputed: activation memory
+    of one segment instead of the whole network, for about one more forward pass of compute.
     """
 
-    def __init__(self, model: ir.Model) -> None:
+    def __init__(self, model: ir.Model, checkpoint_after: Sequence[str] = ()) -> None:
         self.model = model
+        self._segments = _segments(model.graph, checkpoint_after) if checkpoint_after else []
         self.constants: dict[str, torch.Tensor] = {}
         for name, value in model.graph.initializers.items():
             if value.const_value is not None:
@@ -317,7 +352,20 @@ class TorchGraph:
         missing = [v.name for v in graph.inputs if v.name not in env]
         if missing:
             raise RotgraphError(f"missing graph inputs {missing}")
-        return self._run(graph, env, [v.name or "" for v in graph.outputs], given)
+        outputs = [v.name or "" for v in graph.outputs]
+        if not self._segments or not torch.is_grad_enabled():
+            return self._run(graph, env, outputs, given)
+        from torch.utils.checkpoint import checkpoint
+
+        for nodes, exported in self._segments:
+
+            def segment(nodes: list[ir.Node] = nodes, exported: list[str] = exported) -> tuple[torch.Tensor, ...]:
+                # values are assigned once, so `env` still holds this segment's inputs when the
+                # backward pass recomputes it
+                return tuple(self._run(nodes, dict(env), exported, given))
+
+            env.update(zip(exported, checkpoint(segment, use_reentrant=False), strict=True))
+        return [env[name] for name in outputs]
 
     def _run(
         self,

@@ -245,3 +245,23 @@ def test_weight_fake_quant_is_rotgraphs_rtn_grid() -> None:
     np.testing.assert_allclose(ours, reference, atol=1e-12)
     rows = weight_fake_quant(torch.from_numpy(w.T.copy()), 8, 0, axis=-1).numpy()
     np.testing.assert_allclose(rows, quantize_rtn(w.T, WeightSpec(8, True, None, clip_search=False)).dequantize())
+
+
+def test_checkpointed_segments_give_the_same_loss_and_gradients(tiny) -> None:
+    """Each decoder block runs under torch.utils.checkpoint in learning; the loss and the gradients
+    must be those of the plain evaluation of the whole graph."""
+    _, path = tiny("qwen2", "dynamo")
+    ids = torch.from_numpy(np.random.default_rng(3).integers(0, 384, size=(2, 24)))
+    net = _learning_network(path, "w4a4kv4")
+    assert len(net.graph._segments) == len(net.desc.blocks) + 1
+    results = []
+    for segments in (net.graph._segments, []):
+        net.graph._segments = segments
+        net.zero_grad()
+        loss = net.loss(ids)
+        loss.backward()
+        results.append((loss.item(), [r.grad.clone() for r in net.parameters()]))
+    (loss_cut, grads_cut), (loss_plain, grads_plain) = results
+    assert loss_cut == pytest.approx(loss_plain, rel=1e-6)
+    for a, b in zip(grads_cut, grads_plain, strict=True):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-7)
