@@ -80,3 +80,43 @@ def test_rotation_rescues_4bit_activations(exported: Path, eval_windows: np.ndar
         paths.append(out)
     _, plain, rotated = evaluate([exported, *paths], eval_windows[:4], progress=False)
     assert rotated.perplexity < 0.1 * plain.perplexity  # the claim QuaRot exists for
+
+
+@pytest.fixture(scope="module")
+def exported_with_past(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    path = tmp_path_factory.mktemp("smollm2-past") / "model.onnx"
+    export(None, path, with_past=True)
+    return path
+
+
+def test_decoding_with_a_kv_cache(exported_with_past: Path) -> None:
+    """Greedy decoding: the exported cache graph gives Hugging Face's tokens, the rotated graph the
+    same tokens, and the w4a8kv4 graph (cache stored as 4-bit codes) a continuation that the float
+    model itself finds likely (fluent text, not noise)."""
+    import torch
+
+    from rotgraph.evaluate import make_session, run_logits
+    from rotgraph.generate import generate
+    from rotgraph.quantize import QuantOptions, quantize
+
+    folder = exported_with_past.parent
+    rotated, quantized = folder / "rotated.onnx", folder / "w4a8kv4.onnx"
+    rotate(exported_with_past, rotated, RotateOptions(seed=0))
+    quantize(exported_with_past, quantized, QuantOptions(scheme="w4a8kv4", fmt="ort"))
+    prompt = "What is the capital of France?"
+    runs = [generate(p, prompt, 24, chat=True) for p in (exported_with_past, rotated, quantized)]
+    model, tokenizer = load(default_source())
+    ids = torch.tensor([runs[0].prompt_tokens])
+    with torch.no_grad():
+        out = model.generate(ids, max_new_tokens=24, do_sample=False, pad_token_id=tokenizer.eos_token_id)
+    expected = out[0, ids.shape[1] :].tolist()
+    assert runs[0].new_tokens == expected[: len(runs[0].new_tokens)]
+    assert runs[1].new_tokens == runs[0].new_tokens
+    assert "Paris" in runs[0].text
+    continuation = np.array([runs[2].prompt_tokens + runs[2].new_tokens])
+    logits = run_logits(make_session(exported_with_past), continuation)[0]
+    start = len(runs[2].prompt_tokens)
+    top = logits.max(-1, keepdims=True)
+    logp = logits - (top + np.log(np.exp(logits - top).sum(-1, keepdims=True)))
+    nll = -np.mean([logp[t - 1, continuation[0, t]] for t in range(start, continuation.shape[1])])
+    assert len(runs[2].new_tokens) >= 4 and np.exp(nll) < 10, (runs[2].text, np.exp(nll))

@@ -162,3 +162,14 @@ def test_generate_cli_streams_and_rejects_bad_input(tiny, capsys) -> None:
     assert "chat template" in capsys.readouterr().err
     assert main(["generate", str(past), "--prompt", "x", "--max-new-tokens", "0"]) == 1
     assert main(["generate", str(past.parent / "missing.onnx"), "--prompt", "x"]) == 1
+
+
+def test_ort_format_keeps_the_graph_interface_and_decodes(tiny, tokens, tmp_path) -> None:
+    _, past = tiny("llama", with_past=True)
+    options = QuantOptions(scheme="w4a8kv4", group=16, fmt="ort")
+    out = transform(past, tmp_path / "ort.onnx", lambda m: quantize_model(m, options))
+    names = [o.name for o in session(out).get_outputs()]
+    assert names[0] == "logits" and names[1:4] == ["present.0.key", "present.0.key_scale", "present.0.key_zero"]
+    full = ort_logits(out, tokens)
+    stepped, _ = decode(out, tokens, prefill=9)
+    np.testing.assert_allclose(stepped, full[:, 8:], atol=1e-3 * np.abs(full).max())

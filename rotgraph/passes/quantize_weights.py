@@ -129,13 +129,19 @@ def emit_matmulnbits(model: ir.Model, lin: Linear, q: QuantizedWeight, name: str
     node = ir.Node("com.microsoft", "MatMulNBits", inputs, attrs, name=f"{name}.matmulnbits")
     model.opset_imports.setdefault("com.microsoft", 1)
     out = lin.node.outputs[0]
-    node.outputs[0].name = f"{name}.out"
-    node.outputs[0].type, node.outputs[0].shape = out.type, out.shape
+    _take_over(out, node.outputs[0])
     graph.insert_before(lin.node, node)
     out.replace_all_uses_with(node.outputs[0], replace_graph_outputs=True)
     old = lin.weight
     graph.remove(lin.node, safe=True)
     _drop_if_unused(graph, old)
+
+
+def _take_over(old: ir.Value, new: ir.Value) -> None:
+    """Give `new` the name, type and shape of the value it replaces (graph outputs keep their names)."""
+    name = old.name
+    old.name = f"{name}.replaced"
+    new.name, new.type, new.shape = name, old.type, old.shape
 
 
 def emit_gather_quantized(model: ir.Model, gather: ir.Node, q: QuantizedWeight, name: str) -> None:
@@ -162,8 +168,7 @@ def emit_gather_quantized(model: ir.Model, gather: ir.Node, q: QuantizedWeight, 
     node = ir.Node("com.microsoft", "GatherBlockQuantized", inputs, attrs, name=f"{name}.gather")
     model.opset_imports.setdefault("com.microsoft", 1)
     out = gather.outputs[0]
-    node.outputs[0].name = f"{name}.out"
-    node.outputs[0].type, node.outputs[0].shape = out.type, out.shape
+    _take_over(out, node.outputs[0])
     graph.insert_before(gather, node)
     out.replace_all_uses_with(node.outputs[0], replace_graph_outputs=True)
     graph.remove(gather, safe=True)
