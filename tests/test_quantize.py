@@ -120,20 +120,30 @@ def test_quantizing_twice_is_refused(tiny) -> None:
 
 
 @pytest.mark.parametrize("symmetric", [True, False])
-@pytest.mark.parametrize("scheme", ["w4a16", "w8a16"])
-def test_ort_format_computes_what_the_qdq_format_computes(tiny, tokens, tmp_path, scheme: str, symmetric: bool) -> None:
-    """MatMulNBits (accuracy level 0) and GatherBlockQuantized with rotgraph's packed codes equal
-    DequantizeLinear + MatMul / Gather, for the 4- or 8-bit body and the 8-bit embedding and lm_head."""
+@pytest.mark.parametrize(("scheme", "head_bits"), [("w4a16", 16), ("w4a16", 8), ("w8a16", 8)])
+def test_ort_format_computes_what_the_qdq_format_computes(
+    tiny, tokens, tmp_path, scheme: str, head_bits: int, symmetric: bool
+) -> None:
+    """MatMulNBits and GatherBlockQuantized with rotgraph's packed codes compute what DequantizeLinear +
+    MatMul / Gather compute, to float rounding. 8-bit MatMulNBits are emitted with int8 activations
+    (accuracy level 4, the only fast onnxruntime kernel for them); to check their codes, scales and
+    zero points exactly the test sets every level to 0 (float compute) before running."""
     _, path = tiny("llama", "dynamo")
     outs = {}
     for fmt in ("qdq", "ort"):
         model = io.load_model(path)
-        options = QuantOptions(scheme=scheme, group=16, symmetric_weights=symmetric, fmt=fmt)
+        options = QuantOptions(scheme=scheme, group=16, symmetric_weights=symmetric, fmt=fmt, head_bits=head_bits)
         quantize_model(model, options)
         if fmt == "ort":
             ops = [n.op_type for n in model.graph]
-            assert ops.count("MatMulNBits") == 14 + 1 and ops.count("GatherBlockQuantized") == 1
+            head = int(head_bits == 8)
+            assert ops.count("MatMulNBits") == 14 + head and ops.count("GatherBlockQuantized") == head
             assert "DequantizeLinear" not in ops
+            nbits = [n for n in model.graph if n.op_type == "MatMulNBits"]
+            levels = {n.attributes.get_int("bits"): n.attributes.get_int("accuracy_level") for n in nbits}
+            assert levels == ({4: 0} if scheme == "w4a16" else {}) | ({8: 4} if head or scheme == "w8a16" else {})
+            for n in nbits:
+                n.attributes["accuracy_level"] = ir.AttrInt64("accuracy_level", 0)
         outs[fmt] = tmp_path / f"{fmt}.onnx"
         io.save_model(model, outs[fmt])
     np.testing.assert_allclose(ort_logits(outs["ort"], tokens), ort_logits(outs["qdq"], tokens), atol=1e-4)

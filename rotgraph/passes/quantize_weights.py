@@ -103,9 +103,18 @@ def _ort_zero_points(q: QuantizedWeight) -> np.ndarray:
     return (zeros[:, 0::2] | (zeros[:, 1::2] << 4)).astype(np.uint8)
 
 
+# onnxruntime 1.32's CPU MatMulNBits has a fast kernel for 8-bit weights only with int8 activations
+# (accuracy_level 4): one 576 x 49152 lm_head call took 2.1 ms there and 156-220 ms at levels 0-3
+# (measured here); 4-bit weights are fast at every level (5.5 ms at 0, 3.3 ms at 4).
+INT8_WEIGHT_ACCURACY_LEVEL = 4
+
+
 def emit_matmulnbits(model: ir.Model, lin: Linear, q: QuantizedWeight, name: str, accuracy_level: int) -> None:
-    """Replace lin's MatMul by com.microsoft MatMulNBits (onnxruntime's int4/int8 kernel) with the same codes."""
+    """Replace lin's MatMul by com.microsoft MatMulNBits (onnxruntime's int4/int8 kernel) with the same codes.
+    8-bit weights always get `INT8_WEIGHT_ACCURACY_LEVEL` (int8 activations, per block)."""
     graph = model.graph
+    if q.spec.bits == 8:
+        accuracy_level = INT8_WEIGHT_ACCURACY_LEVEL
     n, k = q.codes.shape
     g = _ort_blocks(q, name, "MatMulNBits")
     dtype = lin.weight.dtype or ir.DataType.FLOAT
@@ -188,7 +197,8 @@ def emit_embedding(model: ir.Model, gather: ir.Node, q: QuantizedWeight, name: s
 class QuantizeWeightsPass(ir.passes.InPlacePass):
     """W (float [in, out]) -> DequantizeLinear(int codes, scales[, zero points]) for every Q/K/V/O,
     gate/up/down MatMul (format "qdq"), or MatMul -> com.microsoft MatMulNBits with the same codes
-    (format "ort", `accuracy_level` 0: float compute, 4: int8 activations). With `head_spec` the
+    (format "ort", `accuracy_level` 0: float compute, 4: int8 activations; 8-bit weights always 4, the
+    only fast onnxruntime kernel for them). With `head_spec` the
     embedding table and lm_head are quantized by RTN too: DequantizeLinear in "qdq"; in "ort"
     GatherBlockQuantized for the embedding and MatMulNBits for lm_head, so that onnxruntime never
     dequantizes the whole vocabulary table. Without it they stay float.
