@@ -4,7 +4,8 @@ The op lives in the `rotgraph` domain with one overload per size (`n576`, `n1536
 is carried in the model as an ONNX function written in standard ops, so any runtime executes it:
 X -> Reshape [-1, m, p] -> MatMul(., B) -> MatMul(A^T, .) -> Reshape back, which is x @ kron(A, B) /
 sqrt(n) with B a Sylvester matrix of order p = 2**k and A a Hadamard matrix of order m (see
-`hadamard.HadamardFactors`); this costs n * (m + p) multiply-adds per vector instead of n**2.
+`hadamard.HadamardFactors`); this costs n * (m + p) multiply-adds per vector instead of n**2. For
+n = 2**k (m = 1, e.g. R3 on head_dim 64) the body is the single MatMul(X, B).
 """
 
 from __future__ import annotations
@@ -38,6 +39,12 @@ def _function(factors: HadamardFactors, dtype: ir.DataType) -> ir.Function:
     np_dtype = dtype.numpy()
     x = ir.Value(name="X")
     nodes: list[ir.Node] = []
+    if factors.m == 1:  # a power of two: one MatMul on the last axis, no reshapes (fewer kernel launches)
+        b = constant_node("B", (factors.b / np.sqrt(factors.p)).astype(np_dtype))
+        right = ir.Node("", "MatMul", [x, b.outputs[0]], name="right")
+        right.outputs[0].name = "Y"
+        graph = ir.Graph([x], [right.outputs[0]], nodes=[b, right], opset_imports={"": FUNCTION_OPSET}, name="Hadamard")
+        return ir.Function(ROTGRAPH_DOMAIN, "Hadamard", f"n{factors.n}", graph=graph, attributes=[])
     shape = ir.Node("", "Shape", [x], name="shape")
     split = constant_node("split_shape", np.array([-1, factors.m, factors.p], dtype=np.int64))
     b = constant_node("B", (factors.b / np.sqrt(factors.p)).astype(np_dtype))
