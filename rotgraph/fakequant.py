@@ -17,10 +17,8 @@ import numpy as np
 import onnx_ir as ir
 
 from rotgraph.errors import RotgraphError
-from rotgraph.online import constant_node, insert_after_value
+from rotgraph.online import FunctionBuilder, insert_after_value
 from rotgraph.structure import ROTGRAPH_DOMAIN
-
-FUNCTION_OPSET = 23
 
 
 @dataclass(frozen=True)
@@ -69,17 +67,8 @@ class ActSpec:
 def _function(spec: ActSpec, dtype: ir.DataType) -> ir.Function:
     f = dtype.numpy()
     x = ir.Value(name="X")
-    nodes: list[ir.Node] = []
-
-    def op(op_type: str, *inputs: ir.Value, **attrs: int) -> ir.Value:
-        node = ir.Node("", op_type, list(inputs), [ir.AttrInt64(k, v) for k, v in attrs.items()])
-        nodes.append(node)
-        return node.outputs[0]
-
-    def const(name: str, value: np.ndarray) -> ir.Value:
-        node = constant_node(name, value)
-        nodes.append(node)
-        return node.outputs[0]
+    b = FunctionBuilder()
+    op, const = b.op, b.const
 
     if spec.group:  # groups of the last axis; the whole axis needs no reshape and fits any width
         shape = op("Shape", x)
@@ -105,8 +94,7 @@ def _function(spec: ActSpec, dtype: ir.DataType) -> ir.Function:
         y = op("Mul", op("Sub", q, zp), scale)
     out = op("Reshape", y, shape) if spec.group else op("Identity", y)
     out.name = "Y"
-    graph = ir.Graph([x], [out], nodes=nodes, opset_imports={"": FUNCTION_OPSET}, name="FakeQuant")
-    return ir.Function(ROTGRAPH_DOMAIN, "FakeQuant", spec.overload, graph=graph, attributes=[])
+    return b.function("FakeQuant", spec.overload, [x], [out])
 
 
 def insert_fake_quant(model: ir.Model, value: ir.Value, spec: ActSpec) -> ir.Node:

@@ -20,10 +20,8 @@ import onnx_ir as ir
 
 from rotgraph.errors import RotgraphError
 from rotgraph.fakequant import ActSpec
-from rotgraph.online import constant_node
+from rotgraph.online import FunctionBuilder
 from rotgraph.structure import ROTGRAPH_DOMAIN
-
-FUNCTION_OPSET = 23
 
 
 @dataclass(frozen=True)
@@ -105,34 +103,8 @@ class CacheSpec:
         return y.reshape(codes.shape)
 
 
-class _Builder:
-    """Nodes of a function body in standard ops."""
-
-    def __init__(self) -> None:
-        self.nodes: list[ir.Node] = []
-
-    def op(self, op_type: str, *inputs: ir.Value, **attrs: int) -> ir.Value:
-        node = ir.Node("", op_type, list(inputs), [ir.AttrInt64(k, v) for k, v in attrs.items()])
-        self.nodes.append(node)
-        return node.outputs[0]
-
-    def text_op(self, op_type: str, *inputs: ir.Value, **attrs: str) -> ir.Value:
-        node = ir.Node("", op_type, list(inputs), [ir.AttrString(k, v) for k, v in attrs.items()])
-        self.nodes.append(node)
-        return node.outputs[0]
-
-    def const(self, name: str, value: np.ndarray) -> ir.Value:
-        node = constant_node(name, value)
-        self.nodes.append(node)
-        return node.outputs[0]
-
-    def function(self, name: str, overload: str, inputs: list[ir.Value], outputs: list[ir.Value]) -> ir.Function:
-        graph = ir.Graph(inputs, outputs, nodes=self.nodes, opset_imports={"": FUNCTION_OPSET}, name=name)
-        return ir.Function(ROTGRAPH_DOMAIN, name, overload, graph=graph, attributes=[])
-
-
 def _quantize_function(spec: CacheSpec) -> ir.Function:
-    b = _Builder()
+    b = FunctionBuilder()
     f = np.float32
     x = ir.Value(name="X")
     grouped = b.op("Reshape", x, b.const("grouped", np.array([0, 0, 0, spec.groups, spec.group_size], np.int64)))
@@ -162,7 +134,7 @@ def _quantize_function(spec: CacheSpec) -> ir.Function:
 
 
 def _dequantize_function(spec: CacheSpec) -> ir.Function:
-    b = _Builder()
+    b = FunctionBuilder()
     codes, scale, zero = ir.Value(name="codes"), ir.Value(name="scale"), ir.Value(name="zero")
     q = codes
     if spec.bits == 4:

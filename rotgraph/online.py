@@ -35,6 +35,32 @@ def constant_node(name: str, array: np.ndarray) -> ir.Node:
     return ir.Node("", "Constant", [], [ir.AttrTensor("value", ir.Tensor(array, name=name))], name=name)
 
 
+class FunctionBuilder:
+    """Nodes of an ONNX function body in standard ops (rotgraph's Hadamard, FakeQuant, KV-cache ops)."""
+
+    def __init__(self) -> None:
+        self.nodes: list[ir.Node] = []
+
+    def op(self, op_type: str, *inputs: ir.Value, **attrs: int) -> ir.Value:
+        node = ir.Node("", op_type, list(inputs), [ir.AttrInt64(k, v) for k, v in attrs.items()])
+        self.nodes.append(node)
+        return node.outputs[0]
+
+    def text_op(self, op_type: str, *inputs: ir.Value, **attrs: str) -> ir.Value:
+        node = ir.Node("", op_type, list(inputs), [ir.AttrString(k, v) for k, v in attrs.items()])
+        self.nodes.append(node)
+        return node.outputs[0]
+
+    def const(self, name: str, value: np.ndarray) -> ir.Value:
+        node = constant_node(name, value)
+        self.nodes.append(node)
+        return node.outputs[0]
+
+    def function(self, name: str, overload: str, inputs: list[ir.Value], outputs: list[ir.Value]) -> ir.Function:
+        graph = ir.Graph(inputs, outputs, nodes=self.nodes, opset_imports={"": FUNCTION_OPSET}, name=name)
+        return ir.Function(ROTGRAPH_DOMAIN, name, overload, graph=graph, attributes=[])
+
+
 def _function(factors: HadamardFactors, dtype: ir.DataType) -> ir.Function:
     np_dtype = dtype.numpy()
     x = ir.Value(name="X")
