@@ -163,15 +163,25 @@ class HadamardFactors:
         return y.reshape(x.shape) / np.sqrt(self.n)
 
 
+MAX_SYLVESTER_FACTOR = 1024  # B's order cap: the online op stores B densely and multiplies by it
+
+
 @functools.cache
 def hadamard_factors(n: int) -> HadamardFactors | None:
-    """The factorization with the largest power-of-two part for which a matrix of order m exists."""
+    """The factorization with the largest power-of-two part for which a matrix of order m exists.
+
+    A power-of-two part above MAX_SYLVESTER_FACTOR is split: B = Sylvester(1024) and the rest joins A as
+    kron(A, Sylvester(q)), which is the same matrix (Sylvester matrices are Kronecker powers), with
+    O(n (m q + 1024)) work instead of O(n 2^k) and a 4 MB instead of a 2^(2k+2)-byte constant.
+    """
     p = 1
     while n % (2 * p) == 0:
         p *= 2
     while p >= 1:
         a = _construct(n // p)
         if a is not None:
+            if p > MAX_SYLVESTER_FACTOR:
+                a, p = np.kron(a, _construct(p // MAX_SYLVESTER_FACTOR)), MAX_SYLVESTER_FACTOR
             b = _construct(p)
             assert b is not None
             return HadamardFactors(n, a, b)

@@ -48,7 +48,15 @@ def test_power_of_two_part_is_sylvester() -> None:
     assert np.array_equal(f.b, sylvester(128))
 
 
-@pytest.mark.parametrize("n", [16, 96, 576])
+def test_large_power_of_two_parts_are_split() -> None:
+    f = hadamard_factors(4096)
+    assert f is not None and (f.m, f.p) == (4, 1024)
+    assert np.array_equal(np.kron(f.a, f.b), sylvester(4096))  # the same matrix as one Sylvester factor
+    f = hadamard_factors(12 * 4096)
+    assert f is not None and (f.m, f.p) == (48, 1024)
+
+
+@pytest.mark.parametrize("n", [16, 96, 576, 4096])
 def test_factors_apply_matches_matrix(n: int) -> None:
     f = hadamard_factors(n)
     assert f is not None
