@@ -22,6 +22,7 @@ from rotgraph.passes import (
     InsertQKHadamardPass,
     RotateHeadsPass,
     RotateResidualPass,
+    SplitFusedProjectionsPass,
     UntieEmbeddingPass,
 )
 from rotgraph.rotations import load_rotations
@@ -67,17 +68,25 @@ def run_passes(model: ir.Model, passes: list[ir.passes.PassBase]) -> None:
 
 
 def canonicalize(model: ir.Model) -> ModelDescription:
-    """Bring a model to the canonical form (opset 23, fused RMSNorms, shapes) and describe it."""
-    run_passes(model, [CanonicalizeNormsPass(), common_passes.ShapeInferencePass(strict_mode=False)])
+    """Bring a model to the canonical form (`canonical_form_passes`) and describe it."""
+    run_passes(model, canonical_form_passes())
     return discover(model)
+
+
+def canonical_form_passes() -> list[ir.passes.PassBase]:
+    """Opset 23 with fused RMSNorms, fused projections split, shapes inferred."""
+    return [
+        CanonicalizeNormsPass(),
+        SplitFusedProjectionsPass(),
+        common_passes.ShapeInferencePass(strict_mode=False),
+    ]
 
 
 def foldable_form_passes() -> list[ir.passes.PassBase]:
     """Canonical norms, shapes, untied lm_head and weightless norms: the form R1 folds into (and the
     form SpinQuant learns on)."""
     return [
-        CanonicalizeNormsPass(),
-        common_passes.ShapeInferencePass(strict_mode=False),
+        *canonical_form_passes(),
         UntieEmbeddingPass(),
         FuseNormScalesPass(),
     ]

@@ -21,6 +21,7 @@ from dataclasses import dataclass
 import onnx_ir as ir
 
 from rotgraph.errors import StructureError
+from rotgraph.hadamard import hadamard_factors
 
 ROTGRAPH_DOMAIN = "rotgraph"
 CONFIG_KEY = "rotgraph.config"
@@ -126,12 +127,17 @@ class Norm:
 @dataclass(frozen=True)
 class KVCache:
     """Concat(past, new) on the sequence axis, with `past` a graph input and the result a graph output
-    (`present`): where a decoder graph stores keys or values for the next step."""
+    (`present`): where a decoder graph stores keys or values for the next step.
+
+    A sliding-window cache (Mistral) reads the past through a Slice on the sequence axis and stores a
+    Slice of the Concat; `window` holds those Slice nodes.
+    """
 
     concat: ir.Node
     past: ir.Value
     new: ir.Value
     present: ir.Value
+    window: tuple[ir.Node, ...] = ()
 
     @property
     def quantized(self) -> bool:
@@ -235,8 +241,19 @@ class ModelDescription:
             f"norms: {len(self.norms())} {self.final_norm.node.op_type}",
             f"lm_head: {'tied to the embedding' if self.lm_head_tied else 'own weight'}",
             f"KV cache: {self._cache_summary()}",
+            f"Hadamard sizes: R1 {_factorization(self.hidden_size)}, R2/R3 {_factorization(a.head_dim)}, "
+            f"R4 {_factorization(m.down.shape[0])}",
         ]
         return "\n".join(lines)
+
+
+def _factorization(n: int) -> str:
+    f = hadamard_factors(n)
+    if f is None:
+        return f"{n} (no Hadamard known: random orthogonal for R1/R2, no online R3/R4)"
+    if n & (n - 1) == 0:
+        return f"{n} = 2^{n.bit_length() - 1}"
+    return f"{n} = {f.m}*{f.p}"
 
 
 def _as_linear(node: ir.Node, *, allow_tied: bool = False) -> Linear | None:
@@ -420,14 +437,30 @@ def _as_cache_concat(node: ir.Node) -> KVCache | None:
     if node.op_type != "Concat" or not _is_default_domain(node) or len(node.inputs) != 2 or graph is None:
         return None
     past, new = node.inputs
-    present = node.outputs[0]
-    if past is None or new is None or past not in graph.inputs or present not in graph.outputs:
+    present: ir.Value | None = node.outputs[0]
+    if past is None or new is None or node.attributes.get_int("axis", 0) not in (-2, 2):
         return None
-    axis = node.attributes.get_int("axis", 0)
-    rank = len(past.shape) if past.shape is not None else 4
-    if rank != 4 or axis not in (-2, 2):
+    window = []
+    if past not in graph.inputs and _is_sequence_slice(past.producer()):
+        window.append(past.producer())
+        past = past.producer().inputs[0]  # type: ignore[union-attr]
+    if present not in graph.outputs:
+        slices = [u for u in node.outputs[0].consumers() if _is_sequence_slice(u) and u.outputs[0] in graph.outputs]
+        present = slices[0].outputs[0] if len(slices) == 1 else None
+        window += slices
+    if past is None or present is None or past not in graph.inputs:
         return None
-    return KVCache(node, past, new, present)
+    if (len(past.shape) if past.shape is not None else 4) != 4:
+        return None
+    return KVCache(node, past, new, present, tuple(window))  # type: ignore[arg-type]
+
+
+def _is_sequence_slice(node: ir.Node | None) -> bool:
+    """Slice(x, starts, ends, axes=[2]) with constant bounds: a sliding-window cache cut."""
+    if node is None or node.op_type != "Slice" or not _is_default_domain(node) or len(node.inputs) < 4:
+        return False
+    axes = node.inputs[3]
+    return axes is not None and axes.const_value is not None and axes.const_value.numpy().tolist() in ([2], [-2])
 
 
 def _cache_after(value: ir.Value | None) -> KVCache | None:

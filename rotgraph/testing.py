@@ -32,6 +32,8 @@ def tiny_config(model_type: str = "llama", **overrides: Any) -> Any:
     }
     if model_type == "qwen2":
         base["attention_bias"] = True  # Qwen2 always has Q/K/V biases; the flag is for clarity only
+    if model_type == "phi3":
+        base["pad_token_id"] = 0  # Phi-3's default pad id (32000) lies outside a tiny vocabulary
     base.update(overrides)
     return AutoConfig.for_model(model_type, **base)
 

@@ -7,6 +7,7 @@ from rotgraph.passes.qk_hadamard import InsertQKHadamardPass
 from rotgraph.passes.rotate_heads import RotateHeadsPass
 from rotgraph.passes.rotate_residual import RotateResidualPass
 from rotgraph.passes.smooth import SmoothQuantPass
+from rotgraph.passes.split_fused import SplitFusedProjectionsPass
 from rotgraph.passes.untie_embedding import UntieEmbeddingPass
 
 __all__ = [
@@ -17,5 +18,6 @@ __all__ = [
     "RotateHeadsPass",
     "RotateResidualPass",
     "SmoothQuantPass",
+    "SplitFusedProjectionsPass",
     "UntieEmbeddingPass",
 ]

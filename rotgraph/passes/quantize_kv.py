@@ -65,6 +65,12 @@ def _store_quantized(model: ir.Model, cache: KVCache, spec: kvcache.CacheSpec, w
     graph = model.graph
     if cache.quantized:
         raise StructureError(f"{where}: the KV cache {cache.past.name!r} is already quantized")
+    if cache.window:
+        raise StructureError(
+            f"{where}: the KV cache {cache.past.name!r} is a sliding window (Slice nodes "
+            f"{', '.join(repr(n.name) for n in cache.window)}); storing it quantized is not supported yet: "
+            "quantize the export without a cache, or use a scheme without kv bits"
+        )
     shape = cache.past.shape
     if shape is None or len(shape) != 4 or shape[3] != spec.head_dim:
         raise StructureError(
