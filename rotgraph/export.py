@@ -237,6 +237,11 @@ def export(
     if with_past and exporter != "dynamo":
         raise RotgraphError("--with-past needs the dynamo exporter")
     source = resolve_source(model)
+    if output.resolve().parent == source.folder.resolve() and (source.folder / io.TOKENIZER_FILE).exists():
+        raise RotgraphError(
+            f"output {output} is inside the model folder {source.folder}, whose {io.TOKENIZER_FILE} the export "
+            "would overwrite; choose another folder"
+        )
     logger.info("loading %s", source)
     hf_model, tokenizer = load(source)
     logger.info("exporting with the %s exporter", exporter)

@@ -22,9 +22,32 @@ def load_model(path: str | os.PathLike[str]) -> ir.Model:
     if not p.is_file():
         raise RotgraphError(f"{p}: no such model file")
     try:
-        return ir.load(p)
+        model = ir.load(p)
     except Exception as e:  # onnx raises DecodeError, RuntimeError, ... for corrupt files
         raise RotgraphError(f"{p}: not a readable ONNX model ({type(e).__name__}: {e})") from None
+    _check_external_data(p, model)
+    return model
+
+
+def _check_external_data(path: Path, model: ir.Model) -> None:
+    """Every external-data tensor's file exists and holds its bytes (else reading it later would fail
+    deep inside a pass)."""
+    sizes: dict[str, int] = {}
+    for value in model.graph.initializers.values():
+        tensor = value.const_value
+        if not isinstance(tensor, ir.ExternalTensor):
+            continue
+        file = tensor.path
+        if file not in sizes:
+            if not os.path.isfile(file):
+                raise RotgraphError(f"{path}: external data file {file} is missing (initializer {value.name!r})")
+            sizes[file] = os.path.getsize(file)
+        end = (tensor.offset or 0) + (tensor.length if tensor.length is not None else tensor.nbytes)
+        if end > sizes[file]:
+            raise RotgraphError(
+                f"{path}: external data file {file} is truncated ({sizes[file]} bytes; initializer "
+                f"{value.name!r} needs bytes up to {end})"
+            )
 
 
 def external_data_files(model_path: Path) -> set[Path]:

@@ -91,13 +91,23 @@ def _group_params(x: np.ndarray, spec: WeightSpec) -> tuple[np.ndarray, np.ndarr
     return best_scale, best_zero
 
 
+RTN_CHUNK = 1 << 22  # values per step: the clipping search's float64 temporaries stay at 32 MB each
+
+
 def quantize_rtn(wt: np.ndarray, spec: WeightSpec) -> QuantizedWeight:
+    """Round to nearest per row group, a block of rows at a time (rows are independent), so memory is
+    the weight plus its codes, not a dozen weight-sized temporaries."""
     rows, cols = wt.shape
     n = spec.groups(cols)
     grouped = wt.reshape(rows, n, cols // n)
-    scale, zero = _group_params(grouped, spec)
-    codes = _codes(grouped, scale, zero, spec).reshape(rows, cols)
-    return QuantizedWeight(codes.astype(np.int16), scale, zero, spec)
+    codes = np.empty((rows, cols), np.int16)
+    scale, zero = np.empty((rows, n)), np.empty((rows, n))
+    step = max(1, RTN_CHUNK // cols)
+    for i in range(0, rows, step):
+        block = grouped[i : i + step]
+        scale[i : i + step], zero[i : i + step] = _group_params(block, spec)
+        codes[i : i + step] = _codes(block, scale[i : i + step], zero[i : i + step], spec).reshape(-1, cols)
+    return QuantizedWeight(codes, scale, zero, spec)
 
 
 def gptq(

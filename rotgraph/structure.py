@@ -596,9 +596,29 @@ def _mlp(norm: Norm, down: Linear, where: str) -> MLP:
     return MLP(gate, up, down)
 
 
+def _check_supported(graph: ir.Graph) -> None:
+    """Refuse, by what the graph contains, the decoder families R1 cannot be folded into."""
+    norms = [n for n in graph if is_norm(n)]
+    if not norms:
+        layer_norms = sum(n.op_type == "LayerNormalization" for n in graph)
+        found = f"found {layer_norms} LayerNormalization nodes" if layer_norms else "found no normalization"
+        raise StructureError(
+            f"unsupported architecture: no RMSNorm in the graph ({found}); rotgraph rotates RMSNorm decoders "
+            "(Llama, Mistral, Qwen2, Phi-3): a LayerNorm's mean subtraction does not commute with a rotation"
+        )
+    for norm in norms:
+        if any(user.op_type == "Add" for user in norm.outputs[0].consumers()):
+            raise StructureError(
+                f"unsupported architecture: the output of RMSNorm {norm.name!r} is added to the residual stream "
+                "(a post-norm or sandwich norm, as in Gemma 2); R1 cannot be folded through a norm that "
+                "writes the residual stream"
+            )
+
+
 def discover(model: ir.Model) -> ModelDescription:
     """Find the decoder structure of `model`; raise `StructureError` when it does not match."""
     graph = model.graph
+    _check_supported(graph)
     inputs = set(map(id, graph.inputs))
     gathers = [
         n

@@ -14,6 +14,8 @@ from collections.abc import Callable, Sequence
 import numpy as np
 import onnx_ir as ir
 
+from rotgraph.errors import RotgraphError
+
 Step = Callable[[np.ndarray], np.ndarray]
 
 
@@ -27,6 +29,11 @@ class _Chain:
 
     def float64(self) -> np.ndarray:
         array = np.asarray(self.base.numpy(), dtype=np.float64)
+        if not np.isfinite(array).all():
+            raise RotgraphError(
+                f"initializer {self.base.name or self.name!r} has {int((~np.isfinite(array)).sum())} non-finite "
+                "values (NaN or Inf); a rotation would spread them over every channel"
+            )
         for step in self.steps:
             array = step(array)
         return array
