@@ -143,6 +143,13 @@ def cmd_inspect(args: argparse.Namespace) -> None:
     model = Path(args.model)
     require_files([model] + ([Path(args.rotated)] if args.rotated else []))
     tokens = _tokens(args, model)
+    if args.output:
+        from rotgraph.report import write_report
+
+        rotated = Path(args.rotated) if args.rotated else None
+        index = write_report(Path(args.output), model, tokens, rotated, args.scheme, args.group)
+        print(f"report: {index}")
+        return
     before = activation_stats(model, tokens)
     after = activation_stats(Path(args.rotated), tokens) if args.rotated else None
     print(format_stats(before, after))
@@ -303,9 +310,12 @@ def parser() -> argparse.ArgumentParser:
     g.add_argument("--threads", type=int, help="onnxruntime intra-op threads (default: up to 4 cores)")
     g.set_defaults(func=cmd_generate)
 
-    i = sub.add_parser("inspect", help="activation outlier statistics per layer")
+    i = sub.add_parser("inspect", help="activation outlier statistics per layer, or a visual report (-o)")
     i.add_argument("model")
     i.add_argument("--rotated", help="a rotated version of MODEL to compare with")
+    i.add_argument("-o", "--output", help="write a report folder (PNG plots + index.html) instead of a table")
+    i.add_argument("--scheme", default="w4a4", help="report: the scheme whose quantization error is plotted")
+    i.add_argument("--group", type=int, default=32, help="report: weight group size (0: per channel)")
     _text_options(i, 4)
     i.set_defaults(func=cmd_inspect)
 

@@ -106,6 +106,16 @@ def calibration_tokens(model_path: Path, options: QuantOptions) -> np.ndarray:
     return windows(encode(tok, text), options.calibration_windows, options.calibration_seq_len)
 
 
+def activation_spec(scheme: Scheme, act_clip: float | None = None) -> ActSpec | None:
+    """The per-token activation quantizer of `scheme` (symmetric, clip 0.9 at 4 bits unless given);
+    None when activations stay float."""
+    if scheme.act_bits not in (4, 8):
+        return None
+    return ActSpec(
+        scheme.act_bits, True, 0, act_clip if act_clip is not None else (0.9 if scheme.act_bits == 4 else 1.0)
+    )
+
+
 def activation_passes(
     scheme: Scheme, act_clip: float | None = None, kv_clip: float | None = None, skip_int8: bool = False
 ) -> list[ir.passes.PassBase]:
@@ -113,9 +123,9 @@ def activation_passes(
     given; none at 8 bits with `skip_int8`, where the runtime's int8 kernels quantize) and the KV cache
     (asymmetric per token and head, clip 0.95 at 4 bits unless given)."""
     passes: list[ir.passes.PassBase] = []
-    if scheme.act_bits == 4 or (scheme.act_bits == 8 and not skip_int8):
-        clip = act_clip if act_clip is not None else (0.9 if scheme.act_bits == 4 else 1.0)
-        passes.append(QuantizeActivationsPass(ActSpec(scheme.act_bits, True, 0, clip)))
+    act = activation_spec(scheme, act_clip)
+    if act is not None and (act.bits == 4 or not skip_int8):
+        passes.append(QuantizeActivationsPass(act))
     if scheme.kv_bits is not None:
         clip = kv_clip if kv_clip is not None else (0.95 if scheme.kv_bits == 4 else 1.0)
         passes.append(QuantizeKVCachePass(ActSpec(scheme.kv_bits, False, 0, clip)))

@@ -9,27 +9,35 @@ E[(x - mean)^4] / var^2 over channels, averaged over tokens (3 for a Gaussian).
 from __future__ import annotations
 
 import tempfile
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
 
 from rotgraph import io
 from rotgraph.evaluate import make_session, model_feeds
+from rotgraph.fakequant import ActSpec
 from rotgraph.pipeline import canonicalize
 
 
 @dataclass
 class _Accumulator:
+    act: ActSpec | None = None  # per-token quantizer whose error is recorded
     max_abs: float = 0.0
     sum_sq: float = 0.0
     count: int = 0
     kurtosis_sum: float = 0.0
     tokens: int = 0
+    channel_max: np.ndarray | None = None
+    error_sq: float = 0.0
 
     def add(self, x: np.ndarray) -> None:
         x = x.reshape(-1, x.shape[-1]).astype(np.float64)
+        channel = np.abs(x).max(axis=0)
+        self.channel_max = channel if self.channel_max is None else np.maximum(self.channel_max, channel)
         self.max_abs = max(self.max_abs, float(np.abs(x).max()))
+        if self.act is not None:
+            self.error_sq += float(((self.act.reference(x) - x) ** 2).sum())
         self.sum_sq += float((x**2).sum())
         self.count += x.size
         c = x - x.mean(axis=1, keepdims=True)
@@ -45,6 +53,11 @@ class _Accumulator:
     def kurtosis(self) -> float:
         return self.kurtosis_sum / self.tokens
 
+    @property
+    def relative_error(self) -> float:
+        """||Q(x) - x||^2 / ||x||^2 of the per-token quantizer over everything seen."""
+        return self.error_sq / self.sum_sq
+
 
 @dataclass(frozen=True)
 class ActivationStats:
@@ -53,9 +66,15 @@ class ActivationStats:
     residual_kurtosis: float
     down_max_over_rms: float
     down_kurtosis: float
+    residual_channel_max: np.ndarray = field(compare=False, repr=False)
+    down_channel_max: np.ndarray = field(compare=False, repr=False)
+    residual_quant_error: float | None = None  # relative squared error of `act` per-token quantization
+    down_quant_error: float | None = None
 
 
-def activation_stats(model_path: Path, token_windows: np.ndarray) -> list[ActivationStats]:
+def activation_stats(model_path: Path, token_windows: np.ndarray, act: ActSpec | None = None) -> list[ActivationStats]:
+    """Per-block statistics of the residual stream entering each block and of down_proj's input, on
+    `token_windows` [n, seq]; with `act`, also the relative error of that per-token quantizer on them."""
     model = io.load_model(model_path)
     desc = canonicalize(model)
     probes = []
@@ -64,7 +83,7 @@ def activation_stats(model_path: Path, token_windows: np.ndarray) -> list[Activa
     for value in probes:
         if value not in model.graph.outputs:
             model.graph.outputs.append(value)
-    acc = [_Accumulator() for _ in probes]
+    acc = [_Accumulator(act) for _ in probes]
     with tempfile.TemporaryDirectory() as tmp:
         path = Path(tmp) / "probed.onnx"
         io.save_model(model, path)
@@ -74,9 +93,21 @@ def activation_stats(model_path: Path, token_windows: np.ndarray) -> list[Activa
             for a, out in zip(acc, outs, strict=True):
                 a.add(np.asarray(out))
         del session
-    return [
-        ActivationStats(
-            i, acc[2 * i].max_over_rms, acc[2 * i].kurtosis, acc[2 * i + 1].max_over_rms, acc[2 * i + 1].kurtosis
+    stats = []
+    for i in range(len(desc.blocks)):
+        res, down = acc[2 * i], acc[2 * i + 1]
+        assert res.channel_max is not None and down.channel_max is not None
+        stats.append(
+            ActivationStats(
+                i,
+                res.max_over_rms,
+                res.kurtosis,
+                down.max_over_rms,
+                down.kurtosis,
+                res.channel_max,
+                down.channel_max,
+                res.relative_error if act else None,
+                down.relative_error if act else None,
+            )
         )
-        for i in range(len(desc.blocks))
-    ]
+    return stats
