@@ -17,6 +17,7 @@ from rotgraph.errors import RotgraphError, ValidationError
 from rotgraph.evaluate import max_logit_difference
 from rotgraph.passes import (
     CanonicalizeNormsPass,
+    ExpandOrtFusedOpsPass,
     FuseNormScalesPass,
     InsertDownHadamardPass,
     InsertQKHadamardPass,
@@ -74,9 +75,10 @@ def canonicalize(model: ir.Model) -> ModelDescription:
 
 
 def canonical_form_passes() -> list[ir.passes.PassBase]:
-    """Opset 23 with fused RMSNorms, fused projections split, shapes inferred."""
+    """Opset 23 with fused RMSNorms, onnxruntime's fused norms expanded, fused projections split, shapes."""
     return [
         CanonicalizeNormsPass(),
+        ExpandOrtFusedOpsPass(),
         SplitFusedProjectionsPass(),
         common_passes.ShapeInferencePass(strict_mode=False),
     ]

@@ -508,17 +508,27 @@ def _head_dim(model: ir.Model, q_rope: ir.Value | None, scores: ir.Node) -> int 
     return None
 
 
+_FUSED_ATTENTION = ("MultiHeadAttention", "GroupQueryAttention", "Attention", "PackedMultiHeadAttention")
+
+
 def _attention(model: ir.Model, norm: Norm, o: Linear, where: str) -> Attention:
     readers = _reader_linears(norm, where)
     if len(readers) != 3:
         raise StructureError(
             f"{where}: expected 3 MatMuls (Q, K, V) reading the attention RMSNorm, found {len(readers)} "
-            "(fused QKV projections are not supported yet)"
+            "(fused QKV projections are split when their output is cut by Slice or Split)"
         )
     reached = {}
     for lin in readers:
         hit = _reach_attention_matmul(lin.output)
         if hit is None:
+            fused = [n for n in model.graph if n.op_type in _FUSED_ATTENTION]
+            if fused:
+                raise StructureError(
+                    f"{where}: attention is fused into {fused[0].domain or 'ai.onnx'} {fused[0].op_type} "
+                    f"({len(fused)} nodes); rotgraph reads unfused attention (score MatMul, Softmax): rotate and "
+                    "quantize first, then apply onnxruntime's attention fusions"
+                )
             raise StructureError(f"{where}: the projection {lin.node.name!r} does not reach an attention MatMul")
         reached[id(lin)] = hit
     score_nodes = {id(n): n for n, _ in reached.values() if sum(1 for m, _ in reached.values() if m is n) == 2}

@@ -2,6 +2,7 @@
 
 from rotgraph.passes.canonicalize_norms import CanonicalizeNormsPass
 from rotgraph.passes.down_hadamard import InsertDownHadamardPass
+from rotgraph.passes.expand_ort_ops import ExpandOrtFusedOpsPass
 from rotgraph.passes.fuse_norm_scales import FuseNormScalesPass
 from rotgraph.passes.qk_hadamard import InsertQKHadamardPass
 from rotgraph.passes.rotate_heads import RotateHeadsPass
@@ -12,6 +13,7 @@ from rotgraph.passes.untie_embedding import UntieEmbeddingPass
 
 __all__ = [
     "CanonicalizeNormsPass",
+    "ExpandOrtFusedOpsPass",
     "FuseNormScalesPass",
     "InsertDownHadamardPass",
     "InsertQKHadamardPass",
