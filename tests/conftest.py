@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import shutil
 from collections.abc import Callable
 from pathlib import Path
 
@@ -56,6 +57,15 @@ def tiny(tmp_path_factory: pytest.TempPathFactory) -> Callable[..., tuple[Path, 
         return cache[key]
 
     return build
+
+
+@pytest.fixture
+def model_dir(tiny, tmp_path) -> Path:
+    """A copy of the tiny dynamo-exported Llama (model, external data, tokenizer) the test may damage."""
+    _, path = tiny("llama", "dynamo")
+    folder = tmp_path / "in"
+    shutil.copytree(path.parent, folder)
+    return folder
 
 
 @pytest.fixture(scope="session")

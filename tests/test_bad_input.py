@@ -14,14 +14,6 @@ from rotgraph.cli import main
 from rotgraph.export import to_onnx
 
 
-@pytest.fixture
-def model_dir(tiny, tmp_path) -> Path:
-    _, path = tiny("llama", "dynamo")
-    folder = tmp_path / "in"
-    shutil.copytree(path.parent, folder)
-    return folder
-
-
 def fails_cleanly(argv: list[str], capsys, message: str, out_dir: Path) -> None:
     before = sorted(out_dir.iterdir()) if out_dir.exists() else []
     assert main(argv) == 1

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-import shutil
 from pathlib import Path
 
 import numpy as np
@@ -17,14 +16,6 @@ from rotgraph.testing import SAMPLE_TEXT
 
 def digest(folder: Path) -> dict[str, str]:
     return {f.name: hashlib.sha256(f.read_bytes()).hexdigest() for f in sorted(folder.iterdir()) if f.is_file()}
-
-
-@pytest.fixture
-def model_dir(tiny, tmp_path) -> Path:
-    _, path = tiny("llama", "dynamo")
-    folder = tmp_path / "in"
-    shutil.copytree(path.parent, folder)
-    return folder
 
 
 @pytest.fixture
