@@ -28,7 +28,9 @@ class _Chain:
         self.name = name
 
     def float64(self) -> np.ndarray:
-        array = np.asarray(self.base.numpy(), dtype=np.float64)
+        array = np.array(self.base.numpy(), dtype=np.float64)  # a copy, never a view of the mapped file
+        if isinstance(self.base, ir.ExternalTensor):
+            self.base.release()  # unmap: the pages read do not stay in this process's RSS (re-mapped on demand)
         if not np.isfinite(array).all():
             raise RotgraphError(
                 f"initializer {self.base.name or self.name!r} has {int((~np.isfinite(array)).sum())} non-finite "

@@ -51,7 +51,7 @@ def _initializer(value: ir.Value | None, rank: int) -> bool:
 def _slice_part(node: ir.Node, width: int) -> _Part | None:
     starts, ends = _const_ints(node.inputs[1]), _const_ints(node.inputs[2])
     axes = _const_ints(node.inputs[3]) if len(node.inputs) > 3 else None
-    steps = _const_ints(node.inputs[4]) if len(node.inputs) > 4 else [1]
+    steps = _const_ints(node.inputs[4]) if len(node.inputs) > 4 and node.inputs[4] is not None else [1]
     if starts is None or ends is None or axes is None or len(starts) != 1 or steps != [1]:
         return None
     if len(axes) != 1 or not _is_last_axis(axes[0], node.inputs[0]):  # type: ignore[arg-type]
@@ -150,4 +150,4 @@ class SplitFusedProjectionsPass(ir.passes.InPlacePass):
             out.name, out.shape, out.type = part.output.name, part.output.shape, part.output.type
             part.output.name = None
             graph.insert_before(matmul, nodes)
-            part.output.replace_all_uses_with(out)
+            part.output.replace_all_uses_with(out, replace_graph_outputs=True)
