@@ -173,16 +173,21 @@ def main() -> None:
     )
 
     scale_mem = LLAMA_70B["largest_weight_bytes"] / largest
-    scales = [  # rotation: dense R1 products, params x hidden; RTN: params
-        LLAMA_70B["params"] * LLAMA_70B["hidden"] / (params * CONFIG["hidden_size"]),
-        LLAMA_70B["params"] / params,
+    scale_params = LLAMA_70B["params"] / params
+    held = size_mb(quantized)  # quantize keeps its output in memory until the save
+    projected = [  # (time scale, peak RSS in MB at 70B)
+        # rotation: dense R1 products scale with params x hidden; memory with the largest weight
+        (scale_params * LLAMA_70B["hidden"] / CONFIG["hidden_size"], rows[-3][2] * scale_mem),
+        # RTN: time with params; memory: working set with the largest weight, the held output with params
+        (scale_params, (rows[-2][2] - held) * scale_mem + held * scale_params),
     ]
-    print("\nProjection to Llama-3-70B (rotate time x the params*hidden ratio, quantize time x the params ratio,")
-    print("memory x the largest-weight ratio; 70B's largest weight is its 128256 x 8192 embedding, 4.2 GB):\n")
+    print("\nProjection to Llama-3-70B (rotate time x the params*hidden ratio, quantize time x the params ratio;")
+    print("working memory x the largest-weight ratio (70B's largest weight is its 128256 x 8192 embedding,")
+    print("4.2 GB), quantize's output, held in memory until the save, x the params ratio):\n")
     print("| step | projected time (h) | projected peak RSS (GB) |")
     print("|---|---|---|")
-    for (name, seconds, rss), scale in zip(rows[-3:-1], scales, strict=True):
-        print(f"| {name} | {seconds * scale / 3600:.1f} | {rss / 1e3 * scale_mem:.1f} |")
+    for (name, seconds, _), (scale, rss) in zip(rows[-3:-1], projected, strict=True):
+        print(f"| {name} | {seconds * scale / 3600:.1f} | {rss / 1e3:.0f} |")
     if not args.keep:
         shutil.rmtree(work)
 
