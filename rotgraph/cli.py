@@ -84,7 +84,7 @@ def cmd_quantize(args: argparse.Namespace) -> None:
         fmt=args.format,
         act_order=not args.no_act_order,
     )
-    report = quantize(Path(args.input), Path(args.output), options)
+    report = quantize(Path(args.input), Path(args.output), options, validate=not args.no_validate)
     print(
         f"wrote {report.output} ({args.scheme}, rotation {args.rotation}, weights {args.weights}) "
         f"in {report.seconds:.1f} s"
@@ -281,6 +281,9 @@ def parser() -> argparse.ArgumentParser:
         "--head-bits", type=int, choices=[8, 16], default=8, help="embedding and lm_head: 8-bit RTN or float"
     )
     q.add_argument("--no-online", action="store_true", help="with quarot: no online Hadamards (R3/R4)")
+    q.add_argument(
+        "--no-validate", action="store_true", help="skip running the result in onnxruntime (which loads it whole)"
+    )
     q.add_argument(
         "--smooth", action="store_true", help="SmoothQuant: migrate activation ranges into weights (after rotation)"
     )

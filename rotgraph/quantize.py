@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import logging
 import re
+import tempfile
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -137,8 +138,12 @@ def quantize_model(
     options: QuantOptions,
     calibration: np.ndarray | None = None,
     hessians: dict[str, np.ndarray] | None = None,
+    spill_dir: Path | None = None,
 ) -> dict[str, np.ndarray] | None:
     """Apply `options` to `model` in place (rotation, SmoothQuant, then weights, activations, KV cache).
+
+    With `spill_dir`, quantized tensors are written there as they are produced (`SpillFile`) instead
+    of being held in memory until the model is saved; the caller removes the folder after the save.
 
     SmoothQuant and GPTQ need `calibration` tokens; GPTQ can instead take `hessians` from an earlier
     call on the same model file with the same rotation and smoothing (they are returned, so several
@@ -176,6 +181,7 @@ def quantize_model(
                 head_spec,
                 options.fmt,
                 accuracy_level=4 if ort_int8 else 0,
+                spill_dir=spill_dir,
             )
         )
     run_passes(model, passes)
@@ -183,18 +189,25 @@ def quantize_model(
     return hessians
 
 
-def quantize(input_path: Path, output: Path, options: QuantOptions = QuantOptions()) -> QuantReport:
-    """Quantize the model at `input_path` into `output` (QDQ format); checks that it runs and is finite."""
+def quantize(
+    input_path: Path, output: Path, options: QuantOptions = QuantOptions(), validate: bool = True
+) -> QuantReport:
+    """Quantize the model at `input_path` into `output`. Quantized tensors go to a scratch file beside
+    the output as they are produced (memory stays at the working set of one weight). With `validate`,
+    onnxruntime runs the result (loading it whole) and its logits must be finite."""
     start = time.perf_counter()
     io.check_output_path([input_path], output)
     model = io.load_model(input_path)
     needs_text = options.weights == "gptq" or options.smooth is not None
     calibration = calibration_tokens(input_path, options) if needs_text else None
-    quantize_model(model, options, calibration)
-    with io.staged_output(output) as staged:
-        io.save_model(model, staged)
-        io.copy_tokenizer(input_path, staged)
-        logits = run_logits(make_session(staged, "disable"), np.arange(16, dtype=np.int64)[None, :])
-        if not np.isfinite(logits).all():
-            raise RotgraphError("the quantized model produces non-finite logits; nothing written")
+    output.parent.mkdir(parents=True, exist_ok=True)
+    with tempfile.TemporaryDirectory(prefix=f".{output.name}.spill.", dir=output.parent) as spill:
+        quantize_model(model, options, calibration, spill_dir=Path(spill))
+        with io.staged_output(output) as staged:
+            io.save_model(model, staged)
+            io.copy_tokenizer(input_path, staged)
+            if validate:
+                logits = run_logits(make_session(staged, "disable"), np.arange(16, dtype=np.int64)[None, :])
+                if not np.isfinite(logits).all():
+                    raise RotgraphError("the quantized model produces non-finite logits; nothing written")
     return QuantReport(output, time.perf_counter() - start, options)

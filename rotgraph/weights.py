@@ -10,6 +10,7 @@ no second copy of the weights in memory.
 from __future__ import annotations
 
 from collections.abc import Callable, Sequence
+from pathlib import Path
 
 import numpy as np
 import onnx_ir as ir
@@ -115,3 +116,38 @@ def lazy_from(source: ir.Value, step: Step, shape: Sequence[int], name: str) -> 
     """A new lazy tensor computed from `source`'s current contents by `step` in float64."""
     chain = _chain_of(initializer_tensor(source))
     return ChainTensor(_Chain(chain.base, (*chain.steps, step), name), chain.base.dtype, ir.Shape(shape), name)
+
+
+class SpillFile:
+    """Moves in-memory initializers to a scratch file as a pass produces them, leaving external tensors
+    that point into it, so the pass holds none of its outputs in memory; saving copies them file to
+    file (`ExternalTensor.tofile`). The caller owns `directory` and removes it after the save."""
+
+    MIN_BYTES = 1 << 16
+
+    def __init__(self, directory: Path) -> None:
+        self.path = Path(directory) / "spill.data"
+        self.offset = self.path.stat().st_size if self.path.exists() else 0
+
+    def spill(self, graph: ir.Graph) -> int:
+        """Spill every in-memory initializer of at least MIN_BYTES; returns the bytes written."""
+        written = 0
+        with open(self.path, "ab") as f:
+            for value in graph.initializers.values():
+                tensor = value.const_value
+                if type(tensor) is not ir.Tensor or tensor.nbytes < self.MIN_BYTES:
+                    continue
+                data = tensor.tobytes()
+                f.write(data)
+                value.const_value = ir.ExternalTensor(
+                    self.path.name,
+                    self.offset,
+                    len(data),
+                    tensor.dtype,
+                    shape=tensor.shape,
+                    name=tensor.name or value.name or "",
+                    base_dir=self.path.parent,
+                )
+                self.offset += len(data)
+                written += len(data)
+        return written

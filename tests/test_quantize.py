@@ -159,3 +159,30 @@ def test_ort_format_w4a8_uses_int8_kernels(tiny, tokens, tmp_path) -> None:
     out = tmp_path / "q.onnx"
     io.save_model(model, out)
     assert np.isfinite(ort_logits(out, tokens)).all()
+
+
+@pytest.mark.parametrize("fmt", ["qdq", "ort"])
+def test_spilled_quantization_equals_the_in_memory_one(tiny, tokens, tmp_path, monkeypatch, fmt: str) -> None:
+    """`quantize` writes quantized tensors to a scratch file as it goes; the saved model is the same."""
+    from rotgraph.quantize import quantize
+    from rotgraph.weights import SpillFile
+
+    monkeypatch.setattr(SpillFile, "MIN_BYTES", 0)  # spill every tensor of the tiny model
+    written: list[int] = []
+    spill = SpillFile.spill
+    monkeypatch.setattr(SpillFile, "spill", lambda self, graph: written.append(spill(self, graph)) or written[-1])
+    _, path = tiny("llama", "dynamo")
+    options = QuantOptions(scheme="w4a16", rotation="quarot", group=16, fmt=fmt)
+    out = tmp_path / "out" / "spilled.onnx"
+    quantize(path, out, options)
+    assert sorted(f.name for f in out.parent.iterdir()) == ["spilled.onnx", "spilled.onnx.data", "tokenizer.json"]
+    assert len(written) == 15 and all(n > 0 for n in written)  # after each of 14 projections, then the head
+    model = io.load_model(path)
+    quantize_model(model, options)
+    memory = tmp_path / "memory.onnx"
+    io.save_model(model, memory)
+    spilled, held = io.load_model(out), io.load_model(memory)
+    assert set(spilled.graph.initializers) == set(held.graph.initializers)
+    for name, value in held.graph.initializers.items():
+        assert spilled.graph.initializers[name].const_value.tobytes() == value.const_value.tobytes(), name
+    np.testing.assert_array_equal(ort_logits(out, tokens), ort_logits(memory, tokens))

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Mapping
+from pathlib import Path
 
 import numpy as np
 import onnx_ir as ir
@@ -11,7 +12,7 @@ import onnx_ir as ir
 from rotgraph.errors import RotgraphError
 from rotgraph.quant import QuantizedWeight, WeightSpec, gptq, quantize_rtn
 from rotgraph.structure import Linear, before_fake_quant, discover, is_quantized_weight
-from rotgraph.weights import new_initializer, read_float64
+from rotgraph.weights import SpillFile, new_initializer, read_float64
 
 logger = logging.getLogger(__name__)
 
@@ -219,8 +220,10 @@ class QuantizeWeightsPass(ir.passes.InPlacePass):
         head_spec: WeightSpec | None = None,
         fmt: str = "qdq",
         accuracy_level: int = 0,
+        spill_dir: Path | None = None,
     ) -> None:
         super().__init__()
+        self.spill_dir = spill_dir
         if method not in ("rtn", "gptq"):
             raise RotgraphError(f"unknown weight quantizer {method!r} (rtn, gptq)")
         if method == "gptq" and hessians is None:
@@ -232,6 +235,7 @@ class QuantizeWeightsPass(ir.passes.InPlacePass):
 
     def call(self, model: ir.Model) -> ir.passes.PassResult:
         desc = discover(model)
+        spill = SpillFile(self.spill_dir) if self.spill_dir is not None else None
         count = 0
         for block in desc.blocks:
             a, m = block.attention, block.mlp
@@ -261,6 +265,8 @@ class QuantizeWeightsPass(ir.passes.InPlacePass):
                     emit_matmulnbits(model, lin, q, f"layers.{block.index}.{role}", self.accuracy_level)
                 else:
                     emit_dequantize(model, lin, q, f"layers.{block.index}.{role}")
+                if spill is not None:
+                    spill.spill(model.graph)
                 count += 1
         if self.head_spec is not None:
             if desc.lm_head_tied:
@@ -273,6 +279,8 @@ class QuantizeWeightsPass(ir.passes.InPlacePass):
             else:
                 emit_dequantize(model, desc.lm_head, head, "lm_head")
                 emit_embedding(model, desc.embedding, emb, "embedding")
+            if spill is not None:
+                spill.spill(model.graph)
             count += 2
         logger.info("quantized %d weights (%s, %d bits)", count, self.method, self.spec.bits)
         return ir.passes.PassResult(model, True)
