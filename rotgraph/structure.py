@@ -611,6 +611,11 @@ def _check_supported(graph: ir.Graph) -> None:
     norms = [n for n in graph if is_norm(n)]
     if not norms:
         layer_norms = sum(n.op_type == "LayerNormalization" for n in graph)
+        if not layer_norms and any(n.op_type == "ReduceMean" for n in graph):
+            raise StructureError(
+                "no RMSNormalization in the graph: decomposed RMSNorms (Pow, ReduceMean, Sqrt) are fused by "
+                "CanonicalizeNormsPass (rotgraph.pipeline.canonicalize); run it before discover"
+            )
         found = f"found {layer_norms} LayerNormalization nodes" if layer_norms else "found no normalization"
         raise StructureError(
             f"unsupported architecture: no RMSNorm in the graph ({found}); rotgraph rotates RMSNorm decoders "
