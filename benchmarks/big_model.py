@@ -175,12 +175,9 @@ def main() -> None:
 
     scale_mem = LLAMA_70B["largest_weight_bytes"] / largest
     scale_params = LLAMA_70B["params"] / params
-    held = 0.0  # quantize spills its output to a scratch file as it goes (it used to hold it until the save)
-    projected = [  # (time scale, peak RSS in MB at 70B)
-        # rotation: dense R1 products scale with params x hidden; memory with the largest weight
-        (scale_params * LLAMA_70B["hidden"] / CONFIG["hidden_size"], rows[-3][2] * scale_mem),
-        # RTN: time with params; memory with the largest weight
-        (scale_params, (rows[-2][2] - held) * scale_mem + held * scale_params),
+    projected = [  # (time scale, peak RSS in MB at 70B); memory scales with the largest weight for both
+        (scale_params * LLAMA_70B["hidden"] / CONFIG["hidden_size"], rows[-3][2] * scale_mem),  # dense R1 products
+        (scale_params, rows[-2][2] * scale_mem),  # RTN: time with params (quantize spills its output)
     ]
     print("\nProjection to Llama-3-70B (rotate time x the params*hidden ratio, quantize time x the params ratio;")
     print("working memory x the largest-weight ratio (70B's largest weight is its 128256 x 8192 embedding,")
