@@ -91,6 +91,19 @@ def cmd_quantize(args: argparse.Namespace) -> None:
     )
 
 
+_KERNELS = {"auto": None, "on": True, "off": False}
+
+
+def _kernel_option(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument(
+        "--kernels",
+        choices=list(_KERNELS),
+        default="auto",
+        help="rotgraph's compiled onnxruntime kernels for its own ops (Hadamard, FakeQuant, KV cache): "
+        "auto uses them when built (scripts/build_kernels.sh), on requires them, off runs the ONNX function bodies",
+    )
+
+
 def cmd_eval(args: argparse.Namespace) -> None:
     from rotgraph.evaluate import evaluate
     from rotgraph.io import require_files
@@ -98,7 +111,9 @@ def cmd_eval(args: argparse.Namespace) -> None:
     models = [Path(m) for m in args.models]
     require_files(models)
     tokens = _tokens(args, models[0])
-    results = evaluate(models, tokens, optimization=args.optimization, progress=not args.json)
+    results = evaluate(
+        models, tokens, optimization=args.optimization, kernels=_KERNELS[args.kernels], progress=not args.json
+    )
     for r in results:
         if args.json:
             print(json.dumps(r.as_dict()))
@@ -124,6 +139,7 @@ def cmd_generate(args: argparse.Namespace) -> None:
         tokenizer=Path(args.tokenizer) if args.tokenizer else None,
         on_text=show,
         threads=args.threads,
+        kernels=_KERNELS[args.kernels],
     )
     sys.stdout.write("\n")
     logger.info(
@@ -302,6 +318,7 @@ def parser() -> argparse.ArgumentParser:
     _text_options(v, 40)
     v.add_argument("--json", action="store_true", help="one JSON object per model")
     v.add_argument("--optimization", choices=["disable", "basic", "extended", "all"], default="basic")
+    _kernel_option(v)
     v.set_defaults(func=cmd_eval)
 
     g = sub.add_parser("generate", help="greedy generation with onnxruntime, streaming tokens")
@@ -311,6 +328,7 @@ def parser() -> argparse.ArgumentParser:
     g.add_argument("--chat", action="store_true", help="wrap the prompt in the model's chat template")
     g.add_argument("--tokenizer", help="tokenizer.json (default: beside the model)")
     g.add_argument("--threads", type=int, help="onnxruntime intra-op threads (default: up to 4 cores)")
+    _kernel_option(g)
     g.set_defaults(func=cmd_generate)
 
     i = sub.add_parser("inspect", help="activation outlier statistics per layer, or a visual report (-o)")

@@ -13,6 +13,7 @@ import numpy as np
 import onnxruntime as ort
 from tqdm import tqdm
 
+from rotgraph import kernels as rotgraph_kernels
 from rotgraph.errors import RotgraphError
 
 logger = logging.getLogger(__name__)
@@ -25,14 +26,26 @@ _LEVELS = {
 }
 
 
-def make_session(path: Path, optimization: str = "basic", threads: int | None = None) -> ort.InferenceSession:
+def make_session(
+    path: Path,
+    optimization: str = "basic",
+    threads: int | None = None,
+    kernels: bool | None = None,
+    spinning: bool = True,
+) -> ort.InferenceSession:
     """An onnxruntime CPU session. `disable` turns off every graph rewrite (the validation setting);
-    int4 MatMulNBits fusion never changes accuracy silently: its accuracy level is pinned to 0 (float)."""
+    int4 MatMulNBits fusion never changes accuracy silently: its accuracy level is pinned to 0 (float).
+    kernels: rotgraph's compiled kernels for its own ops (`rotgraph.kernels.register`): None uses them when
+    they are built, True requires them, False runs the ONNX function bodies. spinning=False stops idle
+    intra-op threads from spinning (for several sessions sharing the cores)."""
     options = ort.SessionOptions()
+    rotgraph_kernels.register(options, path, kernels)
     options.graph_optimization_level = _LEVELS[optimization]
     options.intra_op_num_threads = threads or min(os.cpu_count() or 1, 4)
     options.add_session_config_entry("session.qdq_matmulnbits_accuracy_level", "0")
     options.log_severity_level = 3
+    if not spinning:
+        options.add_session_config_entry("session.intra_op.allow_spinning", "0")
     try:
         return ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
     except Exception as e:
@@ -121,6 +134,7 @@ def evaluate(
     token_windows: np.ndarray,
     *,
     optimization: str = "basic",
+    kernels: bool | None = None,
     progress: bool = True,
 ) -> list[EvalResult]:
     """Score every model on the same windows; models after the first are compared to the first.
@@ -129,7 +143,7 @@ def evaluate(
     mean over positions of KL(reference || model) in nats; top-1 agreement is the fraction of positions
     whose argmax matches the reference's.
     """
-    sessions = [make_session(p, optimization) for p in models]
+    sessions = [make_session(p, optimization, kernels=kernels) for p in models]
     n = len(models)
     nll = np.zeros(n)
     kl = np.zeros(n)

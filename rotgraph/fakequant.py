@@ -32,6 +32,15 @@ class ActSpec:
     def overload(self) -> str:
         return f"b{self.bits}{'s' if self.symmetric else 'a'}_g{self.group}_c{round(self.clip * 100)}"
 
+    def attributes(self) -> list[ir.Attr]:
+        """The node attributes the compiled kernel reads (the function body has them as constants)."""
+        return [
+            ir.AttrInt64("bits", self.bits),
+            ir.AttrInt64("symmetric", int(self.symmetric)),
+            ir.AttrInt64("group", self.group),
+            ir.AttrFloat32("clip", self.clip),
+        ]
+
     @classmethod
     def from_overload(cls, overload: str) -> ActSpec:
         """The spec whose `overload` name this is (the FakeQuant function of a saved model)."""
@@ -78,7 +87,8 @@ def _function(spec: ActSpec, dtype: ir.DataType) -> ir.Function:
     axes = const("axes", np.array([-1], dtype=np.int64))
     eps = const("eps", np.array(1e-8, dtype=f))
     lo_q, hi_q = const("qmin", np.array(spec.qmin, dtype=f)), const("qmax", np.array(spec.qmax, dtype=f))
-    ratio = const("ratio", np.array(spec.clip / spec.qmax, dtype=f))
+    # clip as the float32 node attribute holds it, so the compiled kernel computes the same ratio
+    ratio = const("ratio", np.array(float(np.float32(spec.clip)) / spec.qmax, dtype=f))
     if spec.symmetric:
         amax = op("ReduceMax", op("Abs", xr), axes, keepdims=1)
         scale = op("Max", op("Mul", amax, ratio), eps)
@@ -102,6 +112,6 @@ def insert_fake_quant(model: ir.Model, value: ir.Value, spec: ActSpec) -> ir.Nod
     key = (ROTGRAPH_DOMAIN, "FakeQuant", spec.overload)
     if key not in model.functions:
         model.functions[key] = _function(spec, value.dtype or ir.DataType.FLOAT)
-    node = ir.Node(ROTGRAPH_DOMAIN, "FakeQuant", [value], overload=spec.overload, num_outputs=1)
+    node = ir.Node(ROTGRAPH_DOMAIN, "FakeQuant", [value], spec.attributes(), overload=spec.overload, num_outputs=1)
     insert_after_value(model, value, node, suffix="fakequant")
     return node

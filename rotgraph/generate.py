@@ -111,8 +111,10 @@ def generate(
     on_text: Callable[[str], None] | None = None,
     optimization: str = "all",
     threads: int | None = None,
+    kernels: bool | None = None,
 ) -> Generation:
-    """Greedy decoding of `model` from `prompt`; `on_text` receives the text as it grows."""
+    """Greedy decoding of `model` from `prompt`; `on_text` receives the text as it grows. `kernels`: see
+    `evaluate.make_session`."""
     if max_new_tokens < 1:
         raise RotgraphError("--max-new-tokens must be at least 1")
     if not model.is_file():
@@ -129,7 +131,7 @@ def generate(
     ids = tok.encode(prompt).ids
     if not ids:
         raise RotgraphError("the prompt encodes to no tokens")
-    decoder = Decoder(make_session(model, optimization, threads))
+    decoder = Decoder(make_session(model, optimization, threads, kernels))
     if not decoder.cached:
         logger.warning("%s has no KV cache: every step reruns the whole sequence (export --with-past)", model)
     result = Generation(prompt_tokens=ids)

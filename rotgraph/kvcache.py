@@ -74,6 +74,15 @@ class CacheSpec:
             raise RotgraphError(f"not a KV cache overload: {overload!r}")
         return cls(int(m[1]), int(m[2]), int(m[3]), int(m[4]) / 100)
 
+    def attributes(self) -> list[ir.Attr]:
+        """The node attributes the compiled kernels read (the function bodies have them as constants)."""
+        return [
+            ir.AttrInt64("bits", self.bits),
+            ir.AttrInt64("head_dim", self.head_dim),
+            ir.AttrInt64("group", self.group),
+            ir.AttrFloat32("clip", self.clip),
+        ]
+
     def bytes_per_token(self, kv_heads: int) -> int:
         """Stored bytes per token, per layer, for keys or values: codes + float32 scales + uint8 zeros."""
         return kv_heads * (self.code_width + 5 * self.groups)
@@ -167,8 +176,10 @@ def add_functions(model: ir.Model, spec: CacheSpec) -> None:
 
 
 def quantize_node(spec: CacheSpec, value: ir.Value) -> ir.Node:
-    return ir.Node(ROTGRAPH_DOMAIN, "KVQuantize", [value], overload=spec.overload, num_outputs=3)
+    return ir.Node(ROTGRAPH_DOMAIN, "KVQuantize", [value], spec.attributes(), overload=spec.overload, num_outputs=3)
 
 
 def dequantize_node(spec: CacheSpec, codes: ir.Value, scale: ir.Value, zero: ir.Value) -> ir.Node:
-    return ir.Node(ROTGRAPH_DOMAIN, "KVDequantize", [codes, scale, zero], overload=spec.overload, num_outputs=1)
+    return ir.Node(
+        ROTGRAPH_DOMAIN, "KVDequantize", [codes, scale, zero], spec.attributes(), overload=spec.overload, num_outputs=1
+    )

@@ -111,11 +111,21 @@ def insert_after_value(model: ir.Model, value: ir.Value, node: ir.Node, suffix: 
         graph.append(node)
 
 
+def hadamard_attributes(factors: HadamardFactors) -> list[ir.Attr]:
+    """What the compiled kernel (rotgraph/kernels) needs beyond the input: the +-1 matrix A, row-major
+    (absent for a power of two). The function body ignores it; it has the same matrix as a constant."""
+    if factors.m == 1:
+        return []
+    return [ir.AttrInt64s("a", [int(v) for v in factors.a.reshape(-1)])]
+
+
 def insert_hadamard(model: ir.Model, value: ir.Value, factors: HadamardFactors) -> ir.Node:
     """Insert y = Hadamard(value) and make every former consumer of `value` read y instead."""
     key = (ROTGRAPH_DOMAIN, "Hadamard", f"n{factors.n}")
     if key not in model.functions:
         model.functions[key] = _function(factors, value.dtype or ir.DataType.FLOAT)
-    node = ir.Node(ROTGRAPH_DOMAIN, "Hadamard", [value], overload=f"n{factors.n}", num_outputs=1)
+    node = ir.Node(
+        ROTGRAPH_DOMAIN, "Hadamard", [value], hadamard_attributes(factors), overload=f"n{factors.n}", num_outputs=1
+    )
     insert_after_value(model, value, node, suffix="hadamard")
     return node

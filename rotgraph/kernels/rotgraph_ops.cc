@@ -1,0 +1,448 @@
+// rotgraph's custom onnxruntime kernels: the ops of the `rotgraph` domain as compiled CPU code.
+//
+// Every op here is also carried in the model as an ONNX function in standard ops, so a model runs
+// without this library; registering it (rotgraph.kernels.session_options) makes onnxruntime run these
+// kernels instead of inlining the function bodies. Each kernel computes what its function body computes,
+// in the same float32 arithmetic (divisions stay divisions, rounding is half to even), so the two paths
+// agree to the last bit for the quantizers and to float rounding for the Hadamard transform.
+//
+//   Hadamard(X) -> Y           y = x @ kron(A, B) / sqrt(n) on the last axis, n = m * 2^k: the 2^k part
+//                              by in-place Walsh-Hadamard butterflies (n log2(2^k) adds), the m part
+//                              (attribute `a`, the m x m +-1 matrix, absent for m = 1) as m^2 * 2^k
+//                              multiply-adds.
+//   FakeQuant(X) -> Y          dynamic quantize-dequantize over groups of the last axis; attributes
+//                              bits, symmetric, group (0: the whole axis), clip.
+//   KVQuantize(X) -> (codes, scale, zero)
+//   KVDequantize(codes, scale, zero) -> X
+//                              the stored KV cache: asymmetric uint8 codes per group of head_dim, 4-bit
+//                              codes packed two per byte (element i low nibble, i + head_dim/2 high);
+//                              attributes bits, head_dim, group, clip.
+//
+// Built against onnxruntime's C API headers (API version of the header; onnxruntime accepts libraries
+// built for older API versions) by scripts/build_kernels.sh.
+
+#define ORT_API_MANUAL_INIT
+#include "onnxruntime_cxx_api.h"
+#undef ORT_API_MANUAL_INIT
+#include "onnxruntime_lite_custom_op.h"
+
+#include <cmath>
+#include <cstdint>
+#include <cstring>
+#include <algorithm>
+#include <memory>
+#include <mutex>
+#include <stdexcept>
+#include <string>
+#include <type_traits>
+#include <vector>
+
+namespace {
+
+using Ort::Custom::Tensor;
+
+// Eight floats as one SIMD value (GCC/Clang vector extension; AVX or two SSE registers).
+typedef float v8 __attribute__((vector_size(32)));
+
+inline v8 load8(const float* p) {
+  v8 v;
+  std::memcpy(&v, p, sizeof v);
+  return v;
+}
+
+inline void store8(float* p, v8 v) { std::memcpy(p, &v, sizeof v); }
+
+// An optional attribute: `fallback` when the node does not carry it.
+template <typename T>
+T attr_or(OrtStatus* (*get)(const OrtKernelInfo*, const char*, T*), const OrtKernelInfo* info, const char* name,
+          T fallback) {
+  T value = fallback;
+  OrtStatus* status = get(info, name, &value);
+  if (status != nullptr) {
+    Ort::GetApi().ReleaseStatus(status);
+    return fallback;
+  }
+  return value;
+}
+
+int64_t attr_int(const OrtKernelInfo* info, const char* name, int64_t fallback) {
+  return attr_or<int64_t>(Ort::GetApi().KernelInfoGetAttribute_int64, info, name, fallback);
+}
+
+float attr_float(const OrtKernelInfo* info, const char* name, float fallback) {
+  return attr_or<float>(Ort::GetApi().KernelInfoGetAttribute_float, info, name, fallback);
+}
+
+int64_t attr_required(const OrtKernelInfo* info, const char* name) {
+  int64_t value = 0;
+  Ort::ThrowOnError(Ort::GetApi().KernelInfoGetAttribute_int64(info, name, &value));
+  return value;
+}
+
+// A per-thread buffer of at least `size` elements that lives across calls (no allocation per call).
+template <typename T>
+T* scratch(size_t slot, size_t size) {
+  thread_local std::vector<T> buffers[2];
+  std::vector<T>& buffer = buffers[slot];
+  if (buffer.size() < size) buffer.resize(size);
+  return buffer.data();
+}
+
+int64_t rows_of(const std::vector<int64_t>& shape) {
+  int64_t rows = 1;
+  for (size_t i = 0; i + 1 < shape.size(); ++i) rows *= shape[i];
+  return rows;
+}
+
+// Split `rows` over onnxruntime's intra-op threads when there is enough work for it.
+template <typename F>
+void for_rows(OrtKernelContext* context, int64_t rows, int64_t work_per_row, F&& body) {
+  const int64_t min_work = 1 << 16;
+  if (rows < 2 || rows * work_per_row < 2 * min_work) {
+    body(0, rows);
+    return;
+  }
+  const int64_t batches = std::min<int64_t>(rows, (rows * work_per_row) / min_work);
+  struct Job {
+    std::remove_reference_t<F>* body;
+    int64_t rows, batches;
+  } job{&body, rows, batches};
+  auto run = [](void* data, size_t index) {
+    Job* j = static_cast<Job*>(data);
+    int64_t begin = j->rows * static_cast<int64_t>(index) / j->batches;
+    int64_t end = j->rows * (static_cast<int64_t>(index) + 1) / j->batches;
+    (*j->body)(begin, end);
+  };
+  Ort::KernelContext(context).ParallelFor(run, static_cast<size_t>(batches), 0, &job);
+}
+
+struct HadamardKernel {
+  int64_t m = 1;
+  std::vector<float> a_t;  // A transposed, scaled by 1 / sqrt(m), row-major m x m
+
+  HadamardKernel(const OrtApi*, const OrtKernelInfo* info) {
+    std::vector<int64_t> a;
+    size_t size = 0;
+    OrtStatus* status = Ort::GetApi().KernelInfoGetAttributeArray_int64(info, "a", nullptr, &size);
+    if (status == nullptr && size > 0) {
+      a.resize(size);
+      Ort::ThrowOnError(Ort::GetApi().KernelInfoGetAttributeArray_int64(info, "a", a.data(), &size));
+    } else if (status != nullptr) {
+      Ort::GetApi().ReleaseStatus(status);
+    }
+    if (!a.empty()) {
+      m = static_cast<int64_t>(std::llround(std::sqrt(static_cast<double>(a.size()))));
+      if (m * m != static_cast<int64_t>(a.size())) throw std::runtime_error("Hadamard: attribute a is not m x m");
+      a_t.resize(a.size());
+      const float s = static_cast<float>(1.0 / std::sqrt(static_cast<double>(m)));
+      for (int64_t i = 0; i < m; ++i)
+        for (int64_t j = 0; j < m; ++j) a_t[i * m + j] = static_cast<float>(a[j * m + i]) * s;
+    }
+  }
+
+  // dst[i, :] = sum_j A^T[i, j] * src[j, :] over [m, p] blocks, 8 * NV columns at a time in registers
+  template <int NV>
+  void mix_blocks(const float* src, float* dst, int64_t p) const {
+    for (int64_t i = 0; i < m; ++i) {
+      const float* coefficients = a_t.data() + i * m;
+      for (int64_t k0 = 0; k0 < p; k0 += 8 * NV) {
+        v8 acc[NV];
+        for (int q = 0; q < NV; ++q) acc[q] = v8{};
+        for (int64_t j = 0; j < m; ++j) {
+          const float c = coefficients[j];
+          const float* v = src + j * p + k0;
+          for (int q = 0; q < NV; ++q) acc[q] += c * load8(v + 8 * q);
+        }
+        for (int q = 0; q < NV; ++q) store8(dst + i * p + k0 + 8 * q, acc[q]);
+      }
+    }
+  }
+
+  void mix(const float* src, float* dst, int64_t p) const {
+    if (p >= 32) return mix_blocks<4>(src, dst, p);
+    if (p == 16) return mix_blocks<2>(src, dst, p);
+    if (p == 8) return mix_blocks<1>(src, dst, p);
+    for (int64_t i = 0; i < m; ++i)  // p < 8: a few scalars per block
+      for (int64_t k = 0; k < p; ++k) {
+        float acc = 0.0f;
+        for (int64_t j = 0; j < m; ++j) acc += a_t[i * m + j] * src[j * p + k];
+        dst[i * p + k] = acc;
+      }
+  }
+
+  void Compute(OrtKernelContext* context, const Tensor<float>& x, Tensor<float>& y) {
+    const std::vector<int64_t> shape = x.Shape();
+    if (shape.empty()) throw std::runtime_error("Hadamard: input has no axes");
+    const int64_t n = shape.back();
+    if (n % m != 0) throw std::runtime_error("Hadamard: last axis " + std::to_string(n) + " is not a multiple of m");
+    const int64_t p = n / m;
+    if (p & (p - 1)) throw std::runtime_error("Hadamard: n / m = " + std::to_string(p) + " is not a power of two");
+    const int64_t rows = rows_of(shape);
+    const float* in = x.Data();
+    float* out = y.Allocate(shape);
+    const float scale_p = static_cast<float>(1.0 / std::sqrt(static_cast<double>(p)));
+    int64_t log_p = 0;
+    while ((int64_t{1} << log_p) < p) ++log_p;
+    for_rows(context, rows, n * (log_p + m), [&](int64_t begin, int64_t end) {
+      // The length-p blocks of rows [begin, end) are `count` vectors; butterflies run on kLanes of them
+      // at a time, transposed so that every add and subtract is one SIMD operation over the lanes.
+      const int64_t count = (end - begin) * m;
+      float* work = m > 1 ? scratch<float>(0, static_cast<size_t>((end - begin) * n)) : out + begin * n;
+      const float* src = in + begin * n;
+      if (p == 8 || p == 16 || p == 32) {  // short blocks: a dense multiply beats transposing for butterflies
+        for (int64_t v = 0; v < count; ++v) small_block(src + v * p, work + v * p, p);
+        if (m > 1)
+          for (int64_t r = 0; r < end - begin; ++r) mix(work + r * n, out + (begin + r) * n, p);
+        return;
+      }
+      float* t = scratch<float>(1, static_cast<size_t>(p * kLanes));
+      for (int64_t v0 = 0; v0 < count; v0 += kLanes) {
+        const int64_t lanes = std::min<int64_t>(kLanes, count - v0);
+        for (int64_t l = 0; l < lanes; ++l)
+          for (int64_t k = 0; k < p; ++k) t[k * kLanes + l] = src[(v0 + l) * p + k] * scale_p;
+        butterflies(t, p);
+        for (int64_t l = 0; l < lanes; ++l)
+          for (int64_t k = 0; k < p; ++k) work[(v0 + l) * p + k] = t[k * kLanes + l];
+      }
+      if (m > 1)
+        for (int64_t r = 0; r < end - begin; ++r) mix(work + r * n, out + (begin + r) * n, p);
+    });
+  }
+
+  static constexpr int64_t kLanes = 16;
+
+  // dst = src @ B / sqrt(p) for p in {8, 16, 32}, B the Sylvester matrix (entries (-1)^popcount(j & k)).
+  static void small_block(const float* src, float* dst, int64_t p) {
+    const int nv = static_cast<int>(p / 8);
+    const v8* rows = sylvester_rows(p);
+    v8 acc[4] = {};
+    for (int64_t j = 0; j < p; ++j) {
+      const float x = src[j];
+      for (int q = 0; q < nv; ++q) acc[q] += x * rows[j * nv + q];
+    }
+    for (int q = 0; q < nv; ++q) store8(dst + 8 * q, acc[q]);
+  }
+
+  // B / sqrt(p) row-major as SIMD values, built once per size (thread-safe static initialization).
+  static const v8* sylvester_rows(int64_t p) {
+    auto build = [](int64_t size) {
+      std::vector<float> b(static_cast<size_t>(size * size));
+      const float s = static_cast<float>(1.0 / std::sqrt(static_cast<double>(size)));
+      for (int64_t j = 0; j < size; ++j)
+        for (int64_t k = 0; k < size; ++k) b[j * size + k] = (__builtin_popcountll(j & k) & 1) ? -s : s;
+      std::vector<v8> rows(static_cast<size_t>(size * size / 8));
+      for (size_t i = 0; i < rows.size(); ++i) rows[i] = load8(b.data() + 8 * i);
+      return rows;
+    };
+    static const std::vector<v8> b8 = build(8), b16 = build(16), b32 = build(32);
+    return p == 8 ? b8.data() : p == 16 ? b16.data() : b32.data();
+  }
+
+  // In-place Walsh-Hadamard transform (Sylvester order) of kLanes interleaved vectors of length p.
+  static void butterflies(float* t, int64_t p) {
+    for (int64_t h = 1; h < p; h <<= 1)
+      for (int64_t i = 0; i < p; i += 2 * h)
+        for (int64_t k = i; k < i + h; ++k) {
+          float* a = t + k * kLanes;
+          float* b = t + (k + h) * kLanes;
+          for (int64_t l = 0; l < kLanes; l += 8) {
+            const v8 u = load8(a + l), w = load8(b + l);
+            store8(a + l, u + w);
+            store8(b + l, u - w);
+          }
+        }
+  }
+};
+
+// The arithmetic shared by FakeQuant and the KV-cache kernels, as the ONNX function bodies write it.
+struct Quantizer {
+  int64_t bits = 8;
+  bool symmetric = true;
+  float clip = 1.0f;
+
+  float qmax() const { return symmetric ? float((1 << (bits - 1)) - 1) : float((1 << bits) - 1); }
+  float qmin() const { return symmetric ? -float(1 << (bits - 1)) : 0.0f; }
+
+  // scale and zero point of one group
+  void params(const float* v, int64_t g, float& scale, float& zero) const {
+    if (symmetric) {
+      float amax = 0.0f;
+      for (int64_t i = 0; i < g; ++i) amax = std::max(amax, std::fabs(v[i]));
+      const float ratio = static_cast<float>(static_cast<double>(clip) / qmax());
+      scale = std::max(amax * ratio, 1e-8f);
+      zero = 0.0f;
+    } else {
+      float hi = v[0], lo = v[0];
+      for (int64_t i = 1; i < g; ++i) {
+        hi = std::max(hi, v[i]);
+        lo = std::min(lo, v[i]);
+      }
+      hi = std::max(hi, 0.0f) * clip;
+      lo = std::min(lo, 0.0f) * clip;
+      scale = std::max((hi - lo) / qmax(), 1e-8f);
+      zero = std::nearbyint(-lo / scale);
+    }
+  }
+
+  float code(float v, float scale, float zero) const {
+    const float q = std::nearbyint(v / scale) + zero;
+    return std::min(std::max(q, symmetric ? qmin() : 0.0f), qmax());
+  }
+};
+
+struct FakeQuantKernel {
+  Quantizer q;
+  int64_t group = 0;
+
+  FakeQuantKernel(const OrtApi*, const OrtKernelInfo* info) {
+    q.bits = attr_required(info, "bits");
+    q.symmetric = attr_int(info, "symmetric", 1) != 0;
+    q.clip = attr_float(info, "clip", 1.0f);
+    group = attr_int(info, "group", 0);
+  }
+
+  void Compute(OrtKernelContext* context, const Tensor<float>& x, Tensor<float>& y) {
+    const std::vector<int64_t> shape = x.Shape();
+    const int64_t total = x.NumberOfElement();
+    const int64_t g = group ? group : (shape.empty() ? 1 : shape.back());
+    if (g <= 0 || total % g != 0) throw std::runtime_error("FakeQuant: group does not divide the last axis");
+    const float* in = x.Data();
+    float* out = y.Allocate(shape);
+    for_rows(context, total / g, g * 4, [&](int64_t begin, int64_t end) {
+      for (int64_t r = begin; r < end; ++r) {
+        const float* v = in + r * g;
+        float* o = out + r * g;
+        float scale, zero;
+        q.params(v, g, scale, zero);
+        for (int64_t i = 0; i < g; ++i) o[i] = (q.code(v[i], scale, zero) - zero) * scale;
+      }
+    });
+  }
+};
+
+struct CacheKernelBase {
+  Quantizer q;
+  int64_t head_dim = 0, group = 0;
+
+  explicit CacheKernelBase(const OrtKernelInfo* info) {
+    q.bits = attr_required(info, "bits");
+    q.symmetric = false;
+    q.clip = attr_float(info, "clip", 1.0f);
+    head_dim = attr_required(info, "head_dim");
+    group = attr_int(info, "group", 0);
+    if (group == 0) group = head_dim;
+    if (q.bits != 4 && q.bits != 8) throw std::runtime_error("KV cache kernels: bits must be 4 or 8");
+    if (head_dim % group != 0 || (q.bits == 4 && head_dim % 2 != 0))
+      throw std::runtime_error("KV cache kernels: bad head_dim / group");
+  }
+  int64_t groups() const { return head_dim / group; }
+  int64_t code_width() const { return q.bits == 4 ? head_dim / 2 : head_dim; }
+};
+
+struct KVQuantizeKernel : CacheKernelBase {
+  KVQuantizeKernel(const OrtApi*, const OrtKernelInfo* info) : CacheKernelBase(info) {}
+
+  void Compute(OrtKernelContext* context, const Tensor<float>& x, Tensor<uint8_t>& codes, Tensor<float>& scale,
+               Tensor<uint8_t>& zero) {
+    std::vector<int64_t> shape = x.Shape();
+    if (shape.empty() || shape.back() != head_dim) throw std::runtime_error("KVQuantize: last axis is not head_dim");
+    const int64_t rows = rows_of(shape);
+    const float* in = x.Data();
+    shape.back() = code_width();
+    uint8_t* c = codes.Allocate(shape);
+    shape.back() = groups();
+    float* s = scale.Allocate(shape);
+    uint8_t* z = zero.Allocate(shape);
+    const int64_t half = head_dim / 2;
+    for_rows(context, rows, head_dim * 4, [&](int64_t begin, int64_t end) {
+      uint8_t* row = scratch<uint8_t>(0, static_cast<size_t>(head_dim));
+      for (int64_t r = begin; r < end; ++r) {
+        const float* v = in + r * head_dim;
+        for (int64_t k = 0; k < groups(); ++k) {
+          float sc, zp;
+          q.params(v + k * group, group, sc, zp);
+          s[r * groups() + k] = sc;
+          z[r * groups() + k] = static_cast<uint8_t>(zp);
+          for (int64_t i = 0; i < group; ++i)
+            row[k * group + i] = static_cast<uint8_t>(q.code(v[k * group + i], sc, zp));
+        }
+        uint8_t* dst = c + r * code_width();
+        if (q.bits == 8) {
+          for (int64_t i = 0; i < head_dim; ++i) dst[i] = row[i];
+        } else {
+          for (int64_t i = 0; i < half; ++i) dst[i] = static_cast<uint8_t>(row[i] | (row[i + half] << 4));
+        }
+      }
+    });
+  }
+};
+
+struct KVDequantizeKernel : CacheKernelBase {
+  KVDequantizeKernel(const OrtApi*, const OrtKernelInfo* info) : CacheKernelBase(info) {}
+
+  void Compute(OrtKernelContext* context, const Tensor<uint8_t>& codes, const Tensor<float>& scale,
+               const Tensor<uint8_t>& zero, Tensor<float>& y) {
+    std::vector<int64_t> shape = codes.Shape();
+    if (shape.empty() || shape.back() != code_width())
+      throw std::runtime_error("KVDequantize: codes' last axis does not match head_dim and bits");
+    const int64_t rows = rows_of(shape);
+    if (scale.NumberOfElement() != rows * groups() || zero.NumberOfElement() != rows * groups())
+      throw std::runtime_error("KVDequantize: scale / zero do not match the codes");
+    const uint8_t* c = codes.Data();
+    const float* s = scale.Data();
+    const uint8_t* z = zero.Data();
+    shape.back() = head_dim;
+    float* out = y.Allocate(shape);
+    const int64_t half = head_dim / 2;
+    for_rows(context, rows, head_dim * 2, [&](int64_t begin, int64_t end) {
+      float* row = scratch<float>(0, static_cast<size_t>(head_dim));
+      for (int64_t r = begin; r < end; ++r) {
+        const uint8_t* src = c + r * code_width();
+        if (q.bits == 8) {
+          for (int64_t i = 0; i < head_dim; ++i) row[i] = float(src[i]);
+        } else {
+          for (int64_t i = 0; i < half; ++i) {
+            row[i] = float(src[i] & 15);
+            row[i + half] = float(src[i] >> 4);
+          }
+        }
+        float* o = out + r * head_dim;
+        for (int64_t k = 0; k < groups(); ++k) {
+          const float sc = s[r * groups() + k], zp = float(z[r * groups() + k]);
+          for (int64_t i = k * group; i < (k + 1) * group; ++i) o[i] = (row[i] - zp) * sc;
+        }
+      }
+    });
+  }
+};
+
+struct Registry {
+  Ort::CustomOpDomain domain{"rotgraph"};
+  std::vector<std::unique_ptr<Ort::Custom::OrtLiteCustomOp>> ops;
+
+  Registry() {
+    const char* ep = "CPUExecutionProvider";
+    ops.emplace_back(Ort::Custom::CreateLiteCustomOp<HadamardKernel>("Hadamard", ep));
+    ops.emplace_back(Ort::Custom::CreateLiteCustomOp<FakeQuantKernel>("FakeQuant", ep));
+    ops.emplace_back(Ort::Custom::CreateLiteCustomOp<KVQuantizeKernel>("KVQuantize", ep));
+    ops.emplace_back(Ort::Custom::CreateLiteCustomOp<KVDequantizeKernel>("KVDequantize", ep));
+    for (auto& op : ops) domain.Add(op.get());
+  }
+};
+
+}  // namespace
+
+extern "C" __attribute__((visibility("default"))) OrtStatus* ORT_API_CALL
+RegisterCustomOps(OrtSessionOptions* options, const OrtApiBase* api_base) {
+  Ort::InitApi(api_base->GetApi(ORT_API_VERSION));
+  static std::mutex mutex;
+  static std::unique_ptr<Registry> registry;
+  try {
+    std::lock_guard<std::mutex> lock(mutex);
+    if (!registry) registry = std::make_unique<Registry>();
+    Ort::UnownedSessionOptions(options).Add(registry->domain);
+  } catch (const std::exception& e) {
+    return Ort::GetApi().CreateStatus(ORT_FAIL, e.what());
+  }
+  return nullptr;
+}
