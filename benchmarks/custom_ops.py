@@ -1,15 +1,15 @@
-"""rotgraph's ONNX-function ops against the same ops as onnxruntime-extensions Python custom ops.
+"""rotgraph's ONNX-function ops against its compiled kernels and onnxruntime-extensions Python custom ops.
 
     pip install -e '.[bench]'   # onnxruntime-extensions
     python benchmarks/custom_ops.py
 
-The only custom-op route onnxruntime offers from registry packages on this machine is
-onnxruntime-extensions' PyOp (a Python function registered as an onnxruntime kernel; compiled custom-op
-libraries need onnxruntime's C API headers, which no package here ships). This times one session run of
-a single op, at the sizes decoding and prefill use on the default model, in both forms: the ONNX
-function body onnxruntime inlines (standard MatMul/Reshape/BitShift... kernels), and a PyOp whose body
-is the fastest numpy code (fast Walsh-Hadamard butterflies; one vectorized unpack and scale). Prints a
-markdown table of microseconds per run.
+Times one session run of a single op, at the sizes decoding and prefill use on the default model, in
+three forms: the ONNX function body onnxruntime inlines (standard MatMul/Reshape/BitShift... kernels);
+the same model with rotgraph's compiled kernels registered (rotgraph/kernels, built by
+scripts/build_kernels.sh against the onnxruntime C API headers of Debian's libonnxruntime-dev); and an
+onnxruntime-extensions PyOp (a Python function registered as an onnxruntime kernel) whose body is the
+fastest numpy code (fast Walsh-Hadamard butterflies; one vectorized unpack and scale), the option
+rejected. Prints a markdown table of microseconds per run.
 """
 
 from __future__ import annotations
@@ -24,6 +24,7 @@ import onnx_ir as ir
 import onnxruntime as ort
 
 from rotgraph import io
+from rotgraph.fakequant import ActSpec, insert_fake_quant
 from rotgraph.hadamard import hadamard_factors
 from rotgraph.kvcache import CacheSpec, add_functions, dequantize_node
 from rotgraph.online import insert_hadamard
@@ -124,33 +125,59 @@ def time_us(
     return statistics.median(samples), out
 
 
+def fake_quant_model(spec: ActSpec, shape: list[int]) -> ir.Model:
+    x = ir.Value(name="x", shape=ir.Shape(shape), type=ir.TensorType(ir.DataType.FLOAT))
+    model = ir.Model(ir.Graph([x], [], nodes=[], opset_imports={"": 23}, name="g"), ir_version=10)
+    model.graph.outputs.append(insert_fake_quant(model, x, spec).outputs[0])
+    return model
+
+
 def main() -> None:
+    from rotgraph.kernels import library_path
+
+    compiled = library_path()
+    if compiled is None:
+        raise SystemExit("rotgraph's kernels are not built: bash scripts/build_kernels.sh")
     library = register_pyops()
     rng = np.random.default_rng(0)
     rows = []
+
+    def row(what: str, model: ir.Model, feeds: dict[str, np.ndarray], repeats: int, pyop: ir.Model | None) -> None:
+        base, y = time_us(model, feeds, None, repeats)
+        kernel, y1 = time_us(model, feeds, str(compiled), repeats)
+        custom, y2 = time_us(pyop, feeds, library, repeats) if pyop is not None else (float("nan"), y)
+        rows.append((what, base, kernel, custom, float(np.abs(y - y1).max()), float(np.abs(y - y2).max())))
+
     for what, n, shape, repeats in (
         ("R3, one decode step (9 heads x 64)", 64, [1, 9, 1, 64], 400),
         ("R4, one decode step (1536)", 1536, [1, 1, 1536], 400),
         ("R4, prefill of 512 tokens", 1536, [1, 512, 1536], 10),
+        ("576 = 36 x 16, prefill of 512 tokens", 576, [1, 512, 576], 10),
     ):
         x = rng.standard_normal(shape).astype(np.float32)
-        base, y = time_us(hadamard_model(n, shape, False), {"x": x}, None, repeats)
-        custom, y2 = time_us(hadamard_model(n, shape, True), {"x": x}, library, repeats)
-        rows.append((what, base, custom, float(np.abs(y - y2).max())))
+        row(what, hadamard_model(n, shape, False), {"x": x}, repeats, hadamard_model(n, shape, True))
+    for what, shape, repeats in (
+        ("a4 per token, one decode step (576)", [1, 1, 576], 400),
+        ("a4 per token, prefill of 512 tokens (576)", [1, 512, 576], 20),
+    ):
+        x = rng.standard_normal(shape).astype(np.float32)
+        row(what, fake_quant_model(ActSpec(4), shape), {"x": x}, repeats, None)
     spec = CacheSpec(4, 64, 0, 0.95)
     for context in (128, 1024):
         codes, scale, zero = spec.quantize(rng.standard_normal((1, 3, context, 64)).astype(np.float32))
         feeds = {"codes": codes, "scale": scale, "zero": zero}
-        base, y = time_us(dequantize_model(spec, False), feeds, None, 400)
-        custom, y2 = time_us(dequantize_model(spec, True), feeds, library, 400)
-        rows.append(
-            (f"kv4 dequantize, one layer's keys at context {context}", base, custom, float(np.abs(y - y2).max()))
-        )
+        what = f"kv4 dequantize, one layer's keys at context {context}"
+        row(what, dequantize_model(spec, False), feeds, 400, dequantize_model(spec, True))
     print(f"\n### One op per session run (onnxruntime {ort.__version__} CPU, 2 threads; median of 5)\n")
-    print("| op | ONNX function us | onnxruntime-extensions PyOp us | PyOp / function | max abs diff |")
-    print("|---|---|---|---|---|")
-    for what, base, custom, diff in rows:
-        print(f"| {what} | {base:.1f} | {custom:.1f} | {custom / base:.1f}x | {diff:.1e} |")
+    print(
+        "| op | ONNX function us | rotgraph kernel us | kernel / function | onnxruntime-extensions PyOp us "
+        "| PyOp / function | max abs diff kernel | max abs diff PyOp |"
+    )
+    print("|---|---|---|---|---|---|---|---|")
+    for what, base, kernel, custom, d1, d2 in rows:
+        pyop = "- | -" if np.isnan(custom) else f"{custom:.1f} | {custom / base:.1f}x"
+        pyop_diff = "-" if np.isnan(custom) else f"{d2:.1e}"
+        print(f"| {what} | {base:.1f} | {kernel:.1f} | {kernel / base:.2f}x | {pyop} | {d1:.1e} | {pyop_diff} |")
 
 
 if __name__ == "__main__":
