@@ -14,8 +14,14 @@ URL=${ROTGRAPH_ORT_DEB_URL:-http://deb.debian.org/debian/pool/main/o/onnxruntime
 CXX=${CXX:-g++}
 CXXFLAGS=${ROTGRAPH_KERNEL_CXXFLAGS:--O3 -march=native}
 OUT=rotgraph/kernels/librotgraph_ops.so
-HEADERS=build/onnxruntime-headers
+# ROTGRAPH_ORT_INCLUDE: a folder that already holds onnxruntime_c_api.h and its C++ companions (e.g. an
+# onnxruntime release's include/), for machines that cannot reach Debian's archive.
+HEADERS=${ROTGRAPH_ORT_INCLUDE:-build/onnxruntime-headers}
 
+if [ -n "${ROTGRAPH_ORT_INCLUDE:-}" ] && [ ! -f "$HEADERS/onnxruntime_c_api.h" ]; then
+  echo "ROTGRAPH_ORT_INCLUDE=$HEADERS holds no onnxruntime_c_api.h" >&2
+  exit 1
+fi
 if [ ! -f "$HEADERS/onnxruntime_c_api.h" ]; then
   mkdir -p build
   tmp=$(mktemp -d build/ortdev.XXXXXX)
