@@ -3,9 +3,10 @@
     python benchmarks/decode.py [--workdir rotgraph-demo/bench/decode] [--reuse] [--threads 2] [--rounds 3]
 
 Exports the default model with a KV cache (`rotgraph export --with-past`), rotates it, and quantizes it
-with QuaRot + RTN in the onnxruntime format (int4 MatMulNBits weights; w4a8: int8 activations through
-onnxruntime's dynamic-quantization kernels; w4a4kv4: 4-bit activations as FakeQuant functions and the
-KV cache stored as 4-bit codes). Each model is then measured in its own child process: prefill of 512
+with QuaRot + RTN in the onnxruntime format (int4 MatMulNBits weights; w4a8: int8 activations inside
+MatMulNBits; float KV caches: onnxruntime's GroupQueryAttention, also for the float model as "w16a16"
+without rotation, and once without it, "eager attention"; w4a4kv4: 4-bit activations as FakeQuant ops
+and the KV cache stored as 4-bit codes, attention eager). Each model is then measured in its own child process: prefill of 512
 tokens, decoding at contexts of 128 and 1024 tokens (tokens/s over 32 greedy steps after a prefill of
 that length; the median step), KV-cache bytes per token, peak RSS. The bound for decoding is the bytes of weights read
 per token (every initializer, but only one row of the embedding table) over the measured memory
@@ -32,12 +33,17 @@ from _common import measured, size_mb
 
 MODELS = {  # name -> rotgraph quantize arguments (None: the float export, "rotate": the float rotation)
     "float": None,
+    "float, GroupQueryAttention": ["--scheme", "w16a16", "--rotation", "none"],
     "float + rotation (R1-R4)": "rotate",
     "w4a16": ["--scheme", "w4a16"],
     "w4a8": ["--scheme", "w4a8"],
+    "w4a8, eager attention": ["--scheme", "w4a8", "--eager-attention"],
     "w4a8, no R3/R4": ["--scheme", "w4a8", "--no-online"],
     "w4a4kv4": ["--scheme", "w4a4kv4"],
+    "w4a4kv4, no R3/R4": ["--scheme", "w4a4kv4", "--no-online"],
 }
+# (model, the same without online Hadamards): w4a8 keeps its KV cache in float, so rotgraph inserts R4 only
+OVERHEAD = {"R4 (w4a8)": ("w4a8", "w4a8, no R3/R4"), "R3 + R4 (w4a4kv4)": ("w4a4kv4", "w4a4kv4, no R3/R4")}
 STEPS = 32
 
 
@@ -284,14 +290,15 @@ def main() -> None:
             f"{100 * kv / base['cache_bytes_per_token_1024']:.0f}% | {r['size_mb']:.0f} | {r['peak_rss_mb']:.0f} |"
         )
     by = {(name, kernels): r for name, kernels, r in rows}
-    plain = by[("w4a8, no R3/R4", None)]
-    print("\nOnline Hadamard overhead (R3 + R4), w4a8 against w4a8 without R3/R4, share of decode latency:\n")
-    print("| rotgraph kernels | @128 | @1024 |")
-    print("|---|---|---|")
-    for kernels in (True, False):
-        r = by[("w4a8", kernels)]
-        cells = [1 - r[f"decode_tps_{c}"] / plain[f"decode_tps_{c}"] for c in (128, 1024)]
-        print(f"| {'yes' if kernels else 'no'} | {100 * cells[0]:.1f}% | {100 * cells[1]:.1f}% |")
+    print("\nOnline Hadamard overhead, share of decode latency (separate processes):\n")
+    print("| Hadamards | rotgraph kernels | @128 | @1024 |")
+    print("|---|---|---|---|")
+    for what, (name, plain_name) in OVERHEAD.items():
+        for kernels in (True, False):
+            r = by[(name, kernels)]
+            plain = by.get((plain_name, kernels)) or by[(plain_name, None)]
+            cells = [1 - r[f"decode_tps_{c}"] / plain[f"decode_tps_{c}"] for c in (128, 1024)]
+            print(f"| {what} | {'yes' if kernels else 'no'} | {100 * cells[0]:.1f}% | {100 * cells[1]:.1f}% |")
 
     entries = [
         (
@@ -319,14 +326,16 @@ def main() -> None:
             f"| {label} | {ms['128']:.2f} | {ms['1024']:.2f} | {float_ms['128'] / ms['128']:.2f}x | "
             f"{float_ms['1024'] / ms['1024']:.2f}x |"
         )
-    plain_ms = paired["w4a8, no R3/R4"]
-    print("\nOnline Hadamard overhead (R3 + R4) from the paired run: (w4a8 - w4a8 without R3/R4) / w4a8 step time:\n")
-    print("| w4a8 | @128 | @1024 |")
-    print("|---|---|---|")
-    for suffix in (", kernels", ", function bodies"):
-        ms = paired["w4a8" + suffix]
-        cells = [100 * (ms[c] - plain_ms[c]) / ms[c] for c in ("128", "1024")]
-        print(f"| {suffix[2:]} | {cells[0]:.1f}% | {cells[1]:.1f}% |")
+    print("\nOnline Hadamard overhead from the paired run: (model - model without R3/R4) / model step time:\n")
+    print("| Hadamards | rotgraph kernels | @128 | @1024 |")
+    print("|---|---|---|---|")
+    by_run = {(name, kernels): paired[entries[i][0]] for i, (name, _, kernels) in enumerate(runs)}
+    for what, (name, plain_name) in OVERHEAD.items():
+        for kernels in (True, False):
+            ms = by_run[(name, kernels)]
+            plain_ms = by_run.get((plain_name, kernels)) or by_run[(plain_name, None)]
+            cells = [100 * (ms[c] - plain_ms[c]) / ms[c] for c in ("128", "1024")]
+            print(f"| {what} | {'yes' if kernels else 'no'} | {cells[0]:.1f}% | {cells[1]:.1f}% |")
     print("\nProfiled: time onnxruntime's profiler puts in the Hadamard kernels per decoding step at context 128:\n")
     print("| model | Hadamard us/step | share of the median step |")
     print("|---|---|---|")

@@ -83,6 +83,7 @@ def cmd_quantize(args: argparse.Namespace) -> None:
         symmetric_weights=not args.asymmetric,
         fmt=args.format,
         act_order=not args.no_act_order,
+        fused_attention=not args.eager_attention,
     )
     report = quantize(Path(args.input), Path(args.output), options, validate=not args.no_validate)
     print(
@@ -297,6 +298,12 @@ def parser() -> argparse.ArgumentParser:
         "--head-bits", type=int, choices=[8, 16], default=8, help="embedding and lm_head: 8-bit RTN or float"
     )
     q.add_argument("--no-online", action="store_true", help="with quarot: no online Hadamards (R3/R4)")
+    q.add_argument(
+        "--eager-attention",
+        action="store_true",
+        help="ort format: keep the exported attention instead of onnxruntime's GroupQueryAttention "
+        "(which a graph with a float KV cache gets by default)",
+    )
     q.add_argument(
         "--no-validate", action="store_true", help="skip running the result in onnxruntime (which loads it whole)"
     )

@@ -40,6 +40,7 @@ class RotateOptions:
 
     seed: int = 0
     online: bool = True
+    qk_hadamard: bool = True  # with online: R3 as well as R4 (quantize drops R3 when the KV cache stays float)
     validate: bool = True
     tolerance: float = 1e-3
     validation_tokens: int = 256
@@ -102,7 +103,8 @@ def rotation_passes(options: RotateOptions) -> list[ir.passes.PassBase]:
     else:
         passes += [RotateResidualPass(seed=options.seed), RotateHeadsPass(seed=options.seed)]
     if options.online:
-        passes += [InsertQKHadamardPass(), InsertDownHadamardPass()]
+        passes += [InsertQKHadamardPass()] if options.qk_hadamard else []
+        passes.append(InsertDownHadamardPass())
     return passes
 
 
@@ -114,7 +116,8 @@ def rotate_model(model: ir.Model, options: RotateOptions = RotateOptions()) -> M
     method = {"method": "quarot", "seed": options.seed}
     if options.rotations is not None:
         method = {"method": "spinquant", "rotations": Path(options.rotations).name}
-    model.metadata_props[ROTATION_KEY] = json.dumps({**method, "online": options.online})
+    online = {"online": options.online, "r3": options.online and options.qk_hadamard}
+    model.metadata_props[ROTATION_KEY] = json.dumps({**method, **online})
     return discover(model)
 
 

@@ -18,13 +18,14 @@ from rotgraph.calibrate import input_absmax, input_hessians
 from rotgraph.errors import RotgraphError
 from rotgraph.evaluate import make_session, run_logits, windows
 from rotgraph.fakequant import ActSpec
-from rotgraph.passes import UntieEmbeddingPass
+from rotgraph.passes import GroupQueryAttentionPass, UntieEmbeddingPass
 from rotgraph.passes.quantize_activations import QuantizeActivationsPass
 from rotgraph.passes.quantize_kv import QuantizeKVCachePass
 from rotgraph.passes.quantize_weights import QuantizeWeightsPass
 from rotgraph.passes.smooth import SmoothQuantPass
 from rotgraph.pipeline import RotateOptions, canonicalize, rotate_model, run_passes
 from rotgraph.quant import WeightSpec
+from rotgraph.structure import Attention, discover
 
 logger = logging.getLogger(__name__)
 
@@ -63,6 +64,7 @@ class QuantOptions:
     seed: int = 0
     fmt: str = "qdq"  # qdq | ort
     head_bits: int = 8  # embedding and lm_head: 8 (RTN, same group) or 16 (float)
+    fused_attention: bool = True  # ort format, float KV cache: onnxruntime's GroupQueryAttention
     damp: float = 0.01
     act_order: bool = True
     calibration_windows: int = 32
@@ -151,7 +153,13 @@ def quantize_model(
     """
     scheme = Scheme.parse(options.scheme)
     if options.rotation != "none":
-        rotate_model(model, RotateOptions(seed=options.seed, online=options.online, rotations=options.rotations))
+        # R3 (Hadamard on Q and K) only serves a quantized KV cache: with a float cache it cancels exactly
+        # in Q K^T and would cost decoding time for nothing.
+        r3 = scheme.kv_bits is not None
+        rotate_model(
+            model,
+            RotateOptions(seed=options.seed, online=options.online, qk_hadamard=r3, rotations=options.rotations),
+        )
     else:
         canonicalize(model)
     if options.smooth is not None:
@@ -184,9 +192,28 @@ def quantize_model(
                 spill_dir=spill_dir,
             )
         )
-    run_passes(model, passes)
+    attentions = _fusable_attention(model, options, scheme)  # found before the weights change form
+    if passes:  # w16a16: nothing to quantize (a rotated float model, or only the ort format's attention)
+        run_passes(model, passes)
+    if attentions:
+        run_passes(model, [GroupQueryAttentionPass(attentions)])
     model.metadata_props["rotgraph.quantization"] = json.dumps(asdict(options))
     return hessians
+
+
+def _fusable_attention(model: ir.Model, options: QuantOptions, scheme: Scheme) -> list[Attention]:
+    """The attentions the ort format fuses into GroupQueryAttention: those of a decoder with a float,
+    unwindowed KV cache (a cache stored as codes keeps rotgraph's KV ops; a windowed one, eager
+    attention)."""
+    if options.fmt != "ort" or not options.fused_attention or scheme.kv_bits is not None:
+        return []
+    attentions = [block.attention for block in discover(model).blocks]
+    if not all(a.key_cache is not None and a.value_cache is not None for a in attentions):
+        return []
+    if any(a.key_cache.window for a in attentions if a.key_cache is not None):
+        logger.info("sliding-window KV cache: attention stays eager (GroupQueryAttention fusion not applied)")
+        return []
+    return attentions
 
 
 def quantize(

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
@@ -173,3 +174,43 @@ def test_ort_format_keeps_the_graph_interface_and_decodes(tiny, tokens, tmp_path
     full = ort_logits(out, tokens)
     stepped, _ = decode(out, tokens, prefill=9)
     np.testing.assert_allclose(stepped, full[:, 8:], atol=1e-3 * np.abs(full).max())
+
+
+@pytest.mark.parametrize(("model_type", "scheme"), [("llama", "w16a16"), ("qwen2", "w4a16")])
+def test_ort_format_fuses_attention_into_group_query_attention(
+    tiny, tokens, tmp_path, model_type: str, scheme: str
+) -> None:
+    """A float cache in the ort format: onnxruntime's GroupQueryAttention replaces the eager attention,
+    with the same logits (prefill and step by step) and the same graph interface as the eager graph
+    (w16a16: a float model whose only change is the attention)."""
+    _, past = tiny(model_type, with_past=True)
+    options = QuantOptions(scheme, group=16, fmt="ort", rotation="none" if scheme == "w16a16" else "quarot")
+    fused = transform(past, tmp_path / "fused.onnx", lambda m: quantize_model(m, options))
+    eager = transform(
+        past, tmp_path / "eager.onnx", lambda m: quantize_model(m, replace(options, fused_attention=False))
+    )
+    ops = [n.op_type for n in io.load_model(fused).graph]
+    layers = len(canonicalize(io.load_model(past)).blocks)
+    assert ops.count("GroupQueryAttention") == layers and "Softmax" not in ops
+    assert "GroupQueryAttention" not in [n.op_type for n in io.load_model(eager).graph]
+    assert [o.name for o in session(fused).get_outputs()] == [o.name for o in session(eager).get_outputs()]
+    reference, reference_cache = decode(eager, tokens, prefill=6)
+    stepped, cache = decode(fused, tokens, prefill=6)
+    np.testing.assert_allclose(stepped, reference, atol=1e-4 * np.abs(reference).max())
+    for name, value in reference_cache.items():
+        np.testing.assert_allclose(cache[name], value, atol=1e-5)
+
+
+def test_attention_fusion_refuses_an_unexpected_pattern(tiny) -> None:
+    from rotgraph.errors import StructureError
+    from rotgraph.passes import GroupQueryAttentionPass
+    from rotgraph.pipeline import run_passes
+
+    _, past = tiny("llama", with_past=True)
+    model = io.load_model(past)
+    attentions = [b.attention for b in canonicalize(model).blocks]
+    scale = next(iter(attentions[1].scores.outputs[0].uses())).node  # drop layer 1's score scaling
+    scale.outputs[0].replace_all_uses_with(attentions[1].scores.outputs[0])
+    model.graph.remove(scale, safe=True)
+    with pytest.raises(StructureError, match=r"layer 1 attention: expected .* read by one Mul, found Add"):
+        run_passes(model, [GroupQueryAttentionPass(attentions)])

@@ -186,3 +186,17 @@ def test_spilled_quantization_equals_the_in_memory_one(tiny, tokens, tmp_path, m
     for name, value in held.graph.initializers.items():
         assert spilled.graph.initializers[name].const_value.tobytes() == value.const_value.tobytes(), name
     np.testing.assert_array_equal(ort_logits(out, tokens), ort_logits(memory, tokens))
+
+
+@pytest.mark.parametrize(("scheme", "per_layer"), [("w4a8", 1), ("w4a16", 1), ("w4a8kv4", 3), ("w4a4kv8", 3)])
+def test_quantize_inserts_r3_only_for_a_quantized_kv_cache(tiny, scheme: str, per_layer: int) -> None:
+    """R3 (Hadamard on Q and K) cancels exactly in Q K^T and only helps when the KV cache is quantized;
+    R4 (before down_proj) is always there."""
+    _, path = tiny("llama")
+    model = io.load_model(path)
+    quantize_model(model, QuantOptions(scheme, group=16))
+    layers = len(canonicalize(io.load_model(path)).blocks)
+    sizes = [n.overload for n in model.graph if n.op_type == "Hadamard"]
+    assert len(sizes) == per_layer * layers
+    head_dim = 16  # the tiny Llama's
+    assert sizes.count(f"n{head_dim}") == (per_layer - 1) * layers

@@ -4,6 +4,7 @@ from rotgraph.passes.canonicalize_norms import CanonicalizeNormsPass
 from rotgraph.passes.down_hadamard import InsertDownHadamardPass
 from rotgraph.passes.expand_ort_ops import ExpandOrtFusedOpsPass
 from rotgraph.passes.fuse_norm_scales import FuseNormScalesPass
+from rotgraph.passes.group_query_attention import GroupQueryAttentionPass
 from rotgraph.passes.qk_hadamard import InsertQKHadamardPass
 from rotgraph.passes.rotate_heads import RotateHeadsPass
 from rotgraph.passes.rotate_residual import RotateResidualPass
@@ -15,6 +16,7 @@ __all__ = [
     "CanonicalizeNormsPass",
     "ExpandOrtFusedOpsPass",
     "FuseNormScalesPass",
+    "GroupQueryAttentionPass",
     "InsertDownHadamardPass",
     "InsertQKHadamardPass",
     "RotateHeadsPass",

@@ -1,0 +1,178 @@
+"""Replace the exported eager attention of a cached decoder by onnxruntime's GroupQueryAttention."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import numpy as np
+import onnx_ir as ir
+from onnx_ir.passes.common import RemoveUnusedNodesPass
+
+from rotgraph.errors import StructureError
+from rotgraph.online import constant_node
+from rotgraph.structure import Attention
+
+MS_DOMAIN = "com.microsoft"
+
+
+@dataclass(frozen=True)
+class _Core:
+    """The eager attention between the projections: scores -> scale -> mask -> softmax -> values."""
+
+    attention: Attention
+    scale: float
+    output: ir.Value  # [batch, seq, heads * head_dim], what o_proj (or its input quantizer) reads
+
+
+def _single_use(value: ir.Value, op_type: str, where: str) -> ir.Node:
+    uses = list(value.uses())
+    if len(uses) != 1 or uses[0].node.op_type != op_type:
+        found = ", ".join(u.node.op_type for u in uses) or "nothing"
+        raise StructureError(f"{where}: expected {value.name} to be read by one {op_type}, found {found}")
+    return uses[0].node
+
+
+def _scalar(value: ir.Value | None) -> float | None:
+    tensor = value.const_value if value is not None else None
+    if tensor is None:
+        producer = value.producer() if value is not None else None
+        if producer is not None and producer.op_type == "Constant" and "value" in producer.attributes:
+            tensor = producer.attributes["value"].as_tensor()
+    if tensor is None or tensor.size != 1:
+        return None
+    return float(np.asarray(tensor.numpy()).reshape(()))
+
+
+def _match_core(attention: Attention, index: int) -> _Core:
+    where = f"layer {index} attention"
+    scale_node = _single_use(attention.scores.outputs[0], "Mul", where)
+    scale = _scalar(scale_node.inputs[1])
+    if scale is None:
+        raise StructureError(f"{where}: the scores are scaled by a non-constant {scale_node.inputs[1]}")
+    mask = _single_use(scale_node.outputs[0], "Add", where)
+    softmax = _single_use(mask.outputs[0], "Softmax", where)
+    values = _single_use(softmax.outputs[0], "MatMul", where)
+    transpose = _single_use(values.outputs[0], "Transpose", where)
+    if list(transpose.attributes.get_ints("perm", [])) != [0, 2, 1, 3]:
+        raise StructureError(f"{where}: the attention output is not transposed to [batch, seq, heads, head_dim]")
+    merge = _single_use(transpose.outputs[0], "Reshape", where)
+    return _Core(attention, scale, merge.outputs[0])
+
+
+class GroupQueryAttentionPass(ir.passes.InPlacePass):
+    """Eager attention with a float KV cache  ->  com.microsoft GroupQueryAttention (onnxruntime).
+
+    For each given attention (found by `structure.discover` before the weights were quantized; the
+    attention core is not touched by the weight and activation passes), the pattern MatMul(Q, K^T) ->
+    Mul(scale) -> Add(causal mask) -> Softmax -> MatMul(., V) -> Transpose -> Reshape, with K and V the
+    cache Concat(past, new) repeated for grouped-query heads, becomes one GroupQueryAttention reading Q
+    (after RoPE and R3), the new K (after RoPE and R3) and V, and the past cache; its present outputs
+    replace the Concat outputs as the graph's present.* outputs (same names). seqlens_k and
+    total_sequence_length are computed once from the first cache's past length and the query length.
+
+    Guarantees: the same function as the eager graph for causal decoding with no padding (the exported
+    graph has no attention-mask input: the mask it adds is causal), to float rounding; every given
+    layer is rewritten or the pass raises naming the layer and what it found. Caches stored as integer
+    codes or behind a sliding window are refused: GroupQueryAttention would change their layout.
+    """
+
+    def __init__(self, attentions: Sequence[Attention]) -> None:
+        super().__init__()
+        self.attentions = list(attentions)
+
+    def call(self, model: ir.Model) -> ir.passes.PassResult:
+        if not self.attentions:
+            return ir.passes.PassResult(model, False)
+        graph = model.graph
+        extra = [i.name for i in graph.inputs if i.name and "mask" in i.name.lower()]
+        if extra:
+            raise StructureError(f"the graph has attention-mask inputs {extra}: fused attention assumes causal only")
+        cores = []
+        for index, attention in enumerate(self.attentions):
+            for cache in (attention.key_cache, attention.value_cache):
+                if cache is None or cache.quantized or cache.window:
+                    raise StructureError(
+                        f"layer {index} attention: GroupQueryAttention needs a float cache without a sliding "
+                        "window (Concat(past, new) -> present)"
+                    )
+            cores.append(_match_core(attention, index))
+        model.opset_imports.setdefault(MS_DOMAIN, 1)
+        seqlens, total = self._lengths(graph, self.attentions[0])
+        for core in cores:
+            self._fuse(graph, core, seqlens, total)
+        RemoveUnusedNodesPass()(model)  # the eager attention, the caches' Concats and the mask
+        return ir.passes.PassResult(model, True)
+
+    @staticmethod
+    def _lengths(graph: ir.Graph, first: Attention) -> tuple[ir.Value, ir.Value]:
+        """seqlens_k [batch] int32 (= past + new - 1) and total_sequence_length int32 scalar."""
+        assert first.key_cache is not None
+        query = first.scores.inputs[0]
+        assert query is not None
+        nodes: list[ir.Node] = []
+
+        def add(op: str, inputs: list[ir.Value], **attrs: int) -> ir.Value:
+            node = ir.Node(
+                "", op, inputs, [ir.AttrInt64(k, v) for k, v in attrs.items()], name=f"gqa_{op}_{len(nodes)}"
+            )
+            nodes.append(node)
+            return node.outputs[0]
+
+        def const(name: str, array: np.ndarray) -> ir.Value:
+            node = constant_node(name, array)
+            nodes.append(node)
+            return node.outputs[0]
+
+        past = add("Shape", [first.key_cache.past], start=2, end=3)
+        new = add("Shape", [query], start=2, end=3)
+        batch = add("Shape", [query], start=0, end=1)
+        total = add("Cast", [add("Add", [past, new])], to=ir.DataType.INT32)
+        seqlens = add("Expand", [add("Sub", [total, const("gqa_one", np.array([1], np.int32))]), batch])
+        scalar = add("Reshape", [total, const("gqa_scalar", np.array([], np.int64))])
+        seqlens.name, scalar.name = "gqa_seqlens_k", "gqa_total_sequence_length"
+        graph.insert_before(first.scores, nodes)
+        return seqlens, scalar
+
+    @staticmethod
+    def _fuse(graph: ir.Graph, core: _Core, seqlens: ir.Value, total: ir.Value) -> None:
+        a = core.attention
+        assert a.key_cache is not None and a.value_cache is not None
+        nodes: list[ir.Node] = []
+
+        def flat(value: ir.Value, heads: int, what: str) -> ir.Value:
+            """[batch, heads, seq, head_dim] -> [batch, seq, heads * head_dim]"""
+            t = ir.Node("", "Transpose", [value], [ir.AttrInt64s("perm", [0, 2, 1, 3])])
+            shape = constant_node(f"{value.name}_{what}_shape", np.array([0, 0, heads * a.head_dim], np.int64))
+            r = ir.Node("", "Reshape", [t.outputs[0], shape.outputs[0]])
+            nodes.extend([t, shape, r])
+            return r.outputs[0]
+
+        query = a.scores.inputs[0]
+        assert query is not None
+        inputs = [
+            flat(query, a.num_heads, "q"),
+            flat(a.key_cache.new, a.num_kv_heads, "k"),
+            flat(a.value_cache.new, a.num_kv_heads, "v"),
+            a.key_cache.past,
+            a.value_cache.past,
+            seqlens,
+            total,
+        ]
+        attrs = [
+            ir.AttrInt64("num_heads", a.num_heads),
+            ir.AttrInt64("kv_num_heads", a.num_kv_heads),
+            ir.AttrFloat32("scale", core.scale),
+        ]
+        gqa = ir.Node(MS_DOMAIN, "GroupQueryAttention", inputs, attrs, num_outputs=3)
+        nodes.append(gqa)
+        output = gqa.outputs[0]
+        output.name, output.shape, output.type = f"{core.output.name}_gqa", core.output.shape, core.output.type
+        graph.insert_after(core.output.producer(), nodes)  # type: ignore[arg-type]
+        core.output.replace_all_uses_with(output)
+        for cache, present in ((a.key_cache, gqa.outputs[1]), (a.value_cache, gqa.outputs[2])):
+            old = cache.present
+            name = old.name
+            old.name = f"{name}_eager"
+            present.name, present.shape, present.type = name, old.shape, old.type
+            graph.outputs[graph.outputs.index(old)] = present
