@@ -67,7 +67,7 @@ class GroupQueryAttentionPass(ir.passes.InPlacePass):
     attention core is not touched by the weight and activation passes), the pattern MatMul(Q, K^T) ->
     Mul(scale) -> Add(causal mask) -> Softmax -> MatMul(., V) -> Transpose -> Reshape, with K and V the
     cache Concat(past, new) repeated for grouped-query heads, becomes one GroupQueryAttention reading Q
-    (after RoPE and R3), the new K (after RoPE and R3) and V, and the past cache; its present outputs
+    and the new K (after RoPE and any R3 Hadamard) and V, and the past cache; its present outputs
     replace the Concat outputs as the graph's present.* outputs (same names). seqlens_k and
     total_sequence_length are computed once from the first cache's past length and the query length.
 
