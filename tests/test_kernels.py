@@ -163,6 +163,15 @@ def test_register_uses_the_library_only_when_it_can(tmp_path, monkeypatch) -> No
     data = np.ones((4, 32), np.float32)
     np.testing.assert_allclose(make_session(old_path, "disable").run(None, {"x": data})[0], data, rtol=1e-6)
 
+    hadamard = graph_model([float_input("x", [4, 24])])  # 24 = 12 * 2: the kernel needs the matrix
+    hadamard.graph.outputs.append(insert_hadamard(hadamard, hadamard.graph.inputs[0], hadamard_factors(24)).outputs[0])  # type: ignore[arg-type]
+    io.save_model(hadamard, tmp_path / "h.onnx")
+    stripped = onnx.load(str(tmp_path / "h.onnx"))
+    assert not kernels.missing_attributes(tmp_path / "h.onnx")
+    del stripped.graph.node[0].attribute[:]
+    onnx.save(stripped, str(tmp_path / "h_old.onnx"))
+    assert len(kernels.missing_attributes(tmp_path / "h_old.onnx")) == 1
+
     monkeypatch.setenv("ROTGRAPH_KERNELS", "0")
     assert not kernels.register(ort.SessionOptions(), path, None)
     with pytest.raises(RotgraphError, match="not built"):

@@ -20,7 +20,7 @@ from rotgraph.structure import ROTGRAPH_DOMAIN
 
 LIBRARY = Path(__file__).with_name("librotgraph_ops.so")
 BUILD_HINT = "build it with `bash scripts/build_kernels.sh` (scripts/setup.sh does)"
-# The attribute each op's kernel cannot do without (Hadamard needs none: a power of two has no matrix).
+# The attribute each op's kernel cannot do without (Hadamard: `a`, unless n is a power of two).
 _REQUIRED = {"FakeQuant": "bits", "KVQuantize": "head_dim", "KVDequantize": "head_dim"}
 
 
@@ -39,10 +39,19 @@ def missing_attributes(path: Path) -> list[str]:
     graphs = [model.graph] + [f for f in model.functions]  # type: ignore[list-item]
     for graph in graphs:
         for node in graph.node:
+            if node.domain != ROTGRAPH_DOMAIN:
+                continue
             need = _REQUIRED.get(node.op_type)
-            if node.domain == ROTGRAPH_DOMAIN and need and need not in {a.name for a in node.attribute}:
+            if node.op_type == "Hadamard" and not _is_power_of_two(node.overload):
+                need = "a"  # the m x m matrix of an n = m * 2^k transform
+            if need and need not in {a.name for a in node.attribute}:
                 missing.append(node.name or node.op_type)
     return missing
+
+
+def _is_power_of_two(overload: str) -> bool:
+    n = int(overload[1:]) if overload[:1] == "n" and overload[1:].isdigit() else 0
+    return n > 0 and n & (n - 1) == 0
 
 
 def register(options: ort.SessionOptions, path: Path, kernels: bool | None) -> bool:
