@@ -36,13 +36,19 @@ def constant_node(name: str, array: np.ndarray) -> ir.Node:
 
 
 class FunctionBuilder:
-    """Nodes of an ONNX function body in standard ops (rotgraph's Hadamard, FakeQuant, KV-cache ops)."""
+    """Nodes in standard ops, collected in order: ONNX function bodies (rotgraph's Hadamard, FakeQuant,
+    KV-cache ops) and small subgraphs a pass inserts."""
 
     def __init__(self) -> None:
         self.nodes: list[ir.Node] = []
 
-    def op(self, op_type: str, *inputs: ir.Value, **attrs: int) -> ir.Value:
-        node = ir.Node("", op_type, list(inputs), [ir.AttrInt64(k, v) for k, v in attrs.items()])
+    def op(self, op_type: str, *inputs: ir.Value, **attrs: int | list[int]) -> ir.Value:
+        node = ir.Node(
+            "",
+            op_type,
+            list(inputs),
+            [ir.AttrInt64s(k, v) if isinstance(v, list) else ir.AttrInt64(k, v) for k, v in attrs.items()],
+        )
         self.nodes.append(node)
         return node.outputs[0]
 

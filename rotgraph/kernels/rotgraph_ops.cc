@@ -1,7 +1,7 @@
 // rotgraph's custom onnxruntime kernels: the ops of the `rotgraph` domain as compiled CPU code.
 //
 // Every op here is also carried in the model as an ONNX function in standard ops, so a model runs
-// without this library; registering it (rotgraph.kernels.session_options) makes onnxruntime run these
+// without this library; registering it (rotgraph.kernels.register) makes onnxruntime run these
 // kernels instead of inlining the function bodies. Each kernel computes what its function body computes,
 // in the same float32 arithmetic (divisions stay divisions, rounding is half to even), so the two paths
 // agree to the last bit for the quantizers and to float rounding for the Hadamard transform.
@@ -191,18 +191,16 @@ struct HadamardKernel {
       const float* src = in + begin * n;
       if (p == 8 || p == 16 || p == 32) {  // short blocks: a dense multiply beats transposing for butterflies
         for (int64_t v = 0; v < count; ++v) small_block(src + v * p, work + v * p, p);
-        if (m > 1)
-          for (int64_t r = 0; r < end - begin; ++r) mix(work + r * n, out + (begin + r) * n, p);
-        return;
-      }
-      float* t = scratch<float>(1, static_cast<size_t>(p * kLanes));
-      for (int64_t v0 = 0; v0 < count; v0 += kLanes) {
-        const int64_t lanes = std::min<int64_t>(kLanes, count - v0);
-        for (int64_t l = 0; l < lanes; ++l)
-          for (int64_t k = 0; k < p; ++k) t[k * kLanes + l] = src[(v0 + l) * p + k] * scale_p;
-        butterflies(t, p);
-        for (int64_t l = 0; l < lanes; ++l)
-          for (int64_t k = 0; k < p; ++k) work[(v0 + l) * p + k] = t[k * kLanes + l];
+      } else {
+        float* t = scratch<float>(1, static_cast<size_t>(p * kLanes));
+        for (int64_t v0 = 0; v0 < count; v0 += kLanes) {
+          const int64_t lanes = std::min<int64_t>(kLanes, count - v0);
+          for (int64_t l = 0; l < lanes; ++l)
+            for (int64_t k = 0; k < p; ++k) t[k * kLanes + l] = src[(v0 + l) * p + k] * scale_p;
+          butterflies(t, p);
+          for (int64_t l = 0; l < lanes; ++l)
+            for (int64_t k = 0; k < p; ++k) work[(v0 + l) * p + k] = t[k * kLanes + l];
+        }
       }
       if (m > 1)
         for (int64_t r = 0; r < end - begin; ++r) mix(work + r * n, out + (begin + r) * n, p);

@@ -10,7 +10,7 @@ import onnx_ir as ir
 from onnx_ir.passes.common import RemoveUnusedNodesPass
 
 from rotgraph.errors import StructureError
-from rotgraph.online import constant_node
+from rotgraph.online import FunctionBuilder
 from rotgraph.structure import Attention
 
 MS_DOMAIN = "com.microsoft"
@@ -110,43 +110,27 @@ class GroupQueryAttentionPass(ir.passes.InPlacePass):
         assert first.key_cache is not None
         query = first.scores.inputs[0]
         assert query is not None
-        nodes: list[ir.Node] = []
-
-        def add(op: str, inputs: list[ir.Value], **attrs: int) -> ir.Value:
-            node = ir.Node(
-                "", op, inputs, [ir.AttrInt64(k, v) for k, v in attrs.items()], name=f"gqa_{op}_{len(nodes)}"
-            )
-            nodes.append(node)
-            return node.outputs[0]
-
-        def const(name: str, array: np.ndarray) -> ir.Value:
-            node = constant_node(name, array)
-            nodes.append(node)
-            return node.outputs[0]
-
-        past = add("Shape", [first.key_cache.past], start=2, end=3)
-        new = add("Shape", [query], start=2, end=3)
-        batch = add("Shape", [query], start=0, end=1)
-        total = add("Cast", [add("Add", [past, new])], to=ir.DataType.INT32)
-        seqlens = add("Expand", [add("Sub", [total, const("gqa_one", np.array([1], np.int32))]), batch])
-        scalar = add("Reshape", [total, const("gqa_scalar", np.array([], np.int64))])
+        b = FunctionBuilder()
+        past = b.op("Shape", first.key_cache.past, start=2, end=3)
+        new = b.op("Shape", query, start=2, end=3)
+        batch = b.op("Shape", query, start=0, end=1)
+        total = b.op("Cast", b.op("Add", past, new), to=ir.DataType.INT32)
+        seqlens = b.op("Expand", b.op("Sub", total, b.const("gqa_one", np.array([1], np.int32))), batch)
+        scalar = b.op("Reshape", total, b.const("gqa_scalar", np.array([], np.int64)))
         seqlens.name, scalar.name = "gqa_seqlens_k", "gqa_total_sequence_length"
-        graph.insert_before(first.scores, nodes)
+        graph.insert_before(first.scores, b.nodes)
         return seqlens, scalar
 
     @staticmethod
     def _fuse(graph: ir.Graph, core: _Core, seqlens: ir.Value, total: ir.Value) -> None:
         a = core.attention
         assert a.key_cache is not None and a.value_cache is not None
-        nodes: list[ir.Node] = []
+        b = FunctionBuilder()
 
         def flat(value: ir.Value, heads: int, what: str) -> ir.Value:
             """[batch, heads, seq, head_dim] -> [batch, seq, heads * head_dim]"""
-            t = ir.Node("", "Transpose", [value], [ir.AttrInt64s("perm", [0, 2, 1, 3])])
-            shape = constant_node(f"{value.name}_{what}_shape", np.array([0, 0, heads * a.head_dim], np.int64))
-            r = ir.Node("", "Reshape", [t.outputs[0], shape.outputs[0]])
-            nodes.extend([t, shape, r])
-            return r.outputs[0]
+            shape = b.const(f"{value.name}_{what}_shape", np.array([0, 0, heads * a.head_dim], np.int64))
+            return b.op("Reshape", b.op("Transpose", value, perm=[0, 2, 1, 3]), shape)
 
         query = a.scores.inputs[0]
         assert query is not None
@@ -165,10 +149,10 @@ class GroupQueryAttentionPass(ir.passes.InPlacePass):
             ir.AttrFloat32("scale", core.scale),
         ]
         gqa = ir.Node(MS_DOMAIN, "GroupQueryAttention", inputs, attrs, num_outputs=3)
-        nodes.append(gqa)
+        b.nodes.append(gqa)
         output = gqa.outputs[0]
         output.name, output.shape, output.type = f"{core.output.name}_gqa", core.output.shape, core.output.type
-        graph.insert_after(core.output.producer(), nodes)  # type: ignore[arg-type]
+        graph.insert_after(core.output.producer(), b.nodes)  # type: ignore[arg-type]
         core.output.replace_all_uses_with(output)
         for cache, present in ((a.key_cache, gqa.outputs[1]), (a.value_cache, gqa.outputs[2])):
             old = cache.present
