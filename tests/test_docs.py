@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import importlib.util
 import re
+import shlex
 from pathlib import Path
 from types import ModuleType
 
@@ -84,6 +85,21 @@ def test_readme_is_short() -> None:
         f"README.md has {len(lines)} lines (at most {README_MAX_LINES}): move reference material to docs/ and "
         "results to benchmarks/RESULTS.md"
     )
+
+
+def test_readme_commands_parse() -> None:
+    """Every `rotgraph ...` line of README.md's bash blocks is accepted by the current parser."""
+    from rotgraph.cli import parser
+
+    blocks = re.findall(r"```bash\n(.*?)```", (ROOT / "README.md").read_text(), flags=re.S)
+    commands = [line for block in blocks for line in block.splitlines() if line.startswith("rotgraph ")]
+    assert len(commands) >= 5, "README.md's quick start lost its commands"
+    for command in commands:
+        argv = shlex.split(command, comments=True)[1:]
+        try:
+            parser().parse_args(argv)
+        except SystemExit:
+            pytest.fail(f"README.md: `{command}` is not accepted by rotgraph.cli.parser()")
 
 
 @pytest.mark.parametrize("page", PAGES, ids=lambda p: str(p.relative_to(ROOT)))
