@@ -7,6 +7,8 @@ import dataclasses
 import json
 import logging
 import sys
+import tempfile
+import traceback
 from collections.abc import Sequence
 from pathlib import Path
 from typing import TypeVar
@@ -86,6 +88,8 @@ def cmd_quantize(args: argparse.Namespace) -> None:
         fused_attention=not args.eager_attention,
     )
     report = quantize(Path(args.input), Path(args.output), options, validate=not args.no_validate)
+    if report.validation is not None:
+        print(f"validated against the float model: {report.validation}")
     print(
         f"wrote {report.output} ({args.scheme}, rotation {args.rotation}, weights {args.weights}) "
         f"in {report.seconds:.1f} s"
@@ -167,8 +171,11 @@ def cmd_inspect(args: argparse.Namespace) -> None:
         index = write_report(Path(args.output), model, tokens, rotated, args.scheme, args.group)
         print(f"report: {index}")
         return
-    before = activation_stats(model, tokens)
-    after = activation_stats(Path(args.rotated), tokens) if args.rotated else None
+    with tempfile.TemporaryDirectory(prefix=".rotgraph-inspect.", dir=Path.cwd()) as scratch:  # removed at once
+        before = activation_stats(model, tokens, scratch=Path(scratch) / "model")
+        after = (
+            activation_stats(Path(args.rotated), tokens, scratch=Path(scratch) / "rotated") if args.rotated else None
+        )
     print(format_stats(before, after))
 
 
@@ -359,18 +366,34 @@ def parser() -> argparse.ArgumentParser:
     return p
 
 
+def _error_line(error: BaseException) -> str:
+    """One line saying what failed: a rotgraph error as it is, anything else with its type, and the
+    rotgraph error inside a pass failure rather than the pass manager's wrapper."""
+    cause: BaseException | None = error
+    while cause is not None and not isinstance(cause, RotgraphError):
+        cause = cause.__cause__
+    if cause is not None:
+        return str(cause)
+    text = " ".join(str(error).split()) or "(no message)"
+    return f"{type(error).__name__}: {text} (unexpected: run with -v for the traceback)"
+
+
 def main(argv: Sequence[str] | None = None) -> int:
+    """Run the command line; every failure is one `rotgraph: error:` line and exit status 1 (with -v the
+    traceback of an unexpected error is printed first)."""
     args = parser().parse_args(argv)
     logging.basicConfig(format="rotgraph: %(message)s", level=logging.WARNING)
     logger.setLevel(logging.DEBUG if args.verbose else logging.INFO)
     try:
         args.func(args)
-    except RotgraphError as e:
-        print(f"rotgraph: error: {e}", file=sys.stderr)
-        return 1
     except KeyboardInterrupt:
         print("rotgraph: interrupted", file=sys.stderr)
         return 130
+    except Exception as e:
+        if args.verbose and not isinstance(e, RotgraphError):
+            traceback.print_exc()
+        print(f"rotgraph: error: {_error_line(e)}", file=sys.stderr)
+        return 1
     return 0
 
 

@@ -27,19 +27,34 @@ _LEVELS = {
 
 
 def make_session(
-    path: Path,
+    path: Path | bytes,
     optimization: str = "basic",
     threads: int | None = None,
     kernels: bool | None = None,
     spinning: bool = True,
+    external_data_folder: Path | None = None,
 ) -> ort.InferenceSession:
     """An onnxruntime CPU session. `disable` turns off every graph rewrite (the validation setting);
     int4 MatMulNBits fusion never changes accuracy silently: its accuracy level is pinned to 0 (float).
     kernels: rotgraph's compiled kernels for its own ops (`rotgraph.kernels.register`): None uses them when
     they are built, True requires them, False runs the ONNX function bodies. spinning=False stops idle
-    intra-op threads from spinning (for several sessions sharing the cores)."""
+    intra-op threads from spinning (for several sessions sharing the cores).
+
+    `path` may instead be a serialized model (bytes, run on the function bodies) whose external data lies in
+    `external_data_folder`: a probe of a loaded model needs no copy of its weights on disk."""
     options = ort.SessionOptions()
-    rotgraph_kernels.register(options, path, kernels)
+    if isinstance(path, bytes):
+        if kernels:
+            raise RotgraphError("rotgraph's kernels are registered for model files, not serialized models")
+        if external_data_folder is not None:
+            options.add_session_config_entry(
+                "session.model_external_initializers_file_folder_path", str(external_data_folder)
+            )
+        source: str | bytes = path
+        where = "the serialized model"
+    else:
+        rotgraph_kernels.register(options, path, kernels)
+        source = where = str(path)
     options.graph_optimization_level = _LEVELS[optimization]
     options.intra_op_num_threads = threads or min(os.cpu_count() or 1, 4)
     options.add_session_config_entry("session.qdq_matmulnbits_accuracy_level", "0")
@@ -47,9 +62,9 @@ def make_session(
     if not spinning:
         options.add_session_config_entry("session.intra_op.allow_spinning", "0")
     try:
-        return ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
+        return ort.InferenceSession(source, options, providers=["CPUExecutionProvider"])
     except Exception as e:
-        raise RotgraphError(f"{path}: onnxruntime cannot load it ({type(e).__name__}: {e})") from None
+        raise RotgraphError(f"{where}: onnxruntime cannot load it ({type(e).__name__}: {e})") from None
 
 
 _ORT_TYPES = {"tensor(float)": np.float32, "tensor(float16)": np.float16, "tensor(uint8)": np.uint8}
@@ -108,7 +123,7 @@ def windows(ids: Sequence[int], count: int, seq_len: int) -> np.ndarray:
     return np.stack([arr[s : s + seq_len] for s in starts])
 
 
-def _log_softmax(logits: np.ndarray) -> np.ndarray:
+def log_softmax(logits: np.ndarray) -> np.ndarray:
     x = logits.astype(np.float64)
     x -= x.max(axis=-1, keepdims=True)
     return x - np.log(np.exp(x).sum(axis=-1, keepdims=True))
@@ -158,7 +173,7 @@ def evaluate(
             t = time.perf_counter()
             logits = run_logits(session, tokens)[0, :-1]
             seconds[i] += time.perf_counter() - t
-            logp = _log_softmax(logits)
+            logp = log_softmax(logits)
             nll[i] += -logp[np.arange(len(targets)), targets].sum()
             if ref_logp is None:
                 ref_logp = logp

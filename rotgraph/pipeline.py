@@ -11,6 +11,7 @@ from pathlib import Path
 import numpy as np
 import onnx_ir as ir
 import onnx_ir.passes.common as common_passes
+from onnx_ir.passes.common import RemoveUnusedNodesPass
 
 from rotgraph import io
 from rotgraph.errors import RotgraphError, ValidationError
@@ -112,13 +113,18 @@ def rotate_model(model: ir.Model, options: RotateOptions = RotateOptions()) -> M
     """Apply the float rotation pipeline to `model` in place; weights stay lazy until saved."""
     if ROTATION_KEY in model.metadata_props:
         raise RotgraphError(f"model is already rotated ({model.metadata_props[ROTATION_KEY]})")
-    run_passes(model, rotation_passes(options))
-    method = {"method": "quarot", "seed": options.seed}
+    run_passes(model, [*rotation_passes(options), RemoveUnusedNodesPass()])
+    model.metadata_props[ROTATION_KEY] = rotation_metadata(options)
+    return discover(model)
+
+
+def rotation_metadata(options: RotateOptions) -> str:
+    """What `ROTATION_KEY` records: the method (seeded QuaRot or a SpinQuant file) and the online parts."""
+    method: dict[str, object] = {"method": "quarot", "seed": options.seed}
     if options.rotations is not None:
         method = {"method": "spinquant", "rotations": Path(options.rotations).name}
     online = {"online": options.online, "r3": options.online and options.qk_hadamard}
-    model.metadata_props[ROTATION_KEY] = json.dumps({**method, **online})
-    return discover(model)
+    return json.dumps({**method, **online})
 
 
 def validation_tokens(model_path: Path, vocab_size: int, count: int) -> np.ndarray:

@@ -1,33 +1,47 @@
-"""The quantization pipeline: optional QuaRot rotation, weights (RTN or GPTQ), activations, KV cache."""
+"""The quantization pipeline: a declared list of stages (rotation, calibration, SmoothQuant, activations
+and KV cache, weights, format) built from the options and run as one pass sequence."""
 
 from __future__ import annotations
 
 import json
 import logging
 import re
-import tempfile
+import shutil
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import numpy as np
 import onnx_ir as ir
+from onnx_ir.passes.common import RemoveUnusedNodesPass
 
 from rotgraph import io
-from rotgraph.calibrate import input_absmax, input_hessians
-from rotgraph.errors import RotgraphError
-from rotgraph.evaluate import make_session, run_logits, windows
+from rotgraph.calibrate import CalibratePass, Calibration, Site
+from rotgraph.errors import RotgraphError, ValidationError
+from rotgraph.evaluate import log_softmax, make_session, run_logits, windows
 from rotgraph.fakequant import ActSpec
-from rotgraph.passes import GroupQueryAttentionPass, UntieEmbeddingPass
+from rotgraph.passes import UntieEmbeddingPass
+from rotgraph.passes.group_query_attention import FindFusableAttentionPass, GroupQueryAttentionPass
 from rotgraph.passes.quantize_activations import QuantizeActivationsPass
 from rotgraph.passes.quantize_kv import QuantizeKVCachePass
 from rotgraph.passes.quantize_weights import QuantizeWeightsPass
 from rotgraph.passes.smooth import SmoothQuantPass
-from rotgraph.pipeline import RotateOptions, canonicalize, rotate_model, run_passes
+from rotgraph.pipeline import (
+    ROTATION_KEY,
+    RotateOptions,
+    canonical_form_passes,
+    rotation_metadata,
+    rotation_passes,
+    run_passes,
+    validation_tokens,
+)
 from rotgraph.quant import WeightSpec
-from rotgraph.structure import Attention, discover
+from rotgraph.structure import Attention
 
 logger = logging.getLogger(__name__)
+
+QUANTIZATION_KEY = "rotgraph.quantization"
+VALIDATION_WINDOWS, VALIDATION_SEQ_LEN = 2, 128
 
 _SCHEME = re.compile(r"^w(4|8|16)a(4|8|16)(?:kv(4|8))?$")
 
@@ -96,6 +110,7 @@ class QuantReport:
     output: Path
     seconds: float
     options: QuantOptions
+    validation: Agreement | None = None
 
 
 def calibration_tokens(model_path: Path, options: QuantOptions) -> np.ndarray:
@@ -135,106 +150,188 @@ def activation_passes(
     return passes
 
 
+@dataclass(frozen=True)
+class Stage:
+    """One step of the quantization pipeline: a name a reader can print and the passes it runs."""
+
+    name: str
+    passes: tuple[ir.passes.PassBase, ...]
+
+    def __str__(self) -> str:
+        return f"{self.name}: {', '.join(type(p).__name__ for p in self.passes)}"
+
+
+def quantize_stages(
+    options: QuantOptions,
+    calibration: Calibration | None = None,
+    scratch: Path | None = None,
+    calibrated: bool = False,
+) -> list[Stage]:
+    """The declared pipeline of `quantize` for `options`, in order: rotation (or the canonical form),
+    calibration and SmoothQuant, activations and KV cache, weights, and the format's own rewrites.
+
+    `calibration` holds the calibration windows and receives what the calibration stages measure; with
+    `calibrated`, it already holds the GPTQ statistics (an earlier run on the same model) and that stage
+    is left out. `scratch` is where weights computed in memory go (see `rotgraph.probe`) and where
+    quantized tensors are spilled as they are produced; None keeps everything in memory.
+    """
+    scheme = Scheme.parse(options.scheme)
+    stages: list[Stage] = []
+    if options.rotation != "none":
+        # R3 (Hadamard on Q and K) only serves a quantized KV cache: with a float cache it cancels exactly
+        # in Q K^T and would cost decoding time for nothing.
+        rotate = RotateOptions(
+            seed=options.seed,
+            online=options.online,
+            qk_hadamard=scheme.kv_bits is not None,
+            rotations=options.rotations,
+        )
+        stages.append(Stage("rotation", tuple(rotation_passes(rotate))))
+    else:
+        stages.append(Stage("canonical form", tuple(canonical_form_passes())))
+    needs_gptq = options.weights == "gptq" and not calibrated
+    if (options.smooth is not None or needs_gptq) and calibration is None:
+        raise RotgraphError("SmoothQuant and GPTQ need calibration tokens")
+    if options.smooth is not None:
+        assert calibration is not None
+        stages.append(Stage("calibration (activation ranges)", (CalibratePass(calibration, "absmax", scratch),)))
+        stages.append(Stage("SmoothQuant", (SmoothQuantPass(calibration.absmax, options.smooth),)))
+    if needs_gptq:
+        assert calibration is not None
+        stages.append(Stage("calibration (GPTQ Hessians)", (CalibratePass(calibration, "hessian", scratch),)))
+    # onnxruntime's MatMulNBits with accuracy_level 4 quantizes its input to int8 itself (per block of
+    # the weight group, finer than per token), so the ort format leaves 8-bit activations to it.
+    ort_int8 = options.fmt == "ort" and scheme.act_bits <= 8 and scheme.weight_bits < 16
+    fused = options.fmt == "ort" and options.fused_attention and scheme.kv_bits is None
+    attentions: list[Attention] = []
+    if fused:  # found before the weights change form (discovery reads MatMul projections)
+        stages.append(Stage("find attention to fuse", (FindFusableAttentionPass(attentions),)))
+    act = activation_passes(scheme, options.act_clip, options.kv_clip, skip_int8=ort_int8)
+    if act:
+        stages.append(Stage("activations and KV cache", tuple(act)))
+    if scheme.weight_bits < 16:
+        head_spec = WeightSpec(8, True, options.group or None) if options.head_bits == 8 else None
+        weights = QuantizeWeightsPass(
+            WeightSpec(scheme.weight_bits, options.symmetric_weights, options.group or None),
+            options.weights,
+            calibration.hessians if calibration is not None and options.weights == "gptq" else None,
+            options.damp,
+            options.act_order,
+            head_spec,
+            options.fmt,
+            accuracy_level=4 if ort_int8 else 0,
+            spill_dir=scratch,
+        )
+        stages.append(Stage("weights", (UntieEmbeddingPass(), weights) if head_spec else (weights,)))
+    if fused:
+        stages.append(Stage("onnxruntime format", (GroupQueryAttentionPass(attentions),)))
+    stages.append(Stage("clean-up", (RemoveUnusedNodesPass(),)))
+    return stages
+
+
 def quantize_model(
     model: ir.Model,
     options: QuantOptions,
     calibration: np.ndarray | None = None,
-    hessians: dict[str, np.ndarray] | None = None,
-    spill_dir: Path | None = None,
-) -> dict[str, np.ndarray] | None:
-    """Apply `options` to `model` in place (rotation, SmoothQuant, then weights, activations, KV cache).
+    hessians: dict[Site, np.ndarray] | None = None,
+    scratch: Path | None = None,
+) -> dict[Site, np.ndarray] | None:
+    """Run `quantize_stages(options)` on `model` in place and record the options in its metadata.
 
-    With `spill_dir`, quantized tensors are written there as they are produced (`SpillFile`) instead
-    of being held in memory until the model is saved; the caller removes the folder after the save.
-
-    SmoothQuant and GPTQ need `calibration` tokens; GPTQ can instead take `hessians` from an earlier
-    call on the same model file with the same rotation and smoothing (they are returned, so several
-    schemes can share one calibration run).
+    SmoothQuant and GPTQ need `calibration` tokens [windows, seq_len]; GPTQ can instead take `hessians`
+    from an earlier call on the same model file with the same rotation and smoothing (they are keyed by
+    structural site and returned, so several schemes can share one calibration run). `scratch`: see
+    `quantize_stages` (the caller creates and removes the folder).
     """
-    scheme = Scheme.parse(options.scheme)
+    if ROTATION_KEY in model.metadata_props and options.rotation != "none":
+        raise RotgraphError(f"model is already rotated ({model.metadata_props[ROTATION_KEY]})")
+    data = Calibration(calibration if calibration is not None else np.zeros((0, 0), np.int64))
+    if hessians is not None:
+        data.hessians.update(hessians)
+    stages = quantize_stages(
+        options, data if calibration is not None or hessians else None, scratch, calibrated=hessians is not None
+    )
+    logger.debug("quantize stages:\n%s", "\n".join(map(str, stages)))
+    run_passes(model, [p for stage in stages for p in stage.passes])
     if options.rotation != "none":
-        # R3 (Hadamard on Q and K) only serves a quantized KV cache: with a float cache it cancels exactly
-        # in Q K^T and would cost decoding time for nothing.
-        r3 = scheme.kv_bits is not None
-        rotate_model(
-            model,
-            RotateOptions(seed=options.seed, online=options.online, qk_hadamard=r3, rotations=options.rotations),
+        model.metadata_props[ROTATION_KEY] = rotation_metadata(
+            RotateOptions(seed=options.seed, online=options.online, rotations=options.rotations)
         )
-    else:
-        canonicalize(model)
-    if options.smooth is not None:
-        if calibration is None:
-            raise RotgraphError("SmoothQuant needs calibration tokens")
-        run_passes(model, [SmoothQuantPass(input_absmax(model, calibration), options.smooth)])
-    if options.weights == "gptq" and hessians is None:
-        if calibration is None:
-            raise RotgraphError("GPTQ needs calibration tokens")
-        hessians = input_hessians(model, calibration)
-    # onnxruntime's MatMulNBits with accuracy_level 4 quantizes its input to int8 itself (per block of
-    # the weight group, finer than per token), so the ort format leaves 8-bit activations to it.
-    ort_int8 = options.fmt == "ort" and scheme.act_bits <= 8 and scheme.weight_bits < 16
-    passes = activation_passes(scheme, options.act_clip, options.kv_clip, skip_int8=ort_int8)
-    if scheme.weight_bits < 16:
-        head_spec = None
-        if options.head_bits == 8:
-            head_spec = WeightSpec(8, True, options.group or None)
-            run_passes(model, [UntieEmbeddingPass()])
-        passes.append(
-            QuantizeWeightsPass(
-                WeightSpec(scheme.weight_bits, options.symmetric_weights, options.group or None),
-                options.weights,
-                hessians,
-                options.damp,
-                options.act_order,
-                head_spec,
-                options.fmt,
-                accuracy_level=4 if ort_int8 else 0,
-                spill_dir=spill_dir,
-            )
-        )
-    attentions = _fusable_attention(model, options, scheme)  # found before the weights change form
-    if passes:  # w16a16: nothing to quantize (a rotated float model, or only the ort format's attention)
-        run_passes(model, passes)
-    if attentions:
-        run_passes(model, [GroupQueryAttentionPass(attentions)])
-    model.metadata_props["rotgraph.quantization"] = json.dumps(asdict(options))
-    return hessians
+    model.metadata_props[QUANTIZATION_KEY] = json.dumps(asdict(options))
+    return dict(data.hessians) if options.weights == "gptq" else None
 
 
-def _fusable_attention(model: ir.Model, options: QuantOptions, scheme: Scheme) -> list[Attention]:
-    """The attentions the ort format fuses into GroupQueryAttention: those of a decoder with a float,
-    unwindowed KV cache (a cache stored as codes keeps rotgraph's KV ops; a windowed one, eager
-    attention)."""
-    if options.fmt != "ort" or not options.fused_attention or scheme.kv_bits is not None:
-        return []
-    attentions = [block.attention for block in discover(model).blocks]
-    if not all(a.key_cache is not None and a.value_cache is not None for a in attentions):
-        return []
-    if any(a.key_cache.window for a in attentions if a.key_cache is not None):
-        logger.info("sliding-window KV cache: attention stays eager (GroupQueryAttention fusion not applied)")
-        return []
-    return attentions
+@dataclass(frozen=True)
+class Agreement:
+    """How the quantized model's next-token distributions compare with the float model's."""
+
+    kl: float  # mean KL(float || quantized) over positions, nats
+    top1: float  # fraction of positions with the same argmax
+    unrelated_kl: float  # mean KL(float at t || float at another position): what knowing nothing scores
+
+    def __str__(self) -> str:
+        return f"KL to float {self.kl:.4f} nats (unrelated positions: {self.unrelated_kl:.4f}), top-1 {self.top1:.3f}"
+
+
+def agreement(reference: np.ndarray, logits: np.ndarray) -> Agreement:
+    """Compare logits [windows, seq, vocab] of a quantized model with the float model's."""
+    p = log_softmax(reference)
+    q = log_softmax(logits)
+    kl = float((np.exp(p) * (p - q)).sum(-1).mean())
+    shifted = np.roll(p, p.shape[1] // 2, axis=1)  # each position against one half a window away
+    unrelated = float((np.exp(p) * (p - shifted)).sum(-1).mean())
+    top1 = float((p.argmax(-1) == q.argmax(-1)).mean())
+    return Agreement(kl, top1, unrelated)
+
+
+def check_against_float(input_path: Path, output: Path, tokens: np.ndarray) -> Agreement:
+    """Run the float input and the quantized output on `tokens`; refuse an output whose logits are not
+    finite or that tracks the float model no better than the float model tracks itself at unrelated
+    positions (a broken output, e.g. misplaced scales)."""
+    reference = run_logits(make_session(input_path, "disable"), tokens)
+    logits = run_logits(make_session(output, "disable"), tokens)
+    if not np.isfinite(logits).all():
+        raise ValidationError("the quantized model produces non-finite logits; nothing written")
+    found = agreement(reference, logits)
+    if not found.kl < found.unrelated_kl:
+        raise ValidationError(f"the quantized model is broken: {found}; nothing written")
+    return found
 
 
 def quantize(
     input_path: Path, output: Path, options: QuantOptions = QuantOptions(), validate: bool = True
 ) -> QuantReport:
-    """Quantize the model at `input_path` into `output`. Quantized tensors go to a scratch file beside
-    the output as they are produced (memory stays at the working set of one weight). With `validate`,
-    onnxruntime runs the result (loading it whole) and its logits must be finite."""
+    """Quantize the model at `input_path` into `output` (atomically: nothing appears unless it is done
+    and validated). Scratch files (weights computed in memory, quantized tensors spilled as they are
+    produced, so memory stays at the working set of one weight) live in the output's staging folder.
+    With `validate`, onnxruntime runs the float input and the result on validation text (loading both
+    whole) and a broken result is refused with the figures (`check_against_float`)."""
     start = time.perf_counter()
     io.check_output_path([input_path], output)
     model = io.load_model(input_path)
     needs_text = options.weights == "gptq" or options.smooth is not None
     calibration = calibration_tokens(input_path, options) if needs_text else None
-    output.parent.mkdir(parents=True, exist_ok=True)
-    with tempfile.TemporaryDirectory(prefix=f".{output.name}.spill.", dir=output.parent) as spill:
-        quantize_model(model, options, calibration, spill_dir=Path(spill))
-        with io.staged_output(output) as staged:
+    found = None
+    with io.staged_output(output) as staged:
+        scratch = staged.parent / "scratch"
+        scratch.mkdir()
+        try:
+            quantize_model(model, options, calibration, scratch=scratch)
             io.save_model(model, staged)
-            io.copy_tokenizer(input_path, staged)
-            if validate:
-                logits = run_logits(make_session(staged, "disable"), np.arange(16, dtype=np.int64)[None, :])
-                if not np.isfinite(logits).all():
-                    raise RotgraphError("the quantized model produces non-finite logits; nothing written")
-    return QuantReport(output, time.perf_counter() - start, options)
+        finally:
+            shutil.rmtree(scratch, ignore_errors=True)
+        io.copy_tokenizer(input_path, staged)
+        if validate:
+            tokens = validation_tokens(input_path, _vocab_size(model), VALIDATION_WINDOWS * VALIDATION_SEQ_LEN)
+            found = check_against_float(input_path, staged, tokens.reshape(VALIDATION_WINDOWS, VALIDATION_SEQ_LEN))
+            logger.info("validation: %s", found)
+    return QuantReport(output, time.perf_counter() - start, options, found)
+
+
+def _vocab_size(model: ir.Model) -> int:
+    """The last dimension of the logits (the first graph output), for seeded validation ids."""
+    shape = model.graph.outputs[0].shape
+    size = shape[-1] if shape is not None and len(shape) else None
+    if not isinstance(size, int):
+        raise RotgraphError(f"cannot tell the vocabulary size from the logits output {model.graph.outputs[0].name!r}")
+    return size

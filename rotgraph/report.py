@@ -59,12 +59,12 @@ def weight_errors(model_path: Path, spec: WeightSpec) -> list[float]:
     return errors
 
 
-def measure(model_path: Path, tokens: np.ndarray, scheme: Scheme, group: int) -> Side:
+def measure(model_path: Path, tokens: np.ndarray, scheme: Scheme, group: int, scratch: Path | None = None) -> Side:
     act = activation_spec(scheme)
     spec = WeightSpec(scheme.weight_bits, True, group or None) if scheme.weight_bits in (4, 8) else None
     return Side(
         model_path.name,
-        activation_stats(model_path, tokens, act),
+        activation_stats(model_path, tokens, act, scratch),
         weight_errors(model_path, spec) if spec is not None else [],
     )
 
@@ -182,13 +182,15 @@ def write_report(
     parsed = Scheme.parse(scheme)
     if output.exists() and (not output.is_dir() or any(f.name not in {*PLOTS, "index.html"} for f in output.iterdir())):
         raise RotgraphError(f"{output}: exists and is not a rotgraph report folder; choose another output")
-    sides = [measure(model, tokens, parsed, group)]
-    if rotated is not None:
-        sides.append(measure(rotated, tokens, parsed, group))
-    layer = int(np.argmax([s.residual_max_over_rms for s in sides[0].activations]))
     output.parent.mkdir(parents=True, exist_ok=True)
     staged = Path(tempfile.mkdtemp(prefix=f".{output.name}.", dir=output.parent))
     try:
+        scratch = staged / "scratch"  # weights rewritten in memory, if any (removed before the move)
+        sides = [measure(model, tokens, parsed, group, scratch / "model")]
+        if rotated is not None:
+            sides.append(measure(rotated, tokens, parsed, group, scratch / "rotated"))
+        shutil.rmtree(scratch, ignore_errors=True)
+        layer = int(np.argmax([s.residual_max_over_rms for s in sides[0].activations]))
         _outlier_plot(staged / PLOTS[0], sides, layer)
         kurtosis = [("residual stream", "residual_kurtosis"), ("down_proj input", "down_kurtosis")]
         _per_layer_plot(staged / PLOTS[1], sides, kurtosis, "kurtosis", "Kurtosis per layer")

@@ -8,16 +8,15 @@ E[(x - mean)^4] / var^2 over channels, averaged over tokens (3 for a Gaussian).
 
 from __future__ import annotations
 
-import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
 
 from rotgraph import io
-from rotgraph.evaluate import make_session, model_feeds
 from rotgraph.fakequant import ActSpec
 from rotgraph.pipeline import canonicalize
+from rotgraph.probe import probe
 
 
 @dataclass
@@ -72,27 +71,19 @@ class ActivationStats:
     down_quant_error: float | None = None
 
 
-def activation_stats(model_path: Path, token_windows: np.ndarray, act: ActSpec | None = None) -> list[ActivationStats]:
+def activation_stats(
+    model_path: Path, token_windows: np.ndarray, act: ActSpec | None = None, scratch: Path | None = None
+) -> list[ActivationStats]:
     """Per-block statistics of the residual stream entering each block and of down_proj's input, on
-    `token_windows` [n, seq]; with `act`, also the relative error of that per-token quantizer on them."""
+    `token_windows` [n, seq]; with `act`, also the relative error of that per-token quantizer on them.
+    `scratch`: a folder for weights that canonicalization rewrote in memory (see `rotgraph.probe`)."""
     model = io.load_model(model_path)
     desc = canonicalize(model)
-    probes = []
-    for block in desc.blocks:
-        probes += [block.residual_in, block.mlp.down_input]
-    for value in probes:
-        if value not in model.graph.outputs:
-            model.graph.outputs.append(value)
-    acc = [_Accumulator(act) for _ in probes]
-    with tempfile.TemporaryDirectory() as tmp:
-        path = Path(tmp) / "probed.onnx"
-        io.save_model(model, path)
-        session = make_session(path, "disable")
-        for window in token_windows:
-            outs = session.run([v.name for v in probes], model_feeds(session, window[None, :]))
-            for a, out in zip(acc, outs, strict=True):
-                a.add(np.asarray(out))
-        del session
+    values = [v for block in desc.blocks for v in (block.residual_in, block.mlp.down_input)]
+    acc = [_Accumulator(act) for _ in values]
+    for outs in probe(model, values, token_windows, scratch=scratch, what="statistics"):
+        for a, out in zip(acc, outs, strict=True):
+            a.add(out)
     stats = []
     for i in range(len(desc.blocks)):
         res, down = acc[2 * i], acc[2 * i + 1]

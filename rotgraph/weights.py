@@ -129,13 +129,18 @@ class SpillFile:
         self.path = Path(directory) / "spill.data"
         self.offset = self.path.stat().st_size if self.path.exists() else 0
 
-    def spill(self, graph: ir.Graph) -> int:
-        """Spill every in-memory initializer of at least MIN_BYTES; returns the bytes written."""
+    def spill(self, graph: ir.Graph, *, everything: bool = False) -> int:
+        """Spill every in-memory initializer of at least MIN_BYTES; returns the bytes written.
+
+        With `everything`, lazy tensors (queued rewrites, computed here once) and tensors mapped from
+        other files are moved too, so the whole model then reads its weights from this one file."""
         written = 0
         with open(self.path, "ab") as f:
             for value in graph.initializers.values():
                 tensor = value.const_value
-                if type(tensor) is not ir.Tensor or tensor.nbytes < self.MIN_BYTES:
+                if tensor is None or tensor.nbytes < self.MIN_BYTES or self.holds(tensor):
+                    continue
+                if type(tensor) is not ir.Tensor and not everything:
                     continue
                 data = tensor.tobytes()
                 f.write(data)
@@ -144,10 +149,14 @@ class SpillFile:
                     self.offset,
                     len(data),
                     tensor.dtype,
-                    shape=tensor.shape,
+                    shape=ir.Shape(tensor.shape.numpy()),
                     name=tensor.name or value.name or "",
                     base_dir=self.path.parent,
                 )
                 self.offset += len(data)
                 written += len(data)
         return written
+
+    def holds(self, tensor: ir.TensorProtocol) -> bool:
+        """Whether `tensor` already reads from this file."""
+        return isinstance(tensor, ir.ExternalTensor) and Path(tensor.path).resolve() == self.path.resolve()

@@ -24,6 +24,15 @@ def ort_logits(path: Path, tokens: np.ndarray) -> np.ndarray:
     return np.asarray(session.run(None, feeds)[0])
 
 
+def mean_kl(reference: np.ndarray, logits: np.ndarray) -> float:
+    """Mean over positions of KL(softmax(reference) || softmax(logits)), in nats, computed in float64."""
+    p = reference.astype(np.float64) - reference.max(-1, keepdims=True)
+    q = logits.astype(np.float64) - logits.max(-1, keepdims=True)
+    p -= np.log(np.exp(p).sum(-1, keepdims=True))
+    q -= np.log(np.exp(q).sum(-1, keepdims=True))
+    return float((np.exp(p) * (p - q)).sum(-1).mean())
+
+
 def torch_logits(folder: Path, tokens: np.ndarray) -> np.ndarray:
     """Logits of the Hugging Face model itself: the independent reference for every rewrite."""
     import torch

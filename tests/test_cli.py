@@ -218,3 +218,21 @@ def test_quantize_smooth_without_tokenizer(model_dir, tmp_path, capsys) -> None:
     out = tmp_path / "q.onnx"
     assert main(["quantize", str(model_dir / "model.onnx"), "-o", str(out), "--smooth"]) == 1
     assert "tokenizer" in capsys.readouterr().err and not out.exists()
+
+
+@pytest.mark.parametrize("verbose", [False, True])
+def test_an_unexpected_error_is_one_line_and_exit_status_1(model_dir, tmp_path, verbose: bool) -> None:
+    """A failure rotgraph does not anticipate (here an OSError: the text file is a folder) is still one
+    `rotgraph: error:` line and exit status 1, run as a real process; -v adds the traceback before it."""
+    import subprocess
+    import sys
+
+    command = [sys.executable, "-m", "rotgraph.cli", *(["-v"] if verbose else [])]
+    command += ["eval", str(model_dir / "model.onnx"), "--text", str(tmp_path), "--windows", "1"]
+    done = subprocess.run(command, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 1, done.stderr
+    lines = done.stderr.strip().splitlines()
+    assert lines[-1].startswith("rotgraph: error: IsADirectoryError:"), done.stderr
+    assert ("Traceback" in done.stderr) == verbose
+    if not verbose:
+        assert len([line for line in lines if "error" in line]) == 1, done.stderr

@@ -18,13 +18,14 @@ from rotgraph.weights import read_float64
 ATOL = 2e-5
 
 
-def probe_absmax(path, tokens: np.ndarray) -> dict[str, np.ndarray]:
-    """max |x| per channel of every projection input, read from an onnxruntime run of the saved
+def probe_absmax(path, tokens: np.ndarray) -> dict[tuple[int, str], np.ndarray]:
+    """max |x| per channel of every projection input site, read from an onnxruntime run of the saved
     model with those values as extra outputs (built with the onnx package, not rotgraph's probes)."""
     import onnx
 
     proto = onnx.load(str(path))
-    names = [v.name for v, _ in projection_inputs(io.load_model(path))]
+    sites = projection_inputs(discover(io.load_model(path)))
+    names = [lin.input.name for lin in sites.values()]
     proto.graph.output.extend(onnx.ValueInfoProto(name=n) for n in names)
     probed = path.with_name("probed.onnx")
     onnx.save(proto, str(probed))
@@ -33,7 +34,8 @@ def probe_absmax(path, tokens: np.ndarray) -> dict[str, np.ndarray]:
     session = ort.InferenceSession(str(probed), options, providers=["CPUExecutionProvider"])
     outs = session.run(names, {"input_ids": tokens.astype(np.int64)})
     return {
-        n: np.abs(x).reshape(-1, x.shape[-1]).max(axis=0).astype(np.float64) for n, x in zip(names, outs, strict=True)
+        site: np.abs(x).reshape(-1, x.shape[-1]).max(axis=0).astype(np.float64)
+        for site, x in zip(sites, outs, strict=True)
     }
 
 
@@ -68,10 +70,10 @@ def test_alpha_one_flattens_every_smoothed_activation(tiny, tokens, tmp_path) ->
     model, _, out = smoothed(path, tokens, tmp_path, 1.0, rotate=False)
     after = probe_absmax(out, tokens)
     for block in discover(model).blocks:
-        a, m = block.attention, block.mlp
-        for lin in (a.q, m.gate, m.down):
-            np.testing.assert_allclose(after[lin.input.name], 1.0, rtol=1e-4)
-        per_group = after[a.o.input.name].reshape(a.num_kv_heads, -1, a.head_dim).max(axis=1)
+        a = block.attention
+        for site in ("qkv", "gate_up", "down"):
+            np.testing.assert_allclose(after[block.index, site], 1.0, rtol=1e-4)
+        per_group = after[block.index, "o"].reshape(a.num_kv_heads, -1, a.head_dim).max(axis=1)
         np.testing.assert_allclose(per_group, 1.0, rtol=1e-4)
 
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Sequence
 from dataclasses import dataclass
 
@@ -11,7 +12,9 @@ from onnx_ir.passes.common import RemoveUnusedNodesPass
 
 from rotgraph.errors import StructureError
 from rotgraph.online import FunctionBuilder
-from rotgraph.structure import Attention
+from rotgraph.structure import Attention, discover
+
+logger = logging.getLogger(__name__)
 
 MS_DOMAIN = "com.microsoft"
 
@@ -44,13 +47,42 @@ def _scalar(value: ir.Value | None) -> float | None:
     return float(np.asarray(tensor.numpy()).reshape(()))
 
 
-def _match_core(attention: Attention, index: int) -> _Core:
+_SHAPE_READERS = frozenset({"Shape", "Size"})
+
+
+def _data_inputs(value: ir.Value, graph: ir.Graph, limit: int = 4096) -> list[ir.Value]:
+    """Graph inputs whose contents (not only their shapes) flow into `value`."""
+    inputs = set(map(id, graph.inputs))
+    found: dict[int, ir.Value] = {}
+    stack, seen = [value], {id(value)}
+    while stack and len(seen) < limit:
+        current = stack.pop()
+        if id(current) in inputs:
+            found[id(current)] = current
+        producer = current.producer()
+        if producer is None or producer.op_type in _SHAPE_READERS:
+            continue
+        for inp in producer.inputs:
+            if inp is not None and id(inp) not in seen:
+                seen.add(id(inp))
+                stack.append(inp)
+    return list(found.values())
+
+
+def _match_core(attention: Attention, index: int, graph: ir.Graph) -> _Core:
     where = f"layer {index} attention"
     scale_node = _single_use(attention.scores.outputs[0], "Mul", where)
     scale = _scalar(scale_node.inputs[1])
     if scale is None:
         raise StructureError(f"{where}: the scores are scaled by a non-constant {scale_node.inputs[1]}")
     mask = _single_use(scale_node.outputs[0], "Add", where)
+    bias = mask.inputs[1] if mask.inputs[0] is scale_node.outputs[0] else mask.inputs[0]
+    fed = _data_inputs(bias, graph) if bias is not None else []
+    if fed:
+        raise StructureError(
+            f"{where}: the attention mask is computed from the graph inputs {[v.name for v in fed]} (a padding "
+            "mask); GroupQueryAttention as rotgraph emits it is causal only (quantize with --eager-attention)"
+        )
     softmax = _single_use(mask.outputs[0], "Softmax", where)
     values = _single_use(softmax.outputs[0], "MatMul", where)
     transpose = _single_use(values.outputs[0], "Transpose", where)
@@ -58,6 +90,30 @@ def _match_core(attention: Attention, index: int) -> _Core:
         raise StructureError(f"{where}: the attention output is not transposed to [batch, seq, heads, head_dim]")
     merge = _single_use(transpose.outputs[0], "Reshape", where)
     return _Core(attention, scale, merge.outputs[0])
+
+
+class FindFusableAttentionPass(ir.passes.InPlacePass):
+    """Record, in the list `into`, the attentions that `GroupQueryAttentionPass` will fuse: all of them when
+    every layer has a float KV cache without a sliding window, else none (a graph without a cache, or
+    one stored as codes, keeps its eager attention). It runs before the weights are quantized, while
+    discovery still sees the projection MatMuls; it changes nothing.
+    """
+
+    def __init__(self, into: list[Attention]) -> None:
+        super().__init__()
+        self.into = into
+
+    def call(self, model: ir.Model) -> ir.passes.PassResult:
+        self.into.clear()
+        attentions = [block.attention for block in discover(model).blocks]
+        caches = [c for a in attentions for c in (a.key_cache, a.value_cache)]
+        if any(c is None or c.quantized for c in caches):
+            logger.info("no float KV cache in every layer: attention stays eager (no GroupQueryAttention)")
+        elif any(c is not None and c.window for c in caches):
+            logger.info("sliding-window KV cache: attention stays eager (GroupQueryAttention fusion not applied)")
+        else:
+            self.into.extend(attentions)
+        return ir.passes.PassResult(model, False)
 
 
 class GroupQueryAttentionPass(ir.passes.InPlacePass):
@@ -71,23 +127,21 @@ class GroupQueryAttentionPass(ir.passes.InPlacePass):
     replace the Concat outputs as the graph's present.* outputs (same names). seqlens_k and
     total_sequence_length are computed once from the first cache's past length and the query length.
 
-    Guarantees: the same function as the eager graph for causal decoding with no padding (the exported
-    graph has no attention-mask input: the mask it adds is causal), to float rounding; every given
+    Guarantees: the same function as the eager graph for causal decoding with no padding, to float
+    rounding: a layer whose additive mask depends on the contents of a graph input (a padding mask, not
+    only the shapes that a causal mask is built from) is refused; every given
     layer is rewritten or the pass raises naming the layer and what it found. Caches stored as integer
     codes or behind a sliding window are refused: GroupQueryAttention would change their layout.
     """
 
     def __init__(self, attentions: Sequence[Attention]) -> None:
         super().__init__()
-        self.attentions = list(attentions)
+        self.attentions = attentions  # may be filled by FindFusableAttentionPass after construction
 
     def call(self, model: ir.Model) -> ir.passes.PassResult:
         if not self.attentions:
             return ir.passes.PassResult(model, False)
         graph = model.graph
-        extra = [i.name for i in graph.inputs if i.name and "mask" in i.name.lower()]
-        if extra:
-            raise StructureError(f"the graph has attention-mask inputs {extra}: fused attention assumes causal only")
         cores = []
         for index, attention in enumerate(self.attentions):
             for cache in (attention.key_cache, attention.value_cache):
@@ -96,12 +150,13 @@ class GroupQueryAttentionPass(ir.passes.InPlacePass):
                         f"layer {index} attention: GroupQueryAttention needs a float cache without a sliding "
                         "window (Concat(past, new) -> present)"
                     )
-            cores.append(_match_core(attention, index))
+            cores.append(_match_core(attention, index, graph))
         model.opset_imports.setdefault(MS_DOMAIN, 1)
         seqlens, total = self._lengths(graph, self.attentions[0])
         for core in cores:
             self._fuse(graph, core, seqlens, total)
         RemoveUnusedNodesPass()(model)  # the eager attention, the caches' Concats and the mask
+        logger.info("attention of %d layers fused into GroupQueryAttention", len(cores))
         return ir.passes.PassResult(model, True)
 
     @staticmethod

@@ -9,9 +9,10 @@ from pathlib import Path
 import numpy as np
 import onnx_ir as ir
 
+from rotgraph.calibrate import ROLE_SITES, block_linears
 from rotgraph.errors import RotgraphError
 from rotgraph.quant import QuantizedWeight, WeightSpec, gptq, quantize_rtn
-from rotgraph.structure import Linear, before_fake_quant, discover, is_quantized_weight
+from rotgraph.structure import Linear, discover, is_quantized_weight
 from rotgraph.weights import SpillFile, new_initializer, read_float64
 
 logger = logging.getLogger(__name__)
@@ -205,7 +206,9 @@ class QuantizeWeightsPass(ir.passes.InPlacePass):
     dequantizes the whole vocabulary table. Without it they stay float.
 
     Methods: "rtn" (round to nearest, clipping ratio searched per group) or "gptq" (needs `hessians`,
-    X^T X of each projection's input keyed by the input value's name). Codes are INT4/UINT4/INT8/UINT8,
+    X^T X of each projection's input keyed by structural site: block index and "qkv" | "o" | "gate_up" |
+    "down", see `rotgraph.calibrate`; it may be filled by an earlier calibration stage after this pass is
+    constructed). Codes are INT4/UINT4/INT8/UINT8,
     per output channel (axis=1) or block-wise along the input axis (opset 21 block_size). Guarantees:
     the dequantized weights equal the quantizer's output exactly; the graph is standard ONNX.
     """
@@ -214,7 +217,7 @@ class QuantizeWeightsPass(ir.passes.InPlacePass):
         self,
         spec: WeightSpec,
         method: str = "rtn",
-        hessians: Mapping[str, np.ndarray] | None = None,
+        hessians: Mapping[tuple[int, str], np.ndarray] | None = None,
         damp: float = 0.01,
         act_order: bool = False,
         head_spec: WeightSpec | None = None,
@@ -238,26 +241,15 @@ class QuantizeWeightsPass(ir.passes.InPlacePass):
         spill = SpillFile(self.spill_dir) if self.spill_dir is not None else None
         count = 0
         for block in desc.blocks:
-            a, m = block.attention, block.mlp
-            for role, lin in (
-                ("q", a.q),
-                ("k", a.k),
-                ("v", a.v),
-                ("o", a.o),
-                ("gate", m.gate),
-                ("up", m.up),
-                ("down", m.down),
-            ):
+            for role, lin in block_linears(block):
                 if is_quantized_weight(lin.weight):
                     raise RotgraphError(f"block {block.index} {role}: the weight is already quantized")
                 wt = read_float64(lin.weight).T
                 if self.method == "gptq":
                     assert self.hessians is not None
-                    h = self.hessians.get(before_fake_quant(lin.input).name or "")
+                    h = self.hessians.get((block.index, ROLE_SITES[role]))
                     if h is None:
-                        raise RotgraphError(
-                            f"block {block.index} {role}: no calibration Hessian for {lin.input.name!r}"
-                        )
+                        raise RotgraphError(f"block {block.index} {role}: no calibration Hessian for its input")
                     q = gptq(wt, h, self.spec, damp=self.damp, act_order=self.act_order)
                 else:
                     q = quantize_rtn(wt, self.spec)
@@ -281,6 +273,6 @@ class QuantizeWeightsPass(ir.passes.InPlacePass):
                 emit_embedding(model, desc.embedding, emb, "embedding")
             if spill is not None:
                 spill.spill(model.graph)
-            count += 2
-        logger.info("quantized %d weights (%s, %d bits)", count, self.method, self.spec.bits)
+            logger.info("quantized the embedding and lm_head (rtn, %d bits)", self.head_spec.bits)
+        logger.info("quantized %d projection weights (%s, %d bits)", count, self.method, self.spec.bits)
         return ir.passes.PassResult(model, True)

@@ -5,6 +5,7 @@ from __future__ import annotations
 import functools
 import json
 import logging
+from collections.abc import Mapping
 
 import numpy as np
 import onnx_ir as ir
@@ -43,35 +44,37 @@ class SmoothQuantPass(ir.passes.InPlacePass):
       up. Skipped when an online Hadamard (R4) sits before down: its input is then the Hadamard's
       output, which no foldable scale reaches.
 
-    `act_max` holds max |x| per channel of each projection input (keyed by value name, measured on
-    this model as it is now); s follows SmoothQuant with migration strength `alpha`. Guarantees:
+    `act_max` holds max |x| per channel of each projection input, keyed by structural site (block index,
+    "qkv" | "o" | "gate_up" | "down": `rotgraph.calibrate`), measured on this model as it is now; it may be
+    filled by an earlier calibration stage after this pass is constructed. s follows SmoothQuant with migration strength `alpha`. Guarantees:
     exact in real arithmetic (float64, one rounding per rewritten tensor).
     """
 
-    def __init__(self, act_max: dict[str, np.ndarray], alpha: float = 0.5) -> None:
+    def __init__(self, act_max: Mapping[tuple[int, str], np.ndarray], alpha: float = 0.5) -> None:
         super().__init__()
         if not 0.0 <= alpha <= 1.0:
             raise RotgraphError(f"SmoothQuant alpha must be in [0, 1], got {alpha}")
         self.act_max = act_max
         self.alpha = alpha
 
-    def _input_max(self, lin: Linear) -> np.ndarray:
-        name = lin.input.name or ""
-        if name not in self.act_max:
-            raise StructureError(f"no calibrated activation range for the input {name!r} of {lin.node.name!r}")
-        return self.act_max[name]
+    def _input_max(self, block: int, site: str) -> np.ndarray:
+        if (block, site) not in self.act_max:
+            raise StructureError(f"block {block}: no calibrated activation range for the {site!r} projection input")
+        return self.act_max[block, site]
 
-    def _smooth_norm(self, norm: Norm, readers: list[Linear]) -> None:
-        s = smoothing_scales(self._input_max(readers[0]), _row_max(readers), self.alpha)
+    def _smooth_norm(self, norm: Norm, readers: list[Linear], act_max: np.ndarray) -> None:
+        s = smoothing_scales(act_max, _row_max(readers), self.alpha)
         if len(norm.scale.uses()) > 1:
             raise StructureError(f"norm {norm.node.name!r} shares its scale initializer with another node")
         rewrite_initializer(norm.scale, functools.partial(_divide_last, s=s))
         for lin in readers:
             rewrite_initializer(lin.weight, functools.partial(scale_rows, s=s))
 
-    def _smooth_value_output(self, v: Linear, o: Linear, heads: int, kv_heads: int, head_dim: int) -> None:
+    def _smooth_value_output(
+        self, v: Linear, o: Linear, act_max: np.ndarray, heads: int, kv_heads: int, head_dim: int
+    ) -> None:
         group = heads // kv_heads  # query heads per KV head (query head h reads KV head h // group)
-        pooled_act = self._input_max(o).reshape(kv_heads, group, head_dim).max(axis=1)
+        pooled_act = act_max.reshape(kv_heads, group, head_dim).max(axis=1)
         pooled_weight = _row_max([o]).reshape(kv_heads, group, head_dim).max(axis=1)
         s_kv = smoothing_scales(pooled_act, pooled_weight, self.alpha).reshape(-1)
         s_q = np.repeat(s_kv.reshape(kv_heads, 1, head_dim), group, axis=1).reshape(-1)
@@ -80,8 +83,8 @@ class SmoothQuantPass(ir.passes.InPlacePass):
             rewrite_initializer(v.bias, functools.partial(_divide_last, s=s_kv))
         rewrite_initializer(o.weight, functools.partial(scale_rows, s=s_q))
 
-    def _smooth_up_down(self, up: Linear, down: Linear) -> None:
-        s = smoothing_scales(self._input_max(down), _row_max([down]), self.alpha)
+    def _smooth_up_down(self, up: Linear, down: Linear, act_max: np.ndarray) -> None:
+        s = smoothing_scales(act_max, _row_max([down]), self.alpha)
         rewrite_initializer(up.weight, functools.partial(_divide_last, s=s))
         if up.bias is not None:
             rewrite_initializer(up.bias, functools.partial(_divide_last, s=s))
@@ -93,14 +96,15 @@ class SmoothQuantPass(ir.passes.InPlacePass):
         skipped_down = 0
         for block in desc.blocks:
             a, m = block.attention, block.mlp
-            self._smooth_norm(block.attn_norm, [a.q, a.k, a.v])
-            self._smooth_value_output(a.v, a.o, a.num_heads, a.num_kv_heads, a.head_dim)
-            self._smooth_norm(block.mlp_norm, [m.gate, m.up])
+            i = block.index
+            self._smooth_norm(block.attn_norm, [a.q, a.k, a.v], self._input_max(i, "qkv"))
+            self._smooth_value_output(a.v, a.o, self._input_max(i, "o"), a.num_heads, a.num_kv_heads, a.head_dim)
+            self._smooth_norm(block.mlp_norm, [m.gate, m.up], self._input_max(i, "gate_up"))
             sites += 3
             if is_rotgraph_op(m.down.input.producer()):
                 skipped_down += 1
             else:
-                self._smooth_up_down(m.up, m.down)
+                self._smooth_up_down(m.up, m.down, self._input_max(i, "down"))
                 sites += 1
         model.metadata_props["rotgraph.smoothquant"] = json.dumps({"alpha": self.alpha, "sites": sites})
         logger.info(
