@@ -15,6 +15,7 @@ on the same global batch.
 
 from __future__ import annotations
 
+import json
 import logging
 import os
 import time
@@ -38,7 +39,15 @@ from rotgraph.pipeline import foldable_form_passes, run_passes
 from rotgraph.quantize import Scheme, activation_passes
 from rotgraph.rotations import ORTHOGONALITY_TOLERANCE, save_rotations
 from rotgraph.stiefel import CayleySGD, orthogonality_error
-from rotgraph.structure import Linear, ModelDescription, discover
+from rotgraph.structure import (
+    ModelDescription,
+    discover,
+    r1_readers,
+    r1_writers,
+    r2_pairs,
+    rotate_head_columns,
+    rotate_head_rows,
+)
 from rotgraph.torch_graph import Override, TorchGraph, round_ste
 
 logger = logging.getLogger(__name__)
@@ -95,33 +104,25 @@ def weight_fake_quant(w: torch.Tensor, bits: int, group: int, axis: int) -> torc
     return q.reshape(w.shape)
 
 
-def _rotate_head_columns(w: torch.Tensor, h: torch.Tensor) -> torch.Tensor:
-    return (w.reshape(*w.shape[:-1], -1, h.shape[0]) @ h).reshape(w.shape)
-
-
-def _rotate_head_rows(w: torch.Tensor, h: torch.Tensor) -> torch.Tensor:
-    d = h.shape[0]
-    return torch.einsum("ji,hjk->hik", h, w.reshape(-1, d, w.shape[1])).reshape(w.shape)
-
-
 class RotatedNetwork(torch.nn.Module):
     """The fake-quantized network of a `learning_graph` model as a function of trainable R1 and R2s.
 
     `forward(ids)` returns the logits of the graph with every weight replaced by its rotated (and,
     for w4/w8 schemes, RTN fake-quantized) value: the network `rotgraph quantize --rotation spinquant`
     builds from these rotations, up to GPTQ and the clipping search of the final weight quantizer.
+    The weights each rotation touches are those `rotgraph.structure.folds` lists for the passes.
     """
 
     def __init__(self, model: ir.Model, scheme: Scheme, group: int, head_bits: int, seed: int) -> None:
         super().__init__()
         self.desc = desc = discover(model)
-        self.graph = TorchGraph(model, checkpoint_after=[b.residual_out.name or "" for b in desc.blocks])
+        self.graph = TorchGraph(model, checkpoint_after=[b.residual_out for b in desc.blocks])
         if len(model.graph.inputs) != 1:
             raise RotgraphError(
                 f"learning needs a graph with one input (token ids), got {len(model.graph.inputs)}: learn on the "
                 "export without --with-past; the rotations it learns fold into either graph"
             )
-        self.input_name = model.graph.inputs[0].name or ""
+        self.input = model.graph.inputs[0]
         self.weight_bits = scheme.weight_bits
         self.head_bits = head_bits if scheme.weight_bits < 16 else 16
         self.group = group
@@ -130,60 +131,47 @@ class RotatedNetwork(torch.nn.Module):
         self.r2 = torch.nn.ParameterList(
             torch.nn.Parameter(torch.from_numpy(h)) for h, _ in head_rotations(d, len(desc.blocks), seed)
         )
-        for lin in self._linears():
-            if lin.weight.name not in self.graph.constants:
+        for lin in desc.linears():
+            if lin.weight not in self.graph.constants:
                 raise RotgraphError(f"{lin.node.name}: the weight is not a float initializer")
-
-    def _linears(self) -> list[Linear]:
-        out = [self.desc.lm_head]
-        for b in self.desc.blocks:
-            out += [b.attention.q, b.attention.k, b.attention.v, b.attention.o, b.mlp.gate, b.mlp.up, b.mlp.down]
-        return out
 
     def _quant(self, w: torch.Tensor, bits: int) -> torch.Tensor:
         return w if bits >= 16 else weight_fake_quant(w, bits, self.group, axis=0)
 
-    def overrides(self, ids: torch.Tensor) -> dict[str, Override]:
-        """Rotated (fake-quantized) weights by initializer name, and the embedding output for `ids`
-        (rows of E R1 gathered first: quantization groups lie within a row, so this is exact)."""
-        c = self.graph.constants
+    def overrides(self, ids: torch.Tensor) -> dict[ir.Value, Override]:
+        """Rotated (fake-quantized) weights by initializer, and the embedding output for `ids` (rows of
+        E R1 gathered first: quantization groups lie within a row, so this is exact)."""
+        desc, c = self.desc, self.graph.constants
         r1 = self.r1.to(torch.float32)
-        out: dict[str, Override] = {}
-
-        def put(lin: Linear, w: torch.Tensor, bits: int, bias: torch.Tensor | None = None) -> None:
-            out[lin.weight.name or ""] = self._quant(w, bits)
-            if bias is not None and lin.bias is not None:
-                out[lin.bias.name or ""] = bias
-
-        table = c[self.desc.embedding_table.name or ""]
-        rows = table[ids] @ r1
+        rows = c[desc.embedding_table][ids] @ r1
         if self.head_bits < 16:
             rows = weight_fake_quant(rows, self.head_bits, self.group, axis=-1)
-        out[self.desc.embedding.outputs[0].name or ""] = rows
-        head = self.desc.lm_head
-        if self.head_bits < 16:
-            put(head, r1.T @ c[head.weight.name or ""], self.head_bits)
-        else:  # (x R1^T) W costs tokens x hidden^2, R1^T W would cost vocab x hidden^2
-            w_head, x_name = c[head.weight.name or ""], head.input.name or ""
-            out[head.node.outputs[0].name or ""] = lambda env: (env[x_name] @ r1.T) @ w_head
-        bits = self.weight_bits
-        for block, r2 in zip(self.desc.blocks, self.r2, strict=True):
+        out: dict[ir.Value, Override] = {desc.embedding.outputs[0]: rows}
+        head = desc.lm_head
+        weights: dict[ir.Value, torch.Tensor] = {}  # the blocks' rotated weights, quantized at the end
+        for lin in r1_readers(desc):
+            if lin is not head:
+                weights[lin.weight] = r1.T @ c[lin.weight]
+        for lin in r1_writers(desc):
+            weights[lin.weight] = c[lin.weight] @ r1
+            if lin.bias is not None:
+                out[lin.bias] = c[lin.bias] @ r1
+        for pair, r2 in zip(r2_pairs(desc), self.r2, strict=True):
             h = r2.to(torch.float32)
-            a, m = block.attention, block.mlp
-            for lin in (a.q, a.k, m.gate, m.up):
-                put(lin, r1.T @ c[lin.weight.name or ""], bits)
-            v_bias = None if a.v.bias is None else _rotate_head_columns(c[a.v.bias.name or ""], h)
-            put(a.v, _rotate_head_columns(r1.T @ c[a.v.weight.name or ""], h), bits, v_bias)
-            for lin, w in (
-                (a.o, _rotate_head_rows(c[a.o.weight.name or ""], h)),
-                (m.down, c[m.down.weight.name or ""]),
-            ):
-                bias = None if lin.bias is None else c[lin.bias.name or ""] @ r1
-                put(lin, w @ r1, bits, bias)
+            weights[pair.v.weight] = rotate_head_columns(weights[pair.v.weight], h)
+            if pair.v.bias is not None:
+                out[pair.v.bias] = rotate_head_columns(c[pair.v.bias], h)
+            weights[pair.o.weight] = rotate_head_rows(weights[pair.o.weight], h)
+        out.update({value: self._quant(w, self.weight_bits) for value, w in weights.items()})
+        if self.head_bits < 16:
+            out[head.weight] = self._quant(r1.T @ c[head.weight], self.head_bits)
+        else:  # (x R1^T) W costs tokens x hidden^2, R1^T W would cost vocab x hidden^2
+            w_head, x = c[head.weight], head.input
+            out[head.node.outputs[0]] = lambda env: (env[x] @ r1.T) @ w_head
         return out
 
     def forward(self, ids: torch.Tensor) -> torch.Tensor:
-        return self.graph({self.input_name: ids}, self.overrides(ids))[0]
+        return self.graph({self.input: ids}, self.overrides(ids))[0]
 
     def loss(self, ids: torch.Tensor) -> torch.Tensor:
         """Mean next-token cross-entropy over the windows `ids` [batch, seq]."""
@@ -235,10 +223,10 @@ def _average_gradients(net: RotatedNetwork, loss: torch.Tensor, world: int) -> f
 def _save_checkpoint(
     path: Path, step: int, losses: list[float], options: LearnOptions, net: RotatedNetwork, optimizer: CayleySGD
 ) -> None:
+    """Tensors and plain values only, so that `torch.load(..., weights_only=True)` reads it back."""
     state = {
         "step": step,
-        "losses": losses,
-        "options": asdict(options),
+        "meta": json.dumps({"losses": losses, "options": asdict(options)}),
         "network": {k: v for k, v in net.state_dict().items() if k.startswith("r")},
         "optimizer": optimizer.state_dict(),
     }
@@ -294,12 +282,13 @@ def learn(
     checkpoint = output.with_name(output.name + ".ckpt")
     first_step, losses = 0, []
     if resume and checkpoint.is_file():
-        state = torch.load(checkpoint, weights_only=False)
-        if state["options"] != asdict(options):
-            raise RotgraphError(f"{checkpoint} was written with other options: {state['options']}")
+        state = torch.load(checkpoint, weights_only=True)
+        meta = json.loads(state["meta"])
+        if meta["options"] != json.loads(json.dumps(asdict(options))):
+            raise RotgraphError(f"{checkpoint} was written with other options: {meta['options']}")
         net.load_state_dict(state["network"], strict=False)
         optimizer.load_state_dict(state["optimizer"])
-        first_step, losses = state["step"], state["losses"]
+        first_step, losses = state["step"], meta["losses"]
         logger.info("resuming from step %d", first_step)
     elif resume:
         raise RotgraphError(f"nothing to resume: {checkpoint} does not exist")
@@ -314,7 +303,7 @@ def learn(
     )
     try:
         for step in bar:
-            lr = options.lr * 0.5 * (1 + np.cos(np.pi * step / options.steps))  # cosine decay to 0
+            lr = options.lr * 0.5 * (1 + float(np.cos(np.pi * step / options.steps)))  # cosine decay to 0
             for group in optimizer.param_groups:
                 group["lr"] = lr
             picked = batch_indices(step, options.batch, len(pool), options.seed)[rank * share : (rank + 1) * share]

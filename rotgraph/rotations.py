@@ -10,12 +10,12 @@ from typing import TYPE_CHECKING
 
 import numpy as np
 
+from rotgraph.constants import ROTATIONS_FORMAT
 from rotgraph.errors import RotgraphError
 
 if TYPE_CHECKING:
     import torch
 
-FORMAT = "rotgraph-rotations"
 ORTHOGONALITY_TOLERANCE = 1e-6
 
 
@@ -25,7 +25,7 @@ def save_rotations(path: Path, rotations: dict[str, torch.Tensor], metadata: dic
 
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(f".{path.name}.tmp")
-    meta = {"format": FORMAT, **{k: json.dumps(v) for k, v in metadata.items()}}
+    meta = {"format": ROTATIONS_FORMAT, **{k: json.dumps(v) for k, v in metadata.items()}}
     save_file({k: v.contiguous() for k, v in rotations.items()}, str(tmp), metadata=meta)
     os.replace(tmp, path)
 
@@ -43,7 +43,7 @@ def load_rotations(path: Path) -> tuple[np.ndarray, list[np.ndarray]]:
             tensors = {k: np.asarray(f.get_tensor(k), dtype=np.float64) for k in f.keys()}  # noqa: SIM118
     except (SafetensorError, OSError) as e:
         raise RotgraphError(f"{path}: not a safetensors file ({e})") from None
-    if meta.get("format") != FORMAT:
+    if meta.get("format") != ROTATIONS_FORMAT:
         raise RotgraphError(f"{path}: not a rotgraph rotations file (written by `rotgraph learn`)")
     layers = len(tensors) - 1
     if set(tensors) != {"R1", *(f"R2.{i}" for i in range(layers))}:

@@ -7,6 +7,9 @@ rotgraph's own `Hadamard` and `FakeQuant` ops natively (FakeQuant rounds with a 
 estimator so that gradients pass), evaluates other model-local functions from their bodies, and lets
 the caller replace any initializer by a tensor computed from trainable parameters (`overrides`).
 Unknown ops raise with the node's name, never silently.
+
+Values are keyed by the `ir.Value` objects themselves (identity), never by their names: names may be
+empty or repeated, and the caller takes the values it overrides from the discovered structure.
 """
 
 from __future__ import annotations
@@ -19,10 +22,10 @@ import numpy as np
 import onnx_ir as ir
 import torch
 
+from rotgraph.constants import ROTGRAPH_DOMAIN
 from rotgraph.errors import RotgraphError
 from rotgraph.fakequant import ActSpec
 from rotgraph.hadamard import hadamard_factors
-from rotgraph.structure import ROTGRAPH_DOMAIN
 
 _DTYPES = {
     ir.DataType.FLOAT: torch.float32,
@@ -37,7 +40,7 @@ _DTYPES = {
 }
 
 Op = Callable[[ir.Node, list], list]
-Override = torch.Tensor | Callable[[Mapping[str, torch.Tensor]], torch.Tensor]
+Override = torch.Tensor | Callable[[Mapping[ir.Value, torch.Tensor]], torch.Tensor]
 
 
 def round_ste(x: torch.Tensor) -> torch.Tensor:
@@ -283,29 +286,26 @@ def _hadamard(n: int) -> Callable[[torch.Tensor], torch.Tensor]:
     return run
 
 
-def _segments(graph: ir.Graph, cuts: Sequence[str]) -> list[tuple[list[ir.Node], list[str]]]:
-    """Graph nodes split after the producers of `cuts`, each with the names of the values it computes
-    that later nodes or the graph outputs read."""
+def _segments(graph: ir.Graph, cuts: Sequence[ir.Value]) -> list[tuple[list[ir.Node], list[ir.Value]]]:
+    """Graph nodes split after the producers of `cuts`, each with the values it computes that later
+    nodes or the graph outputs read."""
     nodes = list(graph)
     position = {id(n): i for i, n in enumerate(nodes)}
     ends = set()
-    for name in cuts:
-        value = next((v for n in nodes for v in n.outputs if v.name == name), None)
-        if value is None or value.producer() is None:
-            raise RotgraphError(f"checkpoint value {name!r} is not computed by the graph")
-        ends.add(position[id(value.producer())])
+    for value in cuts:
+        producer = value.producer()
+        if producer is None or id(producer) not in position:
+            raise RotgraphError(f"checkpoint value {value.name!r} is not computed by the graph")
+        ends.add(position[id(producer)])
+    outputs = set(map(id, graph.outputs))
     segments, start = [], 0
     for end in [*sorted(ends), len(nodes) - 1]:
         if end < start:
             continue
         part = nodes[start : end + 1]
         inside = {id(n) for n in part}
-        outputs = set(map(id, graph.outputs))
         exported = [
-            v.name or ""
-            for n in part
-            for v in n.outputs
-            if id(v) in outputs or any(id(c) not in inside for c in v.consumers())
+            v for n in part for v in n.outputs if id(v) in outputs or any(id(c) not in inside for c in v.consumers())
         ]
         segments.append((part, exported))
         start = end + 1
@@ -315,24 +315,25 @@ def _segments(graph: ir.Graph, cuts: Sequence[str]) -> list[tuple[list[ir.Node],
 class TorchGraph:
     """Run `model`'s main graph on torch tensors: `graph(feeds, overrides)` returns the graph outputs.
 
-    `overrides` maps initializer names to tensors used in their place (e.g. rotated weights computed
-    from trainable rotations), or node output names to their values or to functions of the values
-    computed before that node (the node is then not run).
-    Initializers are converted to torch once, in the stored dtype.
+    `feeds` maps graph inputs (the `ir.Value`s, or their names) to tensors. `overrides` maps
+    initializers to tensors used in their place (e.g. rotated weights computed from trainable
+    rotations), or node outputs to their values or to functions of the values computed before that
+    node (the node is then not run); functions read their arguments from a mapping keyed by `ir.Value`.
+    Initializers are converted to torch once, in the stored dtype (`constants`, keyed by `ir.Value`).
 
-    `checkpoint_after` names values (e.g. each decoder block's residual output) that cut the graph into
+    `checkpoint_after` lists values (e.g. each decoder block's residual output) that cut the graph into
     segments; when gradients are on, each segment runs under `torch.utils.checkpoint`, so only the
     values crossing a cut are kept for the backward pass and the rest is recomputed: activation memory
     of one segment instead of the whole network, for about one more forward pass of compute.
     """
 
-    def __init__(self, model: ir.Model, checkpoint_after: Sequence[str] = ()) -> None:
+    def __init__(self, model: ir.Model, checkpoint_after: Sequence[ir.Value] = ()) -> None:
         self.model = model
         self._segments = _segments(model.graph, checkpoint_after) if checkpoint_after else []
-        self.constants: dict[str, torch.Tensor] = {}
-        for name, value in model.graph.initializers.items():
+        self.constants: dict[ir.Value, torch.Tensor] = {}
+        for value in model.graph.initializers.values():
             if value.const_value is not None:
-                self.constants[name] = _tensor(value.const_value)
+                self.constants[value] = _tensor(value.const_value)
         self._native: dict[tuple[str, str, str], Callable[[torch.Tensor], torch.Tensor]] = {}
         for (domain, op_type, overload), _ in model.functions.items():
             if domain != ROTGRAPH_DOMAIN:
@@ -343,51 +344,68 @@ class TorchGraph:
                 spec = ActSpec.from_overload(overload)
                 self._native[(domain, op_type, overload)] = functools.partial(fake_quant, spec=spec)
 
-    def __call__(self, feeds: Mapping[str, torch.Tensor], overrides: Mapping[str, Override] | None = None) -> list:
-        env: dict[str, torch.Tensor] = dict(self.constants)
+    def _feeds(self, feeds: Mapping[ir.Value | str, torch.Tensor]) -> dict[ir.Value, torch.Tensor]:
+        """`feeds` keyed by graph input; a name must name exactly one graph input."""
+        inputs = self.model.graph.inputs
+        out: dict[ir.Value, torch.Tensor] = {}
+        for key, tensor in feeds.items():
+            if isinstance(key, str):
+                named = [v for v in inputs if v.name == key]
+                if len(named) != 1:
+                    raise RotgraphError(f"feed {key!r} names {len(named)} graph inputs, expected one")
+                key = named[0]
+            elif key not in inputs:
+                raise RotgraphError(f"feed {key.name!r} is not a graph input")
+            out[key] = tensor
+        return out
+
+    def __call__(
+        self, feeds: Mapping[ir.Value | str, torch.Tensor], overrides: Mapping[ir.Value, Override] | None = None
+    ) -> list:
+        env: dict[ir.Value, torch.Tensor] = dict(self.constants)
         given = dict(overrides or {})
         env.update({k: v for k, v in given.items() if isinstance(v, torch.Tensor)})
-        env.update(feeds)
+        env.update(self._feeds(feeds))
         graph = self.model.graph
-        missing = [v.name for v in graph.inputs if v.name not in env]
+        missing = [v.name for v in graph.inputs if v not in env]
         if missing:
             raise RotgraphError(f"missing graph inputs {missing}")
-        outputs = [v.name or "" for v in graph.outputs]
+        outputs = list(graph.outputs)
         if not self._segments or not torch.is_grad_enabled():
             return self._run(graph, env, outputs, given)
         from torch.utils.checkpoint import checkpoint
 
         for nodes, exported in self._segments:
 
-            def segment(nodes: list[ir.Node] = nodes, exported: list[str] = exported) -> tuple[torch.Tensor, ...]:
+            def segment(nodes: list[ir.Node] = nodes, exported: list[ir.Value] = exported) -> tuple[torch.Tensor, ...]:
                 # values are assigned once, so `env` still holds this segment's inputs when the
                 # backward pass recomputes it
                 return tuple(self._run(nodes, dict(env), exported, given))
 
             env.update(zip(exported, checkpoint(segment, use_reentrant=False), strict=True))
-        return [env[name] for name in outputs]
+        return [env[v] for v in outputs]
 
     def _run(
         self,
         nodes: Sequence[ir.Node] | ir.Graph,
-        env: dict[str, torch.Tensor],
-        outputs: list[str],
-        given: Mapping[str, Override] | None = None,
+        env: dict[ir.Value, torch.Tensor],
+        outputs: Sequence[ir.Value],
+        given: Mapping[ir.Value, Override] | None = None,
     ) -> list:
         """Evaluate `nodes` in order. A node whose outputs are all `given` is not run; outputs given as
         functions are computed from the values so far when the node's turn comes."""
         for node in nodes:
-            if given and all(v.name in given for v in node.outputs):
+            if given and all(v in given for v in node.outputs):
                 for v in node.outputs:
-                    fixed = given[v.name or ""]
+                    fixed = given[v]
                     if not isinstance(fixed, torch.Tensor):
-                        env[v.name or ""] = fixed(env)
+                        env[v] = fixed(env)
                 continue
-            inputs = [None if v is None else env[v.name or ""] for v in node.inputs]
+            inputs = [None if v is None else env[v] for v in node.inputs]
             results = self._node(node, inputs)
             for value, result in zip(node.outputs, results, strict=False):
-                env[value.name or ""] = result
-        return [env[name] for name in outputs]
+                env[value] = result
+        return [env[v] for v in outputs]
 
     def _node(self, node: ir.Node, inputs: list) -> list:
         key = (node.domain, node.op_type, node.overload)
@@ -395,8 +413,8 @@ class TorchGraph:
             return [self._native[key](inputs[0])]
         if key in self.model.functions:
             function = self.model.functions[key]
-            env = {p.name or "": t for p, t in zip(function.inputs, inputs, strict=True)}
-            return self._run(function, env, [v.name or "" for v in function.outputs])
+            env = dict(zip(function.inputs, inputs, strict=True))
+            return self._run(function, env, function.outputs)
         if node.domain in ("", "ai.onnx") and node.op_type in STANDARD_OPS:
             return STANDARD_OPS[node.op_type](node, inputs)
         raise RotgraphError(

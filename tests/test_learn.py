@@ -8,6 +8,7 @@ import sys
 from pathlib import Path
 
 import numpy as np
+import onnx_ir as ir
 import pytest
 import torch
 from conftest import ort_logits
@@ -35,6 +36,31 @@ def test_torch_graph_computes_what_onnxruntime_computes(tiny, tokens, tmp_path, 
     ours = TorchGraph(model)({"input_ids": torch.from_numpy(tokens)})[0].numpy()
     reference = ort_logits(path, tokens)
     np.testing.assert_allclose(ours, reference, atol=2e-4 * np.abs(reference).max())
+
+
+def _blank_names(model: ir.Model) -> None:
+    """Give every value a node computes the same empty name (graph outputs keep theirs)."""
+    for node in model.graph:
+        for value in node.outputs:
+            if not value.is_graph_output():
+                value.name = ""
+
+
+def test_torch_graph_keys_values_not_names(tiny, tokens) -> None:
+    """Values with empty (so equal) names stay apart: the evaluator, its checkpoint cuts and the
+    learning network's overrides key by the values of the discovered structure, not by their names."""
+    _, path = tiny("llama", "dynamo")
+    model = io.load_model(path)
+    canonicalize(model)
+    ids = torch.from_numpy(tokens)
+    expected = TorchGraph(model)({"input_ids": ids})[0]
+    _blank_names(model)
+    torch.testing.assert_close(TorchGraph(model)({model.graph.inputs[0]: ids})[0], expected, rtol=0, atol=0)
+
+    named, blank = _learning_network(path, "w4a4kv4"), _learning_network(path, "w4a4kv4")
+    _blank_names(blank.graph.model)
+    blank = RotatedNetwork(blank.graph.model, Scheme.parse("w4a4kv4"), group=16, head_bits=16, seed=0)
+    torch.testing.assert_close(blank.loss(ids), named.loss(ids), rtol=0, atol=0)
 
 
 def test_fake_quant_matches_the_numpy_reference_and_passes_gradients() -> None:
@@ -144,7 +170,9 @@ def test_resume_reproduces_an_uninterrupted_run(tiny, tmp_path, monkeypatch) -> 
     monkeypatch.setattr(RotatedNetwork, "loss", interrupted)
     with pytest.raises(KeyboardInterrupt):
         learn(path, resumed, options, token_windows=ids, progress=False)
-    assert not resumed.exists() and (tmp_path / "resumed.safetensors.ckpt").is_file()
+    checkpoint = tmp_path / "resumed.safetensors.ckpt"
+    assert not resumed.exists() and checkpoint.is_file()
+    assert torch.load(checkpoint, weights_only=True)["step"] == 2  # tensors and plain values only
     monkeypatch.setattr(RotatedNetwork, "loss", original)
     learn(path, resumed, options, token_windows=ids, resume=True, progress=False)
     assert not (tmp_path / "resumed.safetensors.ckpt").exists()

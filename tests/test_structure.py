@@ -7,7 +7,7 @@ import pytest
 from rotgraph import io
 from rotgraph.errors import StructureError
 from rotgraph.pipeline import canonicalize
-from rotgraph.structure import discover
+from rotgraph.structure import discover, r1_readers, r1_writers, r2_pairs, rotate_head_columns, rotate_head_rows
 
 
 @pytest.mark.parametrize("exporter", ["dynamo", "torchscript"])
@@ -93,6 +93,62 @@ def test_summary_names_what_was_found(tiny) -> None:
     _, path = tiny("qwen2", "dynamo")
     text = canonicalize(io.load_model(path)).summary()
     assert "2 blocks" in text and "grouped-query" in text and "biases: yes" in text
+
+
+def _weight_matmuls(model: ir.Model) -> set[int]:
+    """MatMul nodes by a weight (an initializer, or a Transpose of one: a tied lm_head), found without
+    the structure module."""
+    out = set()
+    for node in model.graph:
+        weight = node.inputs[1] if node.op_type == "MatMul" else None
+        producer = weight.producer() if weight is not None else None
+        source = producer.inputs[0] if producer is not None and producer.op_type == "Transpose" else weight
+        if source is not None and source.is_initializer():
+            out.add(id(node))
+    return out
+
+
+@pytest.mark.parametrize("exporter", ["dynamo", "torchscript"])
+@pytest.mark.parametrize("model_type", ["llama", "qwen2"])
+def test_fold_sites_cover_every_linear_once(tiny, exporter: str, model_type: str) -> None:
+    """R1 reads or writes every weight MatMul of the graph exactly once; R2 pairs each layer's V and O."""
+    _, path = tiny(model_type, exporter)
+    model = io.load_model(path)
+    desc = canonicalize(model)
+    sites = [id(lin.node) for lin in [*r1_readers(desc), *r1_writers(desc)]]
+    assert len(sites) == len(set(sites)) == 7 * len(desc.blocks) + 1
+    assert set(sites) == {id(lin.node) for lin in desc.linears()} == _weight_matmuls(model)
+    readers = {id(lin.node) for lin in r1_readers(desc)}
+    for block in desc.blocks:  # readers take the residual stream in, writers add to it
+        a, m = block.attention, block.mlp
+        assert {id(lin.node) for lin in (a.q, a.k, a.v, m.gate, m.up)} <= readers
+        assert id(a.o.node) not in readers and id(m.down.node) not in readers
+    assert id(desc.lm_head.node) in readers
+    pairs = r2_pairs(desc)
+    assert [p.layer for p in pairs] == [b.index for b in desc.blocks]
+    for pair, block in zip(pairs, desc.blocks, strict=True):
+        assert pair.v is block.attention.v and pair.o is block.attention.o
+        assert (pair.num_heads, pair.num_kv_heads, pair.head_dim, pair.group) == (3, 1, 16, 3)
+        assert pair.v.shape[1] == pair.num_kv_heads * pair.head_dim
+        assert pair.o.shape[0] == pair.num_heads * pair.head_dim
+
+
+def test_head_rotations_act_per_head_on_numpy_and_torch() -> None:
+    """V's columns and O's rows are rotated head by head, the same way in float64 numpy and in torch."""
+    import torch
+
+    rng = np.random.default_rng(5)
+    d, kv_heads, heads = 4, 2, 6
+    h = np.linalg.qr(rng.normal(size=(d, d)))[0]
+    w_v, b_v, w_o = rng.normal(size=(8, kv_heads * d)), rng.normal(size=kv_heads * d), rng.normal(size=(heads * d, 8))
+    cols = [slice(g * d, (g + 1) * d) for g in range(kv_heads)]
+    rows = [slice(i * d, (i + 1) * d) for i in range(heads)]
+    np.testing.assert_allclose(rotate_head_columns(w_v, h), np.hstack([w_v[:, c] @ h for c in cols]), atol=1e-12)
+    np.testing.assert_allclose(rotate_head_columns(b_v, h), np.hstack([b_v[c] @ h for c in cols]), atol=1e-12)
+    np.testing.assert_allclose(rotate_head_rows(w_o, h), np.vstack([h.T @ w_o[r] for r in rows]), atol=1e-12)
+    t = torch.from_numpy
+    np.testing.assert_allclose(rotate_head_columns(t(w_v), t(h)).numpy(), rotate_head_columns(w_v, h), atol=1e-12)
+    np.testing.assert_allclose(rotate_head_rows(t(w_o), t(h)).numpy(), rotate_head_rows(w_o, h), atol=1e-12)
 
 
 def test_corrupt_file_is_a_clear_error(tmp_path) -> None:

@@ -9,25 +9,13 @@ import logging
 import numpy as np
 import onnx_ir as ir
 
+from rotgraph.constants import R2_KEY
 from rotgraph.errors import RotgraphError
 from rotgraph.hadamard import random_rotation
-from rotgraph.structure import discover
+from rotgraph.structure import discover, r2_pairs, rotate_head_columns, rotate_head_rows
 from rotgraph.weights import rewrite_initializer
 
 logger = logging.getLogger(__name__)
-
-
-def _rotate_columns(w: np.ndarray, h: np.ndarray) -> np.ndarray:
-    """[..., heads * d] -> each head's d columns times h."""
-    lead = w.shape[:-1]
-    d = h.shape[0]
-    return (w.reshape(*lead, -1, d) @ h).reshape(w.shape)
-
-
-def _rotate_rows(w: np.ndarray, h: np.ndarray) -> np.ndarray:
-    """[heads * d, out] -> h^T times each head's d rows."""
-    d = h.shape[0]
-    return np.einsum("ji,hjk->hik", h, w.reshape(-1, d, w.shape[1])).reshape(w.shape)
 
 
 def head_rotations(d: int, layers: int, seed: int) -> list[tuple[np.ndarray, str]]:
@@ -41,10 +29,11 @@ class RotateHeadsPass(ir.passes.InPlacePass):
     """Per layer, V's output and O's input are rotated by the same head_dim x head_dim matrix H.
 
     V weight columns (and bias) of every KV head: W_v -> W_v H; O weight rows of every query head:
-    W_o -> H^T W_o. Attention mixes positions, never coordinates within a head, so head i's output P_i
-    V_g(i) H meets H^T in O: exact for grouped-query attention too, since all heads share H. H comes
-    from `rotations[layer]` when given, else is a randomized Hadamard drawn from
-    `numpy.random.default_rng([seed, 2])`, layer by layer. Guarantees: exact in real arithmetic.
+    W_o -> H^T W_o (the sites of `rotgraph.structure.r2_pairs`). Attention mixes positions, never
+    coordinates within a head, so head i's output P_i V_g(i) H meets H^T in O: exact for grouped-query
+    attention too, since all heads share H. H comes from `rotations[layer]` when given, else is a
+    randomized Hadamard drawn from `numpy.random.default_rng([seed, 2])`, layer by layer.
+    Guarantees: exact in real arithmetic.
     """
 
     def __init__(self, seed: int = 0, rotations: tuple[np.ndarray, ...] | None = None) -> None:
@@ -54,27 +43,27 @@ class RotateHeadsPass(ir.passes.InPlacePass):
 
     def call(self, model: ir.Model) -> ir.passes.PassResult:
         desc = discover(model)
-        if self.rotations is not None and len(self.rotations) != len(desc.blocks):
-            raise RotgraphError(f"R2 needs {len(desc.blocks)} matrices, got {len(self.rotations)}")
-        d = desc.blocks[0].attention.head_dim
-        drawn = head_rotations(d, len(desc.blocks), self.seed) if self.rotations is None else None
+        pairs = r2_pairs(desc)
+        if self.rotations is not None and len(self.rotations) != len(pairs):
+            raise RotgraphError(f"R2 needs {len(pairs)} matrices, got {len(self.rotations)}")
+        d = pairs[0].head_dim
+        drawn = head_rotations(d, len(pairs), self.seed) if self.rotations is None else None
         kinds = set()
-        for block in desc.blocks:
-            attn = block.attention
-            if attn.head_dim != d:
-                raise RotgraphError(f"layer {block.index} has head_dim {attn.head_dim}, layer 0 has {d}")
+        for pair in pairs:
+            if pair.head_dim != d:
+                raise RotgraphError(f"layer {pair.layer} has head_dim {pair.head_dim}, layer 0 has {d}")
             if drawn is not None:
-                h, kind = drawn[block.index]
+                h, kind = drawn[pair.layer]
             else:
                 assert self.rotations is not None
-                h, kind = np.asarray(self.rotations[block.index], dtype=np.float64), "given"
+                h, kind = np.asarray(self.rotations[pair.layer], dtype=np.float64), "given"
                 if h.shape != (d, d):
-                    raise RotgraphError(f"R2 of layer {block.index} must be {d} x {d}, got {h.shape}")
+                    raise RotgraphError(f"R2 of layer {pair.layer} must be {d} x {d}, got {h.shape}")
             kinds.add(kind)
-            rewrite_initializer(attn.v.weight, functools.partial(_rotate_columns, h=h))
-            if attn.v.bias is not None:
-                rewrite_initializer(attn.v.bias, functools.partial(_rotate_columns, h=h))
-            rewrite_initializer(attn.o.weight, functools.partial(_rotate_rows, h=h))
-        model.metadata_props["rotgraph.r2"] = json.dumps({"kind": sorted(kinds), "seed": self.seed})
-        logger.info("R2: rotated V/O of %d layers (head_dim %d)", len(desc.blocks), desc.blocks[0].attention.head_dim)
+            rewrite_initializer(pair.v.weight, functools.partial(rotate_head_columns, h=h))
+            if pair.v.bias is not None:
+                rewrite_initializer(pair.v.bias, functools.partial(rotate_head_columns, h=h))
+            rewrite_initializer(pair.o.weight, functools.partial(rotate_head_rows, h=h))
+        model.metadata_props[R2_KEY] = json.dumps({"kind": sorted(kinds), "seed": self.seed})
+        logger.info("R2: rotated V/O of %d layers (head_dim %d)", len(pairs), d)
         return ir.passes.PassResult(model, True)

@@ -9,9 +9,10 @@ import logging
 import numpy as np
 import onnx_ir as ir
 
+from rotgraph.constants import R1_KEY
 from rotgraph.errors import RotgraphError, StructureError
 from rotgraph.hadamard import random_rotation
-from rotgraph.structure import discover
+from rotgraph.structure import discover, r1_readers, r1_writers
 from rotgraph.weights import multiply_left, multiply_right, read_float64, rewrite_initializer
 
 logger = logging.getLogger(__name__)
@@ -26,10 +27,11 @@ class RotateResidualPass(ir.passes.InPlacePass):
     """Residual stream x -> x Q for an orthogonal Q (hidden x hidden), folded into the weights.
 
     Rewrites the embedding table E -> E Q, every residual writer (o_proj, down_proj: W -> W Q, bias b ->
-    b Q) and every residual reader (q/k/v, gate/up, lm_head: W -> Q^T W). Q is `rotation` when given,
-    else a randomized Hadamard matrix drawn from `numpy.random.default_rng([seed, 1])` (a seeded random
-    orthogonal matrix where no Hadamard of that order is known). Requires weightless norms
-    (`FuseNormScalesPass`) and an untied lm_head: RMSNorm(x Q) = RMSNorm(x) Q only without scales.
+    b Q) and every residual reader (q/k/v, gate/up, lm_head: W -> Q^T W), as `rotgraph.structure.folds`
+    lists them. Q is `rotation` when given, else a randomized Hadamard matrix drawn from
+    `numpy.random.default_rng([seed, 1])` (a seeded random orthogonal matrix where no Hadamard of that
+    order is known). Requires weightless norms (`FuseNormScalesPass`) and an untied lm_head:
+    RMSNorm(x Q) = RMSNorm(x) Q only without scales.
     Guarantees: exact in real arithmetic; one float32 rounding per weight.
     """
 
@@ -56,15 +58,14 @@ class RotateResidualPass(ir.passes.InPlacePass):
         else:
             q, kind = residual_rotation(n, self.seed)
         rewrite_initializer(desc.embedding_table, functools.partial(multiply_right, m=q))
-        readers = [lin for group in desc.norm_readers() for lin in group]
-        writers = [lin for b in desc.blocks for lin in (b.attention.o, b.mlp.down)]
+        readers, writers = r1_readers(desc), r1_writers(desc)
         for lin in readers:
             rewrite_initializer(lin.weight, functools.partial(multiply_left, m=q.T))
         for lin in writers:
             rewrite_initializer(lin.weight, functools.partial(multiply_right, m=q))
             if lin.bias is not None:
                 rewrite_initializer(lin.bias, functools.partial(multiply_right, m=q))
-        model.metadata_props["rotgraph.r1"] = json.dumps({"kind": kind, "size": n, "seed": self.seed})
+        model.metadata_props[R1_KEY] = json.dumps({"kind": kind, "size": n, "seed": self.seed})
         logger.info(
             "R1 (%s, %d): %d readers, %d writers and the embedding rotated", kind, n, len(readers), len(writers)
         )
