@@ -4,8 +4,9 @@ One overload per configuration (`b8s_g0_c100`: 8 bits, symmetric, group = whole 
 each carried in the model as an ONNX function in standard ops (Reshape, ReduceMax/Min, Div, Round,
 Clip, Mul), so every runtime computes it. Per-token activation quantization is a group of the whole
 hidden axis; KV-cache quantization per token and head is a group of head_dim (or smaller groups).
-Symmetric: scale = clip * max|x| / qmax. Asymmetric: scale = clip * (max - min) / qmax over the
-group's range widened to contain 0, zero = round(-clip * min / scale).
+The grid and the arithmetic (symmetric: scale = clip * max|x| / qmax; asymmetric: scale = clip * (max -
+min) / qmax over the group's range widened to contain 0, zero = round(-clip * min / scale)) are those of
+`rotgraph.grid`, which the body's constants come from.
 """
 
 from __future__ import annotations
@@ -16,6 +17,7 @@ from dataclasses import dataclass
 import numpy as np
 import onnx_ir as ir
 
+from rotgraph import grid
 from rotgraph.errors import RotgraphError
 from rotgraph.online import FunctionBuilder, insert_after_value
 from rotgraph.structure import ROTGRAPH_DOMAIN
@@ -51,25 +53,17 @@ class ActSpec:
 
     @property
     def qmax(self) -> int:
-        return 2 ** (self.bits - 1) - 1 if self.symmetric else 2**self.bits - 1
+        return grid.qmax(self.bits, self.symmetric)
 
     @property
     def qmin(self) -> int:
-        return -(2 ** (self.bits - 1)) if self.symmetric else 0
+        return grid.qmin(self.bits, self.symmetric)
 
-    def reference(self, x: np.ndarray) -> np.ndarray:
-        """The same computation in numpy (float64), for tests and for learning."""
+    def reference(self, x: np.ndarray, dtype: type[np.floating] = np.float64) -> np.ndarray:
+        """The same computation in numpy (`rotgraph.grid`), in float64 by default (for tests and for
+        learning); in float32 it is the function body's arithmetic, bit for bit."""
         g = self.group or x.shape[-1]
-        xr = x.reshape(-1, g).astype(np.float64)
-        if self.symmetric:
-            scale = np.maximum(np.abs(xr).max(-1, keepdims=True) * self.clip / self.qmax, 1e-8)
-            y = np.clip(np.round(xr / scale), self.qmin, self.qmax) * scale
-        else:
-            hi = np.maximum(xr.max(-1, keepdims=True), 0) * self.clip
-            lo = np.minimum(xr.min(-1, keepdims=True), 0) * self.clip
-            scale = np.maximum((hi - lo) / self.qmax, 1e-8)
-            zero = np.round(-lo / scale)
-            y = (np.clip(np.round(xr / scale) + zero, 0, self.qmax) - zero) * scale
+        y = grid.fake_quant(x.reshape(-1, g).astype(dtype), self.bits, self.symmetric, self.clip)
         return y.reshape(x.shape)
 
 
@@ -85,20 +79,22 @@ def _function(spec: ActSpec, dtype: ir.DataType) -> ir.Function:
     else:
         xr = x
     axes = const("axes", np.array([-1], dtype=np.int64))
-    eps = const("eps", np.array(1e-8, dtype=f))
+    eps = const("eps", np.array(grid.EPS, dtype=f))
     lo_q, hi_q = const("qmin", np.array(spec.qmin, dtype=f)), const("qmax", np.array(spec.qmax, dtype=f))
     # clip as the float32 node attribute holds it, so the compiled kernel computes the same ratio
-    ratio = const("ratio", np.array(float(np.float32(spec.clip)) / spec.qmax, dtype=f))
+    ratio = const("ratio", np.array(grid.symmetric_ratio(spec.bits, spec.clip), dtype=f))
+    # sum(0 * x): 0, or NaN for a group with a NaN or an infinity, which then gives NaN throughout (grid)
+    nonfinite = op("ReduceSum", op("Mul", xr, const("nothing", np.array(0.0, dtype=f))), axes, keepdims=1)
     if spec.symmetric:
         amax = op("ReduceMax", op("Abs", xr), axes, keepdims=1)
-        scale = op("Max", op("Mul", amax, ratio), eps)
+        scale = op("Max", op("Add", op("Mul", amax, ratio), nonfinite), eps)
         y = op("Mul", op("Clip", op("Round", op("Div", xr, scale)), lo_q, hi_q), scale)
     else:
         zero_f = const("zero", np.array(0.0, dtype=f))
-        clip = const("clip", np.array(spec.clip, dtype=f))
+        clip = const("clip", np.array(grid.clip_value(spec.clip), dtype=f))
         hi = op("Mul", op("Max", op("ReduceMax", xr, axes, keepdims=1), zero_f), clip)
         lo = op("Mul", op("Min", op("ReduceMin", xr, axes, keepdims=1), zero_f), clip)
-        scale = op("Max", op("Div", op("Sub", hi, lo), hi_q), eps)
+        scale = op("Max", op("Add", op("Div", op("Sub", hi, lo), hi_q), nonfinite), eps)
         zp = op("Round", op("Div", op("Neg", lo), scale))
         q = op("Clip", op("Add", op("Round", op("Div", xr, scale)), zp), zero_f, hi_q)
         y = op("Mul", op("Sub", q, zp), scale)

@@ -18,6 +18,7 @@ from dataclasses import dataclass
 import numpy as np
 import onnx_ir as ir
 
+from rotgraph import grid
 from rotgraph.errors import RotgraphError
 from rotgraph.fakequant import ActSpec
 from rotgraph.online import FunctionBuilder
@@ -88,20 +89,17 @@ class CacheSpec:
         return kv_heads * (self.code_width + 5 * self.groups)
 
     def quantize(self, x: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-        """numpy reference of KVQuantize (float32 arithmetic, as the function computes it)."""
-        f = np.float32
-        qmax = f(2**self.bits - 1)
-        xg = x.astype(f).reshape(*x.shape[:-1], self.groups, self.group_size)
-        hi = np.maximum(xg.max(-1), f(0)) * f(self.clip)
-        lo = np.minimum(xg.min(-1), f(0)) * f(self.clip)
-        scale = np.maximum((hi - lo) / qmax, f(1e-8))
-        zero = np.round(-lo / scale)
-        codes = np.clip(np.round(xg / scale[..., None]) + zero[..., None], 0, qmax).astype(np.uint8)
+        """numpy reference of KVQuantize (`rotgraph.grid` in float32 arithmetic, as the function computes it)."""
+        xg = x.astype(np.float32).reshape(*x.shape[:-1], self.groups, self.group_size)
+        scale, zero = grid.dynamic_params(xg, self.bits, False, self.clip)
+        with np.errstate(invalid="ignore"):  # NaN (a NaN group) casts to 0, as onnxruntime's Cast does
+            codes = np.nan_to_num(grid.dynamic_codes(xg, scale, zero, self.bits, False)).astype(np.uint8)
+            zero = np.nan_to_num(zero).astype(np.uint8)
         codes = codes.reshape(x.shape)
         if self.bits == 4:
             half = self.head_dim // 2
             codes = codes[..., :half] | (codes[..., half:] << 4)
-        return codes, scale.astype(f), zero.astype(np.uint8)
+        return codes, scale[..., 0], zero[..., 0]
 
     def dequantize(self, codes: np.ndarray, scale: np.ndarray, zero: np.ndarray) -> np.ndarray:
         """numpy reference of KVDequantize."""
@@ -118,11 +116,14 @@ def _quantize_function(spec: CacheSpec) -> ir.Function:
     x = ir.Value(name="X")
     grouped = b.op("Reshape", x, b.const("grouped", np.array([0, 0, 0, spec.groups, spec.group_size], np.int64)))
     axes = b.const("axes", np.array([-1], np.int64))
-    zero_f, clip = b.const("zero_f", np.array(0, f)), b.const("clip", np.array(spec.clip, f))
-    qmax = b.const("qmax", np.array(2**spec.bits - 1, f))
+    zero_f, clip = b.const("zero_f", np.array(0, f)), b.const("clip", np.array(grid.clip_value(spec.clip), f))
+    qmax = b.const("qmax", np.array(grid.qmax(spec.bits, False), f))
     hi = b.op("Mul", b.op("Max", b.op("ReduceMax", grouped, axes, keepdims=0), zero_f), clip)
     lo = b.op("Mul", b.op("Min", b.op("ReduceMin", grouped, axes, keepdims=0), zero_f), clip)
-    scale = b.op("Max", b.op("Div", b.op("Sub", hi, lo), qmax), b.const("eps", np.array(1e-8, f)))
+    # sum(0 * x): 0, or NaN for a group with a NaN or an infinity, which then gives NaN throughout (grid)
+    nonfinite = b.op("ReduceSum", b.op("Mul", grouped, b.const("nothing", np.array(0, f))), axes, keepdims=0)
+    scale = b.op("Add", b.op("Div", b.op("Sub", hi, lo), qmax), nonfinite)
+    scale = b.op("Max", scale, b.const("eps", np.array(grid.EPS, f)))
     zp = b.op("Round", b.op("Div", b.op("Neg", lo), scale))
     q = b.op("Add", b.op("Round", b.op("Div", grouped, b.op("Unsqueeze", scale, axes))), b.op("Unsqueeze", zp, axes))
     q = b.op("Cast", b.op("Clip", q, zero_f, qmax), to=ir.DataType.UINT8)

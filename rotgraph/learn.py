@@ -27,7 +27,7 @@ import onnx_ir as ir
 import torch
 from tqdm import tqdm
 
-from rotgraph import io
+from rotgraph import grid, io
 from rotgraph.errors import RotgraphError
 from rotgraph.passes import (
     InsertDownHadamardPass,
@@ -98,9 +98,9 @@ def weight_fake_quant(w: torch.Tensor, bits: int, group: int, axis: int) -> torc
     n = w.shape[axis]
     g = group or n
     grouped = w.reshape(*w.shape[:axis], n // g, g, *w.shape[axis + 1 :])  # a view: no transpose
-    qmax = 2 ** (bits - 1) - 1
-    scale = torch.clamp(grouped.abs().amax(axis + 1, keepdim=True) / qmax, min=1e-8)
-    q = torch.clamp(round_ste(grouped / scale), -qmax - 1, qmax) * scale
+    qmax = grid.qmax(bits, True)
+    scale = torch.clamp(grouped.abs().amax(axis + 1, keepdim=True) / qmax, min=grid.EPS)
+    q = torch.clamp(round_ste(grouped / scale), grid.qmin(bits, True), qmax) * scale
     return q.reshape(w.shape)
 
 

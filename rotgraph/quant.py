@@ -3,8 +3,10 @@
 Conventions: a weight is given as `wt` with shape [rows, cols] = [out_features, in_features] (the
 transpose of an ONNX MatMul initializer); groups run along `cols` (the reduction axis), so every
 output channel has one scale (and zero point) per `group_size` inputs, or one in all (per channel).
-Integer codes are signed for symmetric grids ([-2^(b-1), 2^(b-1) - 1]) and unsigned for asymmetric ones
-([0, 2^b - 1]); dequantized value = (code - zero) * scale.
+Integer codes lie on the grids of `rotgraph.grid`: signed for symmetric grids ([-2^(b-1), 2^(b-1) - 1]) and
+unsigned for asymmetric ones ([0, 2^b - 1]); dequantized value = (code - zero) * scale. Unlike the dynamic
+quantizer, an all-zero group gets scale 1 (its codes are 0 either way), so every stored scale is a normal
+number in float16 too.
 """
 
 from __future__ import annotations
@@ -13,6 +15,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from rotgraph import grid
 from rotgraph.errors import RotgraphError
 
 
@@ -29,11 +32,11 @@ class WeightSpec:
 
     @property
     def qmin(self) -> int:
-        return -(2 ** (self.bits - 1)) if self.symmetric else 0
+        return grid.qmin(self.bits, self.symmetric)
 
     @property
     def qmax(self) -> int:
-        return 2 ** (self.bits - 1) - 1 if self.symmetric else 2**self.bits - 1
+        return grid.qmax(self.bits, self.symmetric)
 
     def groups(self, cols: int) -> int:
         g = self.group_size or cols

@@ -22,6 +22,7 @@ import numpy as np
 import onnx_ir as ir
 import torch
 
+from rotgraph import grid
 from rotgraph.constants import ROTGRAPH_DOMAIN
 from rotgraph.errors import RotgraphError
 from rotgraph.fakequant import ActSpec
@@ -54,12 +55,12 @@ def fake_quant(x: torch.Tensor, spec: ActSpec) -> torch.Tensor:
     g = spec.group or x.shape[-1]
     xr = x.reshape(-1, g)
     if spec.symmetric:
-        scale = torch.clamp(xr.abs().amax(-1, keepdim=True) * (spec.clip / spec.qmax), min=1e-8)
+        scale = torch.clamp(xr.abs().amax(-1, keepdim=True) * grid.symmetric_ratio(spec.bits, spec.clip), min=grid.EPS)
         y = torch.clamp(round_ste(xr / scale), spec.qmin, spec.qmax) * scale
     else:
-        hi = torch.clamp(xr.amax(-1, keepdim=True), min=0) * spec.clip
-        lo = torch.clamp(xr.amin(-1, keepdim=True), max=0) * spec.clip
-        scale = torch.clamp((hi - lo) / spec.qmax, min=1e-8)
+        hi = torch.clamp(xr.amax(-1, keepdim=True), min=0) * grid.clip_value(spec.clip)
+        lo = torch.clamp(xr.amin(-1, keepdim=True), max=0) * grid.clip_value(spec.clip)
+        scale = torch.clamp((hi - lo) / spec.qmax, min=grid.EPS)
         zero = round_ste(-lo / scale)
         y = (torch.clamp(round_ste(xr / scale) + zero, 0, spec.qmax) - zero) * scale
     return y.reshape(x.shape)

@@ -57,13 +57,26 @@ def test_gptq_beats_rtn_on_the_layer_output(problem, act_order) -> None:
     assert output_error(gptq(wt, h, spec, act_order=act_order).dequantize()) < 0.7 * rtn
 
 
+# The grids written out (rotgraph.grid states them once for the code): (bits, symmetric) -> (qmin, qmax)
+GRIDS = {(4, True): (-8, 7), (8, True): (-128, 127), (4, False): (0, 15), (8, False): (0, 255)}
+
+
 @pytest.mark.parametrize("symmetric", [True, False])
 @pytest.mark.parametrize("bits", [4, 8])
 def test_rtn_codes_lie_on_the_grid_and_round_to_nearest(symmetric, bits) -> None:
     wt = np.random.default_rng(1).standard_normal((8, 32))
     spec = WeightSpec(bits=bits, symmetric=symmetric, group_size=8, clip_search=False)
+    assert (spec.qmin, spec.qmax) == GRIDS[bits, symmetric]
     q = quantize_rtn(wt, spec)
-    assert q.codes.min() >= spec.qmin and q.codes.max() <= spec.qmax
+    lo, hi = GRIDS[bits, symmetric]
+    assert q.codes.min() >= lo and q.codes.max() <= hi
+    # without clipping a group's largest magnitude lands on the end of the grid (symmetric: +qmax or, for
+    # a negative extreme, -qmax; asymmetric: its max on qmax and its min on 0)
+    if symmetric:
+        assert np.all(np.abs(q.codes).reshape(8, 4, 8).max(axis=-1) == hi)
+    else:
+        codes = q.codes.reshape(8, 4, 8)
+        assert np.all(codes.max(axis=-1) == hi) and np.all(codes.min(axis=-1) == 0)
     step = np.repeat(q.scales, 8, axis=1)
     # without clipping every weight is within half a step of its dequantized value
     assert np.all(np.abs(q.dequantize() - wt) <= step / 2 + 1e-12)
