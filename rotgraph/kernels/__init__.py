@@ -4,49 +4,153 @@ The library registers CPU kernels for the ops of the `rotgraph` domain (Hadamard
 KVDequantize; see rotgraph_ops.cc). A model needs no library to run: each op is also an ONNX function in
 the model. With the library registered in a session, onnxruntime runs the compiled kernels instead of
 inlining the function bodies. The kernels read their configuration from node attributes that rotgraph
-writes beside each overload; a model written before those attributes existed runs on the function bodies.
+writes beside each overload; a model written before those attributes existed runs on the function bodies,
+and so does a model whose rotgraph ops work on other values than float32 (the kernels are float32 only).
+
+The library is built outside the package, in build/kernels/ of the source tree (an editable install finds
+it there); ROTGRAPH_KERNELS_LIBRARY names another one, ROTGRAPH_KERNELS=0 hides it. Beside it the build
+writes librotgraph_ops.json, the machine and the CPU extensions (as /proc/cpuinfo names them) the library
+was compiled for; the library is only registered on a CPU that has them all, checked without loading it
+(loading code built for another CPU could already execute an instruction this one does not have).
 """
 
 from __future__ import annotations
 
+import functools
+import json
+import logging
 import os
+import platform
 from pathlib import Path
 
 import onnx
 import onnxruntime as ort
 
+from rotgraph.constants import ROTGRAPH_DOMAIN
 from rotgraph.errors import RotgraphError
-from rotgraph.structure import ROTGRAPH_DOMAIN
 
-LIBRARY = Path(__file__).with_name("librotgraph_ops.so")
+log = logging.getLogger(__name__)
+
+LIBRARY = Path(__file__).resolve().parents[2] / "build" / "kernels" / "librotgraph_ops.so"
 BUILD_HINT = "build it with `bash scripts/build_kernels.sh` (scripts/setup.sh does)"
+LIBRARY_ENV, SWITCH_ENV = "ROTGRAPH_KERNELS_LIBRARY", "ROTGRAPH_KERNELS"
+CPUINFO = Path("/proc/cpuinfo")
 # The attribute each op's kernel cannot do without (Hadamard: `a`, unless n is a power of two).
 _REQUIRED = {"FakeQuant": "bits", "KVQuantize": "head_dim", "KVDequantize": "head_dim"}
+_warned: set[str] = set()
+
+
+def configured_library() -> Path:
+    """Where the library is looked for: ROTGRAPH_KERNELS_LIBRARY, else build/kernels/ of the source tree."""
+    return Path(os.environ[LIBRARY_ENV]) if os.environ.get(LIBRARY_ENV) else LIBRARY
 
 
 def library_path() -> Path | None:
     """The built library, or None. ROTGRAPH_KERNELS=0 in the environment hides it."""
-    if os.environ.get("ROTGRAPH_KERNELS", "1") == "0":
+    if os.environ.get(SWITCH_ENV, "1") == "0":
         return None
-    return LIBRARY if LIBRARY.is_file() else None
+    library = configured_library()
+    return library if library.is_file() else None
+
+
+def build_record(library: Path) -> Path:
+    """The JSON record that scripts/build_kernels.sh writes beside the library."""
+    return library.with_suffix(".json")
+
+
+def cpu_flags() -> frozenset[str] | None:
+    """The running CPU's flags as /proc/cpuinfo lists them (None where there is no /proc/cpuinfo)."""
+    try:
+        text = CPUINFO.read_text()
+    except OSError:
+        return None
+    for line in text.splitlines():
+        key, _, value = line.partition(":")
+        if key.strip() in ("flags", "Features"):  # x86 / ARM
+            return frozenset(value.split())
+    return frozenset()
+
+
+def unsupported_reason(library: Path) -> str | None:
+    """Why this machine cannot run `library` (None: it can), from its build record and /proc/cpuinfo."""
+    record = build_record(library)
+    stamp = tuple(p.stat().st_mtime_ns if p.is_file() else None for p in (library, record))
+    return _unsupported_reason(library, stamp)
+
+
+@functools.cache
+def _unsupported_reason(library: Path, stamp: tuple[int | None, ...]) -> str | None:
+    """unsupported_reason, once per library and record version (`stamp`: their modification times)."""
+    record = build_record(library)
+    try:
+        info = json.loads(record.read_text())
+        machine, required = str(info["machine"]), [str(f) for f in info["cpu_flags"]]
+    except (OSError, ValueError, KeyError, TypeError) as e:
+        return f"{library} has no readable build record {record.name} ({type(e).__name__}: {e}); rebuild it"
+    if machine != platform.machine():
+        return f"{library} was built for {machine}, this machine is {platform.machine()}"
+    if not required:
+        return None
+    flags = cpu_flags()
+    if flags is None:
+        return f"{library} needs the CPU extensions {', '.join(required)}, and {CPUINFO} cannot be read to check them"
+    missing = [f for f in required if f not in flags]
+    if missing:
+        return (
+            f"{library} was built for a CPU with {', '.join(missing)}, which this CPU lacks "
+            "(rebuild it here with `bash scripts/build_kernels.sh`; ROTGRAPH_KERNEL_NATIVE=1 builds for the "
+            "building machine only)"
+        )
+    return None
+
+
+def _rotgraph_nodes(model: onnx.ModelProto) -> list[tuple[onnx.NodeProto, dict[str, int]]]:
+    """The rotgraph-domain nodes of the graph and of its functions, each with the element types known in
+    its scope (graph inputs, outputs, value_info and initializers)."""
+    types = {v.name: v.type.tensor_type.elem_type for v in [*model.graph.input, *model.graph.output]}
+    types.update({v.name: v.type.tensor_type.elem_type for v in model.graph.value_info})
+    types.update({t.name: t.data_type for t in model.graph.initializer})
+    nodes = [(n, types) for n in model.graph.node if n.domain == ROTGRAPH_DOMAIN]
+    for function in model.functions:
+        scope = {v.name: v.type.tensor_type.elem_type for v in function.value_info}
+        nodes += [(n, scope) for n in function.node if n.domain == ROTGRAPH_DOMAIN]
+    return nodes
+
+
+def _missing(model: onnx.ModelProto) -> list[str]:
+    missing = []
+    for node, _ in _rotgraph_nodes(model):
+        need = _REQUIRED.get(node.op_type)
+        if node.op_type == "Hadamard" and not _is_power_of_two(node.overload):
+            need = "a"  # the m x m matrix of an n = m * 2^k transform
+        if need and need not in {a.name for a in node.attribute}:
+            missing.append(node.name or node.op_type)
+    return missing
 
 
 def missing_attributes(path: Path) -> list[str]:
     """rotgraph-domain nodes of the model at `path` that the kernels cannot run (written by an older
     rotgraph, without the attributes the kernels read). Loads the graph only, not external data."""
-    model = onnx.load(str(path), load_external_data=False)
-    missing = []
-    graphs = [model.graph] + [f for f in model.functions]  # type: ignore[list-item]
-    for graph in graphs:
-        for node in graph.node:
-            if node.domain != ROTGRAPH_DOMAIN:
-                continue
-            need = _REQUIRED.get(node.op_type)
-            if node.op_type == "Hadamard" and not _is_power_of_two(node.overload):
-                need = "a"  # the m x m matrix of an n = m * 2^k transform
-            if need and need not in {a.name for a in node.attribute}:
-                missing.append(node.name or node.op_type)
-    return missing
+    return _missing(onnx.load(str(path), load_external_data=False))
+
+
+def _not_float32(model: onnx.ModelProto) -> list[str]:
+    """rotgraph-domain nodes whose first input is not float32 (or of a type that cannot be told: an
+    unknown type is inferred once with onnx's shape inference, and a type still unknown counts)."""
+    nodes = _rotgraph_nodes(model)
+    if any(not scope.get(n.input[0]) for n, scope in nodes if n.op_type != "KVDequantize"):
+        try:
+            model = onnx.shape_inference.infer_shapes(model)
+        except Exception as e:  # a model onnx cannot infer: the types stay unknown
+            log.debug("shape inference for the kernels' type check failed: %s", e)
+        else:
+            nodes = _rotgraph_nodes(model)
+    bad = []
+    for node, scope in nodes:
+        # KVDequantize reads uint8 codes (written by KVQuantize, float32 by construction)
+        if node.op_type != "KVDequantize" and scope.get(node.input[0]) != onnx.TensorProto.FLOAT:
+            bad.append(node.name or node.op_type)
+    return bad
 
 
 def _is_power_of_two(overload: str) -> bool:
@@ -54,23 +158,47 @@ def _is_power_of_two(overload: str) -> bool:
     return n > 0 and n & (n - 1) == 0
 
 
+def _refuse(kernels: bool | None, reason: str, warn: bool = False) -> bool:
+    """kernels=True: raise with `reason`; otherwise log it (a warning once per reason, when asked) and
+    run the function bodies."""
+    if kernels:
+        raise RotgraphError(f"rotgraph's kernels cannot be used: {reason}")
+    if warn and reason not in _warned:
+        _warned.add(reason)
+        log.warning("rotgraph's kernels are not used, models run on their ONNX function bodies: %s", reason)
+    else:
+        log.debug("rotgraph's kernels are not used: %s", reason)
+    return False
+
+
 def register(options: ort.SessionOptions, path: Path, kernels: bool | None) -> bool:
-    """Register the library in `options` for the model at `path`. kernels=None: when it is built and the
-    model carries the attributes; True: required (error otherwise); False: never. Says whether it did."""
+    """Register the library in `options` for the model at `path`. kernels=None: when it is built, runs on
+    this CPU and the model carries the attributes and float32 values the kernels need; True: required
+    (RotgraphError saying why not otherwise); False: never. Says whether it did."""
     if kernels is False:
         return False
     library = library_path()
     if library is None:
+        if os.environ.get(SWITCH_ENV, "1") == "0":
+            return _refuse(kernels, f"{SWITCH_ENV}=0 hides them")
         if kernels:
-            raise RotgraphError(f"rotgraph's kernels are not built ({LIBRARY} is missing): {BUILD_HINT}")
+            raise RotgraphError(f"rotgraph's kernels are not built ({configured_library()} is missing): {BUILD_HINT}")
         return False
-    missing = missing_attributes(path)
+    reason = unsupported_reason(library)
+    if reason is not None:
+        return _refuse(kernels, reason, warn=True)
+    model = onnx.load(str(path), load_external_data=False)
+    missing = _missing(model)
     if missing:
-        if kernels:
-            raise RotgraphError(
-                f"{path}: {len(missing)} rotgraph nodes lack the attributes the kernels read (written by an older "
-                f"rotgraph; first: {missing[0]}); requantize, or run without kernels"
-            )
-        return False
+        return _refuse(
+            kernels,
+            f"{path}: {len(missing)} rotgraph nodes lack the attributes the kernels read (written by an older "
+            f"rotgraph; first: {missing[0]}); requantize, or run without kernels",
+        )
+    other = _not_float32(model)
+    if other:
+        return _refuse(
+            kernels, f"{path}: {len(other)} rotgraph nodes work on other values than float32 (first: {other[0]})"
+        )
     options.register_custom_ops_library(str(library))
     return True

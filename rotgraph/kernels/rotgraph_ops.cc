@@ -19,7 +19,12 @@
 //                              attributes bits, head_dim, group, clip.
 //
 // Built against onnxruntime's C API headers (API version of the header; onnxruntime accepts libraries
-// built for older API versions) by scripts/build_kernels.sh.
+// built for older API versions) by scripts/build_kernels.sh, for a portable x86-64 baseline unless asked
+// for the build machine's own CPU, and with -ffp-contract=off: a fused multiply-add would round once where
+// the function bodies round twice.
+//
+// Attributes are checked when a kernel is created; a bad one (and any failure while computing) comes back
+// to onnxruntime as an error status of the node, never as undefined behaviour.
 
 #define ORT_API_MANUAL_INIT
 #include "onnxruntime_cxx_api.h"
@@ -28,7 +33,9 @@
 
 #include <cmath>
 #include <cstdint>
+#include <cstdlib>
 #include <cstring>
+#include <limits>
 #include <algorithm>
 #include <memory>
 #include <mutex>
@@ -41,16 +48,59 @@ namespace {
 
 using Ort::Custom::Tensor;
 
-// Eight floats as one SIMD value (GCC/Clang vector extension; AVX or two SSE registers).
+// Eight floats as one SIMD value (GCC/Clang vector extension; one AVX or two SSE registers).
 typedef float v8 __attribute__((vector_size(32)));
 
-inline v8 load8(const float* p) {
+// Code inlined into both of the Hadamard transform's builds (see HadamardKernel::transform).
+#define ROTGRAPH_INLINE inline __attribute__((always_inline))
+
+ROTGRAPH_INLINE v8 load8(const float* p) {
   v8 v;
   std::memcpy(&v, p, sizeof v);
   return v;
 }
 
-inline void store8(float* p, v8 v) { std::memcpy(p, &v, sizeof v); }
+ROTGRAPH_INLINE void store8(float* p, v8 v) { std::memcpy(p, &v, sizeof v); }
+
+// Whether this CPU (and its operating system) runs AVX2: the Hadamard transform has a build for it beside
+// the baseline one. Asked with CPUID, so the AVX2 code is never reached on a CPU without it.
+// ROTGRAPH_KERNEL_BASELINE=1 in the environment keeps to the baseline build (to test it on any CPU).
+bool has_avx2() {
+#if defined(__x86_64__) || defined(__i386__)
+  static const bool value = [] {
+    const char* baseline = std::getenv("ROTGRAPH_KERNEL_BASELINE");
+    if (baseline != nullptr && std::string(baseline) == "1") return false;
+    __builtin_cpu_init();
+    return __builtin_cpu_supports("avx2") != 0;
+  }();
+  return value;
+#else
+  return false;
+#endif
+}
+
+// A kernel's configuration error, found when the kernel is created and reported by Compute (a kernel's
+// constructor has no status to return, and an exception must not cross onnxruntime's C API).
+struct Checked {
+  std::string error;
+
+  void check(bool ok, const std::string& what) {
+    if (!ok && error.empty()) error = what;
+  }
+  Ort::Status failure() const { return Ort::Status(error.c_str(), ORT_INVALID_ARGUMENT); }
+};
+
+// Run `body`, turning an exception into an error status for onnxruntime.
+template <typename F>
+Ort::Status guarded(const Checked& checked, F&& body) {
+  if (!checked.error.empty()) return checked.failure();
+  try {
+    body();
+  } catch (const std::exception& e) {
+    return Ort::Status(e.what(), ORT_RUNTIME_EXCEPTION);
+  }
+  return Ort::Status(nullptr);
+}
 
 // An optional attribute: `fallback` when the node does not carry it.
 template <typename T>
@@ -73,9 +123,14 @@ float attr_float(const OrtKernelInfo* info, const char* name, float fallback) {
   return attr_or<float>(Ort::GetApi().KernelInfoGetAttribute_float, info, name, fallback);
 }
 
-int64_t attr_required(const OrtKernelInfo* info, const char* name) {
+// A required attribute: records an error in `checked` when the node does not carry it.
+int64_t attr_required(const OrtKernelInfo* info, const char* name, Checked& checked) {
   int64_t value = 0;
-  Ort::ThrowOnError(Ort::GetApi().KernelInfoGetAttribute_int64(info, name, &value));
+  OrtStatus* status = Ort::GetApi().KernelInfoGetAttribute_int64(info, name, &value);
+  if (status != nullptr) {
+    Ort::GetApi().ReleaseStatus(status);
+    checked.check(false, std::string("missing attribute ") + name);
+  }
   return value;
 }
 
@@ -116,7 +171,7 @@ void for_rows(OrtKernelContext* context, int64_t rows, int64_t work_per_row, F&&
   Ort::KernelContext(context).ParallelFor(run, static_cast<size_t>(batches), 0, &job);
 }
 
-struct HadamardKernel {
+struct HadamardKernel : Checked {
   int64_t m = 1;
   std::vector<float> a_t;  // A transposed, scaled by 1 / sqrt(m), row-major m x m
 
@@ -126,13 +181,19 @@ struct HadamardKernel {
     OrtStatus* status = Ort::GetApi().KernelInfoGetAttributeArray_int64(info, "a", nullptr, &size);
     if (status == nullptr && size > 0) {
       a.resize(size);
-      Ort::ThrowOnError(Ort::GetApi().KernelInfoGetAttributeArray_int64(info, "a", a.data(), &size));
-    } else if (status != nullptr) {
+      status = Ort::GetApi().KernelInfoGetAttributeArray_int64(info, "a", a.data(), &size);
+    }
+    if (status != nullptr) {
       Ort::GetApi().ReleaseStatus(status);
+      a.clear();  // absent: m = 1 (n a power of two)
     }
     if (!a.empty()) {
       m = static_cast<int64_t>(std::llround(std::sqrt(static_cast<double>(a.size()))));
-      if (m * m != static_cast<int64_t>(a.size())) throw std::runtime_error("Hadamard: attribute a is not m x m");
+      check(m * m == static_cast<int64_t>(a.size()), "Hadamard: attribute a has " + std::to_string(a.size()) +
+                                                         " entries, not m x m");
+      check(std::all_of(a.begin(), a.end(), [](int64_t v) { return v == 1 || v == -1; }),
+            "Hadamard: attribute a has an entry other than +1 or -1");
+      if (!error.empty()) return;
       a_t.resize(a.size());
       const float s = static_cast<float>(1.0 / std::sqrt(static_cast<double>(m)));
       for (int64_t i = 0; i < m; ++i)
@@ -142,7 +203,7 @@ struct HadamardKernel {
 
   // dst[i, :] = sum_j A^T[i, j] * src[j, :] over [m, p] blocks, 8 * NV columns at a time in registers
   template <int NV>
-  void mix_blocks(const float* src, float* dst, int64_t p) const {
+  ROTGRAPH_INLINE void mix_blocks(const float* src, float* dst, int64_t p) const {
     for (int64_t i = 0; i < m; ++i) {
       const float* coefficients = a_t.data() + i * m;
       for (int64_t k0 = 0; k0 < p; k0 += 8 * NV) {
@@ -158,7 +219,7 @@ struct HadamardKernel {
     }
   }
 
-  void mix(const float* src, float* dst, int64_t p) const {
+  ROTGRAPH_INLINE void mix(const float* src, float* dst, int64_t p) const {
     if (p >= 32) return mix_blocks<4>(src, dst, p);
     if (p == 16) return mix_blocks<2>(src, dst, p);
     if (p == 8) return mix_blocks<1>(src, dst, p);
@@ -170,49 +231,83 @@ struct HadamardKernel {
       }
   }
 
-  void Compute(OrtKernelContext* context, const Tensor<float>& x, Tensor<float>& y) {
+  Ort::Status Compute(OrtKernelContext* context, const Tensor<float>& x, Tensor<float>& y) {
+    return guarded(*this, [&] { run(context, x, y); });
+  }
+
+  void run(OrtKernelContext* context, const Tensor<float>& x, Tensor<float>& y) {
     const std::vector<int64_t> shape = x.Shape();
     if (shape.empty()) throw std::runtime_error("Hadamard: input has no axes");
     const int64_t n = shape.back();
-    if (n % m != 0) throw std::runtime_error("Hadamard: last axis " + std::to_string(n) + " is not a multiple of m");
+    if (n <= 0 || n % m != 0)
+      throw std::runtime_error("Hadamard: last axis " + std::to_string(n) + " is not a multiple of m = " +
+                               std::to_string(m));
     const int64_t p = n / m;
     if (p & (p - 1)) throw std::runtime_error("Hadamard: n / m = " + std::to_string(p) + " is not a power of two");
     const int64_t rows = rows_of(shape);
+    if (rows == 0) {
+      y.Allocate(shape);
+      return;
+    }
     const float* in = x.Data();
     float* out = y.Allocate(shape);
     const float scale_p = static_cast<float>(1.0 / std::sqrt(static_cast<double>(p)));
     int64_t log_p = 0;
     while ((int64_t{1} << log_p) < p) ++log_p;
+    const bool avx2 = has_avx2();
     for_rows(context, rows, n * (log_p + m), [&](int64_t begin, int64_t end) {
-      // The length-p blocks of rows [begin, end) are `count` vectors; butterflies run on kLanes of them
-      // at a time, transposed so that every add and subtract is one SIMD operation over the lanes.
-      const int64_t count = (end - begin) * m;
       float* work = m > 1 ? scratch<float>(0, static_cast<size_t>((end - begin) * n)) : out + begin * n;
-      const float* src = in + begin * n;
-      if (p == 8 || p == 16 || p == 32) {  // short blocks: a dense multiply beats transposing for butterflies
-        for (int64_t v = 0; v < count; ++v) small_block(src + v * p, work + v * p, p);
-      } else {
-        float* t = scratch<float>(1, static_cast<size_t>(p * kLanes));
-        for (int64_t v0 = 0; v0 < count; v0 += kLanes) {
-          const int64_t lanes = std::min<int64_t>(kLanes, count - v0);
-          for (int64_t l = 0; l < lanes; ++l)
-            for (int64_t k = 0; k < p; ++k) t[k * kLanes + l] = src[(v0 + l) * p + k] * scale_p;
-          butterflies(t, p);
-          for (int64_t l = 0; l < lanes; ++l)
-            for (int64_t k = 0; k < p; ++k) work[(v0 + l) * p + k] = t[k * kLanes + l];
-        }
-      }
-      if (m > 1)
-        for (int64_t r = 0; r < end - begin; ++r) mix(work + r * n, out + (begin + r) * n, p);
+      float* t = scratch<float>(1, static_cast<size_t>(p * kLanes));
+      if (avx2)
+        transform_avx2(in + begin * n, work, t, out + begin * n, end - begin, n, p, scale_p);
+      else
+        transform_baseline(in + begin * n, work, t, out + begin * n, end - begin, n, p, scale_p);
     });
+  }
+
+  // The transform of `rows` rows, compiled twice: for the build's baseline and for AVX2 (the same
+  // operations in the same order, so both give the same bits; -ffp-contract=off keeps FMA out of both).
+#if defined(__x86_64__) || defined(__i386__)
+  __attribute__((target("avx2")))
+#endif
+  void transform_avx2(const float* src, float* work, float* t, float* out, int64_t rows, int64_t n, int64_t p,
+                      float scale_p) const {
+    transform(src, work, t, out, rows, n, p, scale_p);
+  }
+
+  void transform_baseline(const float* src, float* work, float* t, float* out, int64_t rows, int64_t n, int64_t p,
+                          float scale_p) const {
+    transform(src, work, t, out, rows, n, p, scale_p);
+  }
+
+  // The length-p blocks of the rows are `count` vectors; butterflies run on kLanes of them at a time,
+  // transposed (in t) so that every add and subtract is one SIMD operation over the lanes. With m > 1 the
+  // blocks go to `work` and the m part mixes them into `out`; otherwise work is out.
+  ROTGRAPH_INLINE void transform(const float* src, float* work, float* t, float* out, int64_t rows, int64_t n,
+                                 int64_t p, float scale_p) const {
+    const int64_t count = rows * m;
+    if (p == 8 || p == 16 || p == 32) {  // short blocks: a dense multiply beats transposing for butterflies
+      const v8* b = sylvester_rows(p);
+      for (int64_t v = 0; v < count; ++v) small_block(b, src + v * p, work + v * p, p);
+    } else {
+      for (int64_t v0 = 0; v0 < count; v0 += kLanes) {
+        const int64_t lanes = std::min<int64_t>(kLanes, count - v0);
+        for (int64_t l = 0; l < lanes; ++l)
+          for (int64_t k = 0; k < p; ++k) t[k * kLanes + l] = src[(v0 + l) * p + k] * scale_p;
+        butterflies(t, p);
+        for (int64_t l = 0; l < lanes; ++l)
+          for (int64_t k = 0; k < p; ++k) work[(v0 + l) * p + k] = t[k * kLanes + l];
+      }
+    }
+    if (m > 1)
+      for (int64_t r = 0; r < rows; ++r) mix(work + r * n, out + r * n, p);
   }
 
   static constexpr int64_t kLanes = 16;
 
   // dst = src @ B / sqrt(p) for p in {8, 16, 32}, B the Sylvester matrix (entries (-1)^popcount(j & k)).
-  static void small_block(const float* src, float* dst, int64_t p) {
+  static ROTGRAPH_INLINE void small_block(const v8* rows, const float* src, float* dst, int64_t p) {
     const int nv = static_cast<int>(p / 8);
-    const v8* rows = sylvester_rows(p);
     v8 acc[4] = {};
     for (int64_t j = 0; j < p; ++j) {
       const float x = src[j];
@@ -237,7 +332,7 @@ struct HadamardKernel {
   }
 
   // In-place Walsh-Hadamard transform (Sylvester order) of kLanes interleaved vectors of length p.
-  static void butterflies(float* t, int64_t p) {
+  static ROTGRAPH_INLINE void butterflies(float* t, int64_t p) {
     for (int64_t h = 1; h < p; h <<= 1)
       for (int64_t i = 0; i < p; i += 2 * h)
         for (int64_t k = i; k < i + h; ++k) {
@@ -252,8 +347,19 @@ struct HadamardKernel {
   }
 };
 
-// The arithmetic shared by FakeQuant and the KV-cache kernels, as the ONNX function bodies write it.
+// The dynamic quantizer shared by FakeQuant and the KV-cache kernels. Its grid and arithmetic are stated
+// once in rotgraph/grid.py (and written as ONNX ops by rotgraph/fakequant.py and rotgraph/kvcache.py);
+// this restates them in float32 and tests/test_grid.py checks the two bit for bit on edge values:
+//   grid        symmetric [-2^(b-1), 2^(b-1) - 1], asymmetric [0, 2^b - 1]
+//   symmetric   scale = max(max|x| * float(clip / qmax), 1e-8), code = clip(round(x / scale), qmin, qmax)
+//   asymmetric  hi = max(max x, 0) * clip, lo = min(min x, 0) * clip, scale = max((hi - lo) / qmax, 1e-8),
+//               zero = round(-lo / scale), code = clip(round(x / scale) + zero, 0, qmax)
+// with round half to even (nearbyint in the default rounding mode). A group holding a NaN or an infinity
+// has scale NaN (the bodies add sum(0 * x) to it), so every output of the group is NaN.
 struct Quantizer {
+  static constexpr int64_t kMinBits = 2, kMaxBits = 16;  // the float grid bounds stay exact and qmax > 0
+  static constexpr float kEps = 1e-8f;                   // grid.EPS
+
   int64_t bits = 8;
   bool symmetric = true;
   float clip = 1.0f;
@@ -261,13 +367,25 @@ struct Quantizer {
   float qmax() const { return symmetric ? float((1 << (bits - 1)) - 1) : float((1 << bits) - 1); }
   float qmin() const { return symmetric ? -float(1 << (bits - 1)) : 0.0f; }
 
+  void validate(Checked& checked, const char* op) const {
+    checked.check(bits >= kMinBits && bits <= kMaxBits, std::string(op) + ": bits " + std::to_string(bits) +
+                                                            " outside [2, 16]");
+    checked.check(std::isfinite(clip) && clip > 0.0f, std::string(op) + ": clip must be a positive finite number");
+  }
+
   // scale and zero point of one group
   void params(const float* v, int64_t g, float& scale, float& zero) const {
+    bool finite = true;
+    for (int64_t i = 0; i < g; ++i) finite &= std::isfinite(v[i]);
+    if (!finite) {
+      scale = zero = std::numeric_limits<float>::quiet_NaN();
+      return;
+    }
     if (symmetric) {
       float amax = 0.0f;
       for (int64_t i = 0; i < g; ++i) amax = std::max(amax, std::fabs(v[i]));
       const float ratio = static_cast<float>(static_cast<double>(clip) / qmax());
-      scale = std::max(amax * ratio, 1e-8f);
+      scale = std::max(amax * ratio, kEps);
       zero = 0.0f;
     } else {
       float hi = v[0], lo = v[0];
@@ -277,35 +395,52 @@ struct Quantizer {
       }
       hi = std::max(hi, 0.0f) * clip;
       lo = std::min(lo, 0.0f) * clip;
-      scale = std::max((hi - lo) / qmax(), 1e-8f);
+      scale = std::max((hi - lo) / qmax(), kEps);
       zero = std::nearbyint(-lo / scale);
     }
   }
 
+  // The code of v as a float of the grid (NaN stays NaN, as Clip leaves it).
   float code(float v, float scale, float zero) const {
-    const float q = std::nearbyint(v / scale) + zero;
-    return std::min(std::max(q, symmetric ? qmin() : 0.0f), qmax());
+    float q = std::nearbyint(v / scale);
+    if (!symmetric) q += zero;  // symmetric: no `+ 0`, which would turn a -0 into +0
+    if (std::isnan(q)) return q;
+    return std::min(std::max(q, qmin()), qmax());
   }
 };
 
-struct FakeQuantKernel {
+// A code or zero point as a stored byte. The cast of NaN (a NaN group) is undefined in C++; onnxruntime's
+// Cast gives 0 on x86-64, and so does this.
+inline uint8_t to_byte(float v) { return std::isnan(v) ? uint8_t{0} : static_cast<uint8_t>(v); }
+
+struct FakeQuantKernel : Checked {
   Quantizer q;
   int64_t group = 0;
 
   FakeQuantKernel(const OrtApi*, const OrtKernelInfo* info) {
-    q.bits = attr_required(info, "bits");
+    q.bits = attr_required(info, "bits", *this);
     q.symmetric = attr_int(info, "symmetric", 1) != 0;
     q.clip = attr_float(info, "clip", 1.0f);
     group = attr_int(info, "group", 0);
+    q.validate(*this, "FakeQuant");
+    check(group >= 0, "FakeQuant: group " + std::to_string(group) + " is negative");
   }
 
-  void Compute(OrtKernelContext* context, const Tensor<float>& x, Tensor<float>& y) {
+  Ort::Status Compute(OrtKernelContext* context, const Tensor<float>& x, Tensor<float>& y) {
+    return guarded(*this, [&] { run(context, x, y); });
+  }
+
+  void run(OrtKernelContext* context, const Tensor<float>& x, Tensor<float>& y) {
     const std::vector<int64_t> shape = x.Shape();
     const int64_t total = x.NumberOfElement();
-    const int64_t g = group ? group : (shape.empty() ? 1 : shape.back());
-    if (g <= 0 || total % g != 0) throw std::runtime_error("FakeQuant: group does not divide the last axis");
-    const float* in = x.Data();
+    const int64_t width = shape.empty() ? 1 : shape.back();
+    const int64_t g = group ? group : width;
+    if (total > 0 && width % g != 0)
+      throw std::runtime_error("FakeQuant: group " + std::to_string(g) + " does not divide the last axis " +
+                               std::to_string(width));
     float* out = y.Allocate(shape);
+    if (total == 0) return;
+    const float* in = x.Data();
     for_rows(context, total / g, g * 4, [&](int64_t begin, int64_t end) {
       for (int64_t r = begin; r < end; ++r) {
         const float* v = in + r * g;
@@ -318,20 +453,23 @@ struct FakeQuantKernel {
   }
 };
 
-struct CacheKernelBase {
+struct CacheKernelBase : Checked {
   Quantizer q;
   int64_t head_dim = 0, group = 0;
 
   explicit CacheKernelBase(const OrtKernelInfo* info) {
-    q.bits = attr_required(info, "bits");
+    q.bits = attr_required(info, "bits", *this);
     q.symmetric = false;
     q.clip = attr_float(info, "clip", 1.0f);
-    head_dim = attr_required(info, "head_dim");
+    head_dim = attr_required(info, "head_dim", *this);
     group = attr_int(info, "group", 0);
     if (group == 0) group = head_dim;
-    if (q.bits != 4 && q.bits != 8) throw std::runtime_error("KV cache kernels: bits must be 4 or 8");
-    if (head_dim % group != 0 || (q.bits == 4 && head_dim % 2 != 0))
-      throw std::runtime_error("KV cache kernels: bad head_dim / group");
+    q.validate(*this, "KV cache kernels");
+    check(q.bits == 4 || q.bits == 8, "KV cache kernels: bits must be 4 or 8, not " + std::to_string(q.bits));
+    check(head_dim > 0, "KV cache kernels: head_dim must be positive");
+    check(group > 0 && head_dim > 0 && head_dim % group == 0,
+          "KV cache kernels: group " + std::to_string(group) + " does not divide head_dim " + std::to_string(head_dim));
+    check(q.bits != 4 || head_dim % 2 == 0, "KV cache kernels: 4-bit codes pack pairs, head_dim is odd");
   }
   int64_t groups() const { return head_dim / group; }
   int64_t code_width() const { return q.bits == 4 ? head_dim / 2 : head_dim; }
@@ -340,17 +478,23 @@ struct CacheKernelBase {
 struct KVQuantizeKernel : CacheKernelBase {
   KVQuantizeKernel(const OrtApi*, const OrtKernelInfo* info) : CacheKernelBase(info) {}
 
-  void Compute(OrtKernelContext* context, const Tensor<float>& x, Tensor<uint8_t>& codes, Tensor<float>& scale,
-               Tensor<uint8_t>& zero) {
+  Ort::Status Compute(OrtKernelContext* context, const Tensor<float>& x, Tensor<uint8_t>& codes, Tensor<float>& scale,
+                      Tensor<uint8_t>& zero) {
+    return guarded(*this, [&] { run(context, x, codes, scale, zero); });
+  }
+
+  void run(OrtKernelContext* context, const Tensor<float>& x, Tensor<uint8_t>& codes, Tensor<float>& scale,
+           Tensor<uint8_t>& zero) {
     std::vector<int64_t> shape = x.Shape();
     if (shape.empty() || shape.back() != head_dim) throw std::runtime_error("KVQuantize: last axis is not head_dim");
     const int64_t rows = rows_of(shape);
-    const float* in = x.Data();
     shape.back() = code_width();
     uint8_t* c = codes.Allocate(shape);
     shape.back() = groups();
     float* s = scale.Allocate(shape);
     uint8_t* z = zero.Allocate(shape);
+    if (rows == 0) return;
+    const float* in = x.Data();
     const int64_t half = head_dim / 2;
     for_rows(context, rows, head_dim * 4, [&](int64_t begin, int64_t end) {
       uint8_t* row = scratch<uint8_t>(0, static_cast<size_t>(head_dim));
@@ -360,9 +504,8 @@ struct KVQuantizeKernel : CacheKernelBase {
           float sc, zp;
           q.params(v + k * group, group, sc, zp);
           s[r * groups() + k] = sc;
-          z[r * groups() + k] = static_cast<uint8_t>(zp);
-          for (int64_t i = 0; i < group; ++i)
-            row[k * group + i] = static_cast<uint8_t>(q.code(v[k * group + i], sc, zp));
+          z[r * groups() + k] = to_byte(zp);
+          for (int64_t i = 0; i < group; ++i) row[k * group + i] = to_byte(q.code(v[k * group + i], sc, zp));
         }
         uint8_t* dst = c + r * code_width();
         if (q.bits == 8) {
@@ -378,19 +521,25 @@ struct KVQuantizeKernel : CacheKernelBase {
 struct KVDequantizeKernel : CacheKernelBase {
   KVDequantizeKernel(const OrtApi*, const OrtKernelInfo* info) : CacheKernelBase(info) {}
 
-  void Compute(OrtKernelContext* context, const Tensor<uint8_t>& codes, const Tensor<float>& scale,
-               const Tensor<uint8_t>& zero, Tensor<float>& y) {
+  Ort::Status Compute(OrtKernelContext* context, const Tensor<uint8_t>& codes, const Tensor<float>& scale,
+                      const Tensor<uint8_t>& zero, Tensor<float>& y) {
+    return guarded(*this, [&] { run(context, codes, scale, zero, y); });
+  }
+
+  void run(OrtKernelContext* context, const Tensor<uint8_t>& codes, const Tensor<float>& scale,
+           const Tensor<uint8_t>& zero, Tensor<float>& y) {
     std::vector<int64_t> shape = codes.Shape();
     if (shape.empty() || shape.back() != code_width())
       throw std::runtime_error("KVDequantize: codes' last axis does not match head_dim and bits");
     const int64_t rows = rows_of(shape);
     if (scale.NumberOfElement() != rows * groups() || zero.NumberOfElement() != rows * groups())
       throw std::runtime_error("KVDequantize: scale / zero do not match the codes");
+    shape.back() = head_dim;
+    float* out = y.Allocate(shape);
+    if (rows == 0) return;
     const uint8_t* c = codes.Data();
     const float* s = scale.Data();
     const uint8_t* z = zero.Data();
-    shape.back() = head_dim;
-    float* out = y.Allocate(shape);
     const int64_t half = head_dim / 2;
     for_rows(context, rows, head_dim * 2, [&](int64_t begin, int64_t end) {
       float* row = scratch<float>(0, static_cast<size_t>(head_dim));
@@ -432,7 +581,18 @@ struct Registry {
 
 extern "C" __attribute__((visibility("default"))) OrtStatus* ORT_API_CALL
 RegisterCustomOps(OrtSessionOptions* options, const OrtApiBase* api_base) {
-  Ort::InitApi(api_base->GetApi(ORT_API_VERSION));
+  const OrtApi* api = api_base == nullptr ? nullptr : api_base->GetApi(ORT_API_VERSION);
+  if (api == nullptr) {
+    // An onnxruntime older than these headers: report it through the oldest API, which every release has.
+    const OrtApi* oldest = api_base == nullptr ? nullptr : api_base->GetApi(1);
+    if (oldest == nullptr) return nullptr;  // nothing to report with: register nothing (the bodies run)
+    const std::string message = "librotgraph_ops needs onnxruntime's C API version " +
+                                std::to_string(ORT_API_VERSION) + " (onnxruntime 1." +
+                                std::to_string(ORT_API_VERSION) + ") or newer; this onnxruntime is " +
+                                api_base->GetVersionString();
+    return oldest->CreateStatus(ORT_FAIL, message.c_str());
+  }
+  Ort::InitApi(api);
   static std::mutex mutex;
   static std::unique_ptr<Registry> registry;
   try {
