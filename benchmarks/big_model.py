@@ -47,8 +47,8 @@ def build(path: Path, layers: int) -> float:
     from transformers import AutoConfig, AutoModelForCausalLM
 
     from rotgraph import io
+    from rotgraph.constants import CONFIG_KEY
     from rotgraph.export import to_onnx
-    from rotgraph.structure import CONFIG_KEY
     from rotgraph.testing import make_tokenizer
 
     start = time.perf_counter()

@@ -31,6 +31,8 @@ from pathlib import Path
 import numpy as np
 from _common import measured, size_mb
 
+from rotgraph.constants import ROTGRAPH_DOMAIN
+
 MODELS = {  # name -> rotgraph quantize arguments (None: the float export, "rotate": the float rotation)
     "float": None,
     "float, GroupQueryAttention": ["--scheme", "w16a16", "--rotation", "none"],
@@ -83,7 +85,7 @@ def has_rotgraph_ops(path: Path) -> bool:
     import onnx
 
     proto = onnx.load(str(path), load_external_data=False)
-    return any(node.domain == "rotgraph" for node in proto.graph.node)
+    return any(node.domain == ROTGRAPH_DOMAIN for node in proto.graph.node)
 
 
 def measure_one(path: Path, threads: int, kernels: bool) -> dict:

@@ -26,8 +26,8 @@ from typing import Any, Literal
 import onnx_ir as ir
 
 from rotgraph import io
+from rotgraph.constants import CHAT_TEMPLATE_KEY, CONFIG_KEY, EXPORTER_KEY, SOURCE_KEY
 from rotgraph.errors import RotgraphError
-from rotgraph.structure import CONFIG_KEY
 
 logger = logging.getLogger(__name__)
 
@@ -248,10 +248,10 @@ def export(
     onnx_model = to_onnx(hf_model, exporter, with_past)
     config = _config_metadata(hf_model.config, tokenizer)
     onnx_model.metadata_props[CONFIG_KEY] = json.dumps(config)
-    onnx_model.metadata_props["rotgraph.source"] = str(source)
-    onnx_model.metadata_props["rotgraph.exporter"] = exporter
+    onnx_model.metadata_props[SOURCE_KEY] = str(source)
+    onnx_model.metadata_props[EXPORTER_KEY] = exporter
     if getattr(tokenizer, "chat_template", None):
-        onnx_model.metadata_props["rotgraph.chat_template"] = tokenizer.chat_template
+        onnx_model.metadata_props[CHAT_TEMPLATE_KEY] = tokenizer.chat_template
     with io.staged_output(output) as staged:
         io.save_model(onnx_model, staged)
         tokenizer.backend_tokenizer.save(str(staged.parent / io.TOKENIZER_FILE))

@@ -18,13 +18,11 @@ import numpy as np
 import onnxruntime as ort
 
 from rotgraph import io
+from rotgraph.constants import CHAT_TEMPLATE_KEY, CONFIG_KEY
 from rotgraph.errors import RotgraphError
 from rotgraph.evaluate import PAST_PREFIX, PRESENT_PREFIX, empty_cache, make_session, model_feeds
-from rotgraph.structure import CONFIG_KEY
 
 logger = logging.getLogger(__name__)
-
-CHAT_TEMPLATE_KEY = "rotgraph.chat_template"
 
 
 @dataclass

@@ -13,9 +13,9 @@ from __future__ import annotations
 import numpy as np
 import onnx_ir as ir
 
+from rotgraph.constants import ROTGRAPH_DOMAIN
 from rotgraph.errors import StructureError
 from rotgraph.hadamard import HadamardFactors, hadamard_factors
-from rotgraph.structure import ROTGRAPH_DOMAIN
 
 FUNCTION_OPSET = 23
 

@@ -14,6 +14,7 @@ import onnx_ir.passes.common as common_passes
 from onnx_ir.passes.common import RemoveUnusedNodesPass
 
 from rotgraph import io
+from rotgraph.constants import ROTATION_KEY
 from rotgraph.errors import RotgraphError, ValidationError
 from rotgraph.evaluate import max_logit_difference
 from rotgraph.passes import (
@@ -32,7 +33,6 @@ from rotgraph.structure import ModelDescription, discover
 
 logger = logging.getLogger(__name__)
 
-ROTATION_KEY = "rotgraph.rotation"
 
 
 @dataclass(frozen=True)

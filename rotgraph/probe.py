@@ -27,6 +27,9 @@ logger = logging.getLogger(__name__)
 
 # In-memory initializer bytes that may be serialized inline with the graph; more are written to scratch.
 INLINE_LIMIT = 64 << 20
+# Tensors from this size on are materialized into scratch (smaller ones, such as the shape constants
+# onnxruntime must read while it infers shapes, stay inline).
+MATERIALIZE_BYTES = 1024
 
 
 def _external_folders(model: ir.Model) -> set[str]:
@@ -49,16 +52,17 @@ def materialize(model: ir.Model, scratch: Path) -> int:
     """Write every large initializer that is not already in `scratch`'s weights file there (lazy
     rewrites are computed now, once) and point the model at it; returns the bytes written."""
     scratch.mkdir(parents=True, exist_ok=True)
-    written = SpillFile(scratch).spill(model.graph, everything=True)
+    written = SpillFile(scratch).spill(model.graph, everything=True, min_bytes=MATERIALIZE_BYTES)
     logger.debug("materialized %.1f MB of weights in %s", written / 1e6, scratch)
     return written
 
 
 def serialized(model: ir.Model, scratch: Path | None) -> tuple[bytes, Path | None]:
-    """The model as bytes plus the folder its external data lies in (materializing it into `scratch`
-    first when its weights are in memory or in several folders)."""
+    """The model as bytes plus the folder its external data lies in. With `scratch`, weights held in
+    memory are materialized there first (so they are computed once); without it they are serialized
+    inline, up to INLINE_LIMIT bytes."""
     folders = _external_folders(model)
-    if len(folders) > 1 or _inline_bytes(model) > INLINE_LIMIT:
+    if scratch is not None or len(folders) > 1 or _inline_bytes(model) > INLINE_LIMIT:
         if scratch is None:
             raise RotgraphError(
                 "running this model needs a scratch folder: its weights are rewritten in memory "

@@ -17,6 +17,7 @@ from onnx_ir.passes.common import RemoveUnusedNodesPass
 
 from rotgraph import io
 from rotgraph.calibrate import CalibratePass, Calibration, Site
+from rotgraph.constants import QUANTIZATION_KEY, ROTATION_KEY
 from rotgraph.errors import RotgraphError, ValidationError
 from rotgraph.evaluate import log_softmax, make_session, run_logits, windows
 from rotgraph.fakequant import ActSpec
@@ -27,7 +28,6 @@ from rotgraph.passes.quantize_kv import QuantizeKVCachePass
 from rotgraph.passes.quantize_weights import QuantizeWeightsPass
 from rotgraph.passes.smooth import SmoothQuantPass
 from rotgraph.pipeline import (
-    ROTATION_KEY,
     RotateOptions,
     canonical_form_passes,
     rotation_metadata,
@@ -40,7 +40,6 @@ from rotgraph.structure import Attention
 
 logger = logging.getLogger(__name__)
 
-QUANTIZATION_KEY = "rotgraph.quantization"
 VALIDATION_WINDOWS, VALIDATION_SEQ_LEN = 2, 128
 
 _SCHEME = re.compile(r"^w(4|8|16)a(4|8|16)(?:kv(4|8))?$")

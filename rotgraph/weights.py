@@ -129,8 +129,9 @@ class SpillFile:
         self.path = Path(directory) / "spill.data"
         self.offset = self.path.stat().st_size if self.path.exists() else 0
 
-    def spill(self, graph: ir.Graph, *, everything: bool = False) -> int:
-        """Spill every in-memory initializer of at least MIN_BYTES; returns the bytes written.
+    def spill(self, graph: ir.Graph, *, everything: bool = False, min_bytes: int | None = None) -> int:
+        """Spill every in-memory initializer of at least `min_bytes` (default MIN_BYTES); returns the
+        bytes written.
 
         With `everything`, lazy tensors (queued rewrites, computed here once) and tensors mapped from
         other files are moved too, so the whole model then reads its weights from this one file."""
@@ -138,7 +139,7 @@ class SpillFile:
         with open(self.path, "ab") as f:
             for value in graph.initializers.values():
                 tensor = value.const_value
-                if tensor is None or tensor.nbytes < self.MIN_BYTES or self.holds(tensor):
+                if tensor is None or tensor.nbytes < (min_bytes or self.MIN_BYTES) or self.holds(tensor):
                     continue
                 if type(tensor) is not ir.Tensor and not everything:
                     continue

@@ -11,6 +11,7 @@ import pytest
 from conftest import ort_logits
 
 from rotgraph.cli import main
+from rotgraph.constants import QUANTIZATION_KEY
 from rotgraph.testing import SAMPLE_TEXT
 
 
@@ -173,7 +174,7 @@ def _quantization_options(path: Path) -> dict:
     import onnx
 
     meta = {p.key: p.value for p in onnx.load(path, load_external_data=False).metadata_props}
-    return json.loads(meta["rotgraph.quantization"])
+    return json.loads(meta[QUANTIZATION_KEY])
 
 
 def test_quantize_smooth_calibrates_on_the_given_text(model_dir, tmp_path, capsys, tokens) -> None:

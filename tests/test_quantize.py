@@ -259,3 +259,45 @@ def test_quantize_refuses_a_broken_output_with_the_figures(tiny, tmp_path, monke
     with pytest.raises(ValidationError, match=r"broken: KL to float .* nats \(unrelated positions: .*\)"):
         quantize(path, tmp_path / "bad" / "q.onnx", options)
     assert not (tmp_path / "bad").exists() or not any((tmp_path / "bad").iterdir())
+
+
+@pytest.mark.parametrize("fmt", ["rotate", "qdq", "ort"])
+def test_outputs_carry_no_unused_initializers(tiny, tmp_path, fmt: str) -> None:
+    """Every initializer of a written model is read by a node (onnxruntime warns at every session about
+    the ones that are not)."""
+    import onnx
+
+    from rotgraph.pipeline import RotateOptions, rotate
+    from rotgraph.quantize import quantize
+
+    _, path = tiny("llama", "dynamo", with_past=True)
+    out = tmp_path / "out.onnx"
+    if fmt == "rotate":
+        rotate(path, out, RotateOptions(validate=False))
+    else:
+        quantize(path, out, QuantOptions(scheme="w4a8", group=16, fmt=fmt), validate=False)
+    proto = onnx.load(str(out), load_external_data=False)
+    read = {name for node in proto.graph.node for name in node.input} | {o.name for o in proto.graph.output}
+    assert [i.name for i in proto.graph.initializer if i.name not in read] == []
+
+
+def test_each_rotated_weight_is_computed_once(tiny, tmp_path, monkeypatch) -> None:
+    """quantize with GPTQ runs the rotated model (calibration) and then quantizes and saves it: the
+    rotation of each weight is computed once, written to the scratch folder and read back from there."""
+    from collections import Counter
+
+    from rotgraph.quantize import quantize
+    from rotgraph.weights import _Chain
+
+    computed: Counter[str] = Counter()
+    float64 = _Chain.float64
+
+    def counting(self: _Chain) -> np.ndarray:
+        if self.steps:
+            computed[str(self.name)] += 1
+        return float64(self)
+
+    monkeypatch.setattr(_Chain, "float64", counting)
+    _, path = tiny("llama", "dynamo")
+    quantize(path, tmp_path / "q.onnx", QuantOptions(scheme="w4a16", weights="gptq", group=16, calibration_windows=2))
+    assert computed and max(computed.values()) == 1, computed

@@ -9,6 +9,7 @@ from conftest import ort_logits, torch_logits
 
 from rotgraph import io
 from rotgraph.calibrate import projection_inputs
+from rotgraph.constants import SMOOTHQUANT_KEY
 from rotgraph.passes import SmoothQuantPass
 from rotgraph.pipeline import RotateOptions, canonicalize, rotate_model, run_passes
 from rotgraph.quantize import QuantOptions, quantize_model
@@ -59,7 +60,7 @@ def smoothed(path, tokens, tmp_path, alpha: float, rotate: bool):
 def test_smoothing_keeps_the_function(tiny, tokens, tmp_path, model_type: str, rotate: bool) -> None:
     folder, path = tiny(model_type, "dynamo", num_attention_heads=4, num_key_value_heads=2)
     model, _, out = smoothed(path, tokens, tmp_path, 0.5, rotate)
-    assert "rotgraph.smoothquant" in model.metadata_props
+    assert SMOOTHQUANT_KEY in model.metadata_props
     np.testing.assert_allclose(ort_logits(out, tokens), torch_logits(folder, tokens), atol=ATOL)
 
 
@@ -116,7 +117,7 @@ def test_quantize_with_smoothing(tiny, tokens, tmp_path) -> None:
     calibration = np.random.default_rng(5).integers(0, 384, size=(4, 64))
     model = io.load_model(path)
     quantize_model(model, QuantOptions(scheme="w8a8", rotation="none", smooth=0.5, group=16), calibration)
-    assert "rotgraph.smoothquant" in model.metadata_props
+    assert SMOOTHQUANT_KEY in model.metadata_props
     out = tmp_path / "q.onnx"
     io.save_model(model, out)
     logits, reference = ort_logits(out, tokens), ort_logits(path, tokens)

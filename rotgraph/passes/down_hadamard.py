@@ -8,6 +8,7 @@ import logging
 import numpy as np
 import onnx_ir as ir
 
+from rotgraph.constants import R4_KEY
 from rotgraph.errors import StructureError
 from rotgraph.hadamard import HadamardFactors
 from rotgraph.online import factors_for, insert_hadamard
@@ -42,6 +43,6 @@ class InsertDownHadamardPass(ir.passes.InPlacePass):
             insert_hadamard(model, down.input, factors)
             rewrite_initializer(down.weight, functools.partial(_hadamard_transpose_left, factors=factors))
         n = desc.blocks[0].mlp.down.shape[0]
-        model.metadata_props["rotgraph.r4"] = f"hadamard n{n}"
+        model.metadata_props[R4_KEY] = f"hadamard n{n}"
         logger.info("R4: online Hadamard before down_proj in %d blocks (n=%d)", len(desc.blocks), n)
         return ir.passes.PassResult(model, True)

@@ -6,6 +6,7 @@ import logging
 
 import onnx_ir as ir
 
+from rotgraph.constants import R3_KEY
 from rotgraph.errors import StructureError
 from rotgraph.online import factors_for, insert_hadamard
 from rotgraph.structure import discover, is_hadamard
@@ -43,6 +44,6 @@ class InsertQKHadamardPass(ir.passes.InPlacePass):
                         f"{attn.head_dim}"
                     )
                 insert_hadamard(model, value, factors)
-        model.metadata_props["rotgraph.r3"] = f"hadamard n{desc.blocks[0].attention.head_dim}"
+        model.metadata_props[R3_KEY] = f"hadamard n{desc.blocks[0].attention.head_dim}"
         logger.info("R3: online Hadamard on Q and K in %d blocks", len(desc.blocks))
         return ir.passes.PassResult(model, True)

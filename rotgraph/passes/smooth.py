@@ -10,6 +10,7 @@ from collections.abc import Mapping
 import numpy as np
 import onnx_ir as ir
 
+from rotgraph.constants import SMOOTHQUANT_KEY
 from rotgraph.errors import RotgraphError, StructureError
 from rotgraph.structure import Linear, Norm, discover, is_rotgraph_op
 from rotgraph.weights import read_float64, rewrite_initializer, scale_rows
@@ -106,7 +107,7 @@ class SmoothQuantPass(ir.passes.InPlacePass):
             else:
                 self._smooth_up_down(m.up, m.down, self._input_max(i, "down"))
                 sites += 1
-        model.metadata_props["rotgraph.smoothquant"] = json.dumps({"alpha": self.alpha, "sites": sites})
+        model.metadata_props[SMOOTHQUANT_KEY] = json.dumps({"alpha": self.alpha, "sites": sites})
         logger.info(
             "SmoothQuant (alpha %.2f): %d sites; up->down skipped in %d blocks (online Hadamard before down)",
             self.alpha,
