@@ -159,7 +159,7 @@ fi
 
 # Up to date: the same source, headers, compiler and flags as the library's record says.
 stamp=$({
-  cat "$SOURCE" "$HEADERS/onnxruntime_c_api.h" "$0"
+  cat "$SOURCE" "$HEADERS/onnxruntime_c_api.h" scripts/build_kernels.sh
   "$CXX" --version | head -1
   echo "$CXXFLAGS"
 } | sha256sum | cut -d' ' -f1)
