@@ -301,3 +301,13 @@ def test_each_rotated_weight_is_computed_once(tiny, tmp_path, monkeypatch) -> No
     _, path = tiny("llama", "dynamo")
     quantize(path, tmp_path / "q.onnx", QuantOptions(scheme="w4a16", weights="gptq", group=16, calibration_windows=2))
     assert computed and max(computed.values()) == 1, computed
+
+
+def test_the_log_says_which_weights_got_which_bits(tiny, caplog) -> None:
+    import logging
+
+    _, path = tiny("llama", "dynamo")
+    with caplog.at_level(logging.INFO, logger="rotgraph"):
+        quantize_model(io.load_model(path), QuantOptions(scheme="w4a16", rotation="none", group=16))
+    assert "quantized 14 projection weights (rtn, 4 bits)" in caplog.text  # 7 per block, 2 blocks
+    assert "quantized the embedding and lm_head (rtn, 8 bits)" in caplog.text
