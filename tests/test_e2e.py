@@ -45,6 +45,7 @@ def test_export_matches_torch(exported: Path, eval_windows: np.ndarray) -> None:
 def test_rotation_is_exact_on_real_text(exported: Path, eval_windows: np.ndarray) -> None:
     rotated = exported.parent / "rotated.onnx"
     report = rotate(exported, rotated, RotateOptions(seed=0))
+    # Measured 1.5e-4 on 256 tokens (2026-11-30): the 1e-3 tolerance leaves a 6.6x margin.
     assert report.max_abs_logit_diff is not None and report.max_abs_logit_diff <= 1e-3
     worst = max(float(np.abs(ort_logits(rotated, w[None]) - ort_logits(exported, w[None])).max()) for w in eval_windows)
     assert worst <= 1e-3, worst
@@ -65,9 +66,12 @@ def test_quarot_w4a8_ort_is_small_and_works(exported: Path, eval_windows: np.nda
     assert size_on_disk(exported) / size_on_disk(out) >= 2.5
     float_r, quant_r = evaluate([exported, out], eval_windows[:4], progress=False)
     # 4-bit RTN weights cost perplexity (this model's weights come from a Q4_1 GGUF); a broken graph
-    # (wrong packing, wrong scales) lands in the thousands.
-    assert quant_r.perplexity < 3 * float_r.perplexity
-    assert quant_r.top1_agreement is not None and quant_r.top1_agreement > 0.6
+    # (wrong packing, wrong scales) lands in the thousands with top-1 near 0 (the unrotated w4a4kv4
+    # graph, barely working, agrees on 5.5% of positions). Measured 2026-11-30 (tests/test_e2e.py's
+    # computation run as a script): perplexity 34.44 vs float 19.55 (ratio 1.76; the bound 3 leaves 1.7x)
+    # and top-1 0.621 (the bound 0.5 leaves 0.12).
+    assert quant_r.perplexity < 3 * float_r.perplexity, (quant_r.perplexity, float_r.perplexity)
+    assert quant_r.top1_agreement is not None and quant_r.top1_agreement > 0.5, quant_r.top1_agreement
 
 
 def test_rotation_rescues_4bit_activations(exported: Path, eval_windows: np.ndarray) -> None:
@@ -79,7 +83,9 @@ def test_rotation_rescues_4bit_activations(exported: Path, eval_windows: np.ndar
         quantize(exported, out, QuantOptions(scheme="w4a4kv4", rotation=rotation))
         paths.append(out)
     _, plain, rotated = evaluate([exported, *paths], eval_windows[:4], progress=False)
-    assert rotated.perplexity < 0.1 * plain.perplexity  # the claim QuaRot exists for
+    # The claim QuaRot exists for. Measured 2026-11-30: 76.5 rotated vs 4879 unrotated (ratio 0.016; the
+    # bound 0.1 leaves 6x).
+    assert rotated.perplexity < 0.1 * plain.perplexity, (rotated.perplexity, plain.perplexity)
 
 
 @pytest.fixture(scope="module")
