@@ -18,9 +18,9 @@ import numpy as np
 import onnx_ir as ir
 
 from rotgraph import grid
+from rotgraph.constants import ROTGRAPH_DOMAIN
 from rotgraph.errors import RotgraphError
 from rotgraph.online import FunctionBuilder, insert_after_value
-from rotgraph.structure import ROTGRAPH_DOMAIN
 
 
 @dataclass(frozen=True)

@@ -19,10 +19,10 @@ import numpy as np
 import onnx_ir as ir
 
 from rotgraph import grid
+from rotgraph.constants import ROTGRAPH_DOMAIN
 from rotgraph.errors import RotgraphError
 from rotgraph.fakequant import ActSpec
 from rotgraph.online import FunctionBuilder
-from rotgraph.structure import ROTGRAPH_DOMAIN
 
 
 @dataclass(frozen=True)

@@ -34,7 +34,6 @@ from rotgraph.structure import ModelDescription, discover
 logger = logging.getLogger(__name__)
 
 
-
 @dataclass(frozen=True)
 class RotateOptions:
     """Configuration of `rotate`: the seed of R1/R2, whether to insert R3/R4, and validation."""

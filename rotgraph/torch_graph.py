@@ -10,6 +10,9 @@ Unknown ops raise with the node's name, never silently.
 
 Values are keyed by the `ir.Value` objects themselves (identity), never by their names: names may be
 empty or repeated, and the caller takes the values it overrides from the discovered structure.
+
+Length: one table of op translations plus the walker (a little over 400 lines); splitting the table
+from the ops it names would put one concern in two files.
 """
 
 from __future__ import annotations

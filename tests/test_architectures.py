@@ -18,6 +18,8 @@ from rotgraph.pipeline import RotateOptions, canonicalize, rotate_model
 from rotgraph.quantize import QuantOptions, quantize_model
 from rotgraph.structure import is_hadamard
 
+pytestmark = pytest.mark.slow  # realistic widths (up to 18944): seconds per test
+
 ATOL = 5e-5  # logits are O(1e-1..1); float32 rounding of rewritten 896-wide weights stays ~1e-6
 
 # name: (model_type, config overrides, expected (hidden, head_dim, intermediate))

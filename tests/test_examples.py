@@ -11,6 +11,8 @@ from pathlib import Path
 import pytest
 
 ROOT = Path(__file__).resolve().parent.parent
+pytestmark = pytest.mark.slow  # each example runs the command line end to end
+
 READMES = sorted((ROOT / "examples").glob("*/README.md"))
 
 

@@ -57,7 +57,7 @@ def _imported_from(module: str) -> set[str]:
 
 def test_structure_package_reexports_what_the_repository_imports_from_it() -> None:
     imported = _imported_from("rotgraph.structure")
-    assert {"discover", "ROTGRAPH_DOMAIN", "CONFIG_KEY"} <= imported
+    assert "discover" in imported
     missing = imported - set(rotgraph.structure.__all__)
     assert not missing, f"imported from rotgraph.structure but not in its __all__: {sorted(missing)}"
     for name in rotgraph.structure.__all__:

@@ -26,6 +26,7 @@ import onnxruntime as ort
 import pytest
 
 from rotgraph import io, kernels
+from rotgraph.constants import ROTGRAPH_DOMAIN
 from rotgraph.errors import RotgraphError
 from rotgraph.evaluate import make_session, run_logits
 from rotgraph.fakequant import ActSpec, insert_fake_quant
@@ -287,7 +288,7 @@ def test_float16_models_run_on_the_function_bodies(tmp_path) -> None:
 def tampered(path: Path, out: Path, **attributes: int | list[int]) -> Path:
     """The model at `path` with its rotgraph node's attributes replaced (the function body unchanged)."""
     model = onnx.load(str(path))
-    node = next(n for n in model.graph.node if n.domain == "rotgraph")
+    node = next(n for n in model.graph.node if n.domain == ROTGRAPH_DOMAIN)
     for name, value in attributes.items():
         for a in [a for a in node.attribute if a.name == name]:
             node.attribute.remove(a)

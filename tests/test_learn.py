@@ -212,6 +212,7 @@ def _learn_cli(model: Path, out: Path, text: Path, processes: int) -> None:
     assert done.returncode == 0, done.stderr[-3000:]
 
 
+@pytest.mark.slow
 def test_two_gloo_processes_learn_what_one_process_learns(tiny, tmp_path) -> None:
     """torchrun with 2 CPU processes (gloo) splits each global batch of 2 windows; the result equals
     one process on the same batches up to float32 summation order."""

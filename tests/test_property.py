@@ -13,6 +13,7 @@ import tempfile
 from pathlib import Path
 
 import numpy as np
+import pytest
 from conftest import ort_logits, torch_logits
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
@@ -22,6 +23,8 @@ from rotgraph.export import export
 from rotgraph.hadamard import hadamard_factors
 from rotgraph.pipeline import RotateOptions, rotate_model
 from rotgraph.testing import make_tiny_model
+
+pytestmark = pytest.mark.slow  # several exports per run
 
 WIDTHS = [8, 10, 12, 16, 20, 24, 28]  # 10: no Hadamard of that order (random R2, no online R3)
 INTERMEDIATE = [24, 40, 44, 56, 96, 112, 120]  # 44 = 11 * 4: no Hadamard (no online R4)

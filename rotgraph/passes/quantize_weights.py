@@ -9,6 +9,7 @@ from pathlib import Path
 import numpy as np
 import onnx_ir as ir
 
+from rotgraph import grid
 from rotgraph.calibrate import ROLE_SITES, block_linears
 from rotgraph.errors import RotgraphError
 from rotgraph.quant import QuantizedWeight, WeightSpec, gptq, quantize_rtn
@@ -88,7 +89,7 @@ def _ort_codes(q: QuantizedWeight, g: int) -> np.ndarray:
     layout: unsigned (symmetric codes shifted by 2^(bits-1), the ops' default zero point), 4-bit values
     packed two per byte, low nibble first."""
     rows, cols = q.codes.shape
-    unsigned = (q.codes + (2 ** (q.spec.bits - 1) if q.spec.symmetric else 0)).astype(np.uint8)
+    unsigned = (q.codes - (grid.qmin(q.spec.bits, True) if q.spec.symmetric else 0)).astype(np.uint8)
     if q.spec.bits == 4:
         unsigned = (unsigned[:, 0::2] | (unsigned[:, 1::2] << 4)).astype(np.uint8)
     return unsigned.reshape(rows, cols // g, -1)

@@ -16,7 +16,6 @@ Modules: `model` (the description's dataclasses), `match` (graph-walking matcher
 `summary` (the text `rotgraph inspect` prints).
 """
 
-from rotgraph.constants import CONFIG_KEY, ROTGRAPH_DOMAIN
 from rotgraph.structure.discover import check_supported, discover
 from rotgraph.structure.folds import R2Pair, r1_readers, r1_writers, r2_pairs, rotate_head_columns, rotate_head_rows
 from rotgraph.structure.match import before_fake_quant, is_hadamard, is_norm, is_rotgraph_op
@@ -33,9 +32,7 @@ from rotgraph.structure.model import (
 )
 
 __all__ = [
-    "CONFIG_KEY",
     "MLP",
-    "ROTGRAPH_DOMAIN",
     "Attention",
     "Block",
     "KVCache",
