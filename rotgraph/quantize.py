@@ -149,6 +149,17 @@ def activation_passes(
     return passes
 
 
+def rotate_options(options: QuantOptions) -> RotateOptions:
+    """The float rotation `quantize` applies. R3 (Hadamard on Q and K) only serves a quantized KV cache:
+    with a float cache it cancels exactly in Q K^T and would cost decoding time for nothing."""
+    return RotateOptions(
+        seed=options.seed,
+        online=options.online,
+        qk_hadamard=Scheme.parse(options.scheme).kv_bits is not None,
+        rotations=options.rotations,
+    )
+
+
 @dataclass(frozen=True)
 class Stage:
     """One step of the quantization pipeline: a name a reader can print and the passes it runs."""
@@ -177,15 +188,7 @@ def quantize_stages(
     scheme = Scheme.parse(options.scheme)
     stages: list[Stage] = []
     if options.rotation != "none":
-        # R3 (Hadamard on Q and K) only serves a quantized KV cache: with a float cache it cancels exactly
-        # in Q K^T and would cost decoding time for nothing.
-        rotate = RotateOptions(
-            seed=options.seed,
-            online=options.online,
-            qk_hadamard=scheme.kv_bits is not None,
-            rotations=options.rotations,
-        )
-        stages.append(Stage("rotation", tuple(rotation_passes(rotate))))
+        stages.append(Stage("rotation", tuple(rotation_passes(rotate_options(options)))))
     else:
         stages.append(Stage("canonical form", tuple(canonical_form_passes())))
     needs_gptq = options.weights == "gptq" and not calibrated
@@ -253,9 +256,7 @@ def quantize_model(
     logger.debug("quantize stages:\n%s", "\n".join(map(str, stages)))
     run_passes(model, [p for stage in stages for p in stage.passes])
     if options.rotation != "none":
-        model.metadata_props[ROTATION_KEY] = rotation_metadata(
-            RotateOptions(seed=options.seed, online=options.online, rotations=options.rotations)
-        )
+        model.metadata_props[ROTATION_KEY] = rotation_metadata(rotate_options(options))
     model.metadata_props[QUANTIZATION_KEY] = json.dumps(asdict(options))
     return dict(data.hessians) if options.weights == "gptq" else None
 
