@@ -76,8 +76,11 @@ def canonicalize(model: ir.Model) -> ModelDescription:
 
 
 def canonical_form_passes() -> list[ir.passes.PassBase]:
-    """Opset 23 with fused RMSNorms, onnxruntime's fused norms expanded, fused projections split, shapes."""
+    """Shapes and types first (graphs such as optimum's exports carry no value_info, and the norm
+    patterns need types), then opset 23 with fused RMSNorms, onnxruntime's fused norms expanded, fused
+    projections split, and shapes again for what those rewrites added."""
     return [
+        common_passes.ShapeInferencePass(strict_mode=False),
         CanonicalizeNormsPass(),
         ExpandOrtFusedOpsPass(),
         SplitFusedProjectionsPass(),

@@ -83,3 +83,23 @@ def test_fused_attention_is_refused_with_a_reason(tiny, tmp_path, capsys) -> Non
     err = capsys.readouterr().err
     assert "attention is fused into com.microsoft" in err and "Traceback" not in err
     assert not (tmp_path / "o").exists()
+
+
+def test_a_graph_without_type_information_is_read(tiny, tokens, tmp_path, capsys) -> None:
+    """Exporters such as optimum write no value_info; the norm patterns need types, so rotgraph infers
+    them first instead of asking the user to."""
+    import onnx
+
+    folder, path = tiny("llama", "dynamo")
+    proto = onnx.load(str(path))
+    del proto.graph.value_info[:]
+    bare = tmp_path / "bare" / "model.onnx"
+    bare.parent.mkdir()
+    onnx.save(proto, str(bare), save_as_external_data=True, location="model.onnx.data")
+    assert main(["describe", str(bare)]) == 0, capsys.readouterr().err
+    assert "decoder: 2 blocks" in capsys.readouterr().out
+    model = io.load_model(bare)
+    rotate_model(model, RotateOptions(seed=2))
+    out = tmp_path / "rotated.onnx"
+    io.save_model(model, out)
+    np.testing.assert_allclose(ort_logits(out, tokens), torch_logits(folder, tokens), atol=ATOL)
