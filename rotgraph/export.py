@@ -91,12 +91,29 @@ def load(source: ModelSource) -> tuple[Any, Any]:
         model = AutoModelForCausalLM.from_pretrained(
             source.folder, config=config, dtype=torch.float32, attn_implementation="eager", **kwargs
         )
-        tokenizer = AutoTokenizer.from_pretrained(source.folder, **kwargs)
+        tokenizer = AutoTokenizer.from_pretrained(source.folder, **kwargs) if _has_tokenizer(source) else None
     except Exception as e:
         raise RotgraphError(f"{source}: cannot load the model ({type(e).__name__}: {e})") from None
+    if tokenizer is not None and not tokenizer(PROBE_TEXT)["input_ids"]:
+        tokenizer = None  # a tokenizer object built from nothing: it encodes no text
+    if tokenizer is None:
+        logger.warning(
+            "%s has no tokenizer: exporting without tokenizer.json (validation uses seeded token ids; eval, "
+            "generate and calibration need --tokenizer or --text with a tokenizer)",
+            source,
+        )
     model.eval()
     model.config.use_cache = False
     return model, tokenizer
+
+
+PROBE_TEXT = "The quick brown fox jumps over the lazy dog."
+# Files from which transformers builds a tokenizer (a GGUF file carries its own).
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer.model", "vocab.json", "spiece.model", "tokenizer_config.json")
+
+
+def _has_tokenizer(source: ModelSource) -> bool:
+    return source.gguf_file is not None or any((source.folder / name).is_file() for name in TOKENIZER_FILES)
 
 
 def _config_metadata(config: Any, tokenizer: Any) -> dict[str, Any]:
@@ -112,8 +129,8 @@ def _config_metadata(config: Any, tokenizer: Any) -> dict[str, Any]:
         "vocab_size": config.vocab_size,
         "rms_norm_eps": config.rms_norm_eps,
         "tie_word_embeddings": bool(getattr(config, "tie_word_embeddings", False)),
-        "eos_token_id": tokenizer.eos_token_id,
-        "bos_token_id": tokenizer.bos_token_id,
+        "eos_token_id": tokenizer.eos_token_id if tokenizer is not None else getattr(config, "eos_token_id", None),
+        "bos_token_id": tokenizer.bos_token_id if tokenizer is not None else getattr(config, "bos_token_id", None),
     }
 
 
@@ -254,5 +271,6 @@ def export(
         onnx_model.metadata_props[CHAT_TEMPLATE_KEY] = tokenizer.chat_template
     with io.staged_output(output) as staged:
         io.save_model(onnx_model, staged)
-        tokenizer.backend_tokenizer.save(str(staged.parent / io.TOKENIZER_FILE))
+        if tokenizer is not None:
+            tokenizer.backend_tokenizer.save(str(staged.parent / io.TOKENIZER_FILE))
     return output, config, time.perf_counter() - start

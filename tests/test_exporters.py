@@ -103,3 +103,23 @@ def test_a_graph_without_type_information_is_read(tiny, tokens, tmp_path, capsys
     out = tmp_path / "rotated.onnx"
     io.save_model(model, out)
     np.testing.assert_allclose(ort_logits(out, tokens), torch_logits(folder, tokens), atol=ATOL)
+
+
+def test_a_folder_without_tokenizer_exports_none_and_rotates(tiny, tokens, tmp_path, capsys, caplog) -> None:
+    """Weights-only Hugging Face folders are common; export writes no tokenizer.json (one that encodes
+    nothing would break validation) and rotate then validates on seeded token ids."""
+    import shutil
+
+    folder, _ = tiny("llama", "dynamo")
+    bare = tmp_path / "weights-only"
+    bare.mkdir()
+    for name in ("config.json", "generation_config.json", "model.safetensors"):
+        if (folder / name).is_file():
+            shutil.copy(folder / name, bare / name)
+    out = tmp_path / "onnx" / "model.onnx"
+    assert main(["export", str(bare), "-o", str(out)]) == 0, capsys.readouterr().err
+    assert "has no tokenizer" in caplog.text
+    assert sorted(f.name for f in out.parent.iterdir()) == ["model.onnx", "model.onnx.data"]
+    rotated = tmp_path / "rotated" / "model.onnx"
+    assert main(["rotate", str(out), "-o", str(rotated)]) == 0, capsys.readouterr().err
+    np.testing.assert_allclose(ort_logits(rotated, tokens), torch_logits(folder, tokens), atol=ATOL)
