@@ -291,7 +291,8 @@ Facts seen in the files above (each is checked in `tests/test_fixtures.py` where
   int32, 6 `total_sequence_length` = Shape(attention_mask)[1] as int32, 7 and 8 `cos_cache` /
   `sin_cache` initializers `[max_position_embeddings, head_dim / 2]`; `do_rotary=1`,
   `rotary_interleaved=0`, `scale` = 1/sqrt(head_dim). Positions enter only through the mask: there is
-  no `position_ids` input, and the kernel derives each row's positions from `seqlens_k`. Outputs are the attention output and `present.N.key|value`.
+  no `position_ids` input, and the kernel derives each row's positions from `seqlens_k`. Outputs are
+  the attention output and `present.N.key|value`.
 - **Cache order**: optimum interleaves the cache per layer (`past_key_values.0.key`, `.0.value`,
   `.1.key`...); the builder lists all keys, then all values (`past_key_values.0.key`, `.1.key`,
   `.0.value`, `.1.value`), for inputs and `present.*` outputs alike. Feed by name.
@@ -302,10 +303,11 @@ Facts seen in the files above (each is checked in `tests/test_fixtures.py` where
   total_sequence_length]`; `genai_config.json` sets `past_present_share_buffer: true`.
 - **genai-llama-int4**: all eleven projections including the lm_head are `MatMulNBits` (bits 4, block
   32, accuracy_level 4, symmetric: no zero-point input, so the default zero point 8), with `uint8`
-  weights `[N, K / 32, 16]` (low nibble first) and float scales `[N * K / 32]`. The scales are
-  *signed*: each block's largest-magnitude weight lands exactly on code 0 (-8), so the other end of the
-  block may clip at code 15 (+7) with an error up to one step; everywhere else the error is at most
-  half a step (`tests/test_fixtures.py` checks this against the Hugging Face weights). The embedding is int4 too and still shared: a
+  weights `[N, K / 32, 16]` (low nibble first) and float scales `[N, K / 32]`. The scales are *signed*:
+  each block's largest-magnitude weight lands exactly on code 0 (-8), so the other end of the block may
+  clip at code 15 (+7) with an error up to one step; everywhere else the error is at most half a step
+  (`tests/test_fixtures.py` checks this against the Hugging Face weights). The embedding is int4 too
+  and still shared: a
   `GatherBlockQuantized` (block 32, quantize_axis 1) on a Reshape of the lm_head's `weight_Q4` to
   `[vocab, hidden / 2]`, with the lm_head's scales.
 - The Hugging Face folders are the reference for all graphs (`torch_logits(folder, tokens)`); the
