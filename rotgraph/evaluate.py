@@ -15,6 +15,7 @@ from tqdm import tqdm
 
 from rotgraph import kernels as rotgraph_kernels
 from rotgraph.errors import RotgraphError
+from rotgraph.inputs import InputRoles, read_roles
 
 logger = logging.getLogger(__name__)
 
@@ -26,6 +27,24 @@ _LEVELS = {
 }
 
 
+class Session(ort.InferenceSession):
+    """An onnxruntime session that knows the roles of its model's inputs (`rotgraph.inputs`), read from
+    the model on first use, so every caller feeds a model the same way (`model_feeds`)."""
+
+    def __init__(self, source: str | bytes, options: ort.SessionOptions) -> None:
+        super().__init__(source, options, providers=["CPUExecutionProvider"])
+        self._source: str | bytes | None = source
+        self._roles: InputRoles | None = None
+
+    @property
+    def roles(self) -> InputRoles:
+        if self._roles is None:
+            assert self._source is not None
+            self._roles = read_roles(self._source if isinstance(self._source, bytes) else Path(self._source))
+            self._source = None
+        return self._roles
+
+
 def make_session(
     path: Path | bytes,
     optimization: str = "basic",
@@ -33,7 +52,7 @@ def make_session(
     kernels: bool | None = None,
     spinning: bool = True,
     external_data_folder: Path | None = None,
-) -> ort.InferenceSession:
+) -> Session:
     """An onnxruntime CPU session. `disable` turns off every graph rewrite (the validation setting);
     int4 MatMulNBits fusion never changes accuracy silently: its accuracy level is pinned to 0 (float).
     kernels: rotgraph's compiled kernels for its own ops (`rotgraph.kernels.register`): None uses them when
@@ -62,7 +81,7 @@ def make_session(
     if not spinning:
         options.add_session_config_entry("session.intra_op.allow_spinning", "0")
     try:
-        return ort.InferenceSession(source, options, providers=["CPUExecutionProvider"])
+        return Session(source, options)
     except Exception as e:
         raise RotgraphError(f"{where}: onnxruntime cannot load it ({type(e).__name__}: {e})") from None
 
@@ -71,8 +90,17 @@ _ORT_TYPES = {"tensor(float)": np.float32, "tensor(float16)": np.float16, "tenso
 PAST_PREFIX, PRESENT_PREFIX = "past_key_values.", "present."
 
 
+def roles(session: ort.InferenceSession) -> InputRoles:
+    if not isinstance(session, Session):
+        raise RotgraphError("the session was not made by rotgraph.evaluate.make_session: its input roles are unknown")
+    return session.roles
+
+
 def empty_cache(session: ort.InferenceSession, batch: int) -> dict[str, np.ndarray]:
-    """Zero-length `past_key_values.*` feeds (the prefill of a graph with a KV cache)."""
+    """Zero-length KV cache feeds (the prefill of a graph with a KV cache). A session not made by
+    `make_session` (tests that build their own) is read by the `past_key_values.*` name convention."""
+    if isinstance(session, Session):
+        return {c.name: c.empty(batch) for c in session.roles.caches}
     feeds = {}
     for arg in session.get_inputs():
         if not arg.name.startswith(PAST_PREFIX):
@@ -86,23 +114,18 @@ def empty_cache(session: ort.InferenceSession, batch: int) -> dict[str, np.ndarr
     return feeds
 
 
-def model_feeds(session: ort.InferenceSession, tokens: np.ndarray) -> dict[str, np.ndarray]:
-    """Feeds for a whole sequence: input_ids, an all-ones attention_mask if asked for, empty caches."""
-    name = session.get_inputs()[0].name
-    feeds = {name: tokens.astype(np.int64)} | empty_cache(session, tokens.shape[0])
-    for extra in session.get_inputs()[1:]:
-        if extra.name == "attention_mask":
-            feeds[extra.name] = np.ones_like(tokens, dtype=np.int64)
-        elif extra.name not in feeds:
-            raise RotgraphError(
-                f"model input {extra.name!r} is not supported (expected input_ids [, attention_mask] "
-                f"[, {PAST_PREFIX}*])"
-            )
-    return feeds
+def model_feeds(
+    session: ort.InferenceSession, tokens: np.ndarray, mask: np.ndarray | None = None
+) -> dict[str, np.ndarray]:
+    """Feeds for whole sequences from an empty cache: token ids, the attention mask (`mask` [batch, seq],
+    1 = real token, 0 = padding; None: all ones) and positions when the graph takes them, empty caches.
+    Inputs are found by their role (`rotgraph.inputs`)."""
+    return roles(session).feeds(tokens, mask)
 
 
-def run_logits(session: ort.InferenceSession, tokens: np.ndarray) -> np.ndarray:
-    feeds = model_feeds(session, tokens)
+def run_logits(session: ort.InferenceSession, tokens: np.ndarray, mask: np.ndarray | None = None) -> np.ndarray:
+    """Logits [batch, seq, vocab] (the first output) of whole sequences; `mask` as in `model_feeds`."""
+    feeds = model_feeds(session, tokens, mask)
     try:
         return np.asarray(session.run(None, feeds)[0])
     except Exception as e:  # onnxruntime raises its own Fail/InvalidArgument types

@@ -1,8 +1,10 @@
 """Greedy text generation with onnxruntime, streaming tokens as they are produced.
 
-Graphs with a KV cache (`rotgraph export --with-past`) run the prompt once (prefill) and then one token
-per step, feeding each step's `present.*` outputs back as `past_key_values.*`. Graphs without one are
-run on the whole sequence at every step (correct, but each step costs a full prefill).
+Graphs with a KV cache (`rotgraph export --with-past`, or another exporter's) run the prompt once
+(prefill) and then one token per step, feeding each step's present outputs back as the past inputs
+they pair with; the attention mask grows by one column per step and the position ids are the step's
+positions, for graphs that take them (inputs are found by role, `rotgraph.inputs`). Graphs without a
+cache are run on the whole sequence at every step (correct, but each step costs a full prefill).
 """
 
 from __future__ import annotations
@@ -20,7 +22,7 @@ import onnxruntime as ort
 from rotgraph import io
 from rotgraph.constants import CHAT_TEMPLATE_KEY, CONFIG_KEY
 from rotgraph.errors import RotgraphError
-from rotgraph.evaluate import PAST_PREFIX, PRESENT_PREFIX, empty_cache, make_session, model_feeds
+from rotgraph.evaluate import make_session, model_feeds, roles
 
 logger = logging.getLogger(__name__)
 
@@ -41,18 +43,20 @@ class Generation:
 
 
 def has_cache(session: ort.InferenceSession) -> bool:
-    return any(arg.name.startswith(PAST_PREFIX) for arg in session.get_inputs())
+    return bool(roles(session).caches)
 
 
 class Decoder:
-    """One onnxruntime session and its cache state; `step` takes new tokens and returns the last logits."""
+    """One onnxruntime session (from `evaluate.make_session`) and its cache state; `step` takes new
+    tokens and returns the last logits. One unpadded row: mask all ones, positions 0, 1, 2, ..."""
 
     def __init__(self, session: ort.InferenceSession) -> None:
         self.session = session
-        self.cached = has_cache(session)
+        self.roles = roles(session)
+        self.cached = bool(self.roles.caches)
         self.outputs = [o.name for o in session.get_outputs()]
         self.tokens: np.ndarray = np.zeros((1, 0), dtype=np.int64)
-        self.past: dict[str, np.ndarray] = empty_cache(session, 1)
+        self.past: dict[str, np.ndarray] = {c.name: c.empty(1) for c in self.roles.caches}
 
     def step(self, new: np.ndarray) -> np.ndarray:
         """Append `new` [1, n] token ids; logits of the last position [vocab]."""
@@ -60,14 +64,10 @@ class Decoder:
         if not self.cached:
             outs = self.session.run(self.outputs[:1], model_feeds(self.session, self.tokens))
             return np.asarray(outs[0])[0, -1]
-        feeds = {self.session.get_inputs()[0].name: new.astype(np.int64)} | self.past
+        feeds = self.roles.feeds(new, past=self.past)  # mask: ones over past + new; positions: past length on
         results = dict(zip(self.outputs, self.session.run(None, feeds), strict=True))
-        self.past = {
-            PAST_PREFIX + name[len(PRESENT_PREFIX) :]: value
-            for name, value in results.items()
-            if name.startswith(PRESENT_PREFIX)
-        }
-        return np.asarray(results["logits"])[0, -1]
+        self.past = self.roles.next_past(results)
+        return np.asarray(results[self.outputs[0]])[0, -1]
 
     def cache_bytes(self) -> int:
         return sum(v.nbytes for v in self.past.values())

@@ -17,6 +17,7 @@ from rotgraph import io
 from rotgraph.constants import ROTATION_KEY
 from rotgraph.errors import RotgraphError, ValidationError
 from rotgraph.evaluate import max_logit_difference
+from rotgraph.inputs import input_roles
 from rotgraph.passes import (
     CanonicalizeNormsPass,
     ExpandOrtFusedOpsPass,
@@ -153,6 +154,7 @@ def rotate(input_path: Path, output: Path, options: RotateOptions = RotateOption
     start = time.perf_counter()
     io.check_output_path([input_path], output)
     model = io.load_model(input_path)
+    input_roles(model)  # an input rotgraph cannot feed is refused before any work
     desc = rotate_model(model, options)
     diff = None
     with io.staged_output(output) as staged:

@@ -21,6 +21,7 @@ from rotgraph.constants import QUANTIZATION_KEY, ROTATION_KEY
 from rotgraph.errors import RotgraphError, ValidationError
 from rotgraph.evaluate import log_softmax, make_session, run_logits, windows
 from rotgraph.fakequant import ActSpec
+from rotgraph.inputs import input_roles
 from rotgraph.passes import UntieEmbeddingPass
 from rotgraph.passes.group_query_attention import FindFusableAttentionPass, GroupQueryAttentionPass
 from rotgraph.passes.quantize_activations import QuantizeActivationsPass
@@ -309,6 +310,7 @@ def quantize(
     start = time.perf_counter()
     io.check_output_path([input_path], output)
     model = io.load_model(input_path)
+    input_roles(model)  # an input rotgraph cannot feed is refused before any work
     needs_text = options.weights == "gptq" or options.smooth is not None
     calibration = calibration_tokens(input_path, options) if needs_text else None
     found = None

@@ -26,6 +26,7 @@ class _Core:
     attention: Attention
     scale: float
     output: ir.Value  # [batch, seq, heads * head_dim], what o_proj (or its input quantizer) reads
+    padding: ir.Value | None  # the additive mask [batch, 1, seq, total] when it depends on input data
 
 
 def _single_use(value: ir.Value, op_type: str, where: str) -> ir.Node:
@@ -77,19 +78,26 @@ def _match_core(attention: Attention, index: int, graph: ir.Graph) -> _Core:
         raise StructureError(f"{where}: the scores are scaled by a non-constant {scale_node.inputs[1]}")
     mask = _single_use(scale_node.outputs[0], "Add", where)
     bias = mask.inputs[1] if mask.inputs[0] is scale_node.outputs[0] else mask.inputs[0]
-    fed = _data_inputs(bias, graph) if bias is not None else []
-    if fed:
-        raise StructureError(
-            f"{where}: the attention mask is computed from the graph inputs {[v.name for v in fed]} (a padding "
-            "mask); GroupQueryAttention as rotgraph emits it is causal only (quantize with --eager-attention)"
-        )
+    padding = bias if bias is not None and _data_inputs(bias, graph) else None
+    if padding is not None and padding.shape is not None and len(padding.shape) != 4:
+        raise StructureError(f"{where}: the padding mask {padding.name!r} is not [batch, 1|heads, seq, total]")
     softmax = _single_use(mask.outputs[0], "Softmax", where)
-    values = _single_use(softmax.outputs[0], "MatMul", where)
+    values = _single_use(_nan_guard(softmax.outputs[0]), "MatMul", where)
     transpose = _single_use(values.outputs[0], "Transpose", where)
     if list(transpose.attributes.get_ints("perm", [])) != [0, 2, 1, 3]:
         raise StructureError(f"{where}: the attention output is not transposed to [batch, seq, heads, head_dim]")
     merge = _single_use(transpose.outputs[0], "Reshape", where)
-    return _Core(attention, scale, merge.outputs[0])
+    return _Core(attention, scale, merge.outputs[0], padding)
+
+
+def _nan_guard(probabilities: ir.Value) -> ir.Value:
+    """Where(IsNaN(p), 0, p) after the Softmax (optimum's exports guard fully masked rows) -> its output;
+    else `probabilities`. GroupQueryAttention gives such rows finite values of its own (padding only)."""
+    uses = {u.node.op_type: u.node for u in probabilities.uses()}
+    where, isnan = uses.get("Where"), uses.get("IsNaN")
+    if len(uses) != 2 or where is None or isnan is None or where.inputs[0] is not isnan.outputs[0]:
+        return probabilities
+    return where.outputs[0] if where.inputs[2] is probabilities and _scalar(where.inputs[1]) == 0.0 else probabilities
 
 
 class FindFusableAttentionPass(ir.passes.InPlacePass):
@@ -127,11 +135,18 @@ class GroupQueryAttentionPass(ir.passes.InPlacePass):
     replace the Concat outputs as the graph's present.* outputs (same names). seqlens_k and
     total_sequence_length are computed once from the first cache's past length and the query length.
 
-    Guarantees: the same function as the eager graph for causal decoding with no padding, to float
-    rounding: a layer whose additive mask depends on the contents of a graph input (a padding mask, not
-    only the shapes that a causal mask is built from) is refused; every given
-    layer is rewritten or the pass raises naming the layer and what it found. Caches stored as integer
-    codes or behind a sliding window are refused: GroupQueryAttention would change their layout.
+    Padding: when the additive mask depends on the contents of a graph input (an attention mask with
+    padding, not only the shapes a causal mask is built from), that same mask becomes GroupQueryAttention's
+    `attention_bias`, and seqlens_k still counts every cache slot. onnxruntime-genai's builder instead
+    sets seqlens_k = sum(mask) - 1 per row; onnxruntime's CPU kernel reads that as a right-padded
+    prompt (measured with onnxruntime 1.32: a left-padded row gives wrong logits, a right-padded one
+    right), and rotgraph feeds left-padded rows (as Hugging Face `generate` does), so the mask travels
+    as a bias: every row, padded or not, gets the eager graph's logits at its real positions.
+
+    Guarantees: the same function as the eager graph, to float rounding, at every position that is not
+    padding (a fully masked query row, i.e. a padding position, may differ); every given layer is
+    rewritten or the pass raises naming the layer and what it found. Caches stored as integer codes or
+    behind a sliding window are refused: GroupQueryAttention would change their layout.
     """
 
     def __init__(self, attentions: Sequence[Attention]) -> None:
@@ -189,7 +204,7 @@ class GroupQueryAttentionPass(ir.passes.InPlacePass):
 
         query = a.scores.inputs[0]
         assert query is not None
-        inputs = [
+        inputs: list[ir.Value | None] = [
             flat(query, a.num_heads, "q"),
             flat(a.key_cache.new, a.num_kv_heads, "k"),
             flat(a.value_cache.new, a.num_kv_heads, "v"),
@@ -198,6 +213,8 @@ class GroupQueryAttentionPass(ir.passes.InPlacePass):
             seqlens,
             total,
         ]
+        if core.padding is not None:  # cos_cache, sin_cache, position_ids unused; attention_bias
+            inputs += [None, None, None, core.padding]
         attrs = [
             ir.AttrInt64("num_heads", a.num_heads),
             ir.AttrInt64("kv_num_heads", a.num_kv_heads),

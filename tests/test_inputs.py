@@ -1,0 +1,307 @@
+"""Input roles by structure (rotgraph.inputs), every command feeding them, and left-padded batches.
+
+The graph under test takes what real exporters' graphs take: input_ids, attention_mask [batch, past +
+seq], position_ids and the KV cache (a tiny Llama exported through a wrapper that passes them to the
+Hugging Face model). References: the Hugging Face model itself, and each row run alone, unpadded."""
+
+from __future__ import annotations
+
+import shutil
+from dataclasses import replace
+from pathlib import Path
+
+import numpy as np
+import onnx_ir as ir
+import pytest
+from conftest import torch_logits
+
+from rotgraph import io
+from rotgraph.cli import main
+from rotgraph.evaluate import Session, make_session, run_logits
+from rotgraph.export import cache_names
+from rotgraph.generate import generate
+from rotgraph.inputs import InputRoles, UnknownInputError, input_roles, left_padded, read_roles
+from rotgraph.pipeline import RotateOptions, rotate_model
+from rotgraph.quantize import QuantOptions, quantize_model
+from rotgraph.testing import make_tiny_model
+
+FIXTURES = Path(__file__).parent / "fixtures"
+ROWS = (9, 4, 7)  # prompt lengths of one left-padded batch
+
+
+def export_with_mask(folder: Path, out: Path) -> Path:
+    """The tiny model as optimum exports it: input_ids, attention_mask, position_ids, past -> logits,
+    present (torch's dynamo exporter on a wrapper that hands all of them to the Hugging Face model)."""
+    import torch
+    from transformers import AutoModelForCausalLM, DynamicCache
+
+    model = AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32, attn_implementation="eager").eval()
+    layers = model.config.num_hidden_layers
+
+    class WithMask(torch.nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.inner = model
+
+        def forward(self, input_ids, attention_mask, position_ids, past):  # type: ignore[no-untyped-def]
+            cache = DynamicCache(config=self.inner.config)
+            for i in range(layers):
+                cache.update(past[2 * i], past[2 * i + 1], i)
+            out = self.inner(
+                input_ids=input_ids,
+                attention_mask=attention_mask,
+                position_ids=position_ids,
+                past_key_values=cache,
+                use_cache=True,
+            )
+            return (out.logits, *[t for layer in out.past_key_values.layers for t in (layer.keys, layer.values)])
+
+    ids = torch.randint(0, 300, (2, 5))
+    past = [torch.zeros(2, 1, 7, 16) for _ in range(2 * layers)]
+    mask = torch.ones(2, 12, dtype=torch.int64)
+    pos = torch.arange(7, 12)[None].expand(2, 5)
+    batch, seq, past_len = (torch.export.Dim(n) for n in ("batch", "seq", "past"))
+    with torch.no_grad():
+        program = torch.onnx.export(
+            WithMask().eval(),
+            (ids, mask, pos, past),
+            dynamo=True,
+            input_names=["input_ids", "attention_mask", "position_ids", *cache_names(layers, "past_key_values")],
+            output_names=["logits", *cache_names(layers, "present")],
+            dynamic_shapes={
+                "input_ids": {0: batch, 1: seq},
+                "attention_mask": {0: batch, 1: torch.export.Dim.DYNAMIC},
+                "position_ids": {0: batch, 1: seq},
+                "past": [{0: batch, 2: past_len}] * (2 * layers),
+            },
+            optimize=True,
+            verbose=False,
+        )
+    assert program is not None
+    out.parent.mkdir(parents=True)
+    io.save_model(program.model, out)
+    shutil.copy(folder / "tokenizer.json", out.parent / "tokenizer.json")
+    return out
+
+
+@pytest.fixture(scope="module")
+def masked(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path]:
+    """(Hugging Face folder, graph with attention_mask and position_ids)."""
+    root = tmp_path_factory.mktemp("masked")
+    folder = make_tiny_model(root / "hf", "llama")
+    return folder, export_with_mask(folder, root / "onnx" / "model.onnx")
+
+
+def transform(path: Path, out: Path, apply) -> Path:  # type: ignore[no-untyped-def]
+    model = io.load_model(path)
+    apply(model)
+    io.save_model(model, out)
+    return out
+
+
+def renamed(path: Path, out: Path) -> tuple[Path, dict[str, str]]:
+    """The graph with every input and output renamed to an opaque name; returns the old -> new map."""
+    model = io.load_model(path)
+    names = {}
+    for i, value in enumerate([*model.graph.inputs, *model.graph.outputs]):
+        names[value.name or ""] = value.name = f"t{i}"
+    io.save_model(model, out)
+    return out, names
+
+
+def test_roles_come_from_structure_not_names(masked, tmp_path) -> None:
+    _, path = masked
+    roles = read_roles(path)
+    assert (roles.input_ids, roles.attention_mask, roles.position_ids) == (
+        "input_ids",
+        "attention_mask",
+        "position_ids",
+    )
+    assert [(c.name, c.present) for c in roles.caches] == list(
+        zip(cache_names(2, "past_key_values"), cache_names(2, "present"), strict=True)
+    )
+    opaque, names = renamed(path, tmp_path / "opaque.onnx")
+    found = read_roles(opaque)
+    assert (found.input_ids, found.attention_mask, found.position_ids) == tuple(
+        names[n] for n in ("input_ids", "attention_mask", "position_ids")
+    )
+    assert [(c.name, c.present) for c in found.caches] == [(names[c.name], names[c.present]) for c in roles.caches]
+    assert all((c.heads, c.width, c.dtype) == (1, 16, np.float32) for c in found.caches)
+
+
+def test_roles_of_rotgraph_exports_and_stored_quantized_caches(tiny, tmp_path) -> None:
+    _, plain = tiny("llama")
+    assert read_roles(plain) == InputRoles("input_ids")
+    _, past = tiny("llama", with_past=True)
+    cached = transform(past, tmp_path / "kv4.onnx", lambda m: quantize_model(m, QuantOptions("w4a8kv4", group=16)))
+    roles = read_roles(cached)
+    assert roles.attention_mask is None and roles.position_ids is None
+    stored = [(c.name, c.present, c.width, c.dtype) for c in roles.caches[:3]]
+    assert stored == [
+        ("past_key_values.0.key", "present.0.key", 8, np.uint8),  # 16 4-bit codes in 8 bytes
+        ("past_key_values.0.key_scale", "present.0.key_scale", 1, np.float32),
+        ("past_key_values.0.key_zero", "present.0.key_zero", 1, np.uint8),
+    ]
+    assert len(roles.caches) == 12
+
+
+@pytest.mark.parametrize("name", ["optimum-llama", "genai-llama-fp32", "genai-llama-int4"])
+def test_roles_of_other_exporters(name: str) -> None:
+    path = FIXTURES / name / "model.onnx"
+    if not path.is_file():
+        pytest.skip(f"{path} not generated (scripts/make_exporter_fixtures.py)")
+    roles = read_roles(path)
+    assert roles.input_ids == "input_ids" and roles.attention_mask == "attention_mask"
+    assert roles.position_ids == ("position_ids" if name.startswith("optimum") else None)
+    assert sorted(c.name for c in roles.caches) == sorted(cache_names(2, "past_key_values"))
+    assert all(c.present == "present" + c.name[len("past_key_values") :] for c in roles.caches)
+    assert all((c.heads, c.width) == (2, 16) for c in roles.caches)  # the builder's width is symbolic
+
+
+@pytest.mark.parametrize("name", ["optimum-llama", "genai-llama-fp32"])
+def test_other_exporters_generate_like_the_hugging_face_model(name: str) -> None:
+    path = FIXTURES / name / "model.onnx"
+    if not path.is_file():
+        pytest.skip(f"{path} not generated (scripts/make_exporter_fixtures.py)")
+    run = generate(path, "The quick brown fox", 8, optimization="disable")
+    assert run.new_tokens == hf_greedy(FIXTURES / "hf-llama", run.prompt_tokens, len(run.new_tokens))
+    assert len(run.new_tokens) == 8 or run.stopped_at_eos
+
+
+def hf_greedy(folder: Path, prompt: list[int], count: int) -> list[int]:
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    model = AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32, attn_implementation="eager").eval()
+    ids = torch.tensor([prompt])
+    with torch.no_grad():
+        out = model.generate(ids, max_new_tokens=count, do_sample=False, eos_token_id=None, pad_token_id=0)
+    return out[0, ids.shape[1] :].tolist()[:count]
+
+
+def test_an_unknown_input_is_refused_before_any_work(masked, tmp_path, capsys, monkeypatch) -> None:
+    _, path = masked
+    model = io.load_model(path)
+    extra = ir.Value(name="token_type_ids", shape=ir.Shape(["batch", "seq"]), type=ir.TensorType(ir.DataType.INT64))
+    model.graph.inputs.append(extra)
+    folder = tmp_path / "extra"
+    folder.mkdir()
+    io.save_model(model, folder / "model.onnx")
+    with pytest.raises(UnknownInputError, match=r"'token_type_ids'.*token ids, attention mask, position ids"):
+        input_roles(model)
+
+    def no_work(*args: object, **kwargs: object) -> None:
+        raise AssertionError("work started")
+
+    monkeypatch.setattr("rotgraph.pipeline.rotate_model", no_work)
+    monkeypatch.setattr("rotgraph.quantize.quantize_model", no_work)
+    for command in ("rotate", "quantize"):
+        assert main([command, str(folder / "model.onnx"), "-o", str(tmp_path / command / "m.onnx")]) == 1
+        err = capsys.readouterr().err
+        assert "'token_type_ids'" in err and "no role rotgraph knows" in err and "Traceback" not in err
+        assert not (tmp_path / command).exists()
+
+
+def per_row_reference(path: Path, rows: list[np.ndarray]) -> list[np.ndarray]:
+    """Each row run alone, unpadded (mask all ones, positions 0..n-1), optimizations off."""
+    session = make_session(path, "disable")
+    return [run_logits(session, row[None])[0] for row in rows]
+
+
+def padded_prefill_and_step(path: Path, rows: list[np.ndarray], nxt: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Logits of the left-padded batch of `rows`, then of one decode step feeding `nxt` [batch] with the
+    prefill's present cache and the mask grown by one column."""
+    session = make_session(path, "disable")
+    assert isinstance(session, Session)
+    roles = session.roles
+    tokens, mask = left_padded(rows)
+    names = [o.name for o in session.get_outputs()]
+    prefill = dict(zip(names, session.run(None, roles.feeds(tokens, mask)), strict=True))
+    grown = np.concatenate([mask, np.ones((len(rows), 1), np.int64)], axis=1)
+    feeds = roles.feeds(nxt[:, None], grown, past=roles.next_past(prefill))
+    step = dict(zip(names, session.run(None, feeds), strict=True))
+    return prefill[names[0]], step[names[0]][:, -1]
+
+
+def check_padding(path: Path, reference: Path | None = None, atol: float = 1e-4) -> None:
+    """Left-padded prefill and one decode step give each row's own logits at its real positions."""
+    rng = np.random.default_rng(7)
+    rows = [rng.integers(3, 384, n) for n in ROWS]
+    nxt = rng.integers(3, 384, len(rows))
+    logits, step = padded_prefill_and_step(path, rows, nxt)
+    alone = per_row_reference(reference or path, [np.append(r, t) for r, t in zip(rows, nxt, strict=True)])
+    width = max(ROWS)
+    for i, row in enumerate(rows):
+        scale = np.abs(alone[i]).max()
+        np.testing.assert_allclose(logits[i, width - len(row) :], alone[i][:-1], atol=atol * scale)
+        np.testing.assert_allclose(step[i], alone[i][-1], atol=atol * scale)
+
+
+def test_the_masked_graph_matches_the_hugging_face_model(masked) -> None:
+    folder, path = masked
+    tokens = np.random.default_rng(3).integers(3, 384, (2, 11))
+    np.testing.assert_allclose(
+        run_logits(make_session(path, "disable"), tokens), torch_logits(folder, tokens), atol=1e-4
+    )
+
+
+def test_left_padding_float_graph(masked) -> None:
+    check_padding(masked[1])
+
+
+def test_left_padding_rotated_graph(masked, tmp_path) -> None:
+    _, path = masked
+    rotated = transform(path, tmp_path / "rot.onnx", lambda m: rotate_model(m, RotateOptions(seed=2)))
+    check_padding(rotated, reference=path)  # the float graph's rows: rotation changes no logit
+    check_padding(rotated)
+
+
+def test_left_padding_quantized_graph(masked, tmp_path) -> None:
+    _, path = masked
+    out = transform(path, tmp_path / "w4a8.onnx", lambda m: quantize_model(m, QuantOptions("w4a8", group=16)))
+    check_padding(out)
+
+
+def test_padding_moves_the_logits_when_the_mask_is_ignored(masked) -> None:
+    """The padding check can fail: the same padded batch with an all-ones mask and plain positions."""
+    _, path = masked
+    rng = np.random.default_rng(7)
+    rows = [rng.integers(3, 384, n) for n in ROWS]
+    tokens, _ = left_padded(rows)
+    unmasked = run_logits(make_session(path, "disable"), tokens)
+    alone = per_row_reference(path, rows)
+    assert np.abs(unmasked[1, max(ROWS) - ROWS[1] :] - alone[1]).max() > 1e-2
+
+
+def test_group_query_attention_with_a_padding_mask_equals_eager(masked, tmp_path) -> None:
+    _, path = masked
+    options = QuantOptions("w16a16", rotation="none", fmt="ort")
+    fused = transform(path, tmp_path / "fused.onnx", lambda m: quantize_model(m, options))
+    eager = transform(
+        path, tmp_path / "eager.onnx", lambda m: quantize_model(m, replace(options, fused_attention=False))
+    )
+    ops = [n.op_type for n in io.load_model(fused).graph]
+    assert ops.count("GroupQueryAttention") == 2 and "Softmax" not in ops
+    assert read_roles(fused) == read_roles(eager) == read_roles(path)
+    check_padding(fused, reference=eager)
+    check_padding(fused, reference=path)
+    # without the mask as attention_bias (seqlens_k alone), a left-padded row is wrong
+    model = io.load_model(fused)
+    for node in model.graph:
+        if node.op_type == "GroupQueryAttention":
+            node.resize_inputs(7)
+    biasless = tmp_path / "biasless.onnx"
+    io.save_model(model, biasless)
+    with pytest.raises(AssertionError):
+        check_padding(biasless, reference=eager)
+
+
+def test_every_command_feeds_the_masked_graph(masked, tmp_path, capsys) -> None:
+    folder, path = masked
+    rotated, quantized = tmp_path / "r" / "m.onnx", tmp_path / "q" / "m.onnx"
+    assert main(["rotate", str(path), "-o", str(rotated)]) == 0, capsys.readouterr().err
+    assert main(["quantize", str(path), "-o", str(quantized), "--scheme", "w4a8", "--group", "16"]) == 0
+    assert main(["eval", str(path), str(rotated), "--windows", "2", "--seq-len", "16"]) == 0, capsys.readouterr().err
+    assert main(["inspect", str(path), "--windows", "1", "--seq-len", "16"]) == 0, capsys.readouterr().err
+    runs = [generate(p, "The quick brown fox", 8, optimization="disable") for p in (path, rotated)]
+    assert runs[0].new_tokens == runs[1].new_tokens == hf_greedy(folder, runs[0].prompt_tokens, 8)
