@@ -264,7 +264,11 @@ def parser() -> argparse.ArgumentParser:
     r.add_argument("--seed", type=int, default=0)
     r.add_argument("--no-online", action="store_true", help="fold R1/R2 only, no online Hadamards (R3/R4)")
     r.add_argument("--no-validate", action="store_true", help="skip the onnxruntime comparison")
-    r.add_argument("--tolerance", type=float, default=1e-3, help="max |logit difference| accepted")
+    r.add_argument(
+        "--tolerance",
+        type=float,
+        help="max |logit difference| accepted (default: 1e-3 for float32 logits, 5e-2 for float16)",
+    )
     r.set_defaults(func=cmd_rotate)
 
     lp = sub.add_parser("learn", help="SpinQuant: learn R1/R2 for a scheme with Cayley SGD")
