@@ -21,13 +21,30 @@ class InsertQKHadamardPass(ir.passes.InPlacePass):
     stores (and the queries) lose their outliers. Placed right after RoPE, before any GQA repeat, on the
     head_dim axis. Guarantees: exact in real arithmetic; fails if RoPE is not found or the RoPE output's
     last axis is not head_dim.
+
+    Attention fused into an op that applies RoPE itself (GroupQueryAttention do_rotary=1) leaves no place
+    between RoPE and the scores: that is an error, or, with `skip_rope_inside` (R3 wanted but not
+    required, as by `rotate` with a float KV cache), such blocks are skipped with a warning.
     """
+
+    def __init__(self, skip_rope_inside: bool = False) -> None:
+        super().__init__()
+        self.skip_rope_inside = skip_rope_inside
 
     def call(self, model: ir.Model) -> ir.passes.PassResult:
         desc = discover(model)
+        inserted = 0
         for block in desc.blocks:
             attn = block.attention
             where = f"block {block.index}"
+            if attn.rope_inside:
+                if self.skip_rope_inside:
+                    logger.warning("%s: no R3: RoPE is inside the fused %s", where, attn.scores.op_type)
+                    continue
+                raise StructureError(
+                    f"{where}: R3 needs RoPE outside the fused attention, but {attn.scores.op_type} "
+                    f"{attn.scores.name!r} applies it inside (do_rotary=1), before the scores"
+                )
             factors = factors_for(attn.head_dim, f"{where} R3")
             for name, value in (("query", attn.q_rope), ("key", attn.k_rope)):
                 if value is None:
@@ -44,6 +61,10 @@ class InsertQKHadamardPass(ir.passes.InPlacePass):
                         f"{attn.head_dim}"
                     )
                 insert_hadamard(model, value, factors)
+            inserted += 1
+        if not inserted:
+            model.metadata_props[R3_KEY] = "none: RoPE inside the fused attention"
+            return ir.passes.PassResult(model, False)
         model.metadata_props[R3_KEY] = f"hadamard n{desc.blocks[0].attention.head_dim}"
-        logger.info("R3: online Hadamard on Q and K in %d blocks", len(desc.blocks))
+        logger.info("R3: online Hadamard on Q and K in %d of %d blocks", inserted, len(desc.blocks))
         return ir.passes.PassResult(model, True)

@@ -12,7 +12,7 @@ import onnx_ir as ir
 from rotgraph.constants import R2_KEY
 from rotgraph.errors import RotgraphError
 from rotgraph.hadamard import random_rotation
-from rotgraph.structure import discover, r2_pairs, rotate_head_columns, rotate_head_rows
+from rotgraph.structure import discover, r2_pairs, rotate_head_columns_in, rotate_head_rows
 from rotgraph.weights import rewrite_initializer
 
 logger = logging.getLogger(__name__)
@@ -29,7 +29,8 @@ class RotateHeadsPass(ir.passes.InPlacePass):
     """Per layer, V's output and O's input are rotated by the same head_dim x head_dim matrix H.
 
     V weight columns (and bias) of every KV head: W_v -> W_v H; O weight rows of every query head:
-    W_o -> H^T W_o (the sites of `rotgraph.structure.r2_pairs`). Attention mixes positions, never
+    W_o -> H^T W_o (the sites of `rotgraph.structure.r2_pairs`); in a packed QKV MatMul only V's column
+    range (and bias range) rotates. Attention mixes positions, never
     coordinates within a head, so head i's output P_i V_g(i) H meets H^T in O: exact for grouped-query
     attention too, since all heads share H. H comes from `rotations[layer]` when given, else is a
     randomized Hadamard drawn from `numpy.random.default_rng([seed, 2])`, layer by layer.
@@ -60,9 +61,10 @@ class RotateHeadsPass(ir.passes.InPlacePass):
                 if h.shape != (d, d):
                     raise RotgraphError(f"R2 of layer {pair.layer} must be {d} x {d}, got {h.shape}")
             kinds.add(kind)
-            rewrite_initializer(pair.v.weight, functools.partial(rotate_head_columns, h=h))
+            v_step = functools.partial(rotate_head_columns_in, h=h, columns=pair.v.columns)
+            rewrite_initializer(pair.v.weight, v_step)
             if pair.v.bias is not None:
-                rewrite_initializer(pair.v.bias, functools.partial(rotate_head_columns, h=h))
+                rewrite_initializer(pair.v.bias, v_step)
             rewrite_initializer(pair.o.weight, functools.partial(rotate_head_rows, h=h))
         model.metadata_props[R2_KEY] = json.dumps({"kind": sorted(kinds), "seed": self.seed})
         logger.info("R2: rotated V/O of %d layers (head_dim %d)", len(pairs), d)

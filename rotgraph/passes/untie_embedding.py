@@ -7,7 +7,7 @@ import logging
 import numpy as np
 import onnx_ir as ir
 
-from rotgraph.structure import discover
+from rotgraph.structure import discover, transposed_initializer
 from rotgraph.weights import lazy_from, new_initializer
 
 logger = logging.getLogger(__name__)
@@ -18,9 +18,11 @@ def _transpose(a: np.ndarray) -> np.ndarray:
 
 
 class UntieEmbeddingPass(ir.passes.InPlacePass):
-    """MatMul(x, Transpose(E))  ->  MatMul(x, W_lm) with a new initializer W_lm = E^T.
+    """MatMul(x, Transpose(E))  ->  MatMul(x, W_lm) with a new initializer W_lm = E^T; and the other way
+    round, Gather(Transpose(W_lm), ids) (onnxruntime-genai's builder)  ->  Gather(E, ids) with a new
+    initializer E = W_lm^T.
 
-    The embedding Gather keeps E. Guarantees: the function is unchanged; afterwards the embedding and
+    In the first form the embedding Gather keeps E, in the second lm_head keeps W_lm. Guarantees: the function is unchanged; afterwards the embedding and
     lm_head weights can be rewritten independently (R1 rotates E on its columns, W_lm on its rows,
     and the final norm scale lands on W_lm only). A model whose lm_head has its own weight is left as is.
     """
@@ -31,6 +33,17 @@ class UntieEmbeddingPass(ir.passes.InPlacePass):
             return ir.passes.PassResult(model, False)
         table = desc.embedding_table
         vocab, hidden = desc.vocab_size, desc.hidden_size
+        source = transposed_initializer(table)
+        if source is not None:  # Gather(Transpose(W_lm)): the embedding gets its own table
+            embedding = new_initializer(
+                model.graph, "embedding.weight", lazy_from(source, _transpose, (vocab, hidden), "embedding.weight")
+            )
+            desc.embedding.replace_input_with(0, embedding)
+            producer = table.producer()
+            if producer is not None and not table.uses():
+                model.graph.remove(producer, safe=True)
+            logger.info("untied the embedding table from lm_head (%d x %d)", vocab, hidden)
+            return ir.passes.PassResult(model, True)
         tensor = lazy_from(table, _transpose, (hidden, vocab), "lm_head.weight")
         weight = new_initializer(model.graph, "lm_head.weight", tensor)
         old = desc.lm_head.weight

@@ -17,7 +17,15 @@ Modules: `model` (the description's dataclasses), `match` (graph-walking matcher
 """
 
 from rotgraph.structure.discover import check_supported, discover
-from rotgraph.structure.folds import R2Pair, r1_readers, r1_writers, r2_pairs, rotate_head_columns, rotate_head_rows
+from rotgraph.structure.folds import (
+    R2Pair,
+    r1_readers,
+    r1_writers,
+    r2_pairs,
+    rotate_head_columns,
+    rotate_head_columns_in,
+    rotate_head_rows,
+)
 from rotgraph.structure.match import before_fake_quant, is_hadamard, is_norm, is_rotgraph_op
 from rotgraph.structure.model import (
     MLP,
@@ -27,8 +35,10 @@ from rotgraph.structure.model import (
     Linear,
     ModelDescription,
     Norm,
+    distinct,
     is_quantized_weight,
     static_shape,
+    transposed_initializer,
 )
 
 __all__ = [
@@ -43,6 +53,7 @@ __all__ = [
     "before_fake_quant",
     "check_supported",
     "discover",
+    "distinct",
     "is_hadamard",
     "is_norm",
     "is_quantized_weight",
@@ -51,6 +62,8 @@ __all__ = [
     "r1_writers",
     "r2_pairs",
     "rotate_head_columns",
+    "rotate_head_columns_in",
     "rotate_head_rows",
     "static_shape",
+    "transposed_initializer",
 ]

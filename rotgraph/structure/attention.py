@@ -3,12 +3,18 @@
 V reaches the second attention MatMul (probabilities x values); Q and K reach the first one as its left
 and right operand. RoPE is found by walking back from the score MatMul through layout ops; a KV cache is
 a Concat of a graph input (`past`) and the new keys or values whose result is a graph output.
+
+Fused attention (onnxruntime's com.microsoft MultiHeadAttention or GroupQueryAttention) is read by the
+input each projection reaches: query, key, value; or one packed QKV MatMul into the query input, split
+into Q, K and V column ranges by the op's head counts. R1, R2 and R4 only need the projections.
 """
 
 from __future__ import annotations
 
 import json
 from collections import deque
+from dataclasses import replace
+from itertools import pairwise
 
 import onnx_ir as ir
 
@@ -27,10 +33,21 @@ from rotgraph.structure.match import (
 from rotgraph.structure.model import Attention, KVCache, Linear, Norm
 
 _FUSED_ATTENTION = ("MultiHeadAttention", "GroupQueryAttention", "Attention", "PackedMultiHeadAttention")
+# Fused ops whose Q/K/V projections stay MatMuls in the graph: input index -> role.
+_READABLE_FUSED = ("MultiHeadAttention", "GroupQueryAttention")
+
+
+def is_fused_attention(node: ir.Node) -> bool:
+    return node.domain == "com.microsoft" and node.op_type in _FUSED_ATTENTION
+
+
+def fused_attention_nodes(graph: ir.Graph) -> list[ir.Node]:
+    return [n for n in graph if is_fused_attention(n)]
 
 
 def _reach_attention_matmul(value: ir.Value, limit: int = 64) -> tuple[ir.Node, int] | None:
-    """First MatMul of two activations reached forward from `value`, and the operand it arrives at."""
+    """First MatMul of two activations (or fused attention op) reached forward from `value`, and the
+    operand it arrives at."""
     queue: deque[ir.Value] = deque([value])
     seen = {id(value)}
     steps = 0
@@ -42,6 +59,8 @@ def _reach_attention_matmul(value: ir.Value, limit: int = 64) -> tuple[ir.Node, 
                 continue
             if node.op_type in DATA_FIRST_OPS and node.inputs[0] is not current:
                 continue
+            if is_fused_attention(node):
+                return node, next(i for i, inp in enumerate(node.inputs) if inp is current)
             if node.op_type == "MatMul":
                 if all(i is not None and i.const_value is None and not i.is_initializer() for i in node.inputs):
                     return node, next(i for i, inp in enumerate(node.inputs) if inp is current)
@@ -177,10 +196,32 @@ def _head_layout(value: ir.Value) -> ir.Value | None:
     return None
 
 
+def _fused_refusal(model: ir.Model, where: str, why: str) -> StructureError:
+    fused = fused_attention_nodes(model.graph)
+    return StructureError(
+        f"{where}: attention is fused into {fused[0].domain or 'ai.onnx'} {fused[0].op_type} ({len(fused)} nodes) "
+        f"and {why}"
+    )
+
+
 def find_attention(model: ir.Model, norm: Norm, o: Linear, where: str) -> Attention:
     """The attention whose Q, K, V read `norm` and whose output projection is `o`."""
+    direct = [n for n in data_consumers(norm.node.outputs[0]) if is_fused_attention(n)]
+    if direct:
+        raise _fused_refusal(
+            model,
+            where,
+            f"{direct[0].op_type} {direct[0].name!r} holds the Q/K/V weights itself: rotgraph reads "
+            "attention whose Q/K/V projections are MatMuls (unfused, MultiHeadAttention or GroupQueryAttention)",
+        )
     readers = reader_linears(norm, where)
+    hits = [_reach_attention_matmul(lin.output) for lin in readers]
+    fused_hits = {id(h[0]): h[0] for h in hits if h is not None and is_fused_attention(h[0])}
+    if fused_hits:
+        return _fused_attention(model, readers, hits, o, where)  # type: ignore[arg-type]
     if len(readers) != 3:
+        if fused_attention_nodes(model.graph):
+            raise _fused_refusal(model, where, f"{len(readers)} MatMuls read the attention RMSNorm: none reaches it")
         raise StructureError(
             f"{where}: expected 3 MatMuls (Q, K, V) reading the attention RMSNorm, found {len(readers)} "
             "(fused QKV projections are split when their output is cut by Slice or Split)"
@@ -189,13 +230,8 @@ def find_attention(model: ir.Model, norm: Norm, o: Linear, where: str) -> Attent
     for lin in readers:
         hit = _reach_attention_matmul(lin.output)
         if hit is None:
-            fused = [n for n in model.graph if n.op_type in _FUSED_ATTENTION]
-            if fused:
-                raise StructureError(
-                    f"{where}: attention is fused into {fused[0].domain or 'ai.onnx'} {fused[0].op_type} "
-                    f"({len(fused)} nodes); rotgraph reads unfused attention (score MatMul, Softmax): rotate and "
-                    "quantize first, then apply onnxruntime's attention fusions"
-                )
+            if fused_attention_nodes(model.graph):
+                raise _fused_refusal(model, where, f"the projection {lin.node.name!r} reaches neither it nor a MatMul")
             raise StructureError(f"{where}: the projection {lin.node.name!r} does not reach an attention MatMul")
         reached[id(lin)] = hit
     score_nodes = {id(n): n for n, _ in reached.values() if sum(1 for m, _ in reached.values() if m is n) == 2}
@@ -235,4 +271,70 @@ def find_attention(model: ir.Model, norm: Norm, o: Linear, where: str) -> Attent
         v_cache,
         key_cache,
         value_cache,
+    )
+
+
+def _fused_attention(
+    model: ir.Model, readers: list[Linear], hits: list[tuple[ir.Node, int] | None], o: Linear, where: str
+) -> Attention:
+    """Attention fused into MultiHeadAttention / GroupQueryAttention, from the inputs the projections reach."""
+    node = next(h[0] for h in hits if h is not None)
+    if node.op_type not in _READABLE_FUSED:
+        raise _fused_refusal(model, where, f"rotgraph reads only {' and '.join(_READABLE_FUSED)} among fused ops")
+    if any(h is None or h[0] is not node for h in hits):
+        raise StructureError(f"{where}: the projections reading the attention RMSNorm reach different attention ops")
+    index = {h[1]: lin for lin, h in zip(readers, hits, strict=True) if h is not None}
+    num_heads = node.attributes.get_int("num_heads", 0)
+    if num_heads <= 0:
+        raise StructureError(f"{where}: {node.op_type} {node.name!r} has no num_heads")
+    absent = all(i >= len(node.inputs) or node.inputs[i] is None for i in (1, 2))
+    if len(readers) == 1 and set(index) == {0} and absent:
+        if node.op_type != "GroupQueryAttention":
+            raise StructureError(
+                f"{where}: packed QKV into {node.op_type} {node.name!r} interleaves heads; rotgraph reads a packed "
+                "QKV only for GroupQueryAttention"
+            )
+        packed = readers[0]
+        num_kv = node.attributes.get_int("kv_num_heads", num_heads)
+        width = packed.shape[1]
+        if width % (num_heads + 2 * num_kv):
+            raise StructureError(
+                f"{where}: packed QKV width {width} does not split into {num_heads} + 2 x {num_kv} heads"
+            )
+        d = width // (num_heads + 2 * num_kv)
+        bounds = (0, num_heads * d, (num_heads + num_kv) * d, width)
+        q, k, v = (replace(packed, columns=(a, b)) for a, b in pairwise(bounds))
+    elif len(readers) == 3 and set(index) == {0, 1, 2}:
+        q, k, v = index[0], index[1], index[2]
+        if q.shape[1] % num_heads:
+            raise StructureError(f"{where}: Q width {q.shape[1]} is not a multiple of {num_heads} heads")
+        d = q.shape[1] // num_heads
+        num_kv = k.shape[1] // d if d else 0
+    else:
+        raise StructureError(
+            f"{where}: {len(readers)} MatMuls read the attention RMSNorm and reach inputs {sorted(index)} of "
+            f"{node.op_type} {node.name!r}; expected Q, K, V at its query, key and value inputs, or one packed QKV "
+            "MatMul at its query input"
+        )
+    if (
+        k.shape[1] != v.shape[1]
+        or k.shape[1] != num_kv * d
+        or not num_kv
+        or num_heads % num_kv
+        or o.shape[0] != q.shape[1]
+    ):
+        raise StructureError(
+            f"{where}: projection widths Q {q.shape[1]}, K {k.shape[1]}, V {v.shape[1]}, O-in {o.shape[0]} do not "
+            f"fit {num_heads} heads of {d} ({node.op_type} {node.name!r})"
+        )
+    rope_inside = node.attributes.get_int("do_rotary", 0) != 0
+    q_rope = k_rope = None
+    if not rope_inside and not q.columns:
+        q_rope, k_rope = (_rope_before(node.inputs[i]) for i in (0, 1))  # type: ignore[arg-type]
+    v_cache = None if v.columns else _head_layout(v.output)
+    key_cache, value_cache = _cache_after(k_rope), _cache_after(v_cache)
+    if (key_cache is None) != (value_cache is None):
+        key_cache = value_cache = None
+    return Attention(
+        q, k, v, o, node, q_rope, k_rope, num_heads, num_kv, d, v_cache, key_cache, value_cache, fused=node
     )

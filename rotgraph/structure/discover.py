@@ -5,7 +5,7 @@ from __future__ import annotations
 import onnx_ir as ir
 
 from rotgraph.errors import StructureError
-from rotgraph.structure.attention import find_attention
+from rotgraph.structure.attention import find_attention, fused_attention_nodes
 from rotgraph.structure.match import (
     as_linear,
     before_rotgraph_ops,
@@ -17,7 +17,19 @@ from rotgraph.structure.match import (
     residual_add,
     through_rotgraph_ops,
 )
-from rotgraph.structure.model import MLP, Block, Linear, ModelDescription, Norm, is_quantized_weight, static_shape
+from rotgraph.structure.model import (
+    MLP,
+    Block,
+    Linear,
+    ModelDescription,
+    Norm,
+    is_quantized_weight,
+    static_shape,
+    transposed_initializer,
+)
+
+# onnxruntime's quantized weight ops: a graph holding them has no float weights to rotate.
+_ORT_QUANTIZED = frozenset({"MatMulNBits", "GatherBlockQuantized", "MatMulInteger", "DynamicQuantizeMatMul"})
 
 
 def _mlp(norm: Norm, down: Linear, where: str) -> MLP:
@@ -73,14 +85,27 @@ def discover(model: ir.Model) -> ModelDescription:
         for n in graph
         if n.op_type == "Gather"
         and n.inputs[0] is not None
-        and (n.inputs[0].is_initializer() or is_quantized_weight(n.inputs[0]))
+        and (
+            n.inputs[0].is_initializer()
+            or is_quantized_weight(n.inputs[0])
+            or transposed_initializer(n.inputs[0]) is not None
+        )
         and len(static_shape(n.inputs[0])) == 2
         and n.inputs[1] is not None
         and id(n.inputs[1]) in inputs
     ]
     if len(gathers) != 1:
+        quantized = sorted({n.op_type for n in graph if n.domain == "com.microsoft" and n.op_type in _ORT_QUANTIZED})
+        if quantized:
+            raise StructureError(
+                f"the graph is already quantized for onnxruntime ({', '.join(quantized)}): rotgraph reads float "
+                "graphs; start from the float export"
+            )
+        fused = fused_attention_nodes(graph)
+        hint = f" (the graph also has {len(fused)} fused {fused[0].op_type} nodes)" if fused else ""
         raise StructureError(
-            f"expected exactly one embedding Gather (2-D initializer indexed by a graph input), found {len(gathers)}"
+            "expected exactly one embedding Gather (2-D initializer, or a Transpose of one, indexed by a graph "
+            f"input), found {len(gathers)}{hint}"
         )
     embedding = gathers[0]
     residual = embedding.outputs[0]
@@ -129,7 +154,11 @@ def discover(model: ir.Model) -> ModelDescription:
     table = embedding.inputs[0]
     producer = lm_head.weight.producer()
     transposed = producer is not None and producer.op_type == "Transpose"
-    tied = lm_head.weight is table or (transposed and producer is not None and producer.inputs[0] is table)
+    tied = (
+        lm_head.weight is table
+        or (transposed and producer is not None and producer.inputs[0] is table)
+        or (table is not None and transposed_initializer(table) is lm_head.weight)
+    )
     if transposed and not tied:
         raise StructureError("lm_head: its weight is a Transpose of an initializer other than the embedding")
     return ModelDescription(embedding, tuple(blocks), norm, lm_head, tied)

@@ -10,7 +10,8 @@ R2, an orthogonal H (head_dim x head_dim) per layer, rotates the value space of 
 columns per KV head (W_v -> W_v H, b_v -> b_v H) and O's input rows per query head (W_o -> H^T W_o).
 Attention mixes positions, never coordinates within a head, so query head i's output P_i V_g(i) H meets
 H^T in O; with grouped-query attention the query heads of a group read their KV head g(i) and share its
-rotation, which holds because every head of a layer uses the same H.
+rotation, which holds because every head of a layer uses the same H. In a packed QKV MatMul (V a column
+range of it, `Linear.columns`) only V's columns and V's part of the bias rotate.
 
 The functions here work on numpy arrays (the passes, in float64) and on torch tensors (learning).
 """
@@ -69,6 +70,16 @@ def rotate_head_columns(w: Array, h: Array) -> Array:
     """[..., heads * d] -> each head's d columns times h (V's weight and bias under R2)."""
     d = h.shape[0]
     return (w.reshape(*w.shape[:-1], -1, d) @ h).reshape(w.shape)
+
+
+def rotate_head_columns_in(w: Array, h: Array, columns: tuple[int, int] | None) -> Array:
+    """`rotate_head_columns` on the column range `columns` of w (V inside a packed QKV), or all of w."""
+    if columns is None:
+        return rotate_head_columns(w, h)
+    start, stop = columns
+    out = w.copy() if isinstance(w, np.ndarray) else w.clone()
+    out[..., start:stop] = rotate_head_columns(w[..., start:stop], h)
+    return out
 
 
 def rotate_head_rows(w: Array, h: Array) -> Array:

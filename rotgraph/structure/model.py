@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import onnx_ir as ir
 
@@ -16,7 +16,21 @@ def static_shape(value: ir.Value) -> tuple[int, ...]:
         producer = value.producer()
         assert producer is not None and producer.inputs[0] is not None
         tensor = producer.inputs[0].const_value
+    if tensor is None and (source := transposed_initializer(value)) is not None:
+        return tuple(reversed(static_shape(source)))
     return tuple(tensor.shape.numpy()) if tensor is not None else ()
+
+
+def transposed_initializer(value: ir.Value | None) -> ir.Value | None:
+    """X when `value` is Transpose(X) of a 2-D initializer X (a table shared by embedding and lm_head)."""
+    producer = value.producer() if value is not None else None
+    if producer is None or producer.op_type != "Transpose" or producer.domain not in ("", "ai.onnx"):
+        return None
+    source = producer.inputs[0]
+    perm = producer.attributes.get_ints("perm", [1, 0])
+    if source is None or not source.is_initializer() or source.const_value is None or list(perm) != [1, 0]:
+        return None
+    return source if len(source.const_value.shape) == 2 else None
 
 
 def is_quantized_weight(value: ir.Value) -> bool:
@@ -31,12 +45,18 @@ def is_quantized_weight(value: ir.Value) -> bool:
 
 @dataclass(frozen=True)
 class Linear:
-    """x @ W (+ b) with W an initializer of shape [in, out] and b an optional [out] initializer."""
+    """x @ W (+ b) with W an initializer of shape [in, out] and b an optional [out] initializer.
+
+    `columns` = (start, stop) makes it one part of a packed projection (Q, K or V of a packed QKV MatMul):
+    the part's weight is W[:, start:stop] and its bias b[start:stop]; `node`, `weight` and `bias` are the
+    packed ones, so R1 and the norm scales, which act on whole rows, fold into them once (`distinct`).
+    """
 
     node: ir.Node
     weight: ir.Value
     bias: ir.Value | None
     bias_node: ir.Node | None
+    columns: tuple[int, int] | None = None
 
     @property
     def output(self) -> ir.Value:
@@ -61,7 +81,25 @@ class Linear:
             dims = source.shape.numpy()
             if producer.op_type == "Transpose":
                 dims = tuple(reversed(dims))
+        if self.columns is not None:
+            return dims[0], self.columns[1] - self.columns[0]
         return dims[0], dims[1]
+
+    @property
+    def whole(self) -> Linear:
+        """The projection as stored: the packed MatMul for a part, else itself."""
+        return self if self.columns is None else replace(self, columns=None)
+
+
+def distinct(linears: list[Linear]) -> list[Linear]:
+    """`linears` with each stored weight once (the parts of a packed projection become the whole)."""
+    seen: set[int] = set()
+    out = []
+    for lin in linears:
+        if id(lin.weight) not in seen:
+            seen.add(id(lin.weight))
+            out.append(lin.whole)
+    return out
 
 
 @dataclass(frozen=True)
@@ -95,11 +133,20 @@ class KVCache:
 
 @dataclass(frozen=True)
 class Attention:
+    """One attention: eager (score MatMul, Softmax, value MatMul) or fused into one onnxruntime op.
+
+    Fused (`fused` is the com.microsoft MultiHeadAttention or GroupQueryAttention node): Q, K and V are
+    separate MatMuls feeding its query, key and value inputs, or parts (`Linear.columns`) of one packed
+    QKV MatMul feeding its query input. RoPE is found before the op's inputs, or is inside it
+    (GroupQueryAttention do_rotary=1: `q_rope` and `k_rope` are None); a cache the op holds itself (its
+    past/present inputs and outputs) is not described by `key_cache` / `value_cache`.
+    """
+
     q: Linear
     k: Linear
     v: Linear
     o: Linear
-    scores: ir.Node  # MatMul(Q, K^T)
+    scores: ir.Node  # MatMul(Q, K^T); the fused attention node when fused
     q_rope: ir.Value | None  # RoPE outputs (None when no RoPE pattern precedes the score MatMul)
     k_rope: ir.Value | None
     num_heads: int
@@ -108,6 +155,26 @@ class Attention:
     v_cache: ir.Value | None = None  # values as [batch, kv_heads, seq, head_dim], before any repeat
     key_cache: KVCache | None = None  # graphs with past_key_values inputs
     value_cache: KVCache | None = None
+    fused: ir.Node | None = None
+
+    @property
+    def packed(self) -> bool:
+        """Q, K and V are column ranges of one MatMul."""
+        return self.q.columns is not None
+
+    @property
+    def rope_inside(self) -> bool:
+        """RoPE is computed inside the fused op (GroupQueryAttention do_rotary=1), where R3 cannot reach."""
+        return self.fused is not None and self.fused.attributes.get_int("do_rotary", 0) != 0
+
+    @property
+    def kind(self) -> str:
+        """What the graph holds: eager, or the fused op with its Q/K/V layout and where RoPE is."""
+        if self.fused is None:
+            return "eager (score MatMul, Softmax, value MatMul)"
+        qkv = "packed QKV MatMul" if self.packed else "separate Q/K/V MatMuls"
+        rope = "RoPE inside" if self.rope_inside else "RoPE outside"
+        return f"fused {self.fused.domain or 'ai.onnx'} {self.fused.op_type} ({qkv}, {rope})"
 
 
 @dataclass(frozen=True)
@@ -161,17 +228,20 @@ class ModelDescription:
         return static_shape(self.embedding_table)[1]
 
     def linears(self) -> list[Linear]:
-        """Every Linear of the model: lm_head, then Q, K, V, O, gate, up, down of each block."""
+        """Every Linear of the model: lm_head, then Q, K, V, O, gate, up, down of each block (a packed QKV
+        MatMul once, as a whole)."""
         out = [self.lm_head]
         for b in self.blocks:
             a, m = b.attention, b.mlp
             out += [a.q, a.k, a.v, a.o, m.gate, m.up, m.down]
-        return out
+        return distinct(out)
 
     def norm_readers(self) -> list[list[Linear]]:
-        """The Linears reading each norm, in the order of `norms()`."""
+        """The Linears reading each norm, in the order of `norms()` (a packed QKV MatMul once, whole)."""
         groups = [
-            g for b in self.blocks for g in ([b.attention.q, b.attention.k, b.attention.v], [b.mlp.gate, b.mlp.up])
+            distinct(g)
+            for b in self.blocks
+            for g in ([b.attention.q, b.attention.k, b.attention.v], [b.mlp.gate, b.mlp.up])
         ]
         return [*groups, [self.lm_head]]
 

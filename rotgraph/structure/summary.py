@@ -20,6 +20,7 @@ def summary(desc: ModelDescription) -> str:
         f"attention: {a.num_heads} query heads, {a.num_kv_heads} KV heads "
         f"({'grouped-query' if a.num_kv_heads != a.num_heads else 'multi-head'}), head_dim {a.head_dim}, "
         f"Q/K/V biases: {'yes' if has_bias else 'no'}, RoPE: {'found' if a.q_rope is not None else 'not found'}",
+        f"attention kind: {a.kind}",
         f"mlp: gated, intermediate {m.down.shape[0]}",
         f"norms: {len(desc.norms())} {desc.final_norm.node.op_type}",
         f"lm_head: {'tied to the embedding' if desc.lm_head_tied else 'own weight'}",
@@ -32,6 +33,10 @@ def summary(desc: ModelDescription) -> str:
 
 def _cache_summary(desc: ModelDescription) -> str:
     caches = [c for b in desc.blocks for c in (b.attention.key_cache, b.attention.value_cache) if c is not None]
+    fused = [a.fused for a in (b.attention for b in desc.blocks) if a.fused is not None]
+    held = [n for n in fused if any(v is not None and v.is_graph_input() for v in n.inputs)]
+    if not caches and held:
+        return f"inside {len(held)} fused {held[0].op_type} nodes (their past/present inputs and outputs)"
     if not caches:
         return "none (the graph recomputes the whole sequence)"
     kind = "integer codes + scales" if caches[0].quantized else "float"

@@ -1,0 +1,142 @@
+"""Graphs with fused attention and norms as users hold them: onnxscript's onnxruntime fusions
+(MultiHeadAttention, SkipSimplifiedLayerNormalization) and the onnxruntime-genai builder's fp32 graphs
+(packed QKV into GroupQueryAttention with RoPE inside, the embedding a Gather on a Transpose of the lm_head
+weight). R1, R2 and R4 fold into the projections around the fused op; the reference is the Hugging Face
+model."""
+
+from __future__ import annotations
+
+import collections
+import json
+from pathlib import Path
+
+import numpy as np
+import onnx_ir as ir
+import onnxruntime as ort
+import pytest
+from conftest import ort_logits, torch_logits
+
+from rotgraph import io
+from rotgraph.constants import R3_KEY
+from rotgraph.errors import StructureError
+from rotgraph.passes import InsertQKHadamardPass
+from rotgraph.pipeline import RotateOptions, canonicalize, foldable_form_passes, rotate_model, run_passes
+
+ATOL = 2e-5
+FIXTURES = Path(__file__).parent / "fixtures"
+
+
+def op_counts(model: ir.Model) -> collections.Counter:
+    return collections.Counter(n.op_type for n in model.graph)
+
+
+def builder_logits(path: Path, tokens: np.ndarray, fixture: Path) -> np.ndarray:
+    """The builder graph's prefill: input_ids, an all-ones attention_mask and an empty cache (its head size
+    is symbolic in the graph: read it from the fixture's genai_config.json)."""
+    config = json.loads((fixture / "genai_config.json").read_text())["model"]["decoder"]
+    options = ort.SessionOptions()
+    options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
+    session = ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
+    batch, seq = tokens.shape
+    feeds = {"input_ids": tokens.astype(np.int64), "attention_mask": np.ones((batch, seq), np.int64)}
+    empty = np.zeros((batch, config["num_key_value_heads"], 0, config["head_size"]), np.float32)
+    feeds |= {i.name: empty for i in session.get_inputs() if i.name.startswith("past_key_values.")}
+    return np.asarray(session.run(["logits"], feeds)[0])
+
+
+@pytest.fixture(scope="module")
+def ort_fused(tiny, tmp_path_factory):
+    """ort_fused(with_past) -> (hf_folder, graph with onnxscript's onnxruntime fusions)."""
+    from onnxscript.rewriter.ort_fusions import optimize_for_ort
+
+    made: dict[bool, tuple[Path, Path]] = {}
+
+    def build(with_past: bool) -> tuple[Path, Path]:
+        if with_past not in made:
+            folder, path = tiny("llama", "dynamo", with_past)
+            model, _ = optimize_for_ort(io.load_model(path))
+            out = tmp_path_factory.mktemp("ort-fused") / "model.onnx"
+            io.save_model(model, out)
+            made[with_past] = folder, out
+        return made[with_past]
+
+    return build
+
+
+@pytest.mark.parametrize("with_past", [False, True])
+def test_multi_head_attention_from_onnxscript_rotates_exactly(ort_fused, tokens, tmp_path, with_past: bool) -> None:
+    """onnxscript fuses attention into MultiHeadAttention with RoPE and the cache outside it: R1, R2, R4 fold
+    into the projections, and R3 goes on the RoPE outputs before the op."""
+    folder, path = ort_fused(with_past)
+    model = io.load_model(path)
+    assert op_counts(model)["MultiHeadAttention"] == 2 and op_counts(model)["SkipSimplifiedLayerNormalization"] == 4
+    desc = canonicalize(model)
+    assert "fused com.microsoft MultiHeadAttention (separate Q/K/V MatMuls, RoPE outside)" in desc.summary()
+    assert all(b.attention.fused is not None and b.attention.q_rope is not None for b in desc.blocks)
+    assert (desc.blocks[0].attention.key_cache is not None) == with_past
+    model = io.load_model(path)
+    rotate_model(model, RotateOptions(seed=5))
+    counts = op_counts(model)
+    assert counts["MultiHeadAttention"] == 2 and counts["Hadamard"] == 2 * 2 + 2  # R3 on Q and K, R4
+    out = tmp_path / "rotated.onnx"
+    io.save_model(model, out)
+    np.testing.assert_allclose(ort_logits(out, tokens), torch_logits(folder, tokens), atol=ATOL)
+
+
+@pytest.mark.parametrize("name", ["llama", "qwen2"])
+def test_genai_builder_graph_rotates_exactly(name: str, tokens, tmp_path) -> None:
+    """Packed QKV (Qwen2: with its packed bias) into GroupQueryAttention with RoPE inside, Skip norms, the
+    embedding a Gather on Transpose(lm_head weight): R1, R2 (on V's columns of the packed weight) and R4;
+    no R3, with the reason recorded. The fused attention stays fused."""
+    path = FIXTURES / f"genai-{name}-fp32" / "model.onnx"
+    folder = FIXTURES / f"hf-{name}"
+    desc = canonicalize(io.load_model(path))
+    a = desc.blocks[0].attention
+    assert a.packed and a.rope_inside and a.q_rope is None
+    assert (a.q.columns, a.k.columns, a.v.columns) == ((0, 64), (64, 96), (96, 128))
+    assert (a.num_heads, a.num_kv_heads, a.head_dim) == (4, 2, 16) and desc.lm_head_tied
+    assert "fused com.microsoft GroupQueryAttention (packed QKV MatMul, RoPE inside)" in desc.summary()
+    assert "KV cache: inside 2 fused GroupQueryAttention nodes" in desc.summary()
+    model = io.load_model(path)
+    rotate_model(model, RotateOptions(seed=4))
+    counts = op_counts(model)
+    assert counts["GroupQueryAttention"] == 2 and counts["Hadamard"] == 2  # R4 only
+    assert model.metadata_props[R3_KEY].startswith("none")
+    out = tmp_path / "rotated.onnx"
+    io.save_model(model, out)
+    reference = torch_logits(folder, tokens)
+    np.testing.assert_allclose(builder_logits(path, tokens, path.parent), reference, atol=ATOL)  # the fixture
+    np.testing.assert_allclose(builder_logits(out, tokens, path.parent), reference, atol=ATOL)
+
+
+def test_untie_gives_the_builder_embedding_its_own_table() -> None:
+    model = io.load_model(FIXTURES / "genai-llama-fp32" / "model.onnx")
+    run_passes(model, foldable_form_passes())
+    desc = canonicalize(model)
+    assert not desc.lm_head_tied and desc.embedding_table.is_initializer()
+    assert desc.lm_head.weight.is_initializer() and desc.lm_head.weight is not desc.embedding_table
+    assert "Transpose" not in op_counts(model)
+
+
+def test_r3_required_on_rope_inside_a_fused_op_is_refused() -> None:
+    model = io.load_model(FIXTURES / "genai-llama-fp32" / "model.onnx")
+    run_passes(model, foldable_form_passes())
+    with pytest.raises(StructureError, match="R3 needs RoPE outside the fused attention"):
+        run_passes(model, [InsertQKHadamardPass()])
+
+
+def test_unreadable_fused_attention_is_named_first() -> None:
+    """An op that hides its projections (here the builder's GroupQueryAttention relabelled as
+    com.microsoft Attention) is named as the cause, not a missing MatMul."""
+    model = io.load_model(FIXTURES / "genai-llama-fp32" / "model.onnx")
+    for node in model.graph:
+        if node.op_type == "GroupQueryAttention":
+            node.op_type = "Attention"
+    with pytest.raises(StructureError, match=r"attention is fused into com\.microsoft Attention") as error:
+        canonicalize(model)
+    assert "expected 3 MatMuls" not in str(error.value)
+
+
+def test_an_onnxruntime_quantized_graph_is_named() -> None:
+    with pytest.raises(StructureError, match="already quantized for onnxruntime"):
+        canonicalize(io.load_model(FIXTURES / "genai-llama-int4" / "model.onnx"))
