@@ -26,7 +26,11 @@ at all) is taken as the mask or the positions when named `attention_mask` or `po
 Face convention), and this is logged. Any other input is refused (`UnknownInputError`) before any work.
 
 Feeds for a batch of rows: the mask is 1 on real tokens, 0 on padding; positions count real tokens
-from the first one (cumsum(mask) - 1, padding at 0), the convention of Hugging Face `generate`.
+from the first one (cumsum(mask) - 1, padding at 0), the convention of Hugging Face `generate`. Rows
+are padded on the left. A graph whose mask becomes GroupQueryAttention's seqlens_k (onnxruntime-genai's
+builder) takes unpadded rows only: onnxruntime's kernel reads seqlens_k as right padding (measured with
+onnxruntime 1.32: a left-padded batch gives wrong logits even in its unpadded row, a right-padded one
+exact ones).
 """
 
 from __future__ import annotations
@@ -92,6 +96,7 @@ class InputRoles:
     attention_mask: str | None = None
     position_ids: str | None = None
     caches: tuple[CacheInput, ...] = ()
+    left_padding: bool = True  # False: the mask becomes GroupQueryAttention's seqlens_k (see `feeds`)
 
     def feeds(
         self,
@@ -115,6 +120,12 @@ class InputRoles:
             raise RotgraphError(f"attention mask of shape {mask.shape}, expected {(batch, past_len + seq)}")
         if self.attention_mask is None and not mask.all():
             raise RotgraphError("the model has no attention mask input: it cannot take padded rows")
+        if not self.left_padding and not mask.all():
+            raise RotgraphError(
+                "the model's attention mask becomes GroupQueryAttention's seqlens_k (as onnxruntime-genai's builder "
+                "makes it), which onnxruntime reads as right padding: rotgraph feeds left-padded rows, so this "
+                "model takes unpadded rows only"
+            )
         feeds = {self.input_ids: tokens} | cache
         if self.attention_mask is not None:
             feeds[self.attention_mask] = mask
@@ -192,11 +203,13 @@ def input_roles(model: ir.Model) -> InputRoles:
                 f"model input {value.name!r} ({value.dtype}, shape {value.shape}) has no role rotgraph knows "
                 f"({ROLES}): its data reaches neither the embedding, the KV cache, RoPE nor an attention mask"
             )
+    seqlens = [v for n in graph if _key(n) == ("GroupQueryAttention", _MS) for v in _operands(n, [5])]
     return InputRoles(
         ids.name or "",
         mask_inputs[0].name if mask_inputs else None,
         position_inputs[0].name if position_inputs else None,
         tuple(_cache_input(graph, past, present) for past, present in caches),
+        left_padding=not _reached(seqlens, mask_inputs),
     )
 
 

@@ -17,6 +17,7 @@ from conftest import torch_logits
 
 from rotgraph import io
 from rotgraph.cli import main
+from rotgraph.errors import RotgraphError
 from rotgraph.evaluate import Session, make_session, run_logits
 from rotgraph.export import cache_names
 from rotgraph.generate import generate
@@ -156,6 +157,25 @@ def test_roles_of_other_exporters(name: str) -> None:
     assert sorted(c.name for c in roles.caches) == sorted(cache_names(2, "past_key_values"))
     assert all(c.present == "present" + c.name[len("past_key_values") :] for c in roles.caches)
     assert all((c.heads, c.width) == (2, 16) for c in roles.caches)  # the builder's width is symbolic
+    # the builder's mask becomes GroupQueryAttention's seqlens_k, which onnxruntime reads as right padding
+    assert roles.left_padding == name.startswith("optimum")
+    if not roles.left_padding:
+        tokens, mask = left_padded([np.arange(3, 8), np.arange(3, 6)])
+        with pytest.raises(RotgraphError, match="unpadded rows only"):
+            roles.feeds(tokens, mask)
+
+
+def test_optimum_export_left_padded_and_fused(tmp_path) -> None:
+    """optimum's graph (torch SDPA decomposition: Q and K^T scaled apart, a NaN guard after the Softmax)
+    takes left-padded rows, eager and with GroupQueryAttention."""
+    path = FIXTURES / "optimum-llama" / "model.onnx"
+    if not path.is_file():
+        pytest.skip(f"{path} not generated (scripts/make_exporter_fixtures.py)")
+    check_padding(path)
+    options = QuantOptions("w16a16", rotation="none", fmt="ort")
+    fused = transform(path, tmp_path / "fused.onnx", lambda m: quantize_model(m, options))
+    assert [n.op_type for n in io.load_model(fused).graph].count("GroupQueryAttention") == 2
+    check_padding(fused, reference=path)
 
 
 @pytest.mark.parametrize("name", ["optimum-llama", "genai-llama-fp32"])

@@ -72,12 +72,18 @@ def _data_inputs(value: ir.Value, graph: ir.Graph, limit: int = 4096) -> list[ir
 
 def _match_core(attention: Attention, index: int, graph: ir.Graph) -> _Core:
     where = f"layer {index} attention"
-    scale_node = _single_use(attention.scores.outputs[0], "Mul", where)
-    scale = _scalar(scale_node.inputs[1])
-    if scale is None:
-        raise StructureError(f"{where}: the scores are scaled by a non-constant {scale_node.inputs[1]}")
-    mask = _single_use(scale_node.outputs[0], "Add", where)
-    bias = mask.inputs[1] if mask.inputs[0] is scale_node.outputs[0] else mask.inputs[0]
+    scores = attention.scores.outputs[0]
+    key_scale = _key_scale(attention)
+    if key_scale is not None and [u.node.op_type for u in scores.uses()] == ["Add"]:
+        scale, scaled = key_scale, scores  # torch's SDPA decomposition: Q and K^T each scaled by a constant
+    else:
+        scale_node = _single_use(scores, "Mul", where)
+        factor = _scalar(scale_node.inputs[1])
+        if factor is None:
+            raise StructureError(f"{where}: the scores are scaled by a non-constant {scale_node.inputs[1]}")
+        scale, scaled = factor * (key_scale or 1.0), scale_node.outputs[0]
+    mask = _single_use(scaled, "Add", where)
+    bias = mask.inputs[1] if mask.inputs[0] is scaled else mask.inputs[0]
     padding = bias if bias is not None and _data_inputs(bias, graph) else None
     if padding is not None and padding.shape is not None and len(padding.shape) != 4:
         raise StructureError(f"{where}: the padding mask {padding.name!r} is not [batch, 1|heads, seq, total]")
@@ -88,6 +94,17 @@ def _match_core(attention: Attention, index: int, graph: ir.Graph) -> _Core:
         raise StructureError(f"{where}: the attention output is not transposed to [batch, seq, heads, head_dim]")
     merge = _single_use(transpose.outputs[0], "Reshape", where)
     return _Core(attention, scale, merge.outputs[0], padding)
+
+
+def _key_scale(attention: Attention) -> float | None:
+    """The constant that K^T is multiplied by right before the score MatMul, if any (GroupQueryAttention
+    reads the unscaled new keys, so it moves into `scale`; a scaled Q is read as it is)."""
+    keys = attention.scores.inputs[1]
+    producer = keys.producer() if keys is not None else None
+    if producer is None or producer.op_type != "Mul":
+        return None
+    factors = [_scalar(i) for i in producer.inputs]
+    return next((f for f in factors if f is not None), None) if sum(f is None for f in factors) == 1 else None
 
 
 def _nan_guard(probabilities: ir.Value) -> ir.Value:
@@ -129,7 +146,9 @@ class GroupQueryAttentionPass(ir.passes.InPlacePass):
 
     For each given attention (found by `structure.discover` before the weights were quantized; the
     attention core is not touched by the weight and activation passes), the pattern MatMul(Q, K^T) ->
-    Mul(scale) -> Add(causal mask) -> Softmax -> MatMul(., V) -> Transpose -> Reshape, with K and V the
+    Mul(scale) -> Add(mask) -> Softmax -> MatMul(., V) -> Transpose -> Reshape (or torch's SDPA
+    decomposition, as optimum exports it: Q and K^T each scaled by a constant before the MatMul, and a
+    Where(IsNaN(p), 0, p) guard after the Softmax), with K and V the
     cache Concat(past, new) repeated for grouped-query heads, becomes one GroupQueryAttention reading Q
     and the new K (after RoPE and any R3 Hadamard) and V, and the past cache; its present outputs
     replace the Concat outputs as the graph's present.* outputs (same names). seqlens_k and
