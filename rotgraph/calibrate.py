@@ -24,13 +24,23 @@ from rotgraph.structure import Block, Linear, ModelDescription, discover
 logger = logging.getLogger(__name__)
 
 Site = tuple[int, str]
-ROLE_SITES = {"q": "qkv", "k": "qkv", "v": "qkv", "o": "o", "gate": "gate_up", "up": "gate_up", "down": "down"}
+ROLE_SITES = {
+    "q": "qkv",
+    "k": "qkv",
+    "v": "qkv",
+    "qkv": "qkv",
+    "o": "o",
+    "gate": "gate_up",
+    "up": "gate_up",
+    "down": "down",
+}
 
 
 def block_linears(block: Block) -> list[tuple[str, Linear]]:
-    """A block's projections with their roles, in a fixed order."""
+    """A block's projections with their roles, in a fixed order; a packed QKV MatMul once, as "qkv"."""
     a, m = block.attention, block.mlp
-    return [("q", a.q), ("k", a.k), ("v", a.v), ("o", a.o), ("gate", m.gate), ("up", m.up), ("down", m.down)]
+    qkv = [("qkv", a.q.whole)] if a.packed else [("q", a.q), ("k", a.k), ("v", a.v)]
+    return [*qkv, ("o", a.o), ("gate", m.gate), ("up", m.up), ("down", m.down)]
 
 
 def projection_inputs(desc: ModelDescription) -> dict[Site, Linear]:

@@ -140,3 +140,20 @@ def test_unreadable_fused_attention_is_named_first() -> None:
 def test_an_onnxruntime_quantized_graph_is_named() -> None:
     with pytest.raises(StructureError, match="already quantized for onnxruntime"):
         canonicalize(io.load_model(FIXTURES / "genai-llama-int4" / "model.onnx"))
+
+
+@pytest.mark.parametrize("fmt", ["qdq", "ort"])
+def test_builder_graph_quantizes_its_packed_qkv_once(fmt: str, tmp_path) -> None:
+    """The packed QKV weight is one projection to quantize (once, as "qkv"), and quantize's validation against
+    the float graph passes; a quantized KV cache needs RoPE outside the fused op and is refused saying so."""
+    from rotgraph.quantize import QuantOptions, quantize
+
+    path = FIXTURES / "genai-llama-fp32" / "model.onnx"
+    out = tmp_path / fmt / "model.onnx"
+    report = quantize(path, out, QuantOptions("w4a16", group=16, fmt=fmt))
+    assert report.validation is not None and report.validation.top1 > 0.9
+    counts = op_counts(io.load_model(out))
+    assert counts["GroupQueryAttention"] == 2
+    assert counts["MatMulNBits" if fmt == "ort" else "DequantizeLinear"] == 2 * 5 + (1 if fmt == "ort" else 2)
+    with pytest.raises(StructureError, match="need RoPE outside the fused op"):
+        quantize(path, tmp_path / "kv4" / "model.onnx", QuantOptions("w4a4kv4", group=16))

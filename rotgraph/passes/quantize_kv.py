@@ -35,6 +35,11 @@ class QuantizeKVCachePass(ir.passes.InPlacePass):
         stored = 0
         for block in desc.blocks:
             a = block.attention
+            if a.fused is not None and a.rope_inside:
+                raise StructureError(
+                    f"block {block.index}: the keys are rotated (RoPE) inside the fused {a.fused.op_type} "
+                    f"{a.fused.name!r}: R3 and KV-cache quantization need RoPE outside the fused op"
+                )
             if a.k_rope is None or a.v_cache is None:
                 raise StructureError(f"block {block.index}: cannot find where keys and values enter the cache")
             if self.spec.group and a.head_dim % self.spec.group:
