@@ -4,11 +4,13 @@ from __future__ import annotations
 
 import logging
 
+import numpy as np
 import onnx_ir as ir
 
 from rotgraph import kvcache
 from rotgraph.errors import StructureError
 from rotgraph.fakequant import ActSpec, insert_fake_quant
+from rotgraph.online import FunctionBuilder
 from rotgraph.structure import KVCache, discover, is_hadamard
 
 logger = logging.getLogger(__name__)
@@ -82,13 +84,10 @@ def _store_quantized(model: ir.Model, cache: KVCache, spec: kvcache.CacheSpec, w
             f"{where}: the cache input {cache.past.name!r} has shape {shape}, expected [b, h, t, {spec.head_dim}]"
         )
     for user in cache.past.consumers():
-        if user is cache.concat:
-            continue
-        start, end = user.attributes.get_int("start", 0), user.attributes.get_int("end", 4)
-        if user.op_type != "Shape" or not (start >= 0 and 0 <= end <= 3):
+        if user is not cache.concat and user.op_type != "Shape":
             raise StructureError(
                 f"{where}: the cache input {cache.past.name!r} is read by {user.op_type} node {user.name!r}; "
-                "expected only the cache Concat and Shape nodes of its first three axes"
+                "expected only the cache Concat and Shape nodes"
             )
     kvcache.add_functions(model, spec)
     name, present_name = cache.past.name or "", cache.present.name or ""
@@ -105,7 +104,7 @@ def _store_quantized(model: ir.Model, cache: KVCache, spec: kvcache.CacheSpec, w
     graph.inputs[index : index + 1] = pasts
     for user in list(cache.past.consumers()):
         if user is not cache.concat:
-            user.replace_input_with(0, pasts[0])
+            _read_float_shape(graph, user, pasts[0], spec.head_dim)
     quantize = kvcache.quantize_node(spec, cache.new)
     axis = cache.concat.attributes.get_int("axis", -2)
     concats = [
@@ -126,3 +125,23 @@ def _store_quantized(model: ir.Model, cache: KVCache, spec: kvcache.CacheSpec, w
     cache.present.replace_all_uses_with(full)
     graph.insert_before(cache.concat, [quantize, *concats, dequantize])
     graph.remove(cache.concat, safe=True)
+
+
+def _read_float_shape(graph: ir.Graph, shape: ir.Node, codes: ir.Value, head_dim: int) -> None:
+    """Make a Shape node of the float past read the stored codes instead: the first three axes are the
+    same; the last (head_dim, packed two codes per byte at 4 bits) is restated as a constant."""
+    start, end = shape.attributes.get_int("start", 0), shape.attributes.get_int("end", 4)
+    start, end = (min(max(v + 4 if v < 0 else v, 0), 4) for v in (start, end))
+    if end <= 3:
+        shape.replace_input_with(0, codes)
+        return
+    b = FunctionBuilder()
+    last = b.const(f"{codes.name}_head_dim", np.array([head_dim], dtype=np.int64))
+    if start <= 2:
+        leading = b.op("Shape", codes, start=start, end=3)
+        last = b.op("Concat", leading, last, axis=0)
+    out = shape.outputs[0]
+    last.name, last.shape, last.type = f"{out.name}_stored", out.shape, out.type
+    graph.insert_before(shape, b.nodes)
+    out.replace_all_uses_with(last, replace_graph_outputs=True)
+    graph.remove(shape, safe=True)
