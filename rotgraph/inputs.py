@@ -182,7 +182,7 @@ def input_roles(model: ir.Model) -> InputRoles:
             "no graph input indexes an embedding table (a Gather of a constant table by an integer input): "
             f"cannot tell the token ids among {[v.name for v in graph.inputs]}"
         )
-    rank2 = [v for v in ints if v is not ids and v.shape is not None and len(v.shape) == 2]
+    rank2 = [v for v in ints if v is not ids and v not in position_inputs and v.shape is not None and len(v.shape) == 2]
     mask_inputs = list(_reached(_mask_sinks(graph), rank2, stop=_score_matmul(dynamic)))
     position_inputs = [v for v in position_inputs if v is not ids and v not in mask_inputs]
     rest = [v for v in ints if v is not ids and v not in mask_inputs and v not in position_inputs]

@@ -199,6 +199,22 @@ def hf_greedy(folder: Path, prompt: list[int], count: int) -> list[int]:
     return out[0, ids.shape[1] :].tolist()[:count]
 
 
+@pytest.mark.parametrize(("name", "role"), [("attention_mask", "attention_mask"), ("position_ids", "position_ids")])
+def test_an_input_that_reaches_nothing_is_taken_by_its_name_only_as_a_fallback(tiny, name: str, role: str) -> None:
+    """An integer input whose data reaches no mask or RoPE (unused here) is the mask or the positions only
+    under the Hugging Face name; under any other name it is refused."""
+    _, past = tiny("llama", with_past=True)
+    for label in (name, "extra"):
+        model = io.load_model(past)
+        shape = ir.Shape(["batch", "total" if role == "attention_mask" else "seq"])
+        model.graph.inputs.append(ir.Value(name=label, shape=shape, type=ir.TensorType(ir.DataType.INT64)))
+        if label == name:
+            assert getattr(input_roles(model), role) == name
+        else:
+            with pytest.raises(UnknownInputError, match="'extra'"):
+                input_roles(model)
+
+
 def test_an_unknown_input_is_refused_before_any_work(masked, tmp_path, capsys, monkeypatch) -> None:
     _, path = masked
     model = io.load_model(path)
