@@ -157,3 +157,22 @@ def test_builder_graph_quantizes_its_packed_qkv_once(fmt: str, tmp_path) -> None
     assert counts["MatMulNBits" if fmt == "ort" else "DequantizeLinear"] == 2 * 5 + (1 if fmt == "ort" else 2)
     with pytest.raises(StructureError, match="need RoPE outside the fused op"):
         quantize(path, tmp_path / "kv4" / "model.onnx", QuantOptions("w4a4kv4", group=16))
+
+
+def test_group_query_attention_with_rope_outside_rotates_exactly(tiny, tokens, tmp_path) -> None:
+    """rotgraph's own float ort graph (`quantize --scheme w16a16 --rotation none --format ort`): separate Q/K/V
+    MatMuls into GroupQueryAttention, RoPE before it and the cache inside it. R1-R4 all apply, R3 on the RoPE
+    outputs before the op."""
+    from rotgraph.quantize import QuantOptions, quantize
+
+    folder, path = tiny("llama", "dynamo", True)
+    source = tmp_path / "gqa" / "model.onnx"
+    quantize(path, source, QuantOptions("w16a16", rotation="none", fmt="ort"), validate=False)
+    desc = canonicalize(io.load_model(source))
+    assert "fused com.microsoft GroupQueryAttention (separate Q/K/V MatMuls, RoPE outside)" in desc.summary()
+    model = io.load_model(source)
+    rotate_model(model, RotateOptions(seed=8))
+    assert op_counts(model)["GroupQueryAttention"] == 2 and op_counts(model)["Hadamard"] == 2 * 2 + 2
+    out = tmp_path / "rotated.onnx"
+    io.save_model(model, out)
+    np.testing.assert_allclose(ort_logits(out, tokens), torch_logits(folder, tokens), atol=ATOL)
