@@ -311,3 +311,24 @@ def test_the_log_says_which_weights_got_which_bits(tiny, caplog) -> None:
         quantize_model(io.load_model(path), QuantOptions(scheme="w4a16", rotation="none", group=16))
     assert "quantized 14 projection weights (rtn, 4 bits)" in caplog.text  # 7 per block, 2 blocks
     assert "quantized the embedding and lm_head (rtn, 8 bits)" in caplog.text
+
+
+def test_calibration_and_statistics_write_nothing_to_the_system_temp_folder(tiny, tmp_path, monkeypatch) -> None:
+    """Probes serialize the graph in memory and read the weights where they are; a scratch copy of
+    rotated weights goes to the output's staging folder, never to the system temp folder."""
+    import tempfile
+
+    from rotgraph.quantize import quantize
+    from rotgraph.stats import activation_stats
+
+    system_temp = tmp_path / "system-temp"
+    system_temp.mkdir()
+    monkeypatch.setattr(tempfile, "tempdir", str(system_temp))
+    _, path = tiny("llama", "dynamo")
+    windows = np.random.default_rng(3).integers(0, 384, size=(2, 32))
+    options = QuantOptions(scheme="w4a16", weights="gptq", smooth=0.5, group=16, calibration_windows=2)
+    quantize(path, tmp_path / "out" / "q.onnx", options)
+    assert len(activation_stats(path, windows)) == 2
+    # torch, imported by the tokenizer's library, makes its compiler cache folder there on import
+    assert [f.name for f in system_temp.iterdir() if not f.name.startswith("torchinductor")] == []
+    assert sorted(f.name for f in (tmp_path / "out").iterdir()) == ["q.onnx", "q.onnx.data", "tokenizer.json"]
