@@ -324,11 +324,22 @@ def test_calibration_and_statistics_write_nothing_to_the_system_temp_folder(tiny
     system_temp = tmp_path / "system-temp"
     system_temp.mkdir()
     monkeypatch.setattr(tempfile, "tempdir", str(system_temp))
+    made: list[str] = []  # temporary folders made in the system temp folder, even if removed again
+    mkdtemp = tempfile.mkdtemp
+
+    def recording(suffix=None, prefix=None, dir=None):  # type: ignore[no-untyped-def]
+        folder = mkdtemp(suffix, prefix, dir)
+        if Path(folder).parent == system_temp:
+            made.append(folder)
+        return folder
+
+    monkeypatch.setattr(tempfile, "mkdtemp", recording)
     _, path = tiny("llama", "dynamo")
     windows = np.random.default_rng(3).integers(0, 384, size=(2, 32))
     options = QuantOptions(scheme="w4a16", weights="gptq", smooth=0.5, group=16, calibration_windows=2)
     quantize(path, tmp_path / "out" / "q.onnx", options)
     assert len(activation_stats(path, windows)) == 2
+    assert made == []
     # torch, imported by the tokenizer's library, makes its compiler cache folder there on import
     assert [f.name for f in system_temp.iterdir() if not f.name.startswith("torchinductor")] == []
     assert sorted(f.name for f in (tmp_path / "out").iterdir()) == ["q.onnx", "q.onnx.data", "tokenizer.json"]
