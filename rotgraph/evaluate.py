@@ -220,10 +220,32 @@ def evaluate(
     ]
 
 
-def max_logit_difference(reference: Path, candidate: Path, tokens: np.ndarray) -> float:
-    """max |logits(candidate) - logits(reference)| with every onnxruntime graph rewrite disabled."""
-    a = run_logits(make_session(reference, "disable"), tokens)
-    b = run_logits(make_session(candidate, "disable"), tokens)
+def validation_logits(
+    reference: Path, candidate: Path, tokens: np.ndarray, pad: bool = True
+) -> tuple[np.ndarray, np.ndarray]:
+    """Logits [1, positions, vocab] of `reference` and `candidate` (every onnxruntime graph rewrite
+    disabled) at the real positions of `tokens` [rows, seq]. A model that takes padded rows also gets
+    one left-padded row (the last row, or a copy of a single row, with its first quarter masked), so
+    the comparison covers the padding path; not when the reference itself is not finite there."""
+    ref, cand = make_session(reference, "disable"), make_session(candidate, "disable")
+    mask = None
+    unpadded = tokens
+    if pad and ref.roles.attention_mask is not None and ref.roles.left_padding and tokens.shape[1] >= 8:
+        tokens = np.concatenate([tokens, tokens[-1:]]) if len(tokens) == 1 else tokens
+        mask = np.ones(tokens.shape, dtype=np.int64)
+        mask[-1, : tokens.shape[1] // 4] = 0
+    a = run_logits(ref, tokens, mask)
+    real = mask.astype(bool) if mask is not None else np.ones(tokens.shape, dtype=bool)
+    if mask is not None and not np.isfinite(a[real]).all():
+        logger.warning("%s gives non-finite logits on a left-padded row: validating on unpadded rows", reference)
+        return validation_logits(reference, candidate, unpadded, pad=False)
+    b = run_logits(cand, tokens, mask)
     if a.shape != b.shape:
         raise RotgraphError(f"logit shapes differ: {a.shape} vs {b.shape}")
+    return a[real][None], b[real][None]
+
+
+def max_logit_difference(reference: Path, candidate: Path, tokens: np.ndarray) -> float:
+    """max |logits(candidate) - logits(reference)| over `validation_logits`."""
+    a, b = validation_logits(reference, candidate, tokens)
     return float(np.abs(a.astype(np.float64) - b).max())

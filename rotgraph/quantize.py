@@ -19,7 +19,7 @@ from rotgraph import io
 from rotgraph.calibrate import CalibratePass, Calibration, Site
 from rotgraph.constants import QUANTIZATION_KEY, ROTATION_KEY
 from rotgraph.errors import RotgraphError, ValidationError
-from rotgraph.evaluate import log_softmax, make_session, run_logits, windows
+from rotgraph.evaluate import log_softmax, validation_logits, windows
 from rotgraph.fakequant import ActSpec
 from rotgraph.inputs import input_roles
 from rotgraph.passes import UntieEmbeddingPass
@@ -289,8 +289,7 @@ def check_against_float(input_path: Path, output: Path, tokens: np.ndarray) -> A
     """Run the float input and the quantized output on `tokens`; refuse an output whose logits are not
     finite or that tracks the float model no better than the float model tracks itself at unrelated
     positions (a broken output, e.g. misplaced scales)."""
-    reference = run_logits(make_session(input_path, "disable"), tokens)
-    logits = run_logits(make_session(output, "disable"), tokens)
+    reference, logits = validation_logits(input_path, output, tokens)  # with a left-padded row if it takes one
     if not np.isfinite(logits).all():
         raise ValidationError("the quantized model produces non-finite logits; nothing written")
     found = agreement(reference, logits)

@@ -18,7 +18,7 @@ from conftest import torch_logits
 from rotgraph import io
 from rotgraph.cli import main
 from rotgraph.errors import RotgraphError
-from rotgraph.evaluate import Session, make_session, run_logits
+from rotgraph.evaluate import Session, make_session, max_logit_difference, run_logits
 from rotgraph.export import cache_names
 from rotgraph.generate import generate
 from rotgraph.inputs import InputRoles, UnknownInputError, input_roles, left_padded, read_roles
@@ -330,6 +330,11 @@ def test_group_query_attention_with_a_padding_mask_equals_eager(masked, tmp_path
     io.save_model(model, biasless)
     with pytest.raises(AssertionError):
         check_padding(biasless, reference=eager)
+    # validation (rotate's and quantize's) includes a left-padded row, so it sees the difference too
+    text = np.random.default_rng(5).integers(3, 384, (1, 32))
+    assert max_logit_difference(eager, fused, text) < 1e-4
+    assert max_logit_difference(eager, biasless, text) > 1e-2
+    assert max_logit_difference(eager, biasless, np.random.default_rng(5).integers(3, 384, (1, 4))) < 1e-4
 
 
 def test_every_command_feeds_the_masked_graph(masked, tmp_path, capsys) -> None:
