@@ -292,9 +292,13 @@ def test_left_padding_rotated_graph(masked, tmp_path) -> None:
     check_padding(rotated)
 
 
-def test_left_padding_quantized_graph(masked, tmp_path) -> None:
+@pytest.mark.parametrize("fmt", ["qdq", "ort"])  # ort: MatMulNBits and GroupQueryAttention
+def test_left_padding_quantized_graph(masked, tmp_path, fmt: str) -> None:
     _, path = masked
-    out = transform(path, tmp_path / "w4a8.onnx", lambda m: quantize_model(m, QuantOptions("w4a8", group=16)))
+    options = QuantOptions("w4a8", group=16, fmt=fmt)
+    out = transform(path, tmp_path / "w4a8.onnx", lambda m: quantize_model(m, options))
+    ops = [n.op_type for n in io.load_model(out).graph]
+    assert ops.count("GroupQueryAttention") == (2 if fmt == "ort" else 0)
     check_padding(out)
 
 
