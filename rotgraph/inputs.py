@@ -97,6 +97,7 @@ class InputRoles:
     position_ids: str | None = None
     caches: tuple[CacheInput, ...] = ()
     left_padding: bool = True  # False: the mask becomes GroupQueryAttention's seqlens_k (see `feeds`)
+    int32: frozenset[str] = frozenset()  # integer inputs declared int32 (the others are int64)
 
     def feeds(
         self,
@@ -131,7 +132,7 @@ class InputRoles:
             feeds[self.attention_mask] = mask
         if self.position_ids is not None:
             feeds[self.position_ids] = positions(mask)[:, past_len:]
-        return feeds
+        return {k: v.astype(np.int32) if k in self.int32 else v for k, v in feeds.items()}
 
     def next_past(self, outputs: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
         """The cache feeds of the next step from a step's outputs (by output name)."""
@@ -210,6 +211,7 @@ def input_roles(model: ir.Model) -> InputRoles:
         position_inputs[0].name if position_inputs else None,
         tuple(_cache_input(graph, past, present) for past, present in caches),
         left_padding=not _reached(seqlens, mask_inputs),
+        int32=frozenset(v.name or "" for v in ints if v.dtype == ir.DataType.INT32),
     )
 
 

@@ -130,6 +130,24 @@ def test_roles_come_from_structure_not_names(masked, tmp_path) -> None:
     assert all((c.heads, c.width, c.dtype) == (1, 16, np.float32) for c in found.caches)
 
 
+def test_int32_mask_and_positions_are_fed_as_int32(masked, tmp_path) -> None:
+    _, path = masked
+    model = io.load_model(path)
+    for name in ("attention_mask", "position_ids"):
+        old = next(v for v in model.graph.inputs if v.name == name)
+        new = ir.Value(name=f"{name}_32", shape=old.shape, type=ir.TensorType(ir.DataType.INT32))
+        cast = ir.node("Cast", [new], {"to": ir.DataType.INT64})
+        old.replace_all_uses_with(cast.outputs[0])
+        model.graph.insert_before(model.graph.node(0), cast)
+        model.graph.inputs[model.graph.inputs.index(old)] = new
+    narrow = tmp_path / "int32.onnx"
+    io.save_model(model, narrow)
+    roles = read_roles(narrow)
+    assert (roles.attention_mask, roles.position_ids) == ("attention_mask_32", "position_ids_32")
+    assert roles.int32 == {"attention_mask_32", "position_ids_32"}
+    check_padding(narrow, reference=path)
+
+
 def test_roles_of_rotgraph_exports_and_stored_quantized_caches(tiny, tmp_path) -> None:
     _, plain = tiny("llama")
     assert read_roles(plain) == InputRoles("input_ids")
