@@ -46,28 +46,31 @@ def builder_logits(path: Path, tokens: np.ndarray, fixture: Path) -> np.ndarray:
 
 @pytest.fixture(scope="module")
 def ort_fused(tiny, tmp_path_factory):
-    """ort_fused(with_past) -> (hf_folder, graph with onnxscript's onnxruntime fusions)."""
+    """ort_fused(model_type, with_past) -> (hf_folder, graph with onnxscript's onnxruntime fusions)."""
     from onnxscript.rewriter.ort_fusions import optimize_for_ort
 
-    made: dict[bool, tuple[Path, Path]] = {}
+    made: dict[tuple[str, bool], tuple[Path, Path]] = {}
 
-    def build(with_past: bool) -> tuple[Path, Path]:
-        if with_past not in made:
-            folder, path = tiny("llama", "dynamo", with_past)
+    def build(model_type: str, with_past: bool) -> tuple[Path, Path]:
+        if (model_type, with_past) not in made:
+            folder, path = tiny(model_type, "dynamo", with_past)
             model, _ = optimize_for_ort(io.load_model(path))
             out = tmp_path_factory.mktemp("ort-fused") / "model.onnx"
             io.save_model(model, out)
-            made[with_past] = folder, out
-        return made[with_past]
+            made[model_type, with_past] = folder, out
+        return made[model_type, with_past]
 
     return build
 
 
-@pytest.mark.parametrize("with_past", [False, True])
-def test_multi_head_attention_from_onnxscript_rotates_exactly(ort_fused, tokens, tmp_path, with_past: bool) -> None:
-    """onnxscript fuses attention into MultiHeadAttention with RoPE and the cache outside it: R1, R2, R4 fold
-    into the projections, and R3 goes on the RoPE outputs before the op."""
-    folder, path = ort_fused(with_past)
+@pytest.mark.parametrize(("model_type", "with_past"), [("llama", False), ("llama", True), ("qwen2", False)])
+def test_multi_head_attention_from_onnxscript_rotates_exactly(
+    ort_fused, tokens, tmp_path, model_type: str, with_past: bool
+) -> None:
+    """onnxscript fuses attention into MultiHeadAttention (for GQA too: the heads are repeated before it) with
+    RoPE and the cache outside it: R1, R2, R4 fold into the projections (Qwen2: the V bias Add too), and R3
+    goes on the RoPE outputs before the op."""
+    folder, path = ort_fused(model_type, with_past)
     model = io.load_model(path)
     assert op_counts(model)["MultiHeadAttention"] == 2 and op_counts(model)["SkipSimplifiedLayerNormalization"] == 4
     desc = canonicalize(model)

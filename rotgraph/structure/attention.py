@@ -287,6 +287,11 @@ def _fused_attention(
     num_heads = node.attributes.get_int("num_heads", 0)
     if num_heads <= 0:
         raise StructureError(f"{where}: {node.op_type} {node.name!r} has no num_heads")
+    if node.op_type == "MultiHeadAttention" and len(node.inputs) > 3 and node.inputs[3] is not None:
+        raise StructureError(
+            f"{where}: {node.op_type} {node.name!r} adds Q/K/V biases inside the op (its bias input); R2 would miss "
+            "V's part of it: rotgraph reads the biases as Adds after the projections"
+        )
     absent = all(i >= len(node.inputs) or node.inputs[i] is None for i in (1, 2))
     if len(readers) == 1 and set(index) == {0} and absent:
         if node.op_type != "GroupQueryAttention":
