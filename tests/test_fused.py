@@ -179,3 +179,16 @@ def test_group_query_attention_with_rope_outside_rotates_exactly(tiny, tokens, t
     out = tmp_path / "rotated.onnx"
     io.save_model(model, out)
     np.testing.assert_allclose(ort_logits(out, tokens), torch_logits(folder, tokens), atol=ATOL)
+
+
+def test_smoothquant_on_a_packed_qkv_is_exact_in_float(tokens, tmp_path) -> None:
+    """SmoothQuant scales the packed QKV rows once and divides only V's columns (and V's bias) by the
+    V -> O scales: in float (w16a16) the smoothed rotated graph still computes the Hugging Face model."""
+    from rotgraph.quantize import QuantOptions, quantize
+
+    path = FIXTURES / "genai-qwen2-fp32" / "model.onnx"
+    out = tmp_path / "smooth" / "model.onnx"
+    options = QuantOptions("w16a16", smooth=0.5, calibration_windows=2, calibration_seq_len=32)
+    quantize(path, out, options, validate=False)
+    logits = builder_logits(out, tokens, path.parent)
+    np.testing.assert_allclose(logits, torch_logits(FIXTURES / "hf-qwen2", tokens), atol=ATOL)

@@ -12,7 +12,7 @@ import onnx_ir as ir
 
 from rotgraph.constants import SMOOTHQUANT_KEY
 from rotgraph.errors import RotgraphError, StructureError
-from rotgraph.structure import Linear, Norm, discover, is_rotgraph_op
+from rotgraph.structure import Linear, Norm, discover, distinct, is_rotgraph_op
 from rotgraph.weights import read_float64, rewrite_initializer, scale_rows
 
 logger = logging.getLogger(__name__)
@@ -27,6 +27,15 @@ def smoothing_scales(act_max: np.ndarray, weight_max: np.ndarray, alpha: float) 
 
 def _divide_last(w: np.ndarray, s: np.ndarray) -> np.ndarray:
     return w / s
+
+
+def _divide_columns(w: np.ndarray, s: np.ndarray, columns: tuple[int, int] | None) -> np.ndarray:
+    """w / s on the column range `columns` (V inside a packed QKV weight or bias), or on all of w."""
+    if columns is None:
+        return w / s
+    out = w.copy()
+    out[..., columns[0] : columns[1]] /= s
+    return out
 
 
 def _row_max(linears: list[Linear]) -> np.ndarray:
@@ -79,9 +88,10 @@ class SmoothQuantPass(ir.passes.InPlacePass):
         pooled_weight = _row_max([o]).reshape(kv_heads, group, head_dim).max(axis=1)
         s_kv = smoothing_scales(pooled_act, pooled_weight, self.alpha).reshape(-1)
         s_q = np.repeat(s_kv.reshape(kv_heads, 1, head_dim), group, axis=1).reshape(-1)
-        rewrite_initializer(v.weight, functools.partial(_divide_last, s=s_kv))
+        step = functools.partial(_divide_columns, s=s_kv, columns=v.columns)
+        rewrite_initializer(v.weight, step)
         if v.bias is not None:
-            rewrite_initializer(v.bias, functools.partial(_divide_last, s=s_kv))
+            rewrite_initializer(v.bias, step)
         rewrite_initializer(o.weight, functools.partial(scale_rows, s=s_q))
 
     def _smooth_up_down(self, up: Linear, down: Linear, act_max: np.ndarray) -> None:
@@ -98,7 +108,7 @@ class SmoothQuantPass(ir.passes.InPlacePass):
         for block in desc.blocks:
             a, m = block.attention, block.mlp
             i = block.index
-            self._smooth_norm(block.attn_norm, [a.q, a.k, a.v], self._input_max(i, "qkv"))
+            self._smooth_norm(block.attn_norm, distinct([a.q, a.k, a.v]), self._input_max(i, "qkv"))
             self._smooth_value_output(a.v, a.o, self._input_max(i, "o"), a.num_heads, a.num_kv_heads, a.head_dim)
             self._smooth_norm(block.mlp_norm, [m.gate, m.up], self._input_max(i, "gate_up"))
             sites += 3
