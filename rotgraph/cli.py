@@ -159,7 +159,7 @@ def cmd_generate(args: argparse.Namespace) -> None:
 
 def cmd_inspect(args: argparse.Namespace) -> None:
     from rotgraph.io import require_files
-    from rotgraph.stats import activation_stats
+    from rotgraph.stats import activation_stats, format_table
 
     model = Path(args.model)
     require_files([model] + ([Path(args.rotated)] if args.rotated else []))
@@ -176,30 +176,7 @@ def cmd_inspect(args: argparse.Namespace) -> None:
         after = (
             activation_stats(Path(args.rotated), tokens, scratch=Path(scratch) / "rotated") if args.rotated else None
         )
-    print(format_stats(before, after))
-
-
-def format_stats(before: list, after: list | None) -> str:  # type: ignore[type-arg]
-    head = "| layer | residual max/RMS | residual kurtosis | down_proj in max/RMS | down_proj in kurtosis |"
-    rows = [head, "|---|---|---|---|---|"]
-    for i, b in enumerate(before):
-        if after is None:
-            cells = [
-                f"{b.residual_max_over_rms:.1f}",
-                f"{b.residual_kurtosis:.1f}",
-                f"{b.down_max_over_rms:.1f}",
-                f"{b.down_kurtosis:.1f}",
-            ]
-        else:
-            a = after[i]
-            cells = [
-                f"{b.residual_max_over_rms:.1f} -> {a.residual_max_over_rms:.1f}",
-                f"{b.residual_kurtosis:.1f} -> {a.residual_kurtosis:.1f}",
-                f"{b.down_max_over_rms:.1f} -> {a.down_max_over_rms:.1f}",
-                f"{b.down_kurtosis:.1f} -> {a.down_kurtosis:.1f}",
-            ]
-        rows.append(f"| {i} | " + " | ".join(cells) + " |")
-    return "\n".join(rows)
+    print(format_table(before, after))
 
 
 def cmd_describe(args: argparse.Namespace) -> None:

@@ -102,3 +102,27 @@ def activation_stats(
             )
         )
     return stats
+
+
+def format_table(before: list[ActivationStats], after: list[ActivationStats] | None = None) -> str:
+    """A markdown table of per-layer statistics, before -> after rotation when `after` is given."""
+    head = "| layer | residual max/RMS | residual kurtosis | down_proj in max/RMS | down_proj in kurtosis |"
+    rows = [head, "|---|---|---|---|---|"]
+    for i, b in enumerate(before):
+        if after is None:
+            cells = [
+                f"{b.residual_max_over_rms:.1f}",
+                f"{b.residual_kurtosis:.1f}",
+                f"{b.down_max_over_rms:.1f}",
+                f"{b.down_kurtosis:.1f}",
+            ]
+        else:
+            a = after[i]
+            cells = [
+                f"{b.residual_max_over_rms:.1f} -> {a.residual_max_over_rms:.1f}",
+                f"{b.residual_kurtosis:.1f} -> {a.residual_kurtosis:.1f}",
+                f"{b.down_max_over_rms:.1f} -> {a.down_max_over_rms:.1f}",
+                f"{b.down_kurtosis:.1f} -> {a.down_kurtosis:.1f}",
+            ]
+        rows.append(f"| {i} | " + " | ".join(cells) + " |")
+    return "\n".join(rows)
