@@ -133,14 +133,18 @@ class SpillFile:
         """Spill every in-memory initializer of at least `min_bytes` (default MIN_BYTES); returns the
         bytes written.
 
-        With `everything`, lazy tensors (queued rewrites, computed here once) and tensors mapped from
-        other files are moved too, so the whole model then reads its weights from this one file."""
+        With `everything`, lazy tensors (queued rewrites, computed here once) and every tensor mapped
+        from another file are moved too, so the whole model then reads its external data from this one
+        file."""
         written = 0
         with open(self.path, "ab") as f:
             for value in graph.initializers.values():
                 tensor = value.const_value
-                if tensor is None or tensor.nbytes < (min_bytes or self.MIN_BYTES) or self.holds(tensor):
+                if tensor is None or self.holds(tensor):
                     continue
+                mapped = isinstance(tensor, ir.ExternalTensor)
+                if not (everything and mapped) and tensor.nbytes < (min_bytes or self.MIN_BYTES):
+                    continue  # small in-memory tensors stay inline (with `everything`, mapped ones all move)
                 if type(tensor) is not ir.Tensor and not everything:
                     continue
                 data = tensor.tobytes()

@@ -192,3 +192,35 @@ def test_smoothquant_on_a_packed_qkv_is_exact_in_float(tokens, tmp_path) -> None
     quantize(path, out, options, validate=False)
     logits = builder_logits(out, tokens, path.parent)
     np.testing.assert_allclose(logits, torch_logits(FIXTURES / "hf-qwen2", tokens), atol=ATOL)
+
+
+@pytest.mark.parametrize("scheme", ["w4a8", "w4a4kv4"])
+def test_multi_head_attention_graph_quantizes_in_the_ort_format(ort_fused, tmp_path, scheme: str) -> None:
+    """A graph whose attention is already MultiHeadAttention keeps it in the ort format (no
+    GroupQueryAttention rewrite is attempted), with a float cache and with one stored as 4-bit codes."""
+    from rotgraph.quantize import QuantOptions, quantize
+
+    _, path = ort_fused("llama", True)
+    out = tmp_path / "model.onnx"
+    report = quantize(path, out, QuantOptions(scheme, group=16, fmt="ort"))
+    assert report.validation is not None and report.validation.kl < report.validation.unrelated_kl
+    counts = op_counts(io.load_model(out))
+    assert counts["MultiHeadAttention"] == 2 and counts["GroupQueryAttention"] == 0
+    assert counts["MatMulNBits"] == 2 * 7 + 1
+
+
+def test_statistics_of_one_model_agree_across_exporters(tmp_path) -> None:
+    """The same Hugging Face model exported by onnxruntime-genai's builder (fused attention and norms,
+    external data; its rewritten weights go through a scratch folder, as `rotgraph inspect` does) and by
+    optimum (plain ops): inspect's per-layer statistics agree."""
+    from rotgraph.stats import activation_stats
+
+    windows = np.random.default_rng(2).integers(0, 384, size=(2, 48))
+    builder = activation_stats(FIXTURES / "genai-llama-fp32" / "model.onnx", windows, scratch=tmp_path / "scratch")
+    optimum = activation_stats(FIXTURES / "optimum-llama" / "model.onnx", windows)
+    for a, b in zip(builder, optimum, strict=True):
+        np.testing.assert_allclose(
+            [a.residual_max_over_rms, a.residual_kurtosis, a.down_max_over_rms, a.down_kurtosis],
+            [b.residual_max_over_rms, b.residual_kurtosis, b.down_max_over_rms, b.down_kurtosis],
+            rtol=1e-4,
+        )

@@ -132,7 +132,9 @@ class FindFusableAttentionPass(ir.passes.InPlacePass):
         self.into.clear()
         attentions = [block.attention for block in discover(model).blocks]
         caches = [c for a in attentions for c in (a.key_cache, a.value_cache)]
-        if any(c is None or c.quantized for c in caches):
+        if any(a.fused is not None for a in attentions):
+            logger.info("attention is already fused (%s): nothing to rewrite", attentions[0].fused.op_type)  # type: ignore[union-attr]
+        elif any(c is None or c.quantized for c in caches):
             logger.info("no float KV cache in every layer: attention stays eager (no GroupQueryAttention)")
         elif any(c is not None and c.window for c in caches):
             logger.info("sliding-window KV cache: attention stays eager (GroupQueryAttention fusion not applied)")
