@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import json
 import os
 import shutil
 import tempfile
@@ -120,9 +121,29 @@ def find_tokenizer(model_path: Path, explicit: str | os.PathLike[str] | None = N
     return candidate if candidate.is_file() else None
 
 
-def copy_tokenizer(source_model: Path, staged_model: Path) -> None:
-    """Carry the tokenizer along to an output in another folder."""
-    tok = find_tokenizer(source_model)
-    if tok is not None:
-        dest = staged_model.parent / TOKENIZER_FILE
-        shutil.copyfile(tok, dest)
+GENAI_CONFIG = "genai_config.json"
+
+
+def copy_companions(source_model: Path, staged_model: Path, output: Path) -> None:
+    """Carry the files beside the source model (tokenizer files, an onnxruntime-genai `genai_config.json`,
+    configs) to the output's folder (`staged_model` is the output's staged path), so that a folder a tool
+    made works there with the new model. Models and their external data are not copied; nothing is when
+    the output is in the source's folder. A genai config that names the source model file is pointed at
+    the output's file name."""
+    source = source_model.resolve()
+    if output.resolve().parent == source.parent:
+        return
+    models = {p.resolve() for p in source.parent.glob("*.onnx")}
+    data = {f for p in models for f in external_data_files(p)}
+    for path in sorted(source.parent.iterdir()):
+        if not path.is_file() or path.resolve() in models | data or path.suffix in (".onnx", ".data"):
+            continue
+        dest = staged_model.parent / path.name
+        if path.name == GENAI_CONFIG:
+            config = json.loads(path.read_text(encoding="utf-8"))
+            decoder = config.get("model", {}).get("decoder", {})
+            if decoder.get("filename") == source.name:
+                decoder["filename"] = output.name
+            dest.write_text(json.dumps(config, indent=4) + "\n", encoding="utf-8")
+        else:
+            shutil.copyfile(path, dest)

@@ -162,7 +162,7 @@ def rotate(input_path: Path, output: Path, options: RotateOptions = RotateOption
     diff = None
     with io.staged_output(output) as staged:
         io.save_model(model, staged)
-        io.copy_tokenizer(input_path, staged)
+        io.copy_companions(input_path, staged, output)
         if options.validate:
             tokens = validation_tokens(input_path, desc.vocab_size, options.validation_tokens)
             diff = max_logit_difference(input_path, staged, tokens)

@@ -321,7 +321,7 @@ def quantize(
             io.save_model(model, staged)
         finally:
             shutil.rmtree(scratch, ignore_errors=True)
-        io.copy_tokenizer(input_path, staged)
+        io.copy_companions(input_path, staged, output)
         if validate:
             tokens = validation_tokens(input_path, _vocab_size(model), VALIDATION_WINDOWS * VALIDATION_SEQ_LEN)
             found = check_against_float(input_path, staged, tokens.reshape(VALIDATION_WINDOWS, VALIDATION_SEQ_LEN))

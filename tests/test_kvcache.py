@@ -141,7 +141,7 @@ def test_greedy_generation_is_the_same_with_and_without_cache_and_after_rotation
     folder, past = tiny("llama", with_past=True)
     _, plain = tiny("llama")
     rotated = transform(past, tmp_path / "rot.onnx", rotate_model)
-    io.copy_tokenizer(past, rotated)
+    io.copy_companions(past, rotated, rotated)
     runs = [generate(p, "The quick brown fox", 12) for p in (past, plain, rotated)]
     assert len(runs[0].new_tokens) == 12 or runs[0].stopped_at_eos
     assert runs[0].new_tokens == runs[1].new_tokens == runs[2].new_tokens
