@@ -60,3 +60,33 @@ def test_a_quantized_cache_is_stored_and_rotation_pays_at_4_bits(tmp_path, token
         kl[rotation] = mean_kl(reference, logits(out, tokens))
         assert np.isfinite(decode_step(out, tokens)).all()
     assert kl["quarot"] < kl["none"], kl
+
+
+@pytest.fixture(scope="module")
+def ort_optimized(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """onnxruntime's transformer optimizer over the optimum export: com.microsoft RotaryEmbedding (shape
+    inference sees nothing behind it), SkipSimplifiedLayerNormalization, SimplifiedLayerNormalization."""
+    import shutil
+
+    from onnxruntime.transformers.optimizer import optimize_model
+
+    folder = tmp_path_factory.mktemp("ort-optimized")
+    optimized = optimize_model(str(SOURCE), model_type="gpt2", num_heads=4, hidden_size=64, opt_level=0)
+    optimized.save_model_to_file(str(folder / "model.onnx"), use_external_data_format=True)
+    shutil.copy(SOURCE.parent / "tokenizer.json", folder / "tokenizer.json")
+    return folder / "model.onnx"
+
+
+def test_onnxruntime_optimized_graph_rotates_and_quantizes(ort_optimized, tmp_path, tokens, capsys) -> None:
+    import onnx
+
+    ops = {n.op_type for n in onnx.load(str(ort_optimized), load_external_data=False).graph.node}
+    assert {"RotaryEmbedding", "SkipSimplifiedLayerNormalization"} <= ops
+    rotated = tmp_path / "rotated" / "model.onnx"
+    assert main(["rotate", str(ort_optimized), "-o", str(rotated)]) == 0, capsys.readouterr().err
+    reference = torch_logits(HF, tokens)
+    np.testing.assert_allclose(logits(rotated, tokens), reference, atol=2e-5)
+    np.testing.assert_allclose(decode_step(rotated, tokens), reference[:, -1:], atol=2e-5)
+    out = tmp_path / "kv4" / "model.onnx"
+    args = ["quantize", str(ort_optimized), "-o", str(out), "--scheme", "w4a4kv4", "--group", "16"]
+    assert main(args) == 0, capsys.readouterr().err

@@ -55,7 +55,7 @@ class InsertQKHadamardPass(ir.passes.InPlacePass):
                 if any(is_hadamard(c) for c in value.consumers()):
                     raise StructureError(f"{where}: the {name} already has an online Hadamard")
                 last = value.shape[-1] if value.shape is not None and len(value.shape) else None
-                if last != attn.head_dim:
+                if last is not None and last != attn.head_dim:  # unknown: an op shape inference cannot see
                     raise StructureError(
                         f"{where}: the {name} RoPE output {value.name!r} has last axis {last}, expected head_dim "
                         f"{attn.head_dim}"

@@ -177,6 +177,40 @@ def _head_dim(model: ir.Model, q_rope: ir.Value | None, scores: ir.Node) -> int 
         head_dim = json.loads(config).get("head_dim")
         if isinstance(head_dim, int):
             return head_dim
+    if q_rope is not None:  # a RoPE op whose output shape is not inferred (com.microsoft RotaryEmbedding)
+        rope = q_rope.producer()
+        if rope is not None and rope.op_type == "RotaryEmbedding" and rope.inputs[0] is not None:
+            return _reshaped_last_dim(rope.inputs[0]) or _rotary_width(rope)
+    return None
+
+
+def _rotary_width(rope: ir.Node) -> int | None:
+    """Twice the width of a RotaryEmbedding's cos cache ([positions, head_dim / 2]) when it rotates the
+    whole head (no partial `rotary_embedding_dim`)."""
+    if rope.attributes.get_int("rotary_embedding_dim", 0):
+        return None
+    cos = rope.inputs[2] if len(rope.inputs) > 2 else None
+    shape = cos.shape if cos is not None else None
+    return 2 * shape[-1] if shape is not None and len(shape) == 2 and isinstance(shape[-1], int) else None
+
+
+def _reshaped_last_dim(value: ir.Value) -> int | None:
+    """The last dimension a Reshape with a constant target shape (and no 0 or -1 there) gives `value`,
+    looking back over layout ops: the head size where a query is split into heads."""
+    current: ir.Value | None = value
+    for _ in range(4):
+        node = current.producer() if current is not None else None
+        if node is None:
+            return None
+        if node.op_type == "Reshape" and len(node.inputs) > 1 and node.inputs[1] is not None:
+            target = node.inputs[1].const_value
+            if target is None:
+                return None
+            last = int(target.numpy().reshape(-1)[-1])
+            return last if last > 0 else None
+        if node.op_type not in ("Transpose", "Identity"):
+            return None
+        current = node.inputs[0]
     return None
 
 
