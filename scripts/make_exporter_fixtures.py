@@ -165,8 +165,14 @@ def make_hf(name: str, model_type: str, seed: int) -> Path:
     folder = FIXTURES / name
     shutil.rmtree(folder, ignore_errors=True)
     make_tiny_model(folder, model_type, seed=seed, **SIZES)
-    # transformers 5 keeps rope_theta inside rope_parameters and names its tokenizer class
-    # TokenizersBackend; transformers 4.57 (optimum-onnx, the builder) reads neither.
+    adapt_for_transformers4(folder)
+    return folder
+
+
+def adapt_for_transformers4(folder: Path) -> None:
+    """Make a folder saved by transformers 5 readable by transformers 4.x tools, in place: transformers 5
+    keeps rope_theta inside rope_parameters and names its tokenizer class TokenizersBackend;
+    transformers 4.57 (optimum-onnx, the builder) reads neither."""
     config_path = folder / "config.json"
     config = json.loads(config_path.read_text())
     config["rope_theta"] = config["rope_parameters"]["rope_theta"]
@@ -176,7 +182,6 @@ def make_hf(name: str, model_type: str, seed: int) -> Path:
     tok["tokenizer_class"] = "PreTrainedTokenizerFast"
     tok.pop("backend", None)
     tok_path.write_text(json.dumps(tok, indent=2, sort_keys=True) + "\n")
-    return folder
 
 
 def export(fixture: Fixture) -> None:
