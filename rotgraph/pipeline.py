@@ -31,6 +31,7 @@ from rotgraph.passes import (
 )
 from rotgraph.rotations import load_rotations
 from rotgraph.structure import ModelDescription, discover
+from rotgraph.structure.discover import check_supported
 
 logger = logging.getLogger(__name__)
 
@@ -123,6 +124,17 @@ def rotate_model(model: ir.Model, options: RotateOptions = RotateOptions()) -> M
     return discover(model)
 
 
+def check_inputs(model: ir.Model) -> None:
+    """Refuse, before any work, a graph with an input rotgraph cannot feed (`rotgraph.inputs`). An
+    unsupported architecture (a LayerNorm decoder) is the cause named first when it is there."""
+    try:
+        input_roles(model)
+    except RotgraphError:
+        if any(n.op_type == "LayerNormalization" for n in model.graph):
+            check_supported(model.graph)
+        raise
+
+
 def rotation_metadata(options: RotateOptions) -> str:
     """What `ROTATION_KEY` records: the method (seeded QuaRot or a SpinQuant file) and the online parts."""
     method: dict[str, object] = {"method": "quarot", "seed": options.seed}
@@ -156,7 +168,7 @@ def rotate(input_path: Path, output: Path, options: RotateOptions = RotateOption
     start = time.perf_counter()
     io.check_output_path([input_path], output)
     model = io.load_model(input_path)
-    input_roles(model)  # an input rotgraph cannot feed is refused before any work
+    check_inputs(model)
     tolerance = options.tolerance if options.tolerance is not None else default_tolerance(model)
     desc = rotate_model(model, options)
     diff = None

@@ -21,7 +21,6 @@ from rotgraph.constants import QUANTIZATION_KEY, ROTATION_KEY
 from rotgraph.errors import RotgraphError, ValidationError
 from rotgraph.evaluate import log_softmax, validation_logits, windows
 from rotgraph.fakequant import ActSpec
-from rotgraph.inputs import input_roles
 from rotgraph.passes import UntieEmbeddingPass
 from rotgraph.passes.group_query_attention import FindFusableAttentionPass, GroupQueryAttentionPass
 from rotgraph.passes.quantize_activations import QuantizeActivationsPass
@@ -31,6 +30,7 @@ from rotgraph.passes.smooth import SmoothQuantPass
 from rotgraph.pipeline import (
     RotateOptions,
     canonical_form_passes,
+    check_inputs,
     rotation_metadata,
     rotation_passes,
     run_passes,
@@ -309,7 +309,7 @@ def quantize(
     start = time.perf_counter()
     io.check_output_path([input_path], output)
     model = io.load_model(input_path)
-    input_roles(model)  # an input rotgraph cannot feed is refused before any work
+    check_inputs(model)
     needs_text = options.weights == "gptq" or options.smooth is not None
     calibration = calibration_tokens(input_path, options) if needs_text else None
     found = None
