@@ -167,7 +167,9 @@ def rotgraph(*args: str) -> tuple[float, str, str, str | None]:
     return seconds, done.stdout, done.stderr, (errors or lines)[-1]
 
 
-def step(session: Session, tokens: np.ndarray, past: dict[str, np.ndarray] | None = None):  # type: ignore[no-untyped-def]
+def step(
+    session: Session, tokens: np.ndarray, past: dict[str, np.ndarray] | None = None
+) -> tuple[np.ndarray, dict[str, np.ndarray]]:
     """(logits, the next step's cache feeds) of one run of `tokens` [1, seq] after `past`."""
     names = [o.name for o in session.get_outputs()]
     outputs = dict(zip(names, session.run(None, session.roles.feeds(tokens, past=past)), strict=True))
