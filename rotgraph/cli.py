@@ -267,7 +267,9 @@ def parser() -> argparse.ArgumentParser:
     lp.add_argument("--text", help="calibration text (default: the calibration split of the Wikipedia excerpt)")
     lp.set_defaults(func=cmd_learn)
 
-    q = sub.add_parser("quantize", help="quantize weights, activations and KV cache (QDQ ONNX or the onnxruntime format)")
+    q = sub.add_parser(
+        "quantize", help="quantize weights, activations and KV cache (QDQ ONNX or the onnxruntime format)"
+    )
     q.add_argument("input")
     q.add_argument("-o", "--output", required=True)
     q.add_argument("--scheme", default="w4a8", help="w<4|8>a<4|8|16>[kv<4|8>], e.g. w4a16, w4a8, w4a4kv4, w8a8")
