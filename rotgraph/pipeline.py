@@ -14,7 +14,7 @@ import onnx_ir.passes.common as common_passes
 from onnx_ir.passes.common import RemoveUnusedNodesPass
 
 from rotgraph import io
-from rotgraph.constants import ROTATION_KEY
+from rotgraph.constants import R3_KEY, ROTATION_KEY
 from rotgraph.errors import RotgraphError, ValidationError
 from rotgraph.evaluate import max_logit_difference
 from rotgraph.inputs import input_roles
@@ -120,7 +120,7 @@ def rotate_model(model: ir.Model, options: RotateOptions = RotateOptions()) -> M
     if ROTATION_KEY in model.metadata_props:
         raise RotgraphError(f"model is already rotated ({model.metadata_props[ROTATION_KEY]})")
     run_passes(model, [*rotation_passes(options), RemoveUnusedNodesPass()])
-    model.metadata_props[ROTATION_KEY] = rotation_metadata(options)
+    model.metadata_props[ROTATION_KEY] = rotation_metadata(options, model)
     return discover(model)
 
 
@@ -135,12 +135,14 @@ def check_inputs(model: ir.Model) -> None:
         raise
 
 
-def rotation_metadata(options: RotateOptions) -> str:
-    """What `ROTATION_KEY` records: the method (seeded QuaRot or a SpinQuant file) and the online parts."""
+def rotation_metadata(options: RotateOptions, model: ir.Model) -> str:
+    """What `ROTATION_KEY` records: the method (seeded QuaRot or a SpinQuant file) and the online parts
+    the rotated `model` has (R3 is left out where RoPE is inside a fused attention; `R3_KEY` says so)."""
     method: dict[str, object] = {"method": "quarot", "seed": options.seed}
     if options.rotations is not None:
         method = {"method": "spinquant", "rotations": Path(options.rotations).name}
-    online = {"online": options.online, "r3": options.online and options.qk_hadamard}
+    r3 = options.online and options.qk_hadamard and not model.metadata_props.get(R3_KEY, "").startswith("none")
+    online = {"online": options.online, "r3": r3}
     return json.dumps({**method, **online})
 
 

@@ -257,7 +257,7 @@ def quantize_model(
     logger.debug("quantize stages:\n%s", "\n".join(map(str, stages)))
     run_passes(model, [p for stage in stages for p in stage.passes])
     if options.rotation != "none":
-        model.metadata_props[ROTATION_KEY] = rotation_metadata(rotate_options(options))
+        model.metadata_props[ROTATION_KEY] = rotation_metadata(rotate_options(options), model)
     model.metadata_props[QUANTIZATION_KEY] = json.dumps(asdict(options))
     return dict(data.hessians) if options.weights == "gptq" else None
 

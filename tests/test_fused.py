@@ -17,7 +17,7 @@ import pytest
 from conftest import mean_kl, ort_logits, torch_logits
 
 from rotgraph import io
-from rotgraph.constants import R3_KEY
+from rotgraph.constants import R3_KEY, ROTATION_KEY
 from rotgraph.errors import StructureError
 from rotgraph.passes import InsertQKHadamardPass
 from rotgraph.pipeline import RotateOptions, canonicalize, foldable_form_passes, rotate_model, run_passes
@@ -105,6 +105,7 @@ def test_genai_builder_graph_rotates_exactly(name: str, tokens, tmp_path) -> Non
     counts = op_counts(model)
     assert counts["GroupQueryAttention"] == 2 and counts["Hadamard"] == 2  # R4 only
     assert model.metadata_props[R3_KEY].startswith("none")
+    assert json.loads(model.metadata_props[ROTATION_KEY])["r3"] is False
     out = tmp_path / "rotated.onnx"
     io.save_model(model, out)
     reference = torch_logits(folder, tokens)
