@@ -22,6 +22,9 @@ R2_KEY = "rotgraph.r2"  # JSON: kinds and seed of the per-layer head rotations
 R3_KEY = "rotgraph.r3"  # the online Hadamard after RoPE on queries and keys
 R4_KEY = "rotgraph.r4"  # the online Hadamard before down_proj
 
+# Written when onnxruntime's fused norms were expanded (canonical form): how many, to fuse them again.
+ORT_NORMS_KEY = "rotgraph.ort_norms"
+
 # Written by `rotgraph quantize`.
 QUANTIZATION_KEY = "rotgraph.quantization"  # JSON: the quantization options
 SMOOTHQUANT_KEY = "rotgraph.smoothquant"  # JSON: SmoothQuant's alpha and the smoothed sites

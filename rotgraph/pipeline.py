@@ -29,6 +29,7 @@ from rotgraph.passes import (
     SplitFusedProjectionsPass,
     UntieEmbeddingPass,
 )
+from rotgraph.passes.restore_ort_norms import RestoreOrtNormsPass
 from rotgraph.rotations import load_rotations
 from rotgraph.structure import ModelDescription, discover
 from rotgraph.structure.discover import check_supported
@@ -116,12 +117,16 @@ def rotation_passes(options: RotateOptions) -> list[ir.passes.PassBase]:
 
 
 def rotate_model(model: ir.Model, options: RotateOptions = RotateOptions()) -> ModelDescription:
-    """Apply the float rotation pipeline to `model` in place; weights stay lazy until saved."""
+    """Apply the float rotation pipeline to `model` in place; weights stay lazy until saved. A graph that
+    came with onnxruntime's fused norms gets them back at the end (`RestoreOrtNormsPass`); the returned
+    description is of the canonical form the passes rotated."""
     if ROTATION_KEY in model.metadata_props:
         raise RotgraphError(f"model is already rotated ({model.metadata_props[ROTATION_KEY]})")
     run_passes(model, [*rotation_passes(options), RemoveUnusedNodesPass()])
     model.metadata_props[ROTATION_KEY] = rotation_metadata(options, model)
-    return discover(model)
+    desc = discover(model)  # the description of the canonical form the passes rotated
+    run_passes(model, [RestoreOrtNormsPass()])  # an input with onnxruntime's fused norms gets them back
+    return desc
 
 
 def check_inputs(model: ir.Model) -> None:

@@ -26,6 +26,7 @@ from rotgraph.passes.group_query_attention import FindFusableAttentionPass, Grou
 from rotgraph.passes.quantize_activations import QuantizeActivationsPass
 from rotgraph.passes.quantize_kv import QuantizeKVCachePass
 from rotgraph.passes.quantize_weights import QuantizeWeightsPass
+from rotgraph.passes.restore_ort_norms import RestoreOrtNormsPass
 from rotgraph.passes.smooth import SmoothQuantPass
 from rotgraph.pipeline import (
     RotateOptions,
@@ -228,7 +229,7 @@ def quantize_stages(
         stages.append(Stage("weights", (UntieEmbeddingPass(), weights) if head_spec else (weights,)))
     if fused:
         stages.append(Stage("onnxruntime format", (GroupQueryAttentionPass(attentions),)))
-    stages.append(Stage("clean-up", (RemoveUnusedNodesPass(),)))
+    stages.append(Stage("clean-up", (RestoreOrtNormsPass(), RemoveUnusedNodesPass())))
     return stages
 
 

@@ -106,6 +106,9 @@ def test_genai_builder_graph_rotates_exactly(name: str, tokens, tmp_path) -> Non
     assert counts["GroupQueryAttention"] == 2 and counts["Hadamard"] == 2  # R4 only
     assert model.metadata_props[R3_KEY].startswith("none")
     assert json.loads(model.metadata_props[ROTATION_KEY])["r3"] is False
+    kinds = ("SkipSimplifiedLayerNormalization", "SimplifiedLayerNormalization", "RMSNormalization")
+    source = op_counts(io.load_model(path))
+    assert [counts[k] for k in kinds] == [source[k] for k in kinds]  # the builder's fused norms, given back
     out = tmp_path / "rotated.onnx"
     io.save_model(model, out)
     reference = torch_logits(folder, tokens)
@@ -157,7 +160,7 @@ def test_builder_graph_quantizes_its_packed_qkv_once(fmt: str, tmp_path) -> None
     report = quantize(path, out, QuantOptions("w4a16", group=16, fmt=fmt))
     assert report.validation is not None and report.validation.top1 > 0.9
     counts = op_counts(io.load_model(out))
-    assert counts["GroupQueryAttention"] == 2
+    assert counts["GroupQueryAttention"] == 2 and counts["SkipSimplifiedLayerNormalization"] == 4
     assert counts["MatMulNBits" if fmt == "ort" else "DequantizeLinear"] == 2 * 5 + (1 if fmt == "ort" else 2)
     with pytest.raises(StructureError, match="need RoPE outside the fused op"):
         quantize(path, tmp_path / "kv4" / "model.onnx", QuantOptions("w4a4kv4", group=16))

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import collections
 from pathlib import Path
 
 import numpy as np
@@ -207,8 +208,9 @@ def test_onnxruntime_simplified_layer_norm_is_accepted(tiny, tokens, tmp_path) -
         if node.op_type == "RMSNormalization":
             node.op_type = "SimplifiedLayerNormalization"  # same inputs and attributes in onnxruntime
     assert sum(n.op_type == "SimplifiedLayerNormalization" for n in model.graph) == 5
-    rotate_model(model, RotateOptions(seed=3))  # ExpandOrtFusedOpsPass turns them back into RMSNormalization
-    assert sum(n.op_type == "SimplifiedLayerNormalization" for n in model.graph) == 0
+    rotate_model(model, RotateOptions(seed=3))  # expanded for the passes, fused again at the end
+    norms = collections.Counter(n.op_type for n in model.graph if "Normalization" in n.op_type)
+    assert norms["SimplifiedLayerNormalization"] + norms["SkipSimplifiedLayerNormalization"] == 5, norms
     out = tmp_path / "rotated.onnx"
     io.save_model(model, out)
     np.testing.assert_allclose(ort_logits(out, tokens), torch_logits(folder, tokens), atol=ATOL)

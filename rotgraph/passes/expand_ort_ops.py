@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
+import json
 import logging
 
 import numpy as np
 import onnx_ir as ir
 
+from rotgraph.constants import ORT_NORMS_KEY
 from rotgraph.errors import StructureError
 
 logger = logging.getLogger(__name__)
@@ -67,6 +69,8 @@ class ExpandOrtFusedOpsPass(ir.passes.InPlacePass):
             counts["skip"],
             counts["matmul"],
         )
+        if counts["norm"] or counts["skip"]:  # RestoreOrtNormsPass fuses them again at the end
+            model.metadata_props[ORT_NORMS_KEY] = json.dumps({"simplified": counts["norm"], "skip": counts["skip"]})
         return ir.passes.PassResult(model, any(counts.values()))
 
     @staticmethod
