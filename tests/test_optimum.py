@@ -90,3 +90,14 @@ def test_onnxruntime_optimized_graph_rotates_and_quantizes(ort_optimized, tmp_pa
     out = tmp_path / "kv4" / "model.onnx"
     args = ["quantize", str(ort_optimized), "-o", str(out), "--scheme", "w4a4kv4", "--group", "16"]
     assert main(args) == 0, capsys.readouterr().err
+
+
+def test_left_padded_batches_on_the_rotated_optimized_graph(ort_optimized, tmp_path, capsys) -> None:
+    """A left-padded batch through the rotated onnxruntime-optimized graph (RoPE as com.microsoft
+    RotaryEmbedding fed by position_ids): each row's logits, prefill and one decode step, equal that row
+    run alone through the unrotated graph."""
+    from test_inputs import check_padding
+
+    rotated = tmp_path / "rotated" / "model.onnx"
+    assert main(["rotate", str(ort_optimized), "-o", str(rotated)]) == 0, capsys.readouterr().err
+    check_padding(rotated, reference=ort_optimized)
