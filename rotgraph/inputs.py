@@ -175,7 +175,7 @@ def input_roles(model: ir.Model) -> InputRoles:
     caches = _caches(graph)
     cache_ids = {id(v) for v, _ in caches}
     ints = [v for v in graph.inputs if v.dtype in _INTEGER and id(v) not in cache_ids]
-    position_inputs = _reached(_position_sinks(graph), ints)
+    position_inputs = reached_by_data(_position_sinks(graph), ints)
     dynamic = _dynamic(graph)
     ids = _token_ids(ints, position_inputs, dynamic)
     if ids is None:
@@ -184,7 +184,7 @@ def input_roles(model: ir.Model) -> InputRoles:
             f"cannot tell the token ids among {[v.name for v in graph.inputs]}"
         )
     rank2 = [v for v in ints if v is not ids and v not in position_inputs and v.shape is not None and len(v.shape) == 2]
-    mask_inputs = list(_reached(_mask_sinks(graph), rank2, stop=_score_matmul(dynamic)))
+    mask_inputs = list(reached_by_data(_mask_sinks(graph), rank2, stop=_score_matmul(dynamic)))
     position_inputs = [v for v in position_inputs if v is not ids and v not in mask_inputs]
     rest = [v for v in ints if v is not ids and v not in mask_inputs and v not in position_inputs]
     for value in rest:
@@ -210,7 +210,7 @@ def input_roles(model: ir.Model) -> InputRoles:
         mask_inputs[0].name if mask_inputs else None,
         position_inputs[0].name if position_inputs else None,
         tuple(_cache_input(graph, past, present) for past, present in caches),
-        left_padding=not _reached(seqlens, mask_inputs),
+        left_padding=not reached_by_data(seqlens, mask_inputs),
         int32=frozenset(v.name or "" for v in ints if v.dtype == ir.DataType.INT32),
     )
 
@@ -232,9 +232,10 @@ def _sources(starts: Iterable[ir.Value], stop: Callable[[ir.Node], bool] | None 
     return seen
 
 
-def _reached(
+def reached_by_data(
     sinks: list[ir.Value], candidates: list[ir.Value], stop: Callable[[ir.Node], bool] | None = None
 ) -> list[ir.Value]:
+    """The `candidates` whose data (not only their shapes) flows into any of `sinks`."""
     found = _sources(sinks, stop)
     return [v for v in candidates if id(v) in found]
 

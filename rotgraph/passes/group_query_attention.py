@@ -11,6 +11,7 @@ import onnx_ir as ir
 from onnx_ir.passes.common import RemoveUnusedNodesPass
 
 from rotgraph.errors import StructureError
+from rotgraph.inputs import reached_by_data
 from rotgraph.online import FunctionBuilder
 from rotgraph.structure import Attention, discover
 
@@ -48,28 +49,6 @@ def _scalar(value: ir.Value | None) -> float | None:
     return float(np.asarray(tensor.numpy()).reshape(()))
 
 
-_SHAPE_READERS = frozenset({"Shape", "Size"})
-
-
-def _data_inputs(value: ir.Value, graph: ir.Graph, limit: int = 4096) -> list[ir.Value]:
-    """Graph inputs whose contents (not only their shapes) flow into `value`."""
-    inputs = set(map(id, graph.inputs))
-    found: dict[int, ir.Value] = {}
-    stack, seen = [value], {id(value)}
-    while stack and len(seen) < limit:
-        current = stack.pop()
-        if id(current) in inputs:
-            found[id(current)] = current
-        producer = current.producer()
-        if producer is None or producer.op_type in _SHAPE_READERS:
-            continue
-        for inp in producer.inputs:
-            if inp is not None and id(inp) not in seen:
-                seen.add(id(inp))
-                stack.append(inp)
-    return list(found.values())
-
-
 def _match_core(attention: Attention, index: int, graph: ir.Graph) -> _Core:
     where = f"layer {index} attention"
     scores = attention.scores.outputs[0]
@@ -84,7 +63,7 @@ def _match_core(attention: Attention, index: int, graph: ir.Graph) -> _Core:
         scale, scaled = factor * (key_scale or 1.0), scale_node.outputs[0]
     mask = _single_use(scaled, "Add", where)
     bias = mask.inputs[1] if mask.inputs[0] is scaled else mask.inputs[0]
-    padding = bias if bias is not None and _data_inputs(bias, graph) else None
+    padding = bias if bias is not None and reached_by_data([bias], list(graph.inputs)) else None
     if padding is not None and padding.shape is not None and len(padding.shape) != 4:
         raise StructureError(f"{where}: the padding mask {padding.name!r} is not [batch, 1|heads, seq, total]")
     softmax = _single_use(mask.outputs[0], "Softmax", where)
