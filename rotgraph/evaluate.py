@@ -225,19 +225,21 @@ def validation_logits(
 ) -> tuple[np.ndarray, np.ndarray]:
     """Logits [1, positions, vocab] of `reference` and `candidate` (every onnxruntime graph rewrite
     disabled) at the real positions of `tokens` [rows, seq]. A model that takes padded rows also gets
-    one left-padded row (the last row, or a copy of a single row, with its first quarter masked), so
-    the comparison covers the padding path; not when the reference itself is not finite there."""
+    one padded row (the last row, or a copy of a single row, with a quarter masked: the first quarter, or
+    the last for a model that takes right padding, `InputRoles.padding`), so the comparison covers the
+    padding path; not when the reference itself is not finite there."""
     ref, cand = make_session(reference, "disable"), make_session(candidate, "disable")
     mask = None
     unpadded = tokens
-    if pad and ref.roles.attention_mask is not None and ref.roles.left_padding and tokens.shape[1] >= 8:
+    if pad and ref.roles.attention_mask is not None and tokens.shape[1] >= 8:
         tokens = np.concatenate([tokens, tokens[-1:]]) if len(tokens) == 1 else tokens
         mask = np.ones(tokens.shape, dtype=np.int64)
-        mask[-1, : tokens.shape[1] // 4] = 0
+        quarter = tokens.shape[1] // 4
+        mask[-1, slice(-quarter, None) if ref.roles.padding == "right" else slice(0, quarter)] = 0
     a = run_logits(ref, tokens, mask)
     real = mask.astype(bool) if mask is not None else np.ones(tokens.shape, dtype=bool)
     if mask is not None and not np.isfinite(a[real]).all():
-        logger.warning("%s gives non-finite logits on a left-padded row: validating on unpadded rows", reference)
+        logger.warning("%s gives non-finite logits on a padded row: validating on unpadded rows", reference)
         return validation_logits(reference, candidate, unpadded, pad=False)
     b = run_logits(cand, tokens, mask)
     if a.shape != b.shape:

@@ -25,12 +25,21 @@ none of these places (a mask or positions input that the graph reads only throug
 at all) is taken as the mask or the positions when named `attention_mask` or `position_ids` (the Hugging
 Face convention), and this is logged. Any other input is refused (`UnknownInputError`) before any work.
 
-Feeds for a batch of rows: the mask is 1 on real tokens, 0 on padding; positions count real tokens
-from the first one (cumsum(mask) - 1, padding at 0), the convention of Hugging Face `generate`. Rows
-are padded on the left. A graph whose mask becomes GroupQueryAttention's seqlens_k (onnxruntime-genai's
-builder) takes unpadded rows only: onnxruntime's kernel reads seqlens_k as right padding (measured with
-onnxruntime 1.32: a left-padded batch gives wrong logits even in its unpadded row, a right-padded one
-exact ones).
+Feeds for a batch of rows: the mask is 1 on real tokens, 0 on padding. Which side rows are padded on
+depends on how the graph reads its mask (`InputRoles.padding`, `InputRoles.pad`):
+
+- **left** (a mask that reaches the scores as an additive or Where mask, or as a fused op's
+  attention_bias): positions count real tokens from the first one (cumsum(mask) - 1, padding at 0), the
+  convention of Hugging Face `generate`.
+- **right** (a mask that becomes GroupQueryAttention's seqlens_k, as onnxruntime-genai's builder makes
+  it): the kernel reads only each row's count of real tokens, ReduceSum(mask) - 1, and takes a row's
+  tokens to come first, in the new tokens as in the cache it writes (each row's cached tokens packed at
+  the front of the present cache). So in a prompt each row's real tokens come first, then padding; in a
+  step after a cache every new token is real; the past columns count, their order does not (the graph
+  gets the mask as each row's count of ones followed by zeros: the layout of the cache it holds). Rows
+  padded on the left are refused: the kernel would take their padding as tokens (measured with
+  onnxruntime 1.32: wrong logits, even in an unpadded row of the batch). Positions of the new tokens, for
+  such a graph with a positions input: each row's past count onwards.
 """
 
 from __future__ import annotations
@@ -39,6 +48,7 @@ import logging
 from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Literal
 
 import numpy as np
 import onnx_ir as ir
@@ -96,8 +106,13 @@ class InputRoles:
     attention_mask: str | None = None
     position_ids: str | None = None
     caches: tuple[CacheInput, ...] = ()
-    left_padding: bool = True  # False: the mask becomes GroupQueryAttention's seqlens_k (see `feeds`)
+    padding: Literal["left", "right"] = "left"  # right: the mask becomes GroupQueryAttention's seqlens_k
     int32: frozenset[str] = frozenset()  # integer inputs declared int32 (the others are int64)
+
+    def pad(self, rows: Iterable[np.ndarray], pad: int = 0) -> tuple[np.ndarray, np.ndarray]:
+        """(tokens, mask) [batch, longest] of rows of different lengths, padded on the side this graph
+        takes (see the module docstring)."""
+        return left_padded(rows, pad) if self.padding == "left" else right_padded(rows, pad)
 
     def feeds(
         self,
@@ -121,17 +136,18 @@ class InputRoles:
             raise RotgraphError(f"attention mask of shape {mask.shape}, expected {(batch, past_len + seq)}")
         if self.attention_mask is None and not mask.all():
             raise RotgraphError("the model has no attention mask input: it cannot take padded rows")
-        if not self.left_padding and not mask.all():
-            raise RotgraphError(
-                "the model's attention mask becomes GroupQueryAttention's seqlens_k (as onnxruntime-genai's builder "
-                "makes it), which onnxruntime reads as right padding: rotgraph feeds left-padded rows, so this "
-                "model takes unpadded rows only"
-            )
+        if self.padding == "right":
+            _check_right_padded(mask, past_len)
+            counts = mask.sum(axis=1, keepdims=True)
+            steps = counts[:, :1] - mask[:, past_len:].sum(axis=1, keepdims=True) + np.arange(seq)
+            mask = (np.arange(mask.shape[1]) < counts).astype(np.int64)  # each row's tokens first
+        else:
+            steps = positions(mask)[:, past_len:]
         feeds = {self.input_ids: tokens} | cache
         if self.attention_mask is not None:
             feeds[self.attention_mask] = mask
         if self.position_ids is not None:
-            feeds[self.position_ids] = positions(mask)[:, past_len:]
+            feeds[self.position_ids] = steps.astype(np.int64)
         return {k: v.astype(np.int32) if k in self.int32 else v for k, v in feeds.items()}
 
     def next_past(self, outputs: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
@@ -150,14 +166,38 @@ def positions(mask: np.ndarray) -> np.ndarray:
 
 def left_padded(rows: Iterable[np.ndarray], pad: int = 0) -> tuple[np.ndarray, np.ndarray]:
     """(tokens, mask) [batch, longest] for rows of different lengths, padded on the left with `pad`."""
+    return _padded(rows, pad, left=True)
+
+
+def right_padded(rows: Iterable[np.ndarray], pad: int = 0) -> tuple[np.ndarray, np.ndarray]:
+    """(tokens, mask) [batch, longest] for rows of different lengths, padded on the right with `pad`."""
+    return _padded(rows, pad, left=False)
+
+
+def _padded(rows: Iterable[np.ndarray], pad: int, left: bool) -> tuple[np.ndarray, np.ndarray]:
     rows = [np.asarray(r, dtype=np.int64) for r in rows]
     width = max(len(r) for r in rows)
     tokens = np.full((len(rows), width), pad, dtype=np.int64)
     mask = np.zeros((len(rows), width), dtype=np.int64)
     for i, r in enumerate(rows):
-        tokens[i, width - len(r) :] = r
-        mask[i, width - len(r) :] = 1
+        where = slice(width - len(r), width) if left else slice(0, len(r))
+        tokens[i, where] = r
+        mask[i, where] = 1
     return tokens, mask
+
+
+def _check_right_padded(mask: np.ndarray, past_len: int) -> None:
+    """The new columns of `mask` as a graph that reads only each row's count of tokens takes them: each row's
+    real tokens first, then padding; all real after a cache."""
+    new = mask[:, past_len:]
+    why = (
+        "the model's attention mask becomes GroupQueryAttention's seqlens_k (as onnxruntime-genai's builder makes "
+        "it), which gives each row's length only: "
+    )
+    if past_len and not new.all():
+        raise RotgraphError(why + "in a step after a KV cache every new token must be real (no padding)")
+    if (np.diff(new, axis=1) > 0).any() or not new[:, :1].all():
+        raise RotgraphError(why + "pad rows on the right (real tokens first); rows padded on the left are refused")
 
 
 def read_roles(path: Path | bytes) -> InputRoles:
@@ -210,7 +250,7 @@ def input_roles(model: ir.Model) -> InputRoles:
         mask_inputs[0].name if mask_inputs else None,
         position_inputs[0].name if position_inputs else None,
         tuple(_cache_input(graph, past, present) for past, present in caches),
-        left_padding=not reached_by_data(seqlens, mask_inputs),
+        padding="right" if reached_by_data(seqlens, mask_inputs) else "left",
         int32=frozenset(v.name or "" for v in ints if v.dtype == ir.DataType.INT32),
     )
 

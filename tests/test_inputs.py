@@ -21,7 +21,7 @@ from rotgraph.errors import RotgraphError
 from rotgraph.evaluate import Session, make_session, max_logit_difference, run_logits
 from rotgraph.export import cache_names
 from rotgraph.generate import generate
-from rotgraph.inputs import InputRoles, UnknownInputError, input_roles, left_padded, read_roles
+from rotgraph.inputs import InputRoles, UnknownInputError, input_roles, left_padded, read_roles, right_padded
 from rotgraph.pipeline import RotateOptions, rotate_model
 from rotgraph.quantize import QuantOptions, quantize_model
 from rotgraph.testing import make_tiny_model
@@ -174,11 +174,15 @@ def test_roles_of_other_exporters(name: str) -> None:
     assert all(c.present == "present" + c.name[len("past_key_values") :] for c in roles.caches)
     assert all((c.heads, c.width) == (2, 16) for c in roles.caches)  # the builder's width is symbolic
     # the builder's mask becomes GroupQueryAttention's seqlens_k, which onnxruntime reads as right padding
-    assert roles.left_padding == name.startswith("optimum")
-    if not roles.left_padding:
+    assert roles.padding == ("left" if name.startswith("optimum") else "right")
+    if roles.padding == "right":
         tokens, mask = left_padded([np.arange(3, 8), np.arange(3, 6)])
-        with pytest.raises(RotgraphError, match="unpadded rows only"):
+        with pytest.raises(RotgraphError, match="rows padded on the left are refused"):
             roles.feeds(tokens, mask)
+        tokens, mask = right_padded([np.arange(3, 8), np.arange(3, 6)])
+        past = {c.name: np.zeros((2, 2, 5, 16), np.float32) for c in roles.caches}
+        with pytest.raises(RotgraphError, match="every new token must be real"):
+            roles.feeds(tokens[:, :2], np.concatenate([mask, [[1, 1], [1, 0]]], axis=1), past)
 
 
 def test_optimum_export_left_padded_and_fused(tmp_path) -> None:
@@ -256,33 +260,51 @@ def per_row_reference(path: Path, rows: list[np.ndarray]) -> list[np.ndarray]:
     return [run_logits(session, row[None])[0] for row in rows]
 
 
-def padded_prefill_and_step(path: Path, rows: list[np.ndarray], nxt: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    """Logits of the left-padded batch of `rows`, then of one decode step feeding `nxt` [batch] with the
-    prefill's present cache and the mask grown by one column."""
+def padded_prefill_and_step(path: Path, rows: list[np.ndarray], nxt: np.ndarray) -> tuple[list[np.ndarray], np.ndarray]:
+    """Logits of the padded batch of `rows` (on the side the graph takes, `InputRoles.pad`) at each row's
+    real positions, then of one decode step feeding `nxt` [batch] with the prefill's present cache and the
+    mask grown by one column."""
     session = make_session(path, "disable")
     assert isinstance(session, Session)
     roles = session.roles
-    tokens, mask = left_padded(rows)
+    tokens, mask = roles.pad(rows)
     names = [o.name for o in session.get_outputs()]
     prefill = dict(zip(names, session.run(None, roles.feeds(tokens, mask)), strict=True))
     grown = np.concatenate([mask, np.ones((len(rows), 1), np.int64)], axis=1)
     feeds = roles.feeds(nxt[:, None], grown, past=roles.next_past(prefill))
     step = dict(zip(names, session.run(None, feeds), strict=True))
-    return prefill[names[0]], step[names[0]][:, -1]
+    real = [logits[m.astype(bool)] for logits, m in zip(prefill[names[0]], mask, strict=True)]
+    return real, step[names[0]][:, -1]
 
 
 def check_padding(path: Path, reference: Path | None = None, atol: float = 1e-4) -> None:
-    """Left-padded prefill and one decode step give each row's own logits at its real positions."""
+    """A padded prefill and one decode step give each row's own logits at its real positions."""
     rng = np.random.default_rng(7)
     rows = [rng.integers(3, 384, n) for n in ROWS]
     nxt = rng.integers(3, 384, len(rows))
     logits, step = padded_prefill_and_step(path, rows, nxt)
     alone = per_row_reference(reference or path, [np.append(r, t) for r, t in zip(rows, nxt, strict=True)])
-    width = max(ROWS)
-    for i, row in enumerate(rows):
+    for i in range(len(rows)):
         scale = np.abs(alone[i]).max()
-        np.testing.assert_allclose(logits[i, width - len(row) :], alone[i][:-1], atol=atol * scale)
+        np.testing.assert_allclose(logits[i], alone[i][:-1], atol=atol * scale)
         np.testing.assert_allclose(step[i], alone[i][-1], atol=atol * scale)
+
+
+def test_builder_graph_takes_right_padded_rows(tmp_path) -> None:
+    """onnxruntime-genai's builder graph (mask -> seqlens_k inside the graph, RoPE positions from it): a
+    right-padded batch, prefill and one decode step, gives each row's logits run alone, unrotated and
+    rotated. The check can fail: the same rows padded on the left (fed past the refusal) come out wrong."""
+    path = FIXTURES / "genai-llama-fp32" / "model.onnx"
+    check_padding(path)
+    rotated = transform(path, tmp_path / "rotated.onnx", lambda m: rotate_model(m, RotateOptions(seed=3)))
+    check_padding(rotated, reference=path)
+    session = make_session(path, "disable")
+    rng = np.random.default_rng(7)
+    rows = [rng.integers(3, 384, n) for n in ROWS]
+    tokens, mask = left_padded(rows)
+    wrong = session.run(None, replace(session.roles, padding="left").feeds(tokens, mask))[0]
+    short = max(ROWS) - ROWS[1]
+    assert np.abs(wrong[1, short:] - per_row_reference(path, rows)[1]).max() > 1e-2
 
 
 def test_the_masked_graph_matches_the_hugging_face_model(masked) -> None:
