@@ -86,6 +86,35 @@ def test_multi_head_attention_from_onnxscript_rotates_exactly(
     np.testing.assert_allclose(ort_logits(out, tokens), torch_logits(folder, tokens), atol=ATOL)
 
 
+@pytest.mark.slow
+def test_multi_head_attention_takes_a_padding_mask_and_a_cache(tmp_path) -> None:
+    """onnxscript's fusions over a graph with attention_mask, position_ids and a KV cache: MultiHeadAttention
+    gets the mask as its attention_bias (operand 5), the cache stays a Concat before it. The roles are the
+    unfused graph's, and a left-padded batch, prefill and one decode step, gives each row's own logits (each
+    row alone through the unfused graph), before and after rotation."""
+    from onnxscript.rewriter.ort_fusions import optimize_for_ort
+    from test_inputs import check_padding, export_with_mask
+
+    from rotgraph.inputs import read_roles
+    from rotgraph.testing import make_tiny_model
+
+    source = export_with_mask(make_tiny_model(tmp_path / "hf", "llama"), tmp_path / "source" / "model.onnx")
+    model, _ = optimize_for_ort(io.load_model(source))
+    attentions = [n for n in model.graph if n.op_type == "MultiHeadAttention"]
+    assert len(attentions) == 2 and all(len(n.inputs) > 5 and n.inputs[5] is not None for n in attentions)
+    fused = tmp_path / "fused" / "model.onnx"
+    fused.parent.mkdir()
+    io.save_model(model, fused)
+    (fused.parent / "tokenizer.json").write_bytes((source.parent / "tokenizer.json").read_bytes())
+    assert read_roles(fused) == read_roles(source)
+    check_padding(fused, reference=source)
+    rotate_model(model, RotateOptions(seed=6))
+    assert op_counts(model)["MultiHeadAttention"] == 2 and op_counts(model)["Hadamard"] == 2 * 2 + 2
+    rotated = tmp_path / "rotated.onnx"
+    io.save_model(model, rotated)
+    check_padding(rotated, reference=source)
+
+
 @pytest.mark.parametrize("name", ["llama", "qwen2"])
 def test_genai_builder_graph_rotates_exactly(name: str, tokens, tmp_path) -> None:
     """Packed QKV (Qwen2: with its packed bias) into GroupQueryAttention with RoPE inside, Skip norms, the

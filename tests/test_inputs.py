@@ -30,13 +30,14 @@ FIXTURES = Path(__file__).parent / "fixtures"
 ROWS = (9, 4, 7)  # prompt lengths of one left-padded batch
 
 
-def export_with_mask(folder: Path, out: Path) -> Path:
+def export_with_mask(folder: Path, out: Path, attention: str = "eager", opset: int | None = None) -> Path:
     """The tiny model as optimum exports it: input_ids, attention_mask, position_ids, past -> logits,
-    present (torch's dynamo exporter on a wrapper that hands all of them to the Hugging Face model)."""
+    present (torch's dynamo exporter on a wrapper that hands all of them to the Hugging Face model).
+    attention="sdpa" with opset 23: ONNX Attention and RotaryEmbedding ops."""
     import torch
     from transformers import AutoModelForCausalLM, DynamicCache
 
-    model = AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32, attn_implementation="eager").eval()
+    model = AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32, attn_implementation=attention).eval()
     layers = model.config.num_hidden_layers
 
     class WithMask(torch.nn.Module):
@@ -67,6 +68,7 @@ def export_with_mask(folder: Path, out: Path) -> Path:
             WithMask().eval(),
             (ids, mask, pos, past),
             dynamo=True,
+            opset_version=opset,
             input_names=["input_ids", "attention_mask", "position_ids", *cache_names(layers, "past_key_values")],
             output_names=["logits", *cache_names(layers, "present")],
             dynamic_shapes={
@@ -305,6 +307,62 @@ def test_builder_graph_takes_right_padded_rows(tmp_path) -> None:
     wrong = session.run(None, replace(session.roles, padding="left").feeds(tokens, mask))[0]
     short = max(ROWS) - ROWS[1]
     assert np.abs(wrong[1, short:] - per_row_reference(path, rows)[1]).max() > 1e-2
+
+
+def cache_into_attention(path: Path, out: Path) -> Path:
+    """The graph with each ONNX Attention reading its cache itself: the new key and value, the past at its
+    past_key/past_value operands (4, 5) and the presents from its outputs 1 and 2, instead of the exported
+    Concat(past, new) -> present before the op (grouped-query heads: the op repeats them itself)."""
+    model = io.load_model(path)
+    graph = model.graph
+    outputs = set(map(id, graph.outputs))
+    caches = [n for n in graph if n.op_type == "Concat" and id(n.outputs[0]) in outputs]
+
+    def concat_before(value: ir.Value) -> ir.Node:
+        stack: list[ir.Value] = [value]
+        while stack:
+            producer = stack.pop().producer()
+            if producer in caches:
+                return producer
+            stack += [i for i in (producer.inputs if producer is not None else []) if i is not None]
+        raise AssertionError(f"no cache Concat before {value.name}")
+
+    for node in [n for n in graph if n.op_type == "Attention"]:
+        key, value = concat_before(node.inputs[1]), concat_before(node.inputs[2])  # type: ignore[arg-type]
+        operands = [node.inputs[0], key.inputs[1], value.inputs[1], node.inputs[3], key.inputs[0], value.inputs[0]]
+        fused = ir.node("Attention", operands, dict(node.attributes), num_outputs=3)
+        graph.insert_after(node, fused)
+        node.outputs[0].replace_all_uses_with(fused.outputs[0])
+        for old, present in zip((key.outputs[0], value.outputs[0]), fused.outputs[1:], strict=True):
+            present.shape, present.type, name = old.shape, old.type, old.name
+            old.name = f"{name}_concat"
+            present.name = name
+            graph.outputs[graph.outputs.index(old)] = present
+        graph.remove(node, safe=True)
+    io.save_model(model, out)
+    shutil.copy(path.parent / "tokenizer.json", out.parent / "tokenizer.json")
+    return out
+
+
+@pytest.mark.slow
+def test_onnx_attention_takes_its_mask_and_cache_by_role(tmp_path) -> None:
+    """torch's opset-23 export: ONNX Attention (its mask operand a boolean mask made from attention_mask) and
+    ONNX RotaryEmbedding (positions operand 3): the roles are found, and a left-padded batch, prefill and one
+    decode step, gives each row's own logits (the reference: each row alone through the eager export of the
+    same model). Then the cache moved into the op's past/present slots: the same."""
+    folder = make_tiny_model(tmp_path / "hf", "llama")
+    eager = export_with_mask(folder, tmp_path / "eager" / "model.onnx")
+    path = export_with_mask(folder, tmp_path / "attention" / "model.onnx", attention="sdpa", opset=23)
+    ops = [(n.op_type, n.domain) for n in io.load_model(path).graph]
+    assert ops.count(("Attention", "")) == 2 and ("RotaryEmbedding", "") in ops
+    assert read_roles(path) == read_roles(eager)
+    check_padding(path, reference=eager)
+    (tmp_path / "inside").mkdir()
+    inside = cache_into_attention(path, tmp_path / "inside" / "model.onnx")
+    model = io.load_model(inside)
+    assert all(o.producer().op_type == "Attention" for o in model.graph.outputs[1:])  # type: ignore[union-attr]
+    assert read_roles(inside) == read_roles(eager)
+    check_padding(inside, reference=eager)
 
 
 def test_the_masked_graph_matches_the_hugging_face_model(masked) -> None:
