@@ -248,12 +248,31 @@ def parser() -> argparse.ArgumentParser:
     )
     r.set_defaults(func=cmd_rotate)
 
-    lp = sub.add_parser("learn", help="SpinQuant: learn R1/R2 for a scheme with Cayley SGD")
+    lp = sub.add_parser("learn", help="learn R1/R2 for a scheme with Cayley SGD (SpinQuant, or layer-wise)")
     lp.add_argument("input")
     lp.add_argument("-o", "--output", required=True, help="rotations file (.safetensors)")
-    lp.add_argument("--scheme", default="w4a4kv4", help="the scheme to learn for, e.g. w4a4kv4, w4a8, w16a4kv4")
-    lp.add_argument("--steps", type=int, default=20)
-    lp.add_argument("--lr", type=float, default=0.1, help="initial Cayley SGD step (cosine decay to 0)")
+    lp.add_argument(
+        "--scheme",
+        default="w4a4kv4",
+        help="the scheme to learn for, e.g. w4a4kv4, w4a8; w16a4kv4 / w16a8 keep weights float (GPTQ after)",
+    )
+    lp.add_argument(
+        "--objective",
+        choices=["end-to-end", "kurtosis"],
+        default="end-to-end",
+        help="end-to-end: SpinQuant, the fake-quantized network's loss through the whole graph; kurtosis: "
+        "layer by layer, the kurtosis of the activations R1/R2 rotate, collected once with onnxruntime",
+    )
+    lp.add_argument("--steps", type=int, help="optimizer steps (default: 20 end-to-end, 200 kurtosis)")
+    lp.add_argument(
+        "--lr", type=float, help="initial Cayley SGD step, cosine decay to 0 (default: 0.1 end-to-end, 1 kurtosis)"
+    )
+    lp.add_argument(
+        "--scaling",
+        action="store_true",
+        help="kurtosis: learn per-channel scales of the norm outputs and V too (folded exactly, as many steps again)",
+    )
+    lp.add_argument("--site-tokens", type=int, default=2048, help="kurtosis: activation rows sampled per site")
     lp.add_argument("--momentum", type=float, default=0.0)
     lp.add_argument("--batch", type=int, default=4, help="windows per step, over all processes")
     lp.add_argument("--seq-len", type=int, default=512)

@@ -1,5 +1,9 @@
 """SpinQuant: learn R1 and the per-layer R2 by minimizing the fake-quantized network's loss.
 
+This is the "end-to-end" objective of `rotgraph learn` (the default); `objective="kurtosis"` learns the
+same rotations (and optionally per-channel scales) layer by layer from collected activations instead,
+with no backward pass through the network (`rotgraph.layerwise`). Both write the same rotations file.
+
 The network being trained is the ONNX graph itself, run by `TorchGraph`: the float model is brought to
 the form the rotation passes produce (canonical norms, untied lm_head, norm scales fused, R3/R4
 inserted online), activations and the KV cache get the scheme's FakeQuant ops from the same passes
@@ -53,11 +57,16 @@ from rotgraph.torch_graph import Override, TorchGraph, round_ste
 logger = logging.getLogger(__name__)
 
 
+DEFAULT_STEPS = {"end-to-end": 20, "kurtosis": 200}
+DEFAULT_LR = {"end-to-end": 0.1, "kurtosis": 1.0}
+
+
 @dataclass(frozen=True)
 class LearnOptions:
     scheme: str = "w4a4kv4"  # w16...: weights stay float (GPTQ follows)
-    steps: int = 20
-    lr: float = 0.1
+    objective: str = "end-to-end"  # or "kurtosis": layer-wise, from collected activations (rotgraph.layerwise)
+    steps: int | None = None  # None: the objective's default (DEFAULT_STEPS)
+    lr: float | None = None  # None: the objective's default (DEFAULT_LR)
     momentum: float = 0.0
     batch: int = 4  # windows per step, over all processes
     seq_len: int = 512
@@ -70,15 +79,35 @@ class LearnOptions:
     online: bool = True
     checkpoint_every: int = 10
     text: str | None = None
+    scaling: bool = False  # layer-wise objectives: learn per-channel scales too (folded beside R1/R2)
+    site_tokens: int = 2048  # layer-wise objectives: activation rows sampled per site
 
     def __post_init__(self) -> None:
         scheme = Scheme.parse(self.scheme)
         if scheme.weight_bits == 16 and scheme.act_bits == 16 and scheme.kv_bits is None:
             raise RotgraphError("nothing to learn for a float scheme: quantize weights, activations or KV cache")
-        if self.steps < 1 or self.batch < 1 or self.lr <= 0 or self.checkpoint_every < 1:
+        if self.objective not in DEFAULT_STEPS:
+            raise RotgraphError(f"objective {self.objective!r}: expected one of {', '.join(DEFAULT_STEPS)}")
+        if self.scaling and self.objective == "end-to-end":
+            raise RotgraphError("--scaling needs a layer-wise objective (--objective kurtosis)")
+        if self.steps is None:
+            object.__setattr__(self, "steps", DEFAULT_STEPS[self.objective])
+        if self.lr is None:
+            object.__setattr__(self, "lr", DEFAULT_LR[self.objective])
+        if self.site_tokens < 1:
+            raise RotgraphError("site tokens must be >= 1")
+        if self.total_steps < 1 or self.batch < 1 or self.step_size <= 0 or self.checkpoint_every < 1:
             raise RotgraphError("steps, batch and checkpoint interval must be >= 1 and lr > 0")
         if self.head_bits not in (8, 16):
             raise RotgraphError(f"head bits must be 8 or 16, got {self.head_bits}")
+
+    @property
+    def total_steps(self) -> int:
+        return self.steps if self.steps is not None else DEFAULT_STEPS[self.objective]
+
+    @property
+    def step_size(self) -> float:
+        return self.lr if self.lr is not None else DEFAULT_LR[self.objective]
 
 
 def learning_graph(model: ir.Model, scheme: Scheme, online: bool = True) -> ModelDescription:
@@ -266,10 +295,6 @@ def learn(
     rank, world = _distributed()
     if options.batch % world:
         raise RotgraphError(f"batch {options.batch} does not split over {world} processes")
-    scheme = Scheme.parse(options.scheme)
-    model = io.load_model(input_path)
-    learning_graph(model, scheme, options.online)
-    net = RotatedNetwork(model, scheme, options.group, options.head_bits, options.seed)
     if token_windows is None:
         ids = calibration_tokens(
             input_path,
@@ -277,9 +302,15 @@ def learn(
         )
     else:
         ids = np.asarray(token_windows, dtype=np.int64)
+    if options.objective != "end-to-end":
+        return _learn_layerwise(input_path, output, options, ids, resume, progress, start)
+    scheme = Scheme.parse(options.scheme)
+    model = io.load_model(input_path)
+    learning_graph(model, scheme, options.online)
+    net = RotatedNetwork(model, scheme, options.group, options.head_bits, options.seed)
     pool = torch.from_numpy(ids)
-    optimizer = CayleySGD(net.parameters(), lr=options.lr, momentum=options.momentum)
-    checkpoint = output.with_name(output.name + ".ckpt")
+    optimizer = CayleySGD(net.parameters(), lr=options.step_size, momentum=options.momentum)
+    checkpoint = _checkpoint_path(output)
     first_step, losses = 0, []
     if resume and checkpoint.is_file():
         state = torch.load(checkpoint, weights_only=True)
@@ -294,16 +325,16 @@ def learn(
         raise RotgraphError(f"nothing to resume: {checkpoint} does not exist")
     share = options.batch // world
     bar = tqdm(
-        range(first_step, options.steps),
+        range(first_step, options.total_steps),
         desc="learn",
         unit="step",
         disable=not progress or rank != 0,
         initial=first_step,
-        total=options.steps,
+        total=options.total_steps,
     )
     try:
         for step in bar:
-            lr = options.lr * 0.5 * (1 + float(np.cos(np.pi * step / options.steps)))  # cosine decay to 0
+            lr = options.step_size * 0.5 * (1 + float(np.cos(np.pi * step / options.total_steps)))  # cosine decay to 0
             for group in optimizer.param_groups:
                 group["lr"] = lr
             picked = batch_indices(step, options.batch, len(pool), options.seed)[rank * share : (rank + 1) * share]
@@ -314,7 +345,7 @@ def learn(
             optimizer.step()
             bar.set_postfix(loss=f"{losses[-1]:.4f}", lr=f"{lr:.3g}")
             done = step + 1
-            if rank == 0 and done % options.checkpoint_every == 0 and done < options.steps:
+            if rank == 0 and done % options.checkpoint_every == 0 and done < options.total_steps:
                 _save_checkpoint(checkpoint, done, losses, options, net, optimizer)
     except KeyboardInterrupt:
         if rank == 0 and checkpoint.is_file():
@@ -340,10 +371,58 @@ def learn(
     logger.info("max |R^T R - I| over the learned rotations: %.2g", err)
     return LearnReport(
         output,
-        options.steps,
+        options.total_steps,
         time.perf_counter() - start,
         losses[0] if losses else float("nan"),
         losses[-1] if losses else float("nan"),
         err,
         rank,
     )
+
+
+def _checkpoint_path(output: Path) -> Path:
+    return output.with_name(output.name + ".ckpt")
+
+
+def _learn_layerwise(
+    input_path: Path, output: Path, options: LearnOptions, ids: np.ndarray, resume: bool, progress: bool, start: float
+) -> LearnReport:
+    """`learn` with a layer-wise objective (`rotgraph.layerwise`): one process, no network backward pass."""
+    from rotgraph.layerwise import learn_layerwise, scale_tensors
+
+    output.parent.mkdir(parents=True, exist_ok=True)
+    checkpoint = _checkpoint_path(output)
+    result = learn_layerwise(
+        input_path,
+        ids,
+        steps=options.total_steps,
+        lr=options.step_size,
+        site_tokens=options.site_tokens,
+        seed=options.seed,
+        scaling=options.scaling,
+        checkpoint=checkpoint,
+        checkpoint_every=options.checkpoint_every,
+        options_json=json.dumps(asdict(options)),
+        resume=resume,
+        progress=progress,
+    )
+    err = max(orthogonality_error(r) for r in result.rotations.values())
+    if not err <= ORTHOGONALITY_TOLERANCE:
+        raise RotgraphError(f"learned rotations drifted from orthogonal (max |R^T R - I| = {err:.2g}); nothing written")
+    r1, r2 = result.rotations["R1"], result.rotations["R2.0"]
+    meta = {
+        **asdict(options),
+        "source": str(input_path),
+        "hidden_size": r1.shape[0],
+        "head_dim": r2.shape[0],
+        "layers": len(result.rotations) - 1,
+        "orthogonality_error": err,
+        "losses": result.losses,
+        "scale_losses": result.scale_losses,
+        "kurtosis": [result.kurtosis_start, result.kurtosis_end],
+    }
+    save_rotations(output, {**result.rotations, **scale_tensors(result.scales)}, meta)
+    checkpoint.unlink(missing_ok=True)
+    logger.info("mean kurtosis %.3f (Hadamard start) -> %.3f (learned)", result.kurtosis_start, result.kurtosis_end)
+    losses = result.losses + result.scale_losses
+    return LearnReport(output, options.total_steps, time.perf_counter() - start, losses[0], losses[-1], err)

@@ -30,7 +30,8 @@ from rotgraph.passes import (
     UntieEmbeddingPass,
 )
 from rotgraph.passes.restore_ort_norms import RestoreOrtNormsPass
-from rotgraph.rotations import load_rotations
+from rotgraph.passes.scale_channels import ScaleChannelsPass
+from rotgraph.rotations import load_rotations, load_scales
 from rotgraph.structure import ModelDescription, discover
 from rotgraph.structure.discover import check_supported
 
@@ -106,6 +107,8 @@ def rotation_passes(options: RotateOptions) -> list[ir.passes.PassBase]:
     if options.rotations is not None:
         r1, r2 = load_rotations(Path(options.rotations))
         passes += [RotateResidualPass(rotation=r1), RotateHeadsPass(rotations=tuple(r2))]
+        scales = load_scales(Path(options.rotations))
+        passes += [ScaleChannelsPass(scales)] if scales else []  # learned with the rotations (--scaling)
     else:
         passes += [RotateResidualPass(seed=options.seed), RotateHeadsPass(seed=options.seed)]
     if options.online:

@@ -1,0 +1,306 @@
+"""Layer-wise rotation learning against the distribution of the activations the rotations act on.
+
+No backward pass through the network: the activations are collected once, by onnxruntime on the
+calibration windows (`rotgraph.probe`), from the model in the form R1 folds into (norm scales fused):
+- R1 (hidden x hidden) rotates the residual stream; what gets quantized are the normalized streams
+  read by Q/K/V and by gate/up. Weightless RMSNorm commutes with R1, so these inputs, rotated by R1,
+  are what the rotated model quantizes; all layers' inputs are pooled, because one R1 serves them all.
+- R2 of each layer (head_dim x head_dim) rotates V's output per KV head, what the KV cache stores and
+  (mixed over positions) O reads. V's outputs do not depend on R1 (R1^T folds into V's rows), so each
+  layer's R2 is learned on its own.
+
+Objective "kurtosis" (after KurTail): the mean over vectors of the kurtosis E[y^4] / E[y^2]^2 of each
+quantized vector y: per token across the hidden channels for R1, per token and KV head across
+head_dim for R2 (the quantizers' groups). A per-token absmax quantizer's step is set by max |y|; a
+heavy tail (large kurtosis) makes that step large against the typical value. Kurtosis is scale-free,
+so every token counts alike, whatever its norm. Rotations start from QuaRot's seeded Hadamards and
+follow Cayley SGD (`rotgraph.stiefel`), so they stay orthogonal and fold like QuaRot's.
+
+Scaling (`scaling`, after OSTQuant's scaling matrices): with the rotations learned, positive
+per-channel scales s per site (each norm's output, V's output) divide the activations and multiply
+the weight rows that read them (folded exactly: `rotgraph.passes.scale_channels`). Learned by Adam on
+log s against the kurtosis of the scaled activations plus that of the scaled weights along their
+quantization axis (each output column's input rows), so the outliers are split between the two
+sides instead of all being pushed into the weights.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import tempfile
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import onnx_ir as ir
+import torch
+from tqdm import tqdm
+
+from rotgraph import io
+from rotgraph.errors import RotgraphError
+from rotgraph.passes.rotate_heads import head_rotations
+from rotgraph.passes.rotate_residual import residual_rotation
+from rotgraph.pipeline import foldable_form_passes, run_passes
+from rotgraph.probe import probe
+from rotgraph.rotations import Scales, scale_name
+from rotgraph.stiefel import CayleySGD
+from rotgraph.structure import Attention, ModelDescription, discover, distinct, r2_pairs
+from rotgraph.weights import read_float64
+
+logger = logging.getLogger(__name__)
+
+
+def kurtosis(y: torch.Tensor, eps: float = 1e-12) -> torch.Tensor:
+    """E[y^4] / E[y^2]^2 of each vector along the last axis (3 for a Gaussian, 1.8 uniform, >= 1)."""
+    m2 = y.pow(2).mean(-1)
+    return y.pow(4).mean(-1) / (m2.pow(2) + eps)
+
+
+@dataclass
+class SiteActivations:
+    """Sampled activations of one layer (float32 rows): the two normalized streams R1 rotates (their
+    reader weights beside them, for scaling) and V's output [tokens, kv_heads, head_dim]."""
+
+    attn: torch.Tensor
+    mlp: torch.Tensor
+    v: torch.Tensor
+    weights: dict[str, torch.Tensor] = field(default_factory=dict)  # "attn" / "mlp" readers [hidden, out], "o"
+
+
+def _rows(linears: list) -> np.ndarray:
+    return np.concatenate([read_float64(lin.weight) for lin in distinct(linears)], axis=1)
+
+
+def _v_output(x: np.ndarray, a: Attention) -> np.ndarray:
+    """V's output for the attention inputs `x`, per KV head: [tokens, kv_heads, head_dim]."""
+    w = read_float64(a.v.weight)
+    b = read_float64(a.v.bias) if a.v.bias is not None else None
+    if a.v.columns is not None:
+        w = w[:, a.v.columns[0] : a.v.columns[1]]
+        b = b[a.v.columns[0] : a.v.columns[1]] if b is not None else None
+    out = x.astype(np.float64) @ w + (b if b is not None else 0.0)
+    return out.reshape(x.shape[0], a.num_kv_heads, a.head_dim).astype(np.float32)
+
+
+def collect(
+    model: ir.Model, token_windows: np.ndarray, site_tokens: int, seed: int, scratch: Path
+) -> tuple[ModelDescription, list[SiteActivations]]:
+    """Bring `model` to the foldable form (in place) and sample `site_tokens` rows per site from the
+    calibration windows, spread evenly over them (seeded); V's outputs are computed from the sampled
+    attention inputs and V's weight."""
+    run_passes(model, foldable_form_passes())
+    desc = discover(model)
+    values = [v for b in desc.blocks for v in (b.attention.q.input, b.mlp.gate.input)]
+    per_window = -(-site_tokens // len(token_windows))
+    rng = np.random.default_rng([seed, 5])
+    parts: list[list[np.ndarray]] = [[] for _ in values]
+    for outs in probe(
+        model, values, token_windows, scratch=scratch, optimization="basic", what="collect", progress=True
+    ):
+        rows = outs[0].reshape(-1, outs[0].shape[-1]).shape[0]
+        pick = np.sort(rng.choice(rows, size=min(per_window, rows), replace=False))
+        for acc, x in zip(parts, outs, strict=True):
+            acc.append(np.asarray(x, dtype=np.float32).reshape(rows, -1)[pick])
+    layers = []
+    for i, block in enumerate(desc.blocks):
+        attn = np.concatenate(parts[2 * i])[:site_tokens]
+        mlp = np.concatenate(parts[2 * i + 1])[:site_tokens]
+        a, m = block.attention, block.mlp
+        weights = {
+            "attn": torch.from_numpy(_rows([a.q, a.k, a.v]).astype(np.float32)),
+            "mlp": torch.from_numpy(_rows([m.gate, m.up]).astype(np.float32)),
+            "o": torch.from_numpy(read_float64(a.o.weight).astype(np.float32)),
+        }
+        v = torch.from_numpy(_v_output(attn, a))
+        layers.append(SiteActivations(torch.from_numpy(attn), torch.from_numpy(mlp), v, weights))
+    logger.info("collected %d tokens per site in %d layers", layers[0].attn.shape[0], len(layers))
+    return desc, layers
+
+
+class LayerwiseObjective(torch.nn.Module):
+    """R1, the R2s and (optionally) the log-scales, with the kurtosis objectives of the module doc."""
+
+    def __init__(self, desc: ModelDescription, layers: list[SiteActivations], seed: int, scaling: bool) -> None:
+        super().__init__()
+        self.layers = layers
+        pairs = r2_pairs(desc)
+        self.heads = [(p.num_heads, p.num_kv_heads, p.head_dim) for p in pairs]
+        d = pairs[0].head_dim
+        self.r1 = torch.nn.Parameter(torch.from_numpy(residual_rotation(desc.hidden_size, seed)[0]))
+        self.r2 = torch.nn.ParameterList(
+            torch.nn.Parameter(torch.from_numpy(h)) for h, _ in head_rotations(d, len(layers), seed)
+        )
+        self.log_s = torch.nn.ParameterDict()
+        if scaling:
+            for i, x in enumerate(layers):
+                self.log_s[f"attn{i}"] = torch.nn.Parameter(torch.zeros(x.attn.shape[1], dtype=torch.float64))
+                self.log_s[f"mlp{i}"] = torch.nn.Parameter(torch.zeros(x.mlp.shape[1], dtype=torch.float64))
+                self.log_s[f"v{i}"] = torch.nn.Parameter(torch.zeros(x.v.shape[1] * x.v.shape[2], dtype=torch.float64))
+        self._rotated: list[dict[str, torch.Tensor]] | None = None
+
+    def rotation_loss(self) -> torch.Tensor:
+        """Mean kurtosis of the rotated normalized streams (all layers) plus, per layer, that of V's
+        rotated head vectors."""
+        r1 = self.r1.to(torch.float32)
+        streams = torch.cat([torch.cat([x.attn, x.mlp]) for x in self.layers])
+        loss = kurtosis(streams @ r1).mean()
+        for x, r2 in zip(self.layers, self.r2, strict=True):
+            loss = loss + kurtosis(x.v @ r2.to(torch.float32)).mean() / len(self.layers)
+        return loss
+
+    def _rotated_sites(self) -> list[dict[str, torch.Tensor]]:
+        """Activations and weights in the learned rotations' basis (computed once the rotations are fixed)."""
+        if self._rotated is None:
+            r1 = self.r1.detach().to(torch.float32)
+            out: list[dict[str, torch.Tensor]] = []
+            for x, r2 in zip(self.layers, self.r2, strict=True):
+                h = r2.detach().to(torch.float32)
+                heads, _, d = self.heads[len(out)]
+                o = x.weights["o"].reshape(heads, d, -1)
+                out.append(
+                    {
+                        "attn": x.attn @ r1,
+                        "attn_w": r1.T @ x.weights["attn"],
+                        "mlp": x.mlp @ r1,
+                        "mlp_w": r1.T @ x.weights["mlp"],
+                        "v": (x.v @ h).reshape(x.v.shape[0], -1),
+                        "v_w": (h.T @ o).reshape(heads * d, -1),
+                    }
+                )
+            self._rotated = out
+        return self._rotated
+
+    def scale_loss(self) -> torch.Tensor:
+        """Kurtosis of the scaled activations (per token) plus that of the scaled weights (per output
+        column, along the input rows that the weight quantizer groups), averaged over sites."""
+        total = torch.zeros((), dtype=torch.float32)
+        sites = self._rotated_sites()
+        for i, rot in enumerate(sites):
+            for site in ("attn", "mlp", "v"):
+                s = self.log_s[f"{site}{i}"].exp().to(torch.float32)
+                s_rows = s  # the weight rows each scale multiplies: O's rows per query head for "v"
+                if site == "v":
+                    heads, kv_heads, d = self.heads[i]
+                    s_rows = s.reshape(kv_heads, 1, d).expand(kv_heads, heads // kv_heads, d).reshape(-1)
+                act = kurtosis(rot[site] / s).mean()
+                weight = kurtosis((rot[f"{site}_w"] * s_rows[:, None]).T).mean()
+                total = total + (act + weight) / (3 * len(sites))
+        return total
+
+    def rotations(self) -> dict[str, torch.Tensor]:
+        named = {"R1": self.r1.detach().clone()}
+        named.update({f"R2.{i}": r.detach().clone() for i, r in enumerate(self.r2)})
+        return named
+
+    def scales(self) -> Scales:
+        out: Scales = {}
+        for i in range(len(self.layers)):
+            if f"attn{i}" in self.log_s:
+                for site in ("attn", "mlp", "v"):
+                    out[i, site] = self.log_s[f"{site}{i}"].detach().exp().numpy()
+        return out
+
+
+@dataclass(frozen=True)
+class LayerwiseResult:
+    rotations: dict[str, torch.Tensor]
+    scales: Scales
+    losses: list[float]
+    kurtosis_start: float
+    kurtosis_end: float
+    scale_losses: list[float]
+
+
+def _checkpoint(
+    path: Path,
+    step: int,
+    losses: list[float],
+    options_json: str,
+    obj: LayerwiseObjective,
+    optimizers: list[torch.optim.Optimizer],
+) -> None:
+    state = {
+        "step": step,
+        "meta": json.dumps({"losses": losses, "options": json.loads(options_json)}),
+        "objective": obj.state_dict(),
+        "optimizers": [o.state_dict() for o in optimizers],
+    }
+    tmp = path.with_name(f".{path.name}.tmp")
+    torch.save(state, tmp)
+    os.replace(tmp, path)
+
+
+def learn_layerwise(
+    model_path: Path,
+    token_windows: np.ndarray,
+    *,
+    steps: int,
+    lr: float,
+    site_tokens: int,
+    seed: int,
+    scaling: bool,
+    checkpoint: Path,
+    checkpoint_every: int,
+    options_json: str,
+    resume: bool = False,
+    progress: bool = True,
+) -> LayerwiseResult:
+    """Learn R1/R2 (`steps` Cayley SGD steps, lr with cosine decay) and, with `scaling`, then the scales
+    (`steps` Adam steps) on activations collected from the model at `model_path`; checkpoints every
+    `checkpoint_every` steps into `checkpoint`, which `resume` continues from."""
+    model = io.load_model(model_path)
+    with tempfile.TemporaryDirectory(prefix=".rotgraph-learn.", dir=checkpoint.parent) as scratch:
+        desc, layers = collect(model, token_windows, site_tokens, seed, Path(scratch))
+    del model
+    obj = LayerwiseObjective(desc, layers, seed, scaling)
+    rot_opt = CayleySGD([obj.r1, *obj.r2], lr=lr, momentum=0.0)
+    optimizers: list[torch.optim.Optimizer] = [rot_opt]
+    if scaling:
+        optimizers.append(torch.optim.Adam(obj.log_s.parameters(), lr=0.05))
+    total = steps * (2 if scaling else 1)
+    first, losses = 0, []
+    if resume and checkpoint.is_file():
+        state = torch.load(checkpoint, weights_only=True)
+        meta = json.loads(state["meta"])
+        if meta["options"] != json.loads(options_json):
+            raise RotgraphError(f"{checkpoint} was written with other options: {meta['options']}")
+        obj.load_state_dict(state["objective"])
+        for opt, saved in zip(optimizers, state["optimizers"], strict=True):
+            opt.load_state_dict(saved)
+        first, losses = state["step"], meta["losses"]
+        logger.info("resuming from step %d", first)
+    elif resume:
+        raise RotgraphError(f"nothing to resume: {checkpoint} does not exist")
+    with torch.no_grad():
+        start_kurtosis = float(obj.rotation_loss())
+    bar = tqdm(
+        range(first, total), desc="learn (layer-wise)", unit="step", disable=not progress, initial=first, total=total
+    )
+    for step in bar:
+        if step < steps:
+            for group in rot_opt.param_groups:
+                group["lr"] = lr * 0.5 * (1 + float(np.cos(np.pi * step / steps)))
+            rot_opt.zero_grad()
+            loss = obj.rotation_loss()
+            loss.backward()
+            rot_opt.step()
+        else:
+            optimizers[1].zero_grad()
+            loss = obj.scale_loss()
+            loss.backward()
+            optimizers[1].step()
+        losses.append(float(loss.detach()))
+        bar.set_postfix(loss=f"{losses[-1]:.4f}")
+        done = step + 1
+        if done % checkpoint_every == 0 and done < total:
+            _checkpoint(checkpoint, done, losses, options_json, obj, optimizers)
+    with torch.no_grad():
+        end_kurtosis = float(obj.rotation_loss())
+    return LayerwiseResult(obj.rotations(), obj.scales(), losses[:steps], start_kurtosis, end_kurtosis, losses[steps:])
+
+
+def scale_tensors(scales: Scales) -> dict[str, torch.Tensor]:
+    """The scales as rotation-file tensors (`rotgraph.rotations.load_scales` reads them)."""
+    return {scale_name(i, site): torch.from_numpy(np.asarray(s, dtype=np.float64)) for (i, site), s in scales.items()}
