@@ -11,11 +11,14 @@ import tempfile
 import traceback
 from collections.abc import Sequence
 from pathlib import Path
-from typing import TypeVar
+from typing import TYPE_CHECKING, TypeVar
 
 import numpy as np
 
 from rotgraph.errors import RotgraphError
+
+if TYPE_CHECKING:
+    from rotgraph.quantize import QuantOptions
 
 logger = logging.getLogger("rotgraph")
 T = TypeVar("T")
@@ -74,10 +77,11 @@ def cmd_learn(args: argparse.Namespace) -> None:
         print(f"wrote {report.output} ({report.steps} steps) in {report.seconds:.1f} s")
 
 
-def cmd_quantize(args: argparse.Namespace) -> None:
-    from rotgraph.quantize import QuantOptions, quantize
+def quant_options(args: argparse.Namespace) -> QuantOptions:
+    """The QuantOptions of parsed `quantize` arguments (benchmarks build their candidates this way)."""
+    from rotgraph.quantize import QuantOptions
 
-    options = _options(
+    return _options(
         QuantOptions,
         args,
         online=not args.no_online,
@@ -87,6 +91,12 @@ def cmd_quantize(args: argparse.Namespace) -> None:
         act_order=not args.no_act_order,
         fused_attention=not args.eager_attention,
     )
+
+
+def cmd_quantize(args: argparse.Namespace) -> None:
+    from rotgraph.quantize import quantize
+
+    options = quant_options(args)
     report = quantize(Path(args.input), Path(args.output), options, validate=not args.no_validate)
     if report.validation is not None:
         print(f"validated against the float model: {report.validation}")
@@ -304,7 +314,14 @@ def parser() -> argparse.ArgumentParser:
         "ort: onnxruntime's int4 MatMulNBits (int8 activation compute for a4/a8 schemes)",
     )
     q.add_argument(
-        "--head-bits", type=int, choices=[8, 16], default=8, help="embedding and lm_head: 8-bit RTN or float"
+        "--head-bits", type=int, choices=[4, 8, 16], default=8, help="embedding and lm_head: 4- or 8-bit RTN, or float"
+    )
+    q.add_argument("--head-group", type=int, help="group size of the embedding and lm_head (default: --group)")
+    q.add_argument(
+        "--shared-head",
+        action="store_true",
+        help="embedding and lm_head read one quantized table (a tied model; after a rotation, lm_head reads it "
+        "through a float hidden x hidden map)",
     )
     q.add_argument("--no-online", action="store_true", help="with quarot: no online Hadamards (R3/R4)")
     q.add_argument(

@@ -78,7 +78,9 @@ class QuantOptions:
     kv_clip: float | None = None  # None: 0.95 at 4 bits, 1.0 at 8
     seed: int = 0
     fmt: str = "qdq"  # qdq | ort
-    head_bits: int = 8  # embedding and lm_head: 8 (RTN, same group) or 16 (float)
+    head_bits: int = 8  # embedding and lm_head: 4 or 8 (RTN, symmetric) or 16 (float)
+    head_group: int | None = None  # their group size; None: the same as `group`
+    shared_head: bool = False  # embedding and lm_head read one quantized table (see QuantizeWeightsPass)
     fused_attention: bool = True  # ort format, float KV cache: onnxruntime's GroupQueryAttention
     damp: float = 0.01
     act_order: bool = True
@@ -94,7 +96,7 @@ class QuantOptions:
             ("rotation", self.rotation, ("none", "quarot", "spinquant")),
             ("weights", self.weights, ("rtn", "gptq")),
             ("format", self.fmt, ("qdq", "ort")),
-            ("head bits", self.head_bits, (8, 16)),
+            ("head bits", self.head_bits, (4, 8, 16)),
         ):
             if value not in allowed:
                 raise RotgraphError(f"{field} {value!r}: expected one of {', '.join(map(str, allowed))}")
@@ -104,6 +106,10 @@ class QuantOptions:
             raise RotgraphError(f"SmoothQuant alpha must be in [0, 1], got {self.smooth}")
         if self.group < 0 or self.calibration_windows < 1:
             raise RotgraphError("group must be >= 0 (0: per channel) and calibration windows >= 1")
+        if self.shared_head and self.head_bits == 16:
+            raise RotgraphError("a shared embedding and lm_head is quantized: pass --head-bits 4 or 8")
+        if self.head_group is not None and self.head_group < 0:
+            raise RotgraphError("head group must be >= 0 (0: per channel)")
 
 
 @dataclass(frozen=True)
@@ -214,7 +220,8 @@ def quantize_stages(
     if act:
         stages.append(Stage("activations and KV cache", tuple(act)))
     if scheme.weight_bits < 16:
-        head_spec = WeightSpec(8, True, options.group or None) if options.head_bits == 8 else None
+        head_group = options.group if options.head_group is None else options.head_group
+        head_spec = WeightSpec(options.head_bits, True, head_group or None) if options.head_bits < 16 else None
         weights = QuantizeWeightsPass(
             WeightSpec(scheme.weight_bits, options.symmetric_weights, options.group or None),
             options.weights,
@@ -225,8 +232,10 @@ def quantize_stages(
             options.fmt,
             accuracy_level=4 if ort_int8 else 0,
             spill_dir=scratch,
+            shared_head=options.shared_head,
         )
-        stages.append(Stage("weights", (UntieEmbeddingPass(), weights) if head_spec else (weights,)))
+        untie = head_spec is not None and not options.shared_head
+        stages.append(Stage("weights", (UntieEmbeddingPass(), weights) if untie else (weights,)))
     if fused:
         stages.append(Stage("onnxruntime format", (GroupQueryAttentionPass(attentions),)))
     stages.append(Stage("clean-up", (RestoreOrtNormsPass(), RemoveUnusedNodesPass())))

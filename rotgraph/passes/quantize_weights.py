@@ -12,8 +12,9 @@ import onnx_ir as ir
 from rotgraph import grid
 from rotgraph.calibrate import ROLE_SITES, block_linears
 from rotgraph.errors import RotgraphError
+from rotgraph.passes.untie_embedding import embedding_map
 from rotgraph.quant import QuantizedWeight, WeightSpec, gptq, quantize_rtn
-from rotgraph.structure import Linear, discover, is_quantized_weight
+from rotgraph.structure import Linear, ModelDescription, discover, is_quantized_weight, transposed_initializer
 from rotgraph.weights import SpillFile, new_initializer, read_float64
 
 logger = logging.getLogger(__name__)
@@ -131,22 +132,30 @@ def emit_matmulnbits(model: ir.Model, lin: Linear, q: QuantizedWeight, name: str
     if not q.spec.symmetric:
         zp = _ort_zero_points(q).reshape(-1)
         inputs.append(new_initializer(graph, f"{name}.zeros", ir.Tensor(zp, name=f"{name}.zeros")))
-    attrs = [
+    node = ir.Node("com.microsoft", "MatMulNBits", inputs, _nbits_attributes(k, n, q.spec.bits, g, accuracy_level))
+    node.name = f"{name}.matmulnbits"
+    _replace_node(model, lin.node, node)
+    _drop_if_unused(graph, lin.weight)
+
+
+def _nbits_attributes(k: int, n: int, bits: int, block: int, accuracy_level: int) -> list[ir.Attr]:
+    return [
         ir.AttrInt64("K", k),
         ir.AttrInt64("N", n),
-        ir.AttrInt64("bits", q.spec.bits),
-        ir.AttrInt64("block_size", g),
+        ir.AttrInt64("bits", bits),
+        ir.AttrInt64("block_size", block),
         ir.AttrInt64("accuracy_level", accuracy_level),
     ]
-    node = ir.Node("com.microsoft", "MatMulNBits", inputs, attrs, name=f"{name}.matmulnbits")
+
+
+def _replace_node(model: ir.Model, old: ir.Node, new: ir.Node) -> None:
+    """Put com.microsoft `new` in the place of `old` (one output, which keeps its name, type and uses)."""
     model.opset_imports.setdefault("com.microsoft", 1)
-    out = lin.node.outputs[0]
-    _take_over(out, node.outputs[0])
-    graph.insert_before(lin.node, node)
-    out.replace_all_uses_with(node.outputs[0], replace_graph_outputs=True)
-    old = lin.weight
-    graph.remove(lin.node, safe=True)
-    _drop_if_unused(graph, old)
+    out = old.outputs[0]
+    _take_over(out, new.outputs[0])
+    model.graph.insert_before(old, new)
+    out.replace_all_uses_with(new.outputs[0], replace_graph_outputs=True)
+    model.graph.remove(old, safe=True)
 
 
 def _take_over(old: ir.Value, new: ir.Value) -> None:
@@ -178,12 +187,7 @@ def emit_gather_quantized(model: ir.Model, gather: ir.Node, q: QuantizedWeight, 
         ir.AttrInt64("quantize_axis", 1),
     ]
     node = ir.Node("com.microsoft", "GatherBlockQuantized", inputs, attrs, name=f"{name}.gather")
-    model.opset_imports.setdefault("com.microsoft", 1)
-    out = gather.outputs[0]
-    _take_over(out, node.outputs[0])
-    graph.insert_before(gather, node)
-    out.replace_all_uses_with(node.outputs[0], replace_graph_outputs=True)
-    graph.remove(gather, safe=True)
+    _replace_node(model, gather, node)
     _drop_if_unused(graph, table)
 
 
@@ -197,6 +201,94 @@ def emit_embedding(model: ir.Model, gather: ir.Node, q: QuantizedWeight, name: s
     _drop_if_unused(model.graph, table)
 
 
+def embedding_rows(desc: ModelDescription) -> np.ndarray:
+    """The embedding table [vocab, hidden] in float64, also when the Gather reads Transpose(W_lm) (the
+    onnxruntime-genai builder's tied form)."""
+    source = transposed_initializer(desc.embedding_table)
+    return read_float64(source).T if source is not None else read_float64(desc.embedding_table)
+
+
+def _drop_table(graph: ir.Graph, value: ir.Value) -> None:
+    """Drop a replaced weight that nothing reads any more: an initializer, or a Transpose of one."""
+    producer = value.producer()
+    if producer is not None and not value.uses():
+        source = producer.inputs[0]
+        graph.remove(producer, safe=True)
+        if source is not None:
+            _drop_if_unused(graph, source)
+    else:
+        _drop_if_unused(graph, value)
+
+
+def emit_shared_head(
+    model: ir.Model, desc: ModelDescription, q: QuantizedWeight, mix: np.ndarray | None, fmt: str, accuracy_level: int
+) -> None:
+    """Embedding and lm_head read one quantized table (`q`: codes [vocab, hidden], groups along hidden).
+
+    "ort": the codes in the MatMulNBits layout [vocab, blocks, bytes] feed lm_head's MatMulNBits and, through
+    a Reshape to [vocab, hidden * bits / 8], the embedding's GatherBlockQuantized (the builder's tied form);
+    both read the same scales [vocab, blocks]. "qdq": one DequantizeLinear feeds the Gather and, transposed,
+    the lm_head MatMul. With `mix` (M of `embedding_map`, [hidden, hidden]), lm_head reads x @ M (a float
+    MatMul) instead of x.
+    """
+    graph = model.graph
+    gather, head = desc.embedding, desc.lm_head
+    table, weight = desc.embedding_table, head.weight
+    vocab, hidden = q.codes.shape
+    dtype = head.weight.dtype or ir.DataType.FLOAT
+    x = head.input
+    if mix is not None:
+        m = new_initializer(graph, "lm_head.mix", ir.Tensor(mix.astype(dtype.numpy()), name="lm_head.mix"))
+        mixed = ir.Node("", "MatMul", [x, m], name="lm_head.mix.matmul")
+        mixed.outputs[0].name, mixed.outputs[0].type = "lm_head.mixed", x.type
+        mixed.outputs[0].shape = x.shape
+        graph.insert_before(head.node, mixed)
+        x = mixed.outputs[0]
+    if fmt == "ort":
+        g = _ort_blocks(q, "the shared embedding and lm_head", "MatMulNBits")
+        codes = _ort_codes(q, g)
+        packed = new_initializer(graph, "shared_head.packed", ir.Tensor(codes, name="shared_head.packed"))
+        scales = ir.Tensor(q.scales.astype(dtype.numpy()), name="shared_head.scales")
+        scale_value = new_initializer(graph, "shared_head.scales", scales)
+        level = INT8_WEIGHT_ACCURACY_LEVEL if q.spec.bits == 8 else accuracy_level
+        nbits = ir.Node(
+            "com.microsoft",
+            "MatMulNBits",
+            [x, packed, scale_value],
+            _nbits_attributes(hidden, vocab, q.spec.bits, g, level),
+        )
+        nbits.name = "lm_head.matmulnbits"
+        _replace_node(model, head.node, nbits)
+        shape = new_initializer(graph, "shared_head.rows", ir.Tensor(np.array([vocab, codes[0].size], np.int64)))
+        rows = ir.Node("", "Reshape", [packed, shape], name="shared_head.reshape")
+        rows.outputs[0].name = "shared_head.rows_packed"
+        rows.outputs[0].type, rows.outputs[0].shape = ir.TensorType(ir.DataType.UINT8), ir.Shape([vocab, codes[0].size])
+        attrs = [
+            ir.AttrInt64("bits", q.spec.bits),
+            ir.AttrInt64("block_size", g),
+            ir.AttrInt64("gather_axis", 0),
+            ir.AttrInt64("quantize_axis", 1),
+        ]
+        lookup = ir.Node(
+            "com.microsoft", "GatherBlockQuantized", [rows.outputs[0], gather.inputs[1], scale_value], attrs
+        )
+        lookup.name = "embedding.gather"
+        graph.insert_before(gather, rows)
+        _replace_node(model, gather, lookup)
+    else:
+        dq = _dequantize_linear(graph, "shared_head", q.codes, q.scales, None, 1, q.spec, dtype)
+        graph.insert_before(gather, dq)
+        gather.replace_input_with(0, dq.outputs[0])
+        transpose = ir.Node("", "Transpose", [dq.outputs[0]], [ir.AttrInt64s("perm", [1, 0])], name="lm_head.transpose")
+        transpose.outputs[0].name = "lm_head.weight.dequantized"
+        transpose.outputs[0].type, transpose.outputs[0].shape = ir.TensorType(dtype), ir.Shape([hidden, vocab])
+        graph.insert_before(head.node, transpose)
+        head.node.replace_input_with(0, x)
+        head.node.replace_input_with(1, transpose.outputs[0])
+    _drop_table(graph, weight)
+    _drop_table(graph, table)
+
+
 class QuantizeWeightsPass(ir.passes.InPlacePass):
     """W (float [in, out]) -> DequantizeLinear(int codes, scales[, zero points]) for every Q/K/V/O,
     gate/up/down MatMul (format "qdq"), or MatMul -> com.microsoft MatMulNBits with the same codes
@@ -204,7 +296,9 @@ class QuantizeWeightsPass(ir.passes.InPlacePass):
     only fast onnxruntime kernel for them). With `head_spec` the
     embedding table and lm_head are quantized by RTN too: DequantizeLinear in "qdq"; in "ort"
     GatherBlockQuantized for the embedding and MatMulNBits for lm_head, so that onnxruntime never
-    dequantizes the whole vocabulary table. Without it they stay float.
+    dequantizes the whole vocabulary table. Without it they stay float. With `shared_head` they read one
+    quantized copy of the embedding table (`emit_shared_head`): directly when the graph ties them, through
+    a float hidden x hidden map M before lm_head (`embedding_map`) when a rotation untied them.
 
     Methods: "rtn" (round to nearest, clipping ratio searched per group) or "gptq" (needs `hessians`,
     X^T X of each projection's input keyed by structural site: block index and "qkv" | "o" | "gate_up" |
@@ -225,6 +319,7 @@ class QuantizeWeightsPass(ir.passes.InPlacePass):
         fmt: str = "qdq",
         accuracy_level: int = 0,
         spill_dir: Path | None = None,
+        shared_head: bool = False,
     ) -> None:
         super().__init__()
         self.spill_dir = spill_dir
@@ -236,6 +331,9 @@ class QuantizeWeightsPass(ir.passes.InPlacePass):
             raise RotgraphError(f"unknown format {fmt!r} (qdq, ort)")
         self.spec, self.method, self.hessians, self.damp, self.act_order = spec, method, hessians, damp, act_order
         self.head_spec, self.fmt, self.accuracy_level = head_spec, fmt, accuracy_level
+        if shared_head and head_spec is None:
+            raise RotgraphError("a shared (tied) embedding and lm_head needs them quantized (head bits 4 or 8)")
+        self.shared_head = shared_head
 
     def call(self, model: ir.Model) -> ir.passes.PassResult:
         desc = discover(model)
@@ -261,7 +359,18 @@ class QuantizeWeightsPass(ir.passes.InPlacePass):
                 if spill is not None:
                     spill.spill(model.graph)
                 count += 1
-        if self.head_spec is not None:
+        if self.head_spec is not None and self.shared_head:
+            rows = embedding_rows(desc)
+            mix = None if desc.lm_head_tied else embedding_map(rows, read_float64(desc.lm_head.weight))
+            emit_shared_head(model, desc, quantize_rtn(rows, self.head_spec), mix, self.fmt, self.accuracy_level)
+            if spill is not None:
+                spill.spill(model.graph)
+            logger.info(
+                "quantized the embedding and lm_head as one shared table (rtn, %d bits%s)",
+                self.head_spec.bits,
+                ", lm_head through a float hidden x hidden map" if mix is not None else "",
+            )
+        elif self.head_spec is not None:
             if desc.lm_head_tied:
                 raise RotgraphError("quantizing lm_head needs it untied (UntieEmbeddingPass)")
             head = quantize_rtn(read_float64(desc.lm_head.weight).T, self.head_spec)

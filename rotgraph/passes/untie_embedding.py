@@ -1,4 +1,4 @@
-"""Give a tied lm_head its own weight initializer."""
+"""Give a tied lm_head its own weight initializer, and find the map that lets a rotated pair share one table again."""
 
 from __future__ import annotations
 
@@ -7,6 +7,7 @@ import logging
 import numpy as np
 import onnx_ir as ir
 
+from rotgraph.errors import RotgraphError
 from rotgraph.structure import discover, transposed_initializer
 from rotgraph.weights import lazy_from, new_initializer
 
@@ -53,3 +54,26 @@ class UntieEmbeddingPass(ir.passes.InPlacePass):
             model.graph.remove(producer, safe=True)
         logger.info("untied lm_head from the embedding table (%d x %d)", vocab, hidden)
         return ir.passes.PassResult(model, True)
+
+
+def embedding_map(table: np.ndarray, weight: np.ndarray, tolerance: float = 1e-5) -> np.ndarray:
+    """M [hidden, hidden] with `weight` = M @ table^T, fitted by float64 least squares, for an lm_head weight
+    [hidden, vocab] and the embedding table [vocab, hidden]: what lets a rotated model share one table again.
+
+    After R1 and the fused final norm scale g, a tied pair reads E Q (embedding) and Q^T diag(g) E^T
+    (lm_head), so lm_head = M (E Q)^T with M = Q^T diag(g) Q, found here from the two weights alone (any
+    rotation, seeded or learned). Raises RotgraphError when `weight` is no such map of the table (relative
+    residual above `tolerance`; float32 rounding leaves ~1e-7): an lm_head of its own cannot share it.
+    """
+    gram = table.T @ table
+    try:
+        mix = np.linalg.solve(gram, table.T @ weight.T).T
+    except np.linalg.LinAlgError:
+        raise RotgraphError("the embedding table has dependent columns: it cannot be shared with lm_head") from None
+    residual = float(np.linalg.norm(weight - mix @ table.T)) / max(float(np.linalg.norm(weight)), 1e-300)
+    if not residual <= tolerance:
+        raise RotgraphError(
+            f"lm_head is not a linear map of the embedding table (relative residual {residual:.2g} > {tolerance:g}): "
+            "a shared (tied) head needs a model whose embeddings were tied"
+        )
+    return mix
