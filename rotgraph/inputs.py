@@ -14,7 +14,9 @@ is (no canonical form needed, so quantized and fused graphs are read too), never
   whose matching present output is a graph output. The present output it pairs with is recorded, so a
   decoding loop feeds each step's presents back by structure.
 - **position ids**: an integer input whose data (not only its shape) reaches RoPE: a Cos or Sin node,
-  or the positions operand of RotaryEmbedding or GroupQueryAttention.
+  or the positions operand of RotaryEmbedding or GroupQueryAttention; not one that reaches
+  GroupQueryAttention's seqlens_k, which is the mask even where RoPE positions are computed from it
+  (`rotgraph.passes.split_rotary`).
 - **attention mask**: an integer input of rank 2 whose data reaches an attention's mask: what enters
   a Softmax other than through the score MatMul (Q K^T), i.e. the additive or Where mask, or a fused
   attention's mask operands (seqlens_k, total_sequence_length, attention_bias, key_padding_mask).
@@ -215,7 +217,9 @@ def input_roles(model: ir.Model) -> InputRoles:
     caches = _caches(graph)
     cache_ids = {id(v) for v, _ in caches}
     ints = [v for v in graph.inputs if v.dtype in _INTEGER and id(v) not in cache_ids]
-    position_inputs = reached_by_data(_position_sinks(graph), ints)
+    seqlens = [v for n in graph if _key(n) == ("GroupQueryAttention", _MS) for v in _operands(n, [5])]
+    lengths = reached_by_data(seqlens, ints)  # a mask, even where RoPE positions are derived from it too
+    position_inputs = [v for v in reached_by_data(_position_sinks(graph), ints) if v not in lengths]
     dynamic = _dynamic(graph)
     ids = _token_ids(ints, position_inputs, dynamic)
     if ids is None:
@@ -244,13 +248,12 @@ def input_roles(model: ir.Model) -> InputRoles:
                 f"model input {value.name!r} ({value.dtype}, shape {value.shape}) has no role rotgraph knows "
                 f"({ROLES}): its data reaches neither the embedding, the KV cache, RoPE nor an attention mask"
             )
-    seqlens = [v for n in graph if _key(n) == ("GroupQueryAttention", _MS) for v in _operands(n, [5])]
     return InputRoles(
         ids.name or "",
         mask_inputs[0].name if mask_inputs else None,
         position_inputs[0].name if position_inputs else None,
         tuple(_cache_input(graph, past, present) for past, present in caches),
-        padding="right" if reached_by_data(seqlens, mask_inputs) else "left",
+        padding="right" if any(v in lengths for v in mask_inputs) else "left",
         int32=frozenset(v.name or "" for v in ints if v.dtype == ir.DataType.INT32),
     )
 

@@ -145,6 +145,38 @@ def test_genai_builder_graph_rotates_exactly(name: str, tokens, tmp_path) -> Non
     np.testing.assert_allclose(builder_logits(out, tokens, path.parent), reference, atol=ATOL)
 
 
+@pytest.mark.slow
+@pytest.mark.parametrize("name", ["llama", "qwen2"])
+def test_rope_moved_out_of_the_builder_attention_is_exact_and_takes_r3(name: str, tokens, tmp_path) -> None:
+    """SplitRotaryPass on the builder's graphs: every GroupQueryAttention gets do_rotary=0 and RotaryEmbedding
+    nodes on Q and K before it. The graph still computes the Hugging Face model, and a right-padded batch,
+    prefill and one decode step, gives each row's logits of the builder graph run alone. Then R3 goes
+    between RoPE and the op (Hadamards on Q and K in every layer) and the rotated graph is exact the same
+    way."""
+    from test_inputs import check_padding
+
+    from rotgraph.passes.split_rotary import SplitRotaryPass
+
+    path = FIXTURES / f"genai-{name}-fp32" / "model.onnx"
+    model = io.load_model(path)
+    assert SplitRotaryPass()(model).modified
+    attentions = [n for n in model.graph if n.op_type == "GroupQueryAttention"]
+    assert len(attentions) == 2 and all(n.attributes.get_int("do_rotary", 1) == 0 for n in attentions)
+    assert op_counts(model)["RotaryEmbedding"] == 2 * 2
+    split = tmp_path / "split.onnx"
+    io.save_model(model, split)
+    np.testing.assert_allclose(
+        builder_logits(split, tokens, path.parent), torch_logits(FIXTURES / f"hf-{name}", tokens), atol=ATOL
+    )
+    check_padding(split, reference=path)
+    rotate_model(model, RotateOptions(seed=4))
+    assert op_counts(model)["Hadamard"] == 2 * 2 + 2 and model.metadata_props[R3_KEY].startswith("hadamard")
+    rotated = tmp_path / "rotated.onnx"
+    io.save_model(model, rotated)
+    check_padding(rotated, reference=path)
+    assert not SplitRotaryPass()(io.load_model(FIXTURES / "optimum-llama" / "model.onnx")).modified
+
+
 def test_untie_gives_the_builder_embedding_its_own_table() -> None:
     model = io.load_model(FIXTURES / "genai-llama-fp32" / "model.onnx")
     run_passes(model, foldable_form_passes())
@@ -203,7 +235,8 @@ def test_group_query_attention_with_rope_outside_rotates_exactly(tiny, tokens, t
 
     folder, path = tiny("llama", "dynamo", True)
     source = tmp_path / "gqa" / "model.onnx"
-    quantize(path, source, QuantOptions("w16a16", rotation="none", fmt="ort"), validate=False)
+    options = QuantOptions("w16a16", rotation="none", fmt="ort", deployment_fusion=False)  # RoPE stays outside
+    quantize(path, source, options, validate=False)
     desc = canonicalize(io.load_model(source))
     assert "fused com.microsoft GroupQueryAttention (separate Q/K/V MatMuls, RoPE outside)" in desc.summary()
     model = io.load_model(source)
