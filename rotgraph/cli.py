@@ -121,9 +121,10 @@ def _kernel_option(parser: argparse.ArgumentParser) -> None:
 
 def cmd_eval(args: argparse.Namespace) -> None:
     from rotgraph.evaluate import evaluate
+    from rotgraph.genai import model_in
     from rotgraph.io import require_files
 
-    models = [Path(m) for m in args.models]
+    models = [model_in(Path(m)) for m in args.models]
     require_files(models)
     tokens = _tokens(args, models[0])
     results = evaluate(
@@ -140,6 +141,7 @@ def cmd_eval(args: argparse.Namespace) -> None:
 
 
 def cmd_generate(args: argparse.Namespace) -> None:
+    from rotgraph.genai import model_in
     from rotgraph.generate import generate
 
     def show(text: str) -> None:
@@ -147,7 +149,7 @@ def cmd_generate(args: argparse.Namespace) -> None:
         sys.stdout.flush()
 
     result = generate(
-        Path(args.model),
+        model_in(Path(args.model)),
         args.prompt,
         args.max_new_tokens,
         chat=args.chat,
@@ -308,10 +310,12 @@ def parser() -> argparse.ArgumentParser:
     q.add_argument("--asymmetric", action="store_true", help="asymmetric weight grid (UINT codes + zero points)")
     q.add_argument(
         "--format",
-        choices=["qdq", "ort"],
+        choices=["qdq", "ort", "genai"],
         default="qdq",
         help="qdq: int codes + DequantizeLinear feeding the float MatMuls (edge compilers); "
-        "ort: onnxruntime's int4 MatMulNBits (int8 activation compute for a4/a8 schemes)",
+        "ort: onnxruntime's int4 MatMulNBits (int8 activation compute for a4/a8 schemes), fused norms, "
+        "GroupQueryAttention with RoPE inside and packed QKV; genai: the ort graph in a folder -o DIR that "
+        "onnxruntime-genai runs as is (genai_config.json, tokenizer, chat template, static shared KV buffer)",
     )
     q.add_argument(
         "--head-bits", type=int, choices=[4, 8, 16], default=8, help="embedding and lm_head: 4- or 8-bit RTN, or float"

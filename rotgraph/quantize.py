@@ -23,10 +23,13 @@ from rotgraph.evaluate import log_softmax, validation_logits, windows
 from rotgraph.fakequant import ActSpec
 from rotgraph.passes import UntieEmbeddingPass
 from rotgraph.passes.group_query_attention import FindFusableAttentionPass, GroupQueryAttentionPass
+from rotgraph.passes.pack_qkv import PackQKVPass
 from rotgraph.passes.quantize_activations import QuantizeActivationsPass
 from rotgraph.passes.quantize_kv import QuantizeKVCachePass
 from rotgraph.passes.quantize_weights import QuantizeWeightsPass
 from rotgraph.passes.restore_ort_norms import RestoreOrtNormsPass
+from rotgraph.passes.rotary_attention import RotaryIntoAttentionPass
+from rotgraph.passes.shared_kv_buffer import SharedKVBufferPass
 from rotgraph.passes.smooth import SmoothQuantPass
 from rotgraph.pipeline import (
     RotateOptions,
@@ -44,6 +47,8 @@ logger = logging.getLogger(__name__)
 
 VALIDATION_WINDOWS, VALIDATION_SEQ_LEN = 2, 128
 
+ORT_FORMATS = ("ort", "genai")  # onnxruntime's own ops (genai: an onnxruntime-genai folder)
+DEFAULT_CONTEXT_LENGTH = 4096  # RoPE tables inside attention when the model states no length
 _SCHEME = re.compile(r"^w(4|8|16)a(4|8|16)(?:kv(4|8))?$")
 
 
@@ -77,7 +82,7 @@ class QuantOptions:
     act_clip: float | None = None  # None: 0.9 at 4 bits, 1.0 at 8
     kv_clip: float | None = None  # None: 0.95 at 4 bits, 1.0 at 8
     seed: int = 0
-    fmt: str = "qdq"  # qdq | ort
+    fmt: str = "qdq"  # qdq | ort | genai
     head_bits: int = 8  # embedding and lm_head: 4 or 8 (RTN, symmetric) or 16 (float)
     head_group: int | None = None  # their group size; None: the same as `group`
     shared_head: bool = False  # embedding and lm_head read one quantized table (see QuantizeWeightsPass)
@@ -87,6 +92,8 @@ class QuantOptions:
     calibration_windows: int = 32
     calibration_seq_len: int = 512
     text: str | None = None
+    context_length: int | None = None  # ort/genai: positions RoPE inside attention covers; None: 4096
+    deployment_fusion: bool = True  # ort/genai: RoPE into GroupQueryAttention, packed QKV, fused norms
 
     def __post_init__(self) -> None:
         """Refuse bad options before any model is loaded or calibrated."""
@@ -95,7 +102,7 @@ class QuantOptions:
         for field, value, allowed in (
             ("rotation", self.rotation, ("none", "quarot", "spinquant")),
             ("weights", self.weights, ("rtn", "gptq")),
-            ("format", self.fmt, ("qdq", "ort")),
+            ("format", self.fmt, ("qdq", *ORT_FORMATS)),
             ("head bits", self.head_bits, (4, 8, 16)),
         ):
             if value not in allowed:
@@ -168,6 +175,12 @@ def rotate_options(options: QuantOptions) -> RotateOptions:
     )
 
 
+def restore_norms(options: QuantOptions) -> RestoreOrtNormsPass:
+    """onnxruntime's fused norms, given back where the input had them, and in the ort and genai formats
+    always (unless `deployment_fusion` is off)."""
+    return RestoreOrtNormsPass(always=options.fmt in ORT_FORMATS and options.deployment_fusion)
+
+
 @dataclass(frozen=True)
 class Stage:
     """One step of the quantization pipeline: a name a reader can print and the passes it runs."""
@@ -211,8 +224,8 @@ def quantize_stages(
         stages.append(Stage("calibration (GPTQ Hessians)", (CalibratePass(calibration, "hessian", scratch),)))
     # onnxruntime's MatMulNBits with accuracy_level 4 quantizes its input to int8 itself (per block of
     # the weight group, finer than per token), so the ort format leaves 8-bit activations to it.
-    ort_int8 = options.fmt == "ort" and scheme.act_bits <= 8 and scheme.weight_bits < 16
-    fused = options.fmt == "ort" and options.fused_attention and scheme.kv_bits is None
+    ort_int8 = options.fmt in ORT_FORMATS and scheme.act_bits <= 8 and scheme.weight_bits < 16
+    fused = options.fmt in ORT_FORMATS and options.fused_attention and scheme.kv_bits is None
     attentions: list[Attention] = []
     if fused:  # found before the weights change form (discovery reads MatMul projections)
         stages.append(Stage("find attention to fuse", (FindFusableAttentionPass(attentions),)))
@@ -229,7 +242,7 @@ def quantize_stages(
             options.damp,
             options.act_order,
             head_spec,
-            options.fmt,
+            "ort" if options.fmt == "genai" else options.fmt,
             accuracy_level=4 if ort_int8 else 0,
             spill_dir=scratch,
             shared_head=options.shared_head,
@@ -238,7 +251,13 @@ def quantize_stages(
         stages.append(Stage("weights", (UntieEmbeddingPass(), weights) if untie else (weights,)))
     if fused:
         stages.append(Stage("onnxruntime format", (GroupQueryAttentionPass(attentions),)))
-    stages.append(Stage("clean-up", (RestoreOrtNormsPass(), RemoveUnusedNodesPass())))
+    if fused and options.deployment_fusion:
+        lean: tuple[ir.passes.PassBase, ...] = (
+            RotaryIntoAttentionPass(options.context_length or DEFAULT_CONTEXT_LENGTH),
+            PackQKVPass(),
+        )
+        stages.append(Stage("deployment fusion", lean + ((SharedKVBufferPass(),) if options.fmt == "genai" else ())))
+    stages.append(Stage("clean-up", (restore_norms(options), RemoveUnusedNodesPass())))
     return stages
 
 
@@ -316,6 +335,10 @@ def quantize(
     produced, so memory stays at the working set of one weight) live in the output's staging folder.
     With `validate`, onnxruntime runs the float input and the result on validation text (loading both
     whole) and a broken result is refused with the figures (`check_against_float`)."""
+    if options.fmt == "genai" and output.suffix != ".onnx":
+        from rotgraph.genai import quantize_folder
+
+        return quantize_folder(input_path, output, options, validate)
     start = time.perf_counter()
     io.check_output_path([input_path], output)
     model = io.load_model(input_path)

@@ -11,7 +11,7 @@ import onnx_ir as ir
 from onnx_ir.passes.common import RemoveUnusedNodesPass
 
 from rotgraph.errors import StructureError
-from rotgraph.inputs import reached_by_data
+from rotgraph.inputs import input_roles, reached_by_data
 from rotgraph.online import FunctionBuilder
 from rotgraph.structure import Attention, discover
 
@@ -167,7 +167,9 @@ class GroupQueryAttentionPass(ir.passes.InPlacePass):
                     )
             cores.append(_match_core(attention, index, graph))
         model.opset_imports.setdefault(MS_DOMAIN, 1)
-        seqlens, total = self._lengths(graph, self.attentions[0])
+        ids_name = input_roles(model).input_ids
+        ids = next(v for v in graph.inputs if v.name == ids_name)
+        seqlens, total = self._lengths(graph, self.attentions[0], ids)
         for core in cores:
             self._fuse(graph, core, seqlens, total)
         RemoveUnusedNodesPass()(model)  # the eager attention, the caches' Concats and the mask
@@ -175,15 +177,14 @@ class GroupQueryAttentionPass(ir.passes.InPlacePass):
         return ir.passes.PassResult(model, True)
 
     @staticmethod
-    def _lengths(graph: ir.Graph, first: Attention) -> tuple[ir.Value, ir.Value]:
-        """seqlens_k [batch] int32 (= past + new - 1) and total_sequence_length int32 scalar."""
+    def _lengths(graph: ir.Graph, first: Attention, ids: ir.Value) -> tuple[ir.Value, ir.Value]:
+        """seqlens_k [batch] int32 (= past + new - 1) and total_sequence_length int32 scalar, from the
+        shapes of the first past cache and of the token ids [batch, new]."""
         assert first.key_cache is not None
-        query = first.scores.inputs[0]
-        assert query is not None
         b = FunctionBuilder()
         past = b.op("Shape", first.key_cache.past, start=2, end=3)
-        new = b.op("Shape", query, start=2, end=3)
-        batch = b.op("Shape", query, start=0, end=1)
+        new = b.op("Shape", ids, start=1, end=2)
+        batch = b.op("Shape", ids, start=0, end=1)
         total = b.op("Cast", b.op("Add", past, new), to=ir.DataType.INT32)
         seqlens = b.op("Expand", b.op("Sub", total, b.const("gqa_one", np.array([1], np.int32))), batch)
         scalar = b.op("Reshape", total, b.const("gqa_scalar", np.array([], np.int64)))
@@ -232,3 +233,50 @@ class GroupQueryAttentionPass(ir.passes.InPlacePass):
             old.name = f"{name}_eager"
             present.name, present.shape, present.type = name, old.shape, old.type
             graph.outputs[graph.outputs.index(old)] = present
+
+
+def flat_heads(graph: ir.Graph, value: ir.Value, heads: int) -> ir.Value:
+    """`value` [batch, heads, seq, head_dim] as [batch, seq, heads * head_dim], the layout
+    GroupQueryAttention reads: the 3-D tensor it was split from (Transpose(Reshape(x)) undone, no node)
+    when it was, else a Transpose and Reshape inserted at `value`'s producer."""
+    transpose = value.producer()
+    reshape = transpose.inputs[0].producer() if transpose is not None and transpose.inputs[0] is not None else None
+    if (
+        transpose is not None
+        and transpose.op_type == "Transpose"
+        and list(transpose.attributes.get_ints("perm", [])) == [0, 2, 1, 3]
+        and reshape is not None
+        and reshape.op_type == "Reshape"
+        and reshape.inputs[0] is not None
+        and (reshape.inputs[0].shape is None or len(reshape.inputs[0].shape) == 3)
+    ):
+        return reshape.inputs[0]
+    width = value.shape[-1] if value.shape is not None and len(value.shape) == 4 else None
+    if not isinstance(width, int):
+        raise StructureError(f"{value.name}: cannot flatten heads of unknown width (shape {value.shape})")
+    b = FunctionBuilder()
+    shape = b.const(f"{value.name}_flat_shape", np.array([0, 0, heads * width], np.int64))
+    flat = b.op("Reshape", b.op("Transpose", value, perm=[0, 2, 1, 3]), shape)
+    producer = value.producer()
+    if producer is None:
+        graph.extend(b.nodes)  # a graph input: appended, then sorted by the caller's clean-up
+    else:
+        graph.insert_after(producer, b.nodes)
+    return flat
+
+
+def rebuild_attention(
+    graph: ir.Graph, node: ir.Node, inputs: Sequence[ir.Value | None], attributes: Sequence[ir.Attr]
+) -> ir.Node:
+    """Replace the fused attention `node` by one of the same op with `inputs` and `attributes`; its
+    outputs keep their names, shapes, types and places among the graph outputs."""
+    new = ir.Node(node.domain, node.op_type, list(inputs), list(attributes), num_outputs=len(node.outputs))
+    graph.insert_before(node, new)
+    for old, out in zip(node.outputs, new.outputs, strict=True):
+        name = old.name
+        out.shape, out.type = old.shape, old.type
+        old.replace_all_uses_with(out, replace_graph_outputs=True)
+        old.name = f"{name}_replaced"
+        out.name = name
+    graph.remove(node, safe=True)
+    return new

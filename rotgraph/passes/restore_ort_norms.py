@@ -20,12 +20,18 @@ class RestoreOrtNormsPass(ir.passes.InPlacePass):
 
     The canonical form expands onnxruntime's norms so every pass reads one form; this puts the form back,
     so a graph from onnxruntime-genai's builder or onnxruntime's optimizer drops back into those tools.
+    With `always`, the norms are fused whether or not the input had them (the ort and genai formats: the
+    leanest graph onnxruntime runs, as its model builder writes it).
     Guarantees: the same function (SimplifiedLayerNormalization computes RMSNormalization's expression, in
     float32 as its stash type), and the residual sums stay readable as the Skip norm's fourth output.
     """
 
+    def __init__(self, always: bool = False) -> None:
+        super().__init__()
+        self.always = always
+
     def call(self, model: ir.Model) -> ir.passes.PassResult:
-        if ORT_NORMS_KEY not in model.metadata_props:
+        if ORT_NORMS_KEY not in model.metadata_props and not self.always:
             return ir.passes.PassResult(model, False)
         from onnxscript.rewriter.ort_fusions import skip_normalization
 
@@ -51,6 +57,6 @@ class RestoreOrtNormsPass(ir.passes.InPlacePass):
             simplified += 1
         common_passes.ShapeInferencePass(strict_mode=False)(model)  # the skip rule compares widths
         skipped = skip_normalization.fuse_skip_rms_normalization(model)
-        del model.metadata_props[ORT_NORMS_KEY]
+        model.metadata_props.pop(ORT_NORMS_KEY, None)
         logger.info("restored onnxruntime's norms: %d SkipSimplifiedLayerNormalization, %d in all", skipped, simplified)
         return ir.passes.PassResult(model, simplified > 0)

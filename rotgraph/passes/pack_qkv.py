@@ -1,0 +1,164 @@
+"""Pack the Q, K and V projections of onnxruntime's GroupQueryAttention into one MatMul."""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+
+import numpy as np
+import onnx_ir as ir
+from onnx_ir.passes.common import RemoveUnusedNodesPass
+
+from rotgraph.passes.group_query_attention import MS_DOMAIN
+
+logger = logging.getLogger(__name__)
+
+_ATTRS = ("K", "bits", "block_size", "accuracy_level")
+
+
+@dataclass(frozen=True)
+class _Projection:
+    node: ir.Node  # MatMul(x, W [in, out]) or com.microsoft MatMulNBits(x, B, scales[, zero_points])
+    bias: ir.Node | None  # Add(projection, b [out]) after it
+
+
+def _array(value: ir.Value | None) -> np.ndarray | None:
+    return np.asarray(value.const_value.numpy()) if value is not None and value.const_value is not None else None
+
+
+def _projection(value: ir.Value | None) -> _Projection | None:
+    """The projection that computes `value` and is read only there, if `value` is one."""
+    node = value.producer() if value is not None else None
+    if node is None or len(list(value.uses())) != 1:  # type: ignore[union-attr]
+        return None
+    bias = None
+    if node.op_type == "Add" and node.domain in ("", "ai.onnx"):
+        constants = [_array(i) for i in node.inputs]
+        inner = node.inputs[0] if constants[1] is not None else node.inputs[1]
+        if sum(c is not None for c in constants) != 1 or inner is None or len(list(inner.uses())) != 1:
+            return None
+        bias, node = node, inner.producer()
+        if node is None:
+            return None
+    if node.op_type == "MatMulNBits" and node.domain == MS_DOMAIN:
+        extra = node.inputs[4:]
+        if any(i is not None for i in extra) or any(i is not None and i.const_value is None for i in node.inputs[1:]):
+            return None  # g_idx or a bias input, or weights computed at run time
+        return _Projection(node, bias)
+    if node.op_type == "MatMul" and node.domain in ("", "ai.onnx"):
+        weight = node.inputs[1]
+        if weight is None or weight.const_value is None or len(weight.const_value.shape) != 2:
+            return None
+        return _Projection(node, bias)
+    return None
+
+
+def _same_kind(projections: list[_Projection]) -> bool:
+    first = projections[0].node
+    for p in projections:
+        node = p.node
+        if node.op_type != first.op_type or node.inputs[0] is not first.inputs[0]:
+            return False
+        if (p.bias is None) != (projections[0].bias is None):
+            return False
+        if node.op_type == "MatMulNBits":
+            attrs = [node.attributes.get_int(a, 0) for a in _ATTRS]
+            if attrs != [first.attributes.get_int(a, 0) for a in _ATTRS]:
+                return False
+            if _zero_points(node) != _zero_points(first):
+                return False
+    return True
+
+
+def _zero_points(node: ir.Node) -> bool:
+    return len(node.inputs) > 3 and node.inputs[3] is not None
+
+
+def _initializer(graph: ir.Graph, name: str, array: np.ndarray) -> ir.Value:
+    value = ir.Value(name=name, const_value=ir.Tensor(array, name=name))
+    value.shape, value.dtype = ir.Shape(array.shape), ir.DataType.from_numpy(array.dtype)
+    graph.register_initializer(value)
+    return value
+
+
+class PackQKVPass(ir.passes.InPlacePass):
+    """Q, K and V projections of a GroupQueryAttention -> one projection, the attention in packed-QKV form.
+
+    Where the query, key and value operands of a com.microsoft GroupQueryAttention are each computed by a
+    projection of the same input that nothing else reads (MatMulNBits with the same K, bits, block size
+    and accuracy level, or MatMul by a constant [in, out] weight; each optionally followed by the Add of a
+    constant bias), the three become one: the weights (MatMulNBits codes, scales and zero points, rows
+    per output channel; or MatMul columns) and biases concatenated in Q, K, V order, and the attention
+    reads the packed [batch, seq, (heads + 2 kv_heads) * head_dim] as its query with no key and value,
+    which is how onnxruntime's GroupQueryAttention takes packed QKV. Weights are moved byte for byte, so
+    the function is the same to float rounding (each output channel is computed as before). A layer
+    whose projections differ in kind is left as it is (logged).
+    """
+
+    def call(self, model: ir.Model) -> ir.passes.PassResult:
+        graph = model.graph
+        packed = 0
+        for node in [n for n in graph if n.op_type == "GroupQueryAttention" and n.domain == MS_DOMAIN]:
+            if len(node.inputs) < 3 or node.inputs[1] is None or node.inputs[2] is None:
+                continue
+            found = [_projection(node.inputs[i]) for i in range(3)]
+            projections = [p for p in found if p is not None]
+            if len(projections) != 3 or not _same_kind(projections):
+                logger.info("%s: Q, K and V are not three projections of one kind: left unpacked", node.name)
+                continue
+            output = self._pack(graph, projections, f"qkv_{packed}")
+            node.replace_input_with(0, output)
+            node.replace_input_with(1, None)  # type: ignore[arg-type]
+            node.replace_input_with(2, None)  # type: ignore[arg-type]
+            packed += 1
+        if packed:
+            RemoveUnusedNodesPass()(model)
+            logger.info("Q, K and V packed into one projection in %d layers", packed)
+        return ir.passes.PassResult(model, packed > 0)
+
+    @staticmethod
+    def _pack(graph: ir.Graph, projections: list[_Projection], name: str) -> ir.Value:
+        first = projections[0].node
+        x = first.inputs[0]
+        assert x is not None
+        if first.op_type == "MatMul":
+            weight = np.concatenate([_array(p.node.inputs[1]) for p in projections], axis=1)  # type: ignore[misc]
+            node = ir.Node(first.domain, "MatMul", [x, _initializer(graph, f"{name}.weight", weight)], name=name)
+        else:
+            inputs: list[ir.Value | None] = [x]
+            for index, what in ((1, "packed"), (2, "scales"), (3, "zero_points")):
+                if index >= len(first.inputs) or first.inputs[index] is None:
+                    inputs.append(None)
+                    continue
+                parts = []
+                for p in projections:
+                    array = _array(p.node.inputs[index])
+                    assert array is not None
+                    n = p.node.attributes.get_int("N", 0)
+                    parts.append(array.reshape(n, *array.shape[1:]) if array.ndim > 1 else array.reshape(n, -1))
+                joined = np.concatenate(parts, axis=0)
+                original = _array(first.inputs[index])
+                assert original is not None
+                if original.ndim == 1:
+                    joined = joined.reshape(-1)
+                inputs.append(_initializer(graph, f"{name}.{what}", joined))
+            while inputs[-1] is None:
+                inputs.pop()
+            attrs = {a.name: a for a in first.attributes.values()}
+            attrs["N"] = ir.AttrInt64("N", sum(p.node.attributes.get_int("N", 0) for p in projections))
+            node = ir.Node(MS_DOMAIN, "MatMulNBits", inputs, list(attrs.values()), name=name)
+        out = node.outputs[0]
+        out.name = f"{name}_out"
+        graph.insert_before(first, node)
+        if projections[0].bias is not None:
+            biases = []
+            for p in projections:
+                assert p.bias is not None
+                constant = next(a for a in map(_array, p.bias.inputs) if a is not None)
+                biases.append(constant.reshape(-1))
+            bias = _initializer(graph, f"{name}.bias", np.concatenate(biases))
+            add = ir.Node("", "Add", [out, bias], name=f"{name}_bias")
+            graph.insert_after(node, add)
+            out = add.outputs[0]
+            out.name = f"{name}_biased"
+        return out
