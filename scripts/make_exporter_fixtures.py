@@ -5,7 +5,8 @@ Face folders with `rotgraph.testing.make_tiny_model` (seeded), creates one venv 
 build/fixture-venvs/ (the tools pin libraries that conflict with the project's), exports each graph with the
 tool's own command line, and writes tests/fixtures/README.md from the graphs it made (ops, inputs, outputs,
 sizes), so the README cannot drift from the files. `--only NAME` remakes some fixtures, `--force-venvs`
-reinstalls the tool venvs. Nothing loads from a model hub (HF_HUB_OFFLINE=1).
+reinstalls the tool venvs, `--venvs-only` only makes the venvs (tests/test_e2e_exporters.py runs the tools
+from them; scripts/test.sh makes them when the e2e tests run). Nothing loads from a model hub (HF_HUB_OFFLINE=1).
 """
 
 from __future__ import annotations
@@ -80,6 +81,8 @@ GENAI = Tool(
     ),
 )
 
+TOOLS = (OPTIMUM, GENAI)
+
 
 @dataclass(frozen=True)
 class Fixture:
@@ -145,16 +148,29 @@ def run(args: list[str], cwd: Path | None = None) -> str:
     return done.stdout
 
 
+def _pins(tool: Tool) -> tuple[Path, str]:
+    """(the stamp file a finished install writes, the pins it must hold)."""
+    return VENVS / tool.name / "fixture-pins.txt", "\n".join(tool.packages) + "\n"
+
+
+def venv_ready(tool: Tool) -> bool:
+    """The tool's venv exists and was installed at its current pins."""
+    stamp, wanted = _pins(tool)
+    return stamp.exists() and stamp.read_text() == wanted and tool.python.exists()
+
+
 def ensure_venv(tool: Tool, force: bool) -> None:
-    stamp = VENVS / tool.name / "fixture-pins.txt"
-    wanted = "\n".join(tool.packages) + "\n"
-    if not force and stamp.exists() and stamp.read_text() == wanted and tool.python.exists():
+    stamp, wanted = _pins(tool)
+    if not force and venv_ready(tool):
         return
     if force:
         shutil.rmtree(VENVS / tool.name, ignore_errors=True)
     VENVS.mkdir(parents=True, exist_ok=True)
     run([sys.executable, "-m", "venv", str(VENVS / tool.name)])
-    run([str(tool.python), "-m", "pip", "install", "-q", "--disable-pip-version-check", *tool.packages])
+    # --no-compile: no .pyc for all of torch and transformers up front (the genai venv took 420 s with them
+    # and 143 s without, one run each on the busy 2-core machine, 2026-11-30); a tool's modules compile on import
+    pip = [str(tool.python), "-m", "pip", "install", "-q", "--disable-pip-version-check", "--no-compile"]
+    run([*pip, *tool.packages])
     stamp.write_text(wanted)
 
 
@@ -351,15 +367,22 @@ def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--only", nargs="*", help="fixture names to remake (default: all)")
     parser.add_argument("--force-venvs", action="store_true", help="reinstall the tool venvs")
+    parser.add_argument(
+        "--venvs-only", action="store_true", help="only create the tool venvs (what the e2e exporter tests run)"
+    )
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(message)s")
+    if args.venvs_only:
+        for tool in TOOLS:
+            ensure_venv(tool, args.force_venvs)
+        return
     only = set(args.only or [])
     FIXTURES.mkdir(parents=True, exist_ok=True)
     for name, (kind, seed) in HF_MODELS.items():
         if not only or name in only:
             make_hf(name, kind, seed)
     versions = {}
-    for tool in (OPTIMUM, GENAI):
+    for tool in TOOLS:
         ensure_venv(tool, args.force_venvs)
         versions[tool.name] = tool_versions(tool)
     for fixture in FIXTURES_MADE:
