@@ -167,8 +167,8 @@ def ensure_venv(tool: Tool, force: bool) -> None:
         shutil.rmtree(VENVS / tool.name, ignore_errors=True)
     VENVS.mkdir(parents=True, exist_ok=True)
     run([sys.executable, "-m", "venv", str(VENVS / tool.name)])
-    # --no-compile: no .pyc for all of torch and transformers up front (the genai venv took 420 s with them
-    # and 143 s without, one run each on the busy 2-core machine, 2026-11-30); a tool's modules compile on import
+    # --no-compile: no byte-compiling of all of torch and transformers up front (a tool's modules compile on
+    # import); timings with and without it are in benchmarks/RESULTS.md (exporters, e2e cost)
     pip = [str(tool.python), "-m", "pip", "install", "-q", "--disable-pip-version-check", "--no-compile"]
     run([*pip, *tool.packages])
     stamp.write_text(wanted)
