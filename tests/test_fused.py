@@ -177,6 +177,31 @@ def test_rope_moved_out_of_the_builder_attention_is_exact_and_takes_r3(name: str
     assert not SplitRotaryPass()(io.load_model(FIXTURES / "optimum-llama" / "model.onnx")).modified
 
 
+@pytest.mark.slow
+def test_kv_cache_quantization_on_the_builder_graph_after_rope_moved_out(tokens, tmp_path) -> None:
+    """The builder graph refuses a quantized KV cache (RoPE inside GroupQueryAttention); after SplitRotaryPass
+    w4a4kv4 quantizes it (keys after RoPE and R3, and values, fake-quantized as they enter the op, which
+    keeps its float cache: 4 projection inputs and K and V per layer), and rotation beats none against the
+    Hugging Face model."""
+    from rotgraph.evaluate import make_session, run_logits
+    from rotgraph.passes.split_rotary import SplitRotaryPass
+    from rotgraph.quantize import QuantOptions, quantize_model
+
+    path = FIXTURES / "genai-llama-fp32" / "model.onnx"
+    reference = torch_logits(FIXTURES / "hf-llama", tokens)
+    kl = {}
+    for rotation in ("none", "quarot"):
+        model = io.load_model(path)
+        SplitRotaryPass()(model)
+        quantize_model(model, QuantOptions("w4a4kv4", rotation=rotation, group=16))
+        assert op_counts(model)["FakeQuant"] == 2 * (4 + 2)
+        out = tmp_path / rotation / "model.onnx"
+        with io.staged_output(out) as staged:
+            io.save_model(model, staged)
+        kl[rotation] = mean_kl(reference, run_logits(make_session(out, "disable"), tokens))
+    assert kl["quarot"] < kl["none"], kl
+
+
 def test_untie_gives_the_builder_embedding_its_own_table() -> None:
     model = io.load_model(FIXTURES / "genai-llama-fp32" / "model.onnx")
     run_passes(model, foldable_form_passes())

@@ -42,10 +42,10 @@ class SplitRotaryPass(ir.passes.InPlacePass):
 
     For every com.microsoft GroupQueryAttention with do_rotary=1 (onnxruntime-genai's builder makes them): a
     packed QKV operand [batch, seq, (heads + 2 kv_heads) * head_dim] is cut by one Split into Q, K and V
-    (`SplitFusedProjectionsPass` then turns the packed projection MatMul into three); Q and K each go, as
-    [batch, heads, seq, head_dim], through a com.microsoft RotaryEmbedding with the op's own cos_cache,
-    sin_cache and rotary_interleaved, and come back to [batch, seq, heads * head_dim] for the op's query and
-    key operands. The op then has do_rotary=0 and no cos/sin caches; everything else (cache, seqlens_k,
+    (`SplitFusedProjectionsPass` then turns the packed projection MatMul into three); Q, K and V each go to
+    [batch, heads, seq, head_dim] and back to [batch, seq, heads * head_dim] for the op's query, key and
+    value operands, Q and K through a com.microsoft RotaryEmbedding on the way (the op's own cos_cache,
+    sin_cache and rotary_interleaved). The head layout is where R3 and KV-cache quantization act. The op then has do_rotary=0 and no cos/sin caches; everything else (cache, seqlens_k,
     total_sequence_length, attention_bias, scale) is left as it was.
 
     Positions are those the kernel derives (onnxruntime's GeneratePositionIds): the op's position_ids
@@ -56,8 +56,9 @@ class SplitRotaryPass(ir.passes.InPlacePass):
     layers see the same tokens).
 
     Guarantees: the same function in onnxruntime (the same rotary kernel at the same positions); RoPE is
-    a node before the op, with head_dim as the last axis of its output, where structure discovery,
-    R3 (`InsertQKHadamardPass`) and KV-cache quantization look for it. Fails (StructureError) where the
+    a node before the op, with head_dim as the last axis of its output, and V passes through the same
+    head layout, where structure discovery, R3 (`InsertQKHadamardPass`) and KV-cache quantization
+    (`QuantizeKVCachePass`, simulated: the op keeps its float cache) look for them. Fails (StructureError) where the
     head size cannot be told from a static query width or the cos cache. Changes nothing in a graph
     without such an op.
     """
@@ -128,14 +129,19 @@ def _split(graph: ir.Graph, node: ir.Node, positions: Callable[[ir.Node, ir.Valu
             _describe(part, node.inputs[QUERY], [count * head_dim])
     interleaved = node.attributes.get_int("rotary_interleaved", 0)
     at = positions(node, query, b)
+    rope = (at, cos, sin, interleaved)
     rotated = [
-        _rotary(b, x, count, head_dim, at, cos, sin, interleaved, f"{node.name}_{name}")
-        for x, count, name in ((query, heads, "q"), (key, kv_heads, "k"))
+        _rotary(b, x, count, head_dim, with_rope, f"{node.name}_{name}")
+        for x, count, with_rope, name in (
+            (query, heads, rope, "q"),
+            (key, kv_heads, rope, "k"),
+            (value, kv_heads, None, "v"),
+        )
     ]
     graph.insert_before(node, b.nodes)
     if len(node.inputs) <= VALUE:
         node.resize_inputs(VALUE + 1)
-    for index, operand in zip((QUERY, KEY, VALUE), (*rotated, value), strict=True):
+    for index, operand in zip((QUERY, KEY, VALUE), rotated, strict=True):
         node.replace_input_with(index, operand)
     node.replace_input_with(COS_CACHE, None)
     node.replace_input_with(SIN_CACHE, None)
@@ -148,24 +154,25 @@ def _rotary(
     x: ir.Value,
     heads: int,
     head_dim: int,
-    positions: ir.Value,
-    cos: ir.Value,
-    sin: ir.Value,
-    interleaved: int,
+    rope: tuple[ir.Value, ir.Value, ir.Value, int] | None,
     name: str,
 ) -> ir.Value:
-    """x [batch, seq, heads * head_dim] -> RoPE at `positions`, applied as [batch, heads, seq, head_dim]
-    (head_dim last, where R3 goes) -> back to [batch, seq, heads * head_dim]."""
+    """x [batch, seq, heads * head_dim] as [batch, heads, seq, head_dim] (head_dim last: where R3 and KV-cache
+    quantization act), through RoPE when `rope` (positions, cos cache, sin cache, interleaved) is given,
+    and back to [batch, seq, heads * head_dim]."""
     split_heads = b.const(f"{name}_heads", np.array([0, 0, heads, head_dim], np.int64))
     merge_heads = b.const(f"{name}_merge", np.array([0, 0, heads * head_dim], np.int64))
-    bnsh = b.op("Transpose", b.op("Reshape", x, split_heads), perm=[0, 2, 1, 3])
-    attributes = [ir.AttrInt64("interleaved", interleaved), ir.AttrInt64("num_heads", heads)]
-    rope = ir.Node(MS_DOMAIN, "RotaryEmbedding", [bnsh, positions, cos, sin], attributes, name=f"{name}_rope")
-    b.nodes.append(rope)
-    rope.outputs[0].name = f"{name}_rope"
-    merged = b.op("Reshape", b.op("Transpose", rope.outputs[0], perm=[0, 2, 1, 3]), merge_heads)
+    current = b.op("Transpose", b.op("Reshape", x, split_heads), perm=[0, 2, 1, 3])
+    if rope is not None:
+        positions, cos, sin, interleaved = rope
+        attributes = [ir.AttrInt64("interleaved", interleaved), ir.AttrInt64("num_heads", heads)]
+        node = ir.Node(MS_DOMAIN, "RotaryEmbedding", [current, positions, cos, sin], attributes, name=f"{name}_rope")
+        b.nodes.append(node)
+        current = node.outputs[0]
+        current.name = f"{name}_rope"
+    _describe(current, x, [heads, None, head_dim], batch_only=True)
+    merged = b.op("Reshape", b.op("Transpose", current, perm=[0, 2, 1, 3]), merge_heads)
     _describe(merged, x, [heads * head_dim])
-    _describe(rope.outputs[0], x, [heads, None, head_dim], batch_only=True)
     return merged
 
 
