@@ -309,6 +309,12 @@ def parser() -> argparse.ArgumentParser:
     q.add_argument("--group", type=int, default=32, help="weight group size along the input axis; 0 = per channel")
     q.add_argument("--asymmetric", action="store_true", help="asymmetric weight grid (UINT codes + zero points)")
     q.add_argument(
+        "--full-range",
+        action="store_true",
+        help="symmetric weights: also try, per group, the scale that puts the largest-magnitude weight on code "
+        "-2^(b-1) (the scale takes the opposite sign), so all 2^b codes are used, as onnxruntime's int4 quantizer does",
+    )
+    q.add_argument(
         "--format",
         choices=["qdq", "ort", "genai"],
         default="qdq",

@@ -4,7 +4,8 @@ Conventions: a weight is given as `wt` with shape [rows, cols] = [out_features, 
 transpose of an ONNX MatMul initializer); groups run along `cols` (the reduction axis), so every
 output channel has one scale (and zero point) per `group_size` inputs, or one in all (per channel).
 Integer codes lie on the grids of `rotgraph.grid`: signed for symmetric grids ([-2^(b-1), 2^(b-1) - 1]) and
-unsigned for asymmetric ones ([0, 2^b - 1]); dequantized value = (code - zero) * scale. Unlike the dynamic
+unsigned for asymmetric ones ([0, 2^b - 1]); dequantized value = (code - zero) * scale (a symmetric scale
+is negative where `WeightSpec.full_range` maps a positive extreme to the code -2^(b-1)). Unlike the dynamic
 quantizer, an all-zero group gets scale 1 (its codes are 0 either way), so every stored scale is a normal
 number in float16 too.
 """
@@ -25,6 +26,10 @@ class WeightSpec:
     symmetric: bool = True
     group_size: int | None = 128  # None: per output channel
     clip_search: bool = True  # try clipping ratios 1.0, 0.95, ..., 0.55 per group, keep the best
+    # symmetric grids: also try the scale that puts the group's largest-magnitude value on the code
+    # -2^(b-1) (the scale takes the opposite sign of that value), so all 2^b codes are used, as onnxruntime's
+    # own int4 quantizer does; kept per group (and clipping ratio) where it lowers the squared error
+    full_range: bool = False
 
     def __post_init__(self) -> None:
         if self.bits not in (4, 8):
@@ -62,8 +67,15 @@ class QuantizedWeight:
 _RATIOS = np.linspace(1.0, 0.55, 10)
 
 
-def _params(x: np.ndarray, spec: WeightSpec, ratio: float | np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    """Scale and zero point for each row of x [..., n] at a clipping ratio."""
+def _params(
+    x: np.ndarray, spec: WeightSpec, ratio: float | np.ndarray, signed: bool = False
+) -> tuple[np.ndarray, np.ndarray]:
+    """Scale and zero point for each row of x [..., n] at a clipping ratio; `signed` (symmetric grids): the
+    row's largest-magnitude value goes to the code qmin (a negative scale when that value is positive)."""
+    if spec.symmetric and signed:
+        extreme = np.take_along_axis(x, np.abs(x).argmax(axis=-1)[..., None], axis=-1)[..., 0] * ratio
+        scale = np.where(extreme != 0, extreme / spec.qmin, 1.0)
+        return scale, np.zeros_like(scale)
     if spec.symmetric:
         amax = np.abs(x).max(axis=-1) * ratio
         scale = np.where(amax > 0, amax / spec.qmax, 1.0)
@@ -81,11 +93,12 @@ def _codes(x: np.ndarray, scale: np.ndarray, zero: np.ndarray, spec: WeightSpec)
 def _group_params(x: np.ndarray, spec: WeightSpec) -> tuple[np.ndarray, np.ndarray]:
     """Best (scale, zero) for each row of x [..., n] over the clipping ratios (squared error)."""
     if not spec.clip_search:
-        return _params(x, spec, 1.0)
+        return _params(x, spec, 1.0, spec.full_range)
     best_err = np.full(x.shape[:-1], np.inf)
     best_scale, best_zero = _params(x, spec, 1.0)
-    for r in _RATIOS:
-        scale, zero = _params(x, spec, r)
+    signs = (False, True) if spec.full_range and spec.symmetric else (False,)
+    for r, signed in ((r, signed) for r in _RATIOS for signed in signs):
+        scale, zero = _params(x, spec, r, signed)
         err = (((_codes(x, scale, zero, spec) - zero[..., None]) * scale[..., None] - x) ** 2).sum(axis=-1)
         better = err < best_err
         best_err = np.where(better, err, best_err)

@@ -79,6 +79,7 @@ class QuantOptions:
     weights: str = "rtn"  # rtn | gptq
     group: int = 32  # 0: per output channel
     symmetric_weights: bool = True
+    full_range: bool = False  # symmetric weights: all 2^b codes, per group where it helps (WeightSpec.full_range)
     act_clip: float | None = None  # None: 0.9 at 4 bits, 1.0 at 8
     kv_clip: float | None = None  # None: 0.95 at 4 bits, 1.0 at 8
     seed: int = 0
@@ -234,9 +235,15 @@ def quantize_stages(
         stages.append(Stage("activations and KV cache", tuple(act)))
     if scheme.weight_bits < 16:
         head_group = options.group if options.head_group is None else options.head_group
-        head_spec = WeightSpec(options.head_bits, True, head_group or None) if options.head_bits < 16 else None
+        head_spec = (
+            WeightSpec(options.head_bits, True, head_group or None, full_range=options.full_range)
+            if options.head_bits < 16
+            else None
+        )
         weights = QuantizeWeightsPass(
-            WeightSpec(scheme.weight_bits, options.symmetric_weights, options.group or None),
+            WeightSpec(
+                scheme.weight_bits, options.symmetric_weights, options.group or None, full_range=options.full_range
+            ),
             options.weights,
             calibration.hessians if calibration is not None and options.weights == "gptq" else None,
             options.damp,

@@ -34,14 +34,18 @@ def _levels_to_float(model: ir.Model) -> None:
             n.attributes["accuracy_level"] = ir.AttrInt64("accuracy_level", 0)
 
 
-@pytest.mark.parametrize("bits", [4, 8])
-def test_gather_block_quantized_rows_are_the_numpy_dequantized_rows(tiny, tmp_path, bits: int) -> None:
+@pytest.mark.parametrize(("bits", "full_range"), [(4, False), (8, False), (4, True)])
+def test_gather_block_quantized_rows_are_the_numpy_dequantized_rows(
+    tiny, tmp_path, bits: int, full_range: bool
+) -> None:
     """The embedding's GatherBlockQuantized, reading the lm_head's MatMulNBits codes through a Reshape,
-    returns quantize_rtn's dequantized rows of the float table for every token id."""
+    returns quantize_rtn's dequantized rows of the float table for every token id (negative scales too)."""
     _, path = tiny("llama", "dynamo")
-    expected = quantize_rtn(_float_table(path), WeightSpec(bits, True, 16)).dequantize()
+    expected = quantize_rtn(_float_table(path), WeightSpec(bits, True, 16, full_range=full_range)).dequantize()
     model = io.load_model(path)
-    options = QuantOptions(scheme="w4a16", rotation="none", group=16, fmt="ort", head_bits=bits, shared_head=True)
+    options = QuantOptions(
+        scheme="w4a16", rotation="none", group=16, fmt="ort", head_bits=bits, shared_head=True, full_range=full_range
+    )
     quantize_model(model, options)
     ops = [n.op_type for n in model.graph]
     assert ops.count("GatherBlockQuantized") == 1 and ops.count("MatMulNBits") == 15  # 14 projections + lm_head
@@ -105,3 +109,21 @@ def test_embedding_map_recovers_the_map_and_refuses_an_unrelated_head() -> None:
 def test_a_float_shared_head_is_refused_before_any_work() -> None:
     with pytest.raises(RotgraphError, match="--head-bits 4 or 8"):
         QuantOptions(head_bits=16, shared_head=True)
+
+
+def test_full_range_uses_every_code_and_never_raises_the_error() -> None:
+    """Per group, the full-range search keeps the old scale unless the signed one (the extreme on code -8)
+    quantizes the group with less squared error; both dequantize from codes on the 4-bit grid."""
+    rng = np.random.default_rng(3)
+    w = rng.standard_normal((64, 96)) * rng.uniform(0.1, 3.0, size=(64, 1))
+    plain = quantize_rtn(w, WeightSpec(4, True, 32))
+    full = quantize_rtn(w, WeightSpec(4, True, 32, full_range=True))
+    error = [((q.dequantize() - w) ** 2).reshape(64, 3, 32).sum(-1) for q in (plain, full)]
+    assert (error[1] <= error[0] + 1e-12).all() and error[1].sum() < 0.95 * error[0].sum()
+    assert full.codes.min() >= -8 and full.codes.max() <= 7 and (full.scales < 0).any()
+    # without the clipping search every group's largest-magnitude weight sits on code -8, dequantized exactly
+    exact = quantize_rtn(w, WeightSpec(4, True, 32, clip_search=False, full_range=True))
+    at = np.abs(w.reshape(64, 3, 32)).argmax(-1)[..., None]
+    assert (np.take_along_axis(exact.codes.reshape(64, 3, 32), at, -1) == -8).all()
+    extreme = np.take_along_axis(w.reshape(64, 3, 32), at, -1)
+    np.testing.assert_allclose(np.take_along_axis(exact.dequantize().reshape(64, 3, 32), at, -1), extreme, rtol=1e-12)
