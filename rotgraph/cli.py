@@ -90,6 +90,8 @@ def quant_options(args: argparse.Namespace) -> QuantOptions:
         fmt=args.format,
         act_order=not args.no_act_order,
         fused_attention=not args.eager_attention,
+        activations=args.activations or ("static" if args.format == "qdq" else "dynamic"),
+        opset=args.opset if args.opset is not None or args.format != "qdq" else 23,
     )
 
 
@@ -354,6 +356,20 @@ def parser() -> argparse.ArgumentParser:
         "--calibration-windows", type=int, default=32, help="GPTQ/SmoothQuant: 512-token windows of calibration text"
     )
     q.add_argument("--text", help="calibration text (default: the calibration split of the Wikipedia excerpt)")
+    q.add_argument(
+        "--activations",
+        choices=["static", "dynamic"],
+        help="qdq: static per-tensor Q/DQ scales calibrated on the calibration windows (default) or dynamic "
+        "per-token scales at run time (ort: dynamic)",
+    )
+    q.add_argument("--act-symmetric", action="store_true", help="static: signed codes (default: uint8 + zero point)")
+    q.add_argument("--calibration", choices=["minmax", "percentile", "entropy"], default="minmax", help="static ranges")
+    q.add_argument(
+        "--opset",
+        type=int,
+        help="qdq: standard ONNX only (no functions or custom ops) at opset 17-23 (default 23); below 23 "
+        "RMSNorm is decomposed, below 21 no 4-bit types or weight groups (--group 0)",
+    )
     q.set_defaults(func=cmd_quantize)
 
     v = sub.add_parser("eval", help="perplexity, KL and top-1 agreement to the first model")

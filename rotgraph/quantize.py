@@ -31,6 +31,8 @@ from rotgraph.passes.restore_ort_norms import RestoreOrtNormsPass
 from rotgraph.passes.rotary_attention import RotaryIntoAttentionPass
 from rotgraph.passes.shared_kv_buffer import SharedKVBufferPass
 from rotgraph.passes.smooth import SmoothQuantPass
+from rotgraph.passes.standard_ops import INT4_OPSET, REDUCE_AXES_INPUT_OPSET, StandardOpsPass, check_opset
+from rotgraph.passes.static_activations import CalibrateActivationsPass, Ranges, StaticActivationsPass, StaticSpec
 from rotgraph.pipeline import (
     RotateOptions,
     canonical_form_passes,
@@ -95,6 +97,12 @@ class QuantOptions:
     text: str | None = None
     context_length: int | None = None  # ort/genai: positions RoPE inside attention covers; None: 4096
     deployment_fusion: bool = True  # ort/genai: RoPE into GroupQueryAttention, packed QKV, fused norms
+    activations: str = "dynamic"  # dynamic: per token at run time | static: calibrated per-tensor Q/DQ (qdq)
+    # static: unsigned codes + zero point (onnxruntime's CPU integer kernels take uint8 activations where
+    # one input feeds several MatMuls); True: signed codes, zero point 0
+    act_symmetric: bool = False
+    calibration: str = "minmax"  # static ranges: minmax | percentile | entropy (onnxruntime's histograms)
+    opset: int | None = None  # qdq: standard ONNX only (no functions) at this opset; None: rotgraph's functions
 
     def __post_init__(self) -> None:
         """Refuse bad options before any model is loaded or calibrated."""
@@ -118,6 +126,35 @@ class QuantOptions:
             raise RotgraphError("a shared embedding and lm_head is quantized: pass --head-bits 4 or 8")
         if self.head_group is not None and self.head_group < 0:
             raise RotgraphError("head group must be >= 0 (0: per channel)")
+        self._check_standard(Scheme.parse(self.scheme))
+
+    def _check_standard(self, scheme: Scheme) -> None:
+        """Refuse static activations and opsets the format or the scheme cannot have."""
+        if self.activations not in ("static", "dynamic"):
+            raise RotgraphError(f"activations {self.activations!r}: expected static or dynamic")
+        StaticSpec(8, self.act_symmetric, self.calibration)  # refuses an unknown calibration method
+        if self.fmt != "qdq" and (self.activations == "static" or self.opset is not None):
+            raise RotgraphError(f"static activations and --opset are for the qdq format, not {self.fmt}")
+        if self.opset is None:
+            return
+        check_opset(self.opset)
+        static = self.activations == "static"
+        bits = {"weights": scheme.weight_bits}
+        if static:  # dynamic quantizers compute in float: only their storage has bits
+            bits |= {"activations": scheme.act_bits, "KV cache": scheme.kv_bits or 16}
+        four = [what for what, b in bits.items() if b == 4]
+        if self.opset < INT4_OPSET and four:
+            raise RotgraphError(
+                f"opset {self.opset} has no 4-bit types (INT4 arrives in opset {INT4_OPSET}): 4-bit "
+                f"{' and '.join(four)} need --opset {INT4_OPSET} or more, or an 8-bit scheme"
+            )
+        if self.opset < INT4_OPSET and self.group and scheme.weight_bits < 16:
+            raise RotgraphError(
+                f"opset {self.opset}: block-wise weight scales (--group {self.group}) need opset {INT4_OPSET}; "
+                "pass --group 0 (per channel)"
+            )
+        if self.opset < REDUCE_AXES_INPUT_OPSET and scheme.kv_bits == 4 and not static:
+            raise RotgraphError(f"opset {self.opset}: the dynamic 4-bit KV cache packs codes with opset-18 bit ops")
 
 
 @dataclass(frozen=True)
@@ -230,7 +267,8 @@ def quantize_stages(
     attentions: list[Attention] = []
     if fused:  # found before the weights change form (discovery reads MatMul projections)
         stages.append(Stage("find attention to fuse", (FindFusableAttentionPass(attentions),)))
-    act = activation_passes(scheme, options.act_clip, options.kv_clip, skip_int8=ort_int8)
+    static = options.activations == "static"
+    act = [] if static else activation_passes(scheme, options.act_clip, options.kv_clip, skip_int8=ort_int8)
     if act:
         stages.append(Stage("activations and KV cache", tuple(act)))
     if scheme.weight_bits < 16:
@@ -264,8 +302,37 @@ def quantize_stages(
             PackQKVPass(),
         )
         stages.append(Stage("deployment fusion", lean + ((SharedKVBufferPass(),) if options.fmt == "genai" else ())))
-    stages.append(Stage("clean-up", (restore_norms(options), RemoveUnusedNodesPass())))
+    if static and (passes := static_activation_passes(options, calibration, scratch)):
+        # after the weights: discovery does not look through activation Q/DQ pairs, and the ranges are
+        # those the quantized weights produce
+        stages.append(Stage("static activations and KV cache", tuple(passes)))
+    if options.opset is None:
+        stages.append(Stage("clean-up", (restore_norms(options), RemoveUnusedNodesPass())))
+    else:  # onnxruntime's fused norms are not standard ONNX: they stay expanded
+        stages.append(Stage("clean-up", (RemoveUnusedNodesPass(),)))
+        stages.append(Stage(f"standard ONNX at opset {options.opset}", (StandardOpsPass(options.opset),)))
     return stages
+
+
+def static_activation_passes(
+    options: QuantOptions, calibration: Calibration | None, scratch: Path | None
+) -> list[ir.passes.PassBase]:
+    """Calibrate per-tensor ranges of the projection inputs (and of the keys and values with a kv
+    scheme, asymmetric) on the calibration windows, then insert QuantizeLinear/DequantizeLinear pairs."""
+    scheme = Scheme.parse(options.scheme)
+    if scheme.act_bits == 16 and scheme.kv_bits is None:
+        return []
+    if scheme.act_bits == 16:
+        raise RotgraphError(f"{options.scheme}: static quantization of the KV cache alone is not supported")
+    if calibration is None:
+        raise RotgraphError("static activation scales need calibration tokens")
+    spec = StaticSpec(scheme.act_bits, options.act_symmetric, options.calibration)
+    kv = StaticSpec(scheme.kv_bits, False, options.calibration) if scheme.kv_bits is not None else None
+    ranges: Ranges = {}
+    return [
+        CalibrateActivationsPass(ranges, calibration.tokens, spec, kv is not None, scratch),
+        StaticActivationsPass(ranges, spec, kv),
+    ]
 
 
 def quantize_model(
@@ -350,7 +417,7 @@ def quantize(
     io.check_output_path([input_path], output)
     model = io.load_model(input_path)
     check_inputs(model)
-    needs_text = options.weights == "gptq" or options.smooth is not None
+    needs_text = options.weights == "gptq" or options.smooth is not None or options.activations == "static"
     calibration = calibration_tokens(input_path, options) if needs_text else None
     found = None
     with io.staged_output(output) as staged:

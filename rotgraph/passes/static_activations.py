@@ -1,0 +1,210 @@
+"""Static activation quantization: QuantizeLinear/DequantizeLinear pairs with calibrated constant scales.
+
+Two passes share one table of sites (`static_sites`): `CalibrateActivationsPass` measures the range of
+each site on calibration windows (one probe run through onnxruntime, `rotgraph.probe`), and
+`StaticActivationsPass` inserts a Q/DQ pair per site with the scale and zero point of that range.
+
+Sites are keyed by structure, as `rotgraph.calibrate` keys them: (block, "qkv" | "o" | "gate_up" |
+"down") for the projection inputs (after any online Hadamard, so the rotated values are measured and
+quantized) and (block, "k" | "v") for the keys after RoPE (and after R3) and the values in head
+layout, where a KV cache stores them. The key survives the passes that run between calibration and
+insertion.
+
+Ranges: "minmax" is the running minimum and maximum; "percentile" and "entropy" are onnxruntime's own
+histogram calibration (`onnxruntime.quantization.calibrate.HistogramCollector`, with the bins and
+percentile of its `PercentileCalibrater` and `EntropyCalibrater`), fed with the probed arrays. rotgraph
+collects the tensors itself rather than through onnxruntime's calibrater classes because those need a
+model file and augment it with their own outputs, while the model here lives in memory with lazily
+computed weights (the probe materializes them once into scratch) and its sites are structural.
+
+Scales and zero points are those of `rotgraph.grid` applied to a range instead of a group: symmetric
+scale = max|x| / qmax on the signed grid with zero point 0; asymmetric scale = (hi - lo) / qmax on the
+unsigned grid over the range widened to contain 0, zero = round(-lo / scale).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import io
+import logging
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import onnx_ir as ir
+
+from rotgraph import grid
+from rotgraph.calibrate import Site, projection_inputs
+from rotgraph.errors import RotgraphError, StructureError
+from rotgraph.probe import probe
+from rotgraph.structure import discover, is_hadamard
+from rotgraph.weights import new_initializer
+
+logger = logging.getLogger(__name__)
+
+METHODS = ("minmax", "percentile", "entropy")
+# onnxruntime's calibrater defaults (PercentileCalibrater, EntropyCalibrater)
+_HISTOGRAM = {
+    "percentile": {"num_bins": 2048, "num_quantized_bins": 128, "percentile": 99.999},
+    "entropy": {"num_bins": 128, "num_quantized_bins": 128, "percentile": 99.999},
+}
+
+
+@dataclass(frozen=True)
+class StaticSpec:
+    """A static per-tensor quantizer: `bits` (4 or 8), symmetric (signed codes, zero point 0) or not
+    (unsigned codes and a zero point), and the calibration method that chooses its range."""
+
+    bits: int
+    symmetric: bool = True
+    method: str = "minmax"
+
+    def __post_init__(self) -> None:
+        if self.bits not in (4, 8):
+            raise RotgraphError(f"static activations have 4 or 8 bits, not {self.bits}")
+        if self.method not in METHODS:
+            raise RotgraphError(f"calibration method {self.method!r}: expected one of {', '.join(METHODS)}")
+
+    @property
+    def code_type(self) -> ir.DataType:
+        if self.bits == 4:
+            return ir.DataType.INT4 if self.symmetric else ir.DataType.UINT4
+        return ir.DataType.INT8 if self.symmetric else ir.DataType.UINT8
+
+    def params(self, lo: float, hi: float) -> tuple[np.float32, int]:
+        """Scale (float32) and zero point of the range [lo, hi]."""
+        qmax = grid.qmax(self.bits, self.symmetric)
+        if self.symmetric:
+            return np.float32(max(max(abs(lo), abs(hi)) / qmax, grid.EPS)), 0
+        lo, hi = min(lo, 0.0), max(hi, 0.0)
+        scale = np.float32(max((hi - lo) / qmax, grid.EPS))
+        return scale, int(np.clip(np.round(-lo / np.float64(scale)), 0, qmax))
+
+    def reference(self, x: np.ndarray, scale: np.float32, zero: int) -> np.ndarray:
+        """QuantizeLinear then DequantizeLinear in numpy (float32, round half to even)."""
+        lo, hi = grid.qmin(self.bits, self.symmetric), grid.qmax(self.bits, self.symmetric)
+        q = np.clip(np.round(x.astype(np.float32) / scale) + zero, lo, hi)
+        return ((q - zero) * scale).astype(np.float32)
+
+
+def static_sites(model: ir.Model, kv: bool) -> dict[Site, ir.Value]:
+    """The values to quantize, keyed by site: every block's projection inputs and, with `kv`, its keys
+    (after RoPE and after R3 when present) and values in head layout."""
+    desc = discover(model)
+    sites = {site: lin.input for site, lin in projection_inputs(desc).items()}
+    if kv:
+        for block in desc.blocks:
+            a = block.attention
+            if a.k_rope is None or a.v_cache is None:
+                raise StructureError(f"block {block.index}: cannot find where keys and values enter the cache")
+            hadamards = [c for c in a.k_rope.consumers() if is_hadamard(c)]
+            sites[block.index, "k"] = hadamards[0].outputs[0] if hadamards else a.k_rope
+            sites[block.index, "v"] = a.v_cache
+    return sites
+
+
+Ranges = dict[Site, tuple[float, float]]
+
+
+def measure_ranges(
+    model: ir.Model, sites: dict[Site, ir.Value], tokens: np.ndarray, spec: StaticSpec, scratch: Path | None = None
+) -> Ranges:
+    """(lo, hi) of each site over all windows of `tokens`, by `spec.method`."""
+    keys = list(sites)
+    names = [f"{k[0]}/{k[1]}" for k in keys]
+    outputs = probe(
+        model, [sites[k] for k in keys], tokens, scratch=scratch, optimization="basic", what="calibrate (static)"
+    )
+    if spec.method == "minmax":
+        lo = dict.fromkeys(names, np.inf)
+        hi = dict.fromkeys(names, -np.inf)
+        for outs in outputs:
+            for name, x in zip(names, outs, strict=True):
+                lo[name], hi[name] = min(lo[name], float(x.min())), max(hi[name], float(x.max()))
+        found = {name: (lo[name], hi[name]) for name in names}
+    else:
+        from onnxruntime.quantization.calibrate import HistogramCollector
+
+        collector = HistogramCollector(spec.method, spec.symmetric, scenario="same", **_HISTOGRAM[spec.method])
+        with contextlib.redirect_stdout(io.StringIO()):  # the collector prints its progress
+            for outs in outputs:
+                collector.collect({name: [np.asarray(x, np.float32)] for name, x in zip(names, outs, strict=True)})
+            result = collector.compute_collection_result()
+        found = {name: (float(result[name][0]), float(result[name][1])) for name in names}
+    for name, (lo_v, hi_v) in found.items():
+        if not (np.isfinite(lo_v) and np.isfinite(hi_v)):
+            raise RotgraphError(f"calibration: the range of {name} is not finite ({lo_v}, {hi_v})")
+    logger.info("static %s ranges of %d sites on %d windows", spec.method, len(keys), len(tokens))
+    return {key: found[name] for key, name in zip(keys, names, strict=True)}
+
+
+class CalibrateActivationsPass(ir.passes.InPlacePass):
+    """Measure the range of every static site (`static_sites`) on `tokens` and store it in `ranges`
+    (filled in place: later stages hold this very dict). Rewrites nothing; in-memory weights may move
+    into `scratch` (see `rotgraph.probe.materialize`)."""
+
+    def __init__(
+        self, ranges: Ranges, tokens: np.ndarray, spec: StaticSpec, kv: bool, scratch: Path | None = None
+    ) -> None:
+        super().__init__()
+        self.ranges, self.tokens, self.spec, self.kv, self.scratch = ranges, tokens, spec, kv, scratch
+
+    def call(self, model: ir.Model) -> ir.passes.PassResult:
+        if self.tokens.size == 0:
+            raise RotgraphError("static activation scales need calibration tokens")
+        self.ranges.clear()
+        self.ranges.update(measure_ranges(model, static_sites(model, self.kv), self.tokens, self.spec, self.scratch))
+        return ir.passes.PassResult(model, False)
+
+
+def insert_qdq(model: ir.Model, value: ir.Value, spec: StaticSpec, scale: np.float32, zero: int, name: str) -> None:
+    """codes = QuantizeLinear(value, scale, zero) with constant per-tensor scale and zero point, and one
+    DequantizeLinear(codes, scale, zero) per consumer of `value`, which reads it instead (the form QDQ
+    compilers fuse: each DQ belongs to one node)."""
+    graph = model.graph
+    uses = list(value.uses())
+    dtype = value.dtype or ir.DataType.FLOAT
+    s = new_initializer(graph, f"{name}.act_scale", ir.Tensor(np.array(scale, dtype=dtype.numpy()), name=""))
+    z_store = np.array(zero, dtype=np.int8 if spec.symmetric else np.uint8)
+    z = new_initializer(graph, f"{name}.act_zero", ir.Tensor(z_store, dtype=spec.code_type, name=""))
+    q = ir.Node("", "QuantizeLinear", [value, s, z], name=f"{name}.act_quantize")
+    codes = q.outputs[0]
+    codes.name, codes.type, codes.shape = f"{name}.act_codes", ir.TensorType(spec.code_type), value.shape
+    nodes = [q]
+    for i, use in enumerate(uses):
+        suffix = f"_{i}" if i else ""
+        dq = ir.Node("", "DequantizeLinear", [codes, s, z], name=f"{name}.act_dequantize{suffix}")
+        out = dq.outputs[0]
+        out.name, out.type, out.shape = f"{name}.act_dequantized{suffix}", value.type, value.shape
+        use.node.replace_input_with(use.idx, out)
+        nodes.append(dq)
+    producer = value.producer()
+    if producer is not None:
+        graph.insert_after(producer, nodes)
+    else:
+        graph.insert_before(graph[0], nodes)
+
+
+class StaticActivationsPass(ir.passes.InPlacePass):
+    """Insert a QuantizeLinear/DequantizeLinear pair with constant per-tensor scale and zero point on
+    every projection input (`spec`) and, with `kv_spec`, on the keys and values the cache stores.
+
+    `ranges` holds each site's calibrated range (`CalibrateActivationsPass`; it may be filled after
+    this pass is constructed). Guarantees: each site is quantized once, with the scale of its own
+    range; lm_head's input stays float; every inserted op is standard ONNX (int4 codes need opset 21).
+    """
+
+    def __init__(self, ranges: Ranges, spec: StaticSpec, kv_spec: StaticSpec | None = None) -> None:
+        super().__init__()
+        self.ranges, self.spec, self.kv_spec = ranges, spec, kv_spec
+
+    def call(self, model: ir.Model) -> ir.passes.PassResult:
+        sites = static_sites(model, self.kv_spec is not None)
+        for site, value in sites.items():
+            if site not in self.ranges:
+                raise RotgraphError(f"block {site[0]} {site[1]}: no calibrated range (run CalibrateActivationsPass)")
+            spec = self.kv_spec if site[1] in ("k", "v") and self.kv_spec is not None else self.spec
+            scale, zero = spec.params(*self.ranges[site])
+            insert_qdq(model, value, spec, scale, zero, f"layers.{site[0]}.{site[1]}")
+        logger.info("static per-tensor %d-bit activation quantization on %d sites", self.spec.bits, len(sites))
+        return ir.passes.PassResult(model, True)
