@@ -66,6 +66,35 @@ def test_qdq_output_is_standard_onnx(tiny, tmp_path, options: dict, with_past: b
     assert np.isfinite(ort_logits(out, CALIBRATION[:1, :16])).all()
 
 
+def test_keys_and_values_get_a_range_per_kv_head(tiny, tmp_path) -> None:
+    """With three KV heads, keys and values are quantized along axis 1 (three scales and zero points);
+    each value head's scale is that of its own range, measured independently on the V projection output
+    of the Hugging Face model over the same windows."""
+    folder, path = tiny("llama", "dynamo", num_key_value_heads=3)
+    model = io.load_model(path)
+    options = QuantOptions("w16a8kv8", rotation="none", activations="static", opset=21)  # float weights
+    quantize_model(model, options, CALIBRATION)
+    out = tmp_path / "kv" / "model.onnx"
+    out.parent.mkdir()
+    io.save_model(model, out)
+    for node in onnx.load(str(out)).graph.node:
+        if node.name.endswith((".k.act_quantize", ".v.act_quantize")):
+            assert [(a.name, a.i) for a in node.attribute] == [("axis", 1)]
+    from transformers import AutoModelForCausalLM
+
+    hf = AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32, attn_implementation="eager").eval()
+    outputs: list[np.ndarray] = []
+    hf.model.layers[0].self_attn.v_proj.register_forward_hook(lambda _m, _a, y: outputs.append(y.numpy()))
+    with torch.no_grad():
+        for row in CALIBRATION:
+            hf(input_ids=torch.from_numpy(row[None, :]), use_cache=False)
+    v = np.concatenate(outputs, axis=1).reshape(-1, 3, hf.config.head_dim).astype(np.float64)
+    lo, hi = np.minimum(v.min(axis=(0, 2)), 0), np.maximum(v.max(axis=(0, 2)), 0)
+    np.testing.assert_allclose(initializer(out, "layers.0.v.act_scale"), (hi - lo) / 255, rtol=1e-5)
+    np.testing.assert_array_equal(initializer(out, "layers.0.v.act_zero"), np.round(-lo / ((hi - lo) / 255)))
+    assert np.isfinite(ort_logits(out, CALIBRATION[:1, :16])).all()
+
+
 def _projection_inputs(folder: Path, tokens: np.ndarray) -> dict[tuple[int, str], list[np.ndarray]]:
     """Inputs of each block's q, o, gate and down projections in the Hugging Face model (torch hooks)."""
     from transformers import AutoModelForCausalLM

@@ -10,6 +10,10 @@ quantized) and (block, "k" | "v") for the keys after RoPE (and after R3) and the
 layout, where a KV cache stores them. The key survives the passes that run between calibration and
 insertion.
 
+Granularity: one range per projection input (per tensor, what an integer MatMul's activation operand
+takes) and one per KV head for keys and values (per channel along the head axis, QuantizeLinear axis 1:
+attention reads each head on its own).
+
 Ranges: "minmax" is the running minimum and maximum; "percentile" and "entropy" are onnxruntime's own
 histogram calibration (`onnxruntime.quantization.calibrate.HistogramCollector`, with the bins and
 percentile of its `PercentileCalibrater` and `EntropyCalibrater`), fed with the probed arrays. rotgraph
@@ -52,7 +56,7 @@ _HISTOGRAM = {
 
 @dataclass(frozen=True)
 class StaticSpec:
-    """A static per-tensor quantizer: `bits` (4 or 8), symmetric (signed codes, zero point 0) or not
+    """A static quantizer: `bits` (4 or 8), symmetric (signed codes, zero point 0) or not
     (unsigned codes and a zero point), and the calibration method that chooses its range."""
 
     bits: int
@@ -71,20 +75,16 @@ class StaticSpec:
             return ir.DataType.INT4 if self.symmetric else ir.DataType.UINT4
         return ir.DataType.INT8 if self.symmetric else ir.DataType.UINT8
 
-    def params(self, lo: float, hi: float) -> tuple[np.float32, int]:
-        """Scale (float32) and zero point of the range [lo, hi]."""
+    def params(self, lo: np.ndarray, hi: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """Scales (float32) and zero points (int64) of the ranges [lo, hi] (scalars, or one per channel)."""
         qmax = grid.qmax(self.bits, self.symmetric)
+        lo, hi = np.asarray(lo, np.float64), np.asarray(hi, np.float64)
         if self.symmetric:
-            return np.float32(max(max(abs(lo), abs(hi)) / qmax, grid.EPS)), 0
-        lo, hi = min(lo, 0.0), max(hi, 0.0)
-        scale = np.float32(max((hi - lo) / qmax, grid.EPS))
-        return scale, int(np.clip(np.round(-lo / np.float64(scale)), 0, qmax))
-
-    def reference(self, x: np.ndarray, scale: np.float32, zero: int) -> np.ndarray:
-        """QuantizeLinear then DequantizeLinear in numpy (float32, round half to even)."""
-        lo, hi = grid.qmin(self.bits, self.symmetric), grid.qmax(self.bits, self.symmetric)
-        q = np.clip(np.round(x.astype(np.float32) / scale) + zero, lo, hi)
-        return ((q - zero) * scale).astype(np.float32)
+            scale = np.maximum(np.maximum(np.abs(lo), np.abs(hi)) / qmax, grid.EPS).astype(np.float32)
+            return scale, np.zeros(scale.shape, np.int64)
+        lo, hi = np.minimum(lo, 0.0), np.maximum(hi, 0.0)
+        scale = np.maximum((hi - lo) / qmax, grid.EPS).astype(np.float32)
+        return scale, np.clip(np.round(-lo / scale.astype(np.float64)), 0, qmax).astype(np.int64)
 
 
 def static_sites(model: ir.Model, kv: bool) -> dict[Site, ir.Value]:
@@ -103,39 +103,60 @@ def static_sites(model: ir.Model, kv: bool) -> dict[Site, ir.Value]:
     return sites
 
 
-Ranges = dict[Site, tuple[float, float]]
+Ranges = dict[Site, tuple[np.ndarray, np.ndarray]]  # (lo, hi): scalars, or one per KV head
+HEAD_AXIS = 1  # keys and values are [batch, kv_heads, seq, head_dim]: a range per head
+
+
+def _pieces(name: str, x: np.ndarray, per_head: bool) -> dict[str, np.ndarray]:
+    """What one range is measured on: the whole tensor, or each KV head's slice."""
+    if not per_head:
+        return {name: x}
+    return {f"{name}/{h}": np.take(x, h, axis=HEAD_AXIS) for h in range(x.shape[HEAD_AXIS])}
 
 
 def measure_ranges(
     model: ir.Model, sites: dict[Site, ir.Value], tokens: np.ndarray, spec: StaticSpec, scratch: Path | None = None
 ) -> Ranges:
-    """(lo, hi) of each site over all windows of `tokens`, by `spec.method`."""
+    """(lo, hi) of each site over all windows of `tokens`, by `spec.method`: one range per projection
+    input, one per KV head for keys and values."""
     keys = list(sites)
     names = [f"{k[0]}/{k[1]}" for k in keys]
+    per_head = [k[1] in ("k", "v") for k in keys]
     outputs = probe(
         model, [sites[k] for k in keys], tokens, scratch=scratch, optimization="basic", what="calibrate (static)"
     )
+    pieces = (
+        {p: a for n, x, h in zip(names, outs, per_head, strict=True) for p, a in _pieces(n, x, h).items()}
+        for outs in outputs
+    )
+    found: dict[str, tuple[float, float]] = {}
     if spec.method == "minmax":
-        lo = dict.fromkeys(names, np.inf)
-        hi = dict.fromkeys(names, -np.inf)
-        for outs in outputs:
-            for name, x in zip(names, outs, strict=True):
-                lo[name], hi[name] = min(lo[name], float(x.min())), max(hi[name], float(x.max()))
-        found = {name: (lo[name], hi[name]) for name in names}
+        for window in pieces:
+            for name, x in window.items():
+                lo, hi = found.get(name, (np.inf, -np.inf))
+                found[name] = (min(lo, float(x.min())), max(hi, float(x.max())))
     else:
         from onnxruntime.quantization.calibrate import HistogramCollector
 
         collector = HistogramCollector(spec.method, spec.symmetric, scenario="same", **_HISTOGRAM[spec.method])
         with contextlib.redirect_stdout(io.StringIO()):  # the collector prints its progress
-            for outs in outputs:
-                collector.collect({name: [np.asarray(x, np.float32)] for name, x in zip(names, outs, strict=True)})
+            for window in pieces:
+                collector.collect({name: [np.asarray(x, np.float32)] for name, x in window.items()})
             result = collector.compute_collection_result()
-        found = {name: (float(result[name][0]), float(result[name][1])) for name in names}
+        found = {name: (float(r[0]), float(r[1])) for name, r in result.items()}
     for name, (lo_v, hi_v) in found.items():
         if not (np.isfinite(lo_v) and np.isfinite(hi_v)):
             raise RotgraphError(f"calibration: the range of {name} is not finite ({lo_v}, {hi_v})")
     logger.info("static %s ranges of %d sites on %d windows", spec.method, len(keys), len(tokens))
-    return {key: found[name] for key, name in zip(keys, names, strict=True)}
+    ranges: Ranges = {}
+    for key, name, head in zip(keys, names, per_head, strict=True):
+        if head:
+            heads = sum(p.startswith(f"{name}/") for p in found)
+            parts = np.array([found[f"{name}/{h}"] for h in range(heads)])  # [heads, 2]
+            ranges[key] = (parts[:, 0], parts[:, 1])
+        else:
+            ranges[key] = (np.asarray(found[name][0]), np.asarray(found[name][1]))
+    return ranges
 
 
 class CalibrateActivationsPass(ir.passes.InPlacePass):
@@ -157,23 +178,27 @@ class CalibrateActivationsPass(ir.passes.InPlacePass):
         return ir.passes.PassResult(model, False)
 
 
-def insert_qdq(model: ir.Model, value: ir.Value, spec: StaticSpec, scale: np.float32, zero: int, name: str) -> None:
-    """codes = QuantizeLinear(value, scale, zero) with constant per-tensor scale and zero point, and one
+def insert_qdq(
+    model: ir.Model, value: ir.Value, spec: StaticSpec, scale: np.ndarray, zero: np.ndarray, name: str
+) -> None:
+    """codes = QuantizeLinear(value, scale, zero) with constant scale and zero point (scalars, or one per
+    KV head along axis 1), and one
     DequantizeLinear(codes, scale, zero) per consumer of `value`, which reads it instead (the form QDQ
     compilers fuse: each DQ belongs to one node)."""
     graph = model.graph
     uses = list(value.uses())
     dtype = value.dtype or ir.DataType.FLOAT
-    s = new_initializer(graph, f"{name}.act_scale", ir.Tensor(np.array(scale, dtype=dtype.numpy()), name=""))
-    z_store = np.array(zero, dtype=np.int8 if spec.symmetric else np.uint8)
+    s = new_initializer(graph, f"{name}.act_scale", ir.Tensor(scale.astype(dtype.numpy()), name=""))
+    z_store = zero.astype(np.int8 if spec.symmetric else np.uint8)
     z = new_initializer(graph, f"{name}.act_zero", ir.Tensor(z_store, dtype=spec.code_type, name=""))
-    q = ir.Node("", "QuantizeLinear", [value, s, z], name=f"{name}.act_quantize")
+    attrs = [ir.AttrInt64("axis", HEAD_AXIS)] if scale.ndim else []
+    q = ir.Node("", "QuantizeLinear", [value, s, z], attrs, name=f"{name}.act_quantize")
     codes = q.outputs[0]
     codes.name, codes.type, codes.shape = f"{name}.act_codes", ir.TensorType(spec.code_type), value.shape
     nodes = [q]
     for i, use in enumerate(uses):
         suffix = f"_{i}" if i else ""
-        dq = ir.Node("", "DequantizeLinear", [codes, s, z], name=f"{name}.act_dequantize{suffix}")
+        dq = ir.Node("", "DequantizeLinear", [codes, s, z], attrs, name=f"{name}.act_dequantize{suffix}")
         out = dq.outputs[0]
         out.name, out.type, out.shape = f"{name}.act_dequantized{suffix}", value.type, value.shape
         use.node.replace_input_with(use.idx, out)
@@ -186,8 +211,9 @@ def insert_qdq(model: ir.Model, value: ir.Value, spec: StaticSpec, scale: np.flo
 
 
 class StaticActivationsPass(ir.passes.InPlacePass):
-    """Insert a QuantizeLinear/DequantizeLinear pair with constant per-tensor scale and zero point on
-    every projection input (`spec`) and, with `kv_spec`, on the keys and values the cache stores.
+    """Insert a QuantizeLinear/DequantizeLinear pair with constant scale and zero point on every
+    projection input (`spec`, per tensor) and, with `kv_spec`, on the keys and values the cache stores
+    (per KV head).
 
     `ranges` holds each site's calibrated range (`CalibrateActivationsPass`; it may be filled after
     this pass is constructed). Guarantees: each site is quantized once, with the scale of its own
@@ -206,5 +232,5 @@ class StaticActivationsPass(ir.passes.InPlacePass):
             spec = self.kv_spec if site[1] in ("k", "v") and self.kv_spec is not None else self.spec
             scale, zero = spec.params(*self.ranges[site])
             insert_qdq(model, value, spec, scale, zero, f"layers.{site[0]}.{site[1]}")
-        logger.info("static per-tensor %d-bit activation quantization on %d sites", self.spec.bits, len(sites))
+        logger.info("static %d-bit activation quantization on %d sites", self.spec.bits, len(sites))
         return ir.passes.PassResult(model, True)
