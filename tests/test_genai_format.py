@@ -56,7 +56,10 @@ FUSIONS: list[tuple[str, Callable[[], object]]] = [
 ]
 
 
-@pytest.mark.parametrize(("model_type", "scheme"), [("llama", "w16a16"), ("llama", "w4a16"), ("qwen2", "w4a8")])
+@pytest.mark.parametrize(
+    ("model_type", "scheme"),
+    [("llama", "w16a16"), ("llama", "w4a16"), pytest.param("qwen2", "w4a8", marks=pytest.mark.slow)],  # Q/K/V biases
+)
 def test_each_fusion_keeps_the_function(tiny, tmp_path: Path, model_type: str, scheme: str) -> None:
     _, source = tiny(model_type, "dynamo", with_past=True)
     base = unfused(source, tmp_path / "unfused" / "model.onnx", scheme, "quarot")
