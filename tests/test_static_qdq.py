@@ -66,6 +66,7 @@ def test_qdq_output_is_standard_onnx(tiny, tmp_path, options: dict, with_past: b
     assert np.isfinite(ort_logits(out, CALIBRATION[:1, :16])).all()
 
 
+@pytest.mark.slow  # its own tiny export (three KV heads)
 def test_keys_and_values_get_a_range_per_kv_head(tiny, tmp_path) -> None:
     """With three KV heads, keys and values are quantized along axis 1 (three scales and zero points);
     each value head's scale is that of its own range, measured independently on the V projection output
