@@ -69,7 +69,7 @@ def cmd_rotate(args: argparse.Namespace) -> None:
 def cmd_learn(args: argparse.Namespace) -> None:
     from rotgraph.learn import LearnOptions, learn
 
-    options = _options(LearnOptions, args, online=not args.no_online)
+    options = _options(LearnOptions, args, online=not args.no_online, checkpointing=not args.no_checkpointing)
     report = learn(Path(args.input), Path(args.output), options, resume=args.resume)
     if report.rank == 0:
         print(f"loss {report.loss_first:.4f} (first step) -> {report.loss_last:.4f} (last step)")
@@ -277,7 +277,7 @@ def parser() -> argparse.ArgumentParser:
         help="end-to-end: SpinQuant, the fake-quantized network's loss through the whole graph; kurtosis: "
         "layer by layer, the kurtosis of the activations R1/R2 rotate, collected once with onnxruntime",
     )
-    lp.add_argument("--steps", type=int, help="optimizer steps (default: 20 end-to-end, 200 kurtosis)")
+    lp.add_argument("--steps", type=int, help="optimizer steps (default: 20 end-to-end, 60 kurtosis)")
     lp.add_argument(
         "--lr", type=float, help="initial Cayley SGD step, cosine decay to 0 (default: 0.1 end-to-end, 1 kurtosis)"
     )
@@ -286,7 +286,13 @@ def parser() -> argparse.ArgumentParser:
         action="store_true",
         help="kurtosis: learn per-channel scales of the norm outputs and V too (folded exactly, as many steps again)",
     )
-    lp.add_argument("--site-tokens", type=int, default=2048, help="kurtosis: activation rows sampled per site")
+    lp.add_argument("--site-tokens", type=int, default=128, help="kurtosis: activation rows sampled per site")
+    lp.add_argument(
+        "--no-checkpointing",
+        action="store_true",
+        help="end-to-end: keep every block's activations for the backward pass instead of recomputing them "
+        "(one forward pass less per step, several times the memory)",
+    )
     lp.add_argument("--momentum", type=float, default=0.0)
     lp.add_argument("--batch", type=int, default=4, help="windows per step, over all processes")
     lp.add_argument("--seq-len", type=int, default=512)

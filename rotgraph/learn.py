@@ -57,7 +57,7 @@ from rotgraph.torch_graph import Override, TorchGraph, round_ste
 logger = logging.getLogger(__name__)
 
 
-DEFAULT_STEPS = {"end-to-end": 20, "kurtosis": 200}
+DEFAULT_STEPS = {"end-to-end": 20, "kurtosis": 60}
 DEFAULT_LR = {"end-to-end": 0.1, "kurtosis": 1.0}
 
 
@@ -80,7 +80,8 @@ class LearnOptions:
     checkpoint_every: int = 10
     text: str | None = None
     scaling: bool = False  # layer-wise objectives: learn per-channel scales too (folded beside R1/R2)
-    site_tokens: int = 2048  # layer-wise objectives: activation rows sampled per site
+    checkpointing: bool = True  # end-to-end: recompute each block in the backward pass (less memory, slower)
+    site_tokens: int = 128  # layer-wise objectives: activation rows sampled per site (x 2 per layer for R1)
 
     def __post_init__(self) -> None:
         scheme = Scheme.parse(self.scheme)
@@ -142,10 +143,14 @@ class RotatedNetwork(torch.nn.Module):
     The weights each rotation touches are those `rotgraph.structure.folds` lists for the passes.
     """
 
-    def __init__(self, model: ir.Model, scheme: Scheme, group: int, head_bits: int, seed: int) -> None:
+    def __init__(
+        self, model: ir.Model, scheme: Scheme, group: int, head_bits: int, seed: int, checkpointing: bool = True
+    ) -> None:
         super().__init__()
         self.desc = desc = discover(model)
-        self.graph = TorchGraph(model, checkpoint_after=[b.residual_out for b in desc.blocks])
+        # checkpointing: per-block activation memory for one more forward pass (TorchGraph)
+        cuts = [b.residual_out for b in desc.blocks] if checkpointing else []
+        self.graph = TorchGraph(model, checkpoint_after=cuts)
         if len(model.graph.inputs) != 1:
             raise RotgraphError(
                 f"learning needs a graph with one input (token ids), got {len(model.graph.inputs)}: learn on the "
@@ -307,7 +312,7 @@ def learn(
     scheme = Scheme.parse(options.scheme)
     model = io.load_model(input_path)
     learning_graph(model, scheme, options.online)
-    net = RotatedNetwork(model, scheme, options.group, options.head_bits, options.seed)
+    net = RotatedNetwork(model, scheme, options.group, options.head_bits, options.seed, options.checkpointing)
     pool = torch.from_numpy(ids)
     optimizer = CayleySGD(net.parameters(), lr=options.step_size, momentum=options.momentum)
     checkpoint = _checkpoint_path(output)

@@ -300,3 +300,22 @@ def test_checkpointed_segments_give_the_same_loss_and_gradients(tiny) -> None:
     assert loss_cut == pytest.approx(loss_plain, rel=1e-6)
     for a, b in zip(grads_cut, grads_plain, strict=True):
         torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-7)
+
+
+def test_learning_without_checkpointing_computes_the_same_step(tiny) -> None:
+    """`--no-checkpointing` keeps the activations instead of recomputing them: same loss and gradients."""
+    _, path = tiny("llama", "dynamo")
+    ids = torch.from_numpy(np.random.default_rng(4).integers(0, 384, size=(2, 24)))
+    scheme = Scheme.parse("w4a4kv4")
+    results = []
+    for checkpointing in (True, False):
+        model = io.load_model(path)
+        learning_graph(model, scheme)
+        net = RotatedNetwork(model, scheme, group=16, head_bits=16, seed=0, checkpointing=checkpointing)
+        assert bool(net.graph._segments) == checkpointing
+        loss = net.loss(ids)
+        loss.backward()
+        results.append((loss.item(), [r.grad.clone() for r in net.parameters()]))
+    assert results[0][0] == pytest.approx(results[1][0], rel=1e-6)
+    for a, b in zip(results[0][1], results[1][1], strict=True):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-7)
