@@ -1,0 +1,295 @@
+"""Learned rotations on the default model: QuaRot, SpinQuant (end to end, and learned with float weights
+for GPTQ), the layer-wise kurtosis learner with and without scaling; RTN and GPTQ weights.
+
+    python benchmarks/learned_rotations.py --model MODEL.onnx --workdir DIR [--e2e-steps 8]
+        [--kurtosis-steps 100] [--windows 16] [--floor-rounds 2]
+
+Learning runs (`rotgraph learn`, each a child process timed with its peak RSS) write DIR/learned/NAME
+.safetensors with NAME.cost.json beside it (a run started ahead of this script, marked NAME.running,
+is waited for); quantized models go to DIR/models and scores to
+DIR/results.jsonl. Whatever DIR already holds is reused, so an interrupted run continues where it
+stopped (the tables say which learning runs came from an earlier invocation). Every quantized model is
+built the same way (`quantize_model`, QDQ, groups of 32, 8-bit embedding and lm_head); GPTQ's Hessians
+are measured once per rotation and shared by both schemes (they are taken on the float rotated model).
+Scores: perplexity, KL and top-1 agreement to float on windows of the evaluation split, which learning
+never sees. Last, the floor: seconds per end-to-end learning step (TorchGraph, the learn defaults'
+batch) against one forward+backward of the same batch through the Hugging Face model in plain torch,
+each in its own child process, alternating round by round. Prints markdown tables.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import shutil
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+from _common import measured
+
+from rotgraph import io
+from rotgraph.evaluate import evaluate, windows
+from rotgraph.quantize import QuantOptions, calibration_tokens, quantize_model
+from rotgraph.text import load_text
+from rotgraph.tokenize import encode
+
+SCHEMES = ("w4a4kv4", "w4a8")
+# name -> (learn arguments, the weight quantizers it is scored with)
+LEARNERS = {  # the default order of --learners
+    "kurtosis": (["--objective", "kurtosis"], ("rtn", "gptq")),
+    "spinquant-w16a4kv4": (["--scheme", "w16a4kv4"], ("gptq",)),
+    "kurtosis-scaling": (["--objective", "kurtosis", "--scaling"], ("rtn", "gptq")),
+    "spinquant-w4a4kv4": (["--scheme", "w4a4kv4"], ("rtn",)),
+}
+LABELS = {
+    "spinquant-w4a4kv4": "SpinQuant end to end (learned at w4a4kv4, RTN in the loop)",
+    "spinquant-w16a4kv4": "SpinQuant (learned at w16a4kv4, float weights) + GPTQ",
+    "kurtosis": "kurtosis, layer-wise",
+    "kurtosis-scaling": "kurtosis, layer-wise, + scaling",
+}
+
+
+def learned(args: argparse.Namespace, source: Path, folder: Path, name: str) -> dict:
+    """The rotation file `name` in `folder`, learned now unless it is there; its cost record. A run
+    marked NAME.running (started separately, e.g. ahead of this script) is waited for."""
+    out, cost, running = (folder / f"{name}{ext}" for ext in (".safetensors", ".cost.json", ".running"))
+    while running.exists() and not cost.is_file():
+        time.sleep(30)
+    if not (out.is_file() and cost.is_file()):
+        extra = LEARNERS[name][0]
+        steps = args.e2e_steps if name.startswith("spinquant") else args.kurtosis_steps
+        cmd = [str(Path(sys.executable).parent / "rotgraph"), "learn", str(source), "-o", str(out), *extra]
+        cmd += ["--steps", str(steps)]
+        if not name.startswith("spinquant"):
+            cmd += ["--site-tokens", str(args.site_tokens), "--windows", "8"]
+        folder.mkdir(parents=True, exist_ok=True)
+        done = measured(cmd)
+        cost.write_text(json.dumps({"seconds": done["seconds"], "peak_rss_mb": done["peak_rss_mb"]}))
+        print(f"learned {name} in {done['seconds']:.0f} s", file=sys.stderr)
+    record = json.loads(cost.read_text())
+    record["steps"] = int(_meta(out)["steps"])
+    record["reused"] = out.stat().st_mtime < args.started
+    return record
+
+
+def _meta(path: Path) -> dict:
+    from safetensors import safe_open
+
+    with safe_open(str(path), "np") as f:
+        return {k: json.loads(v) for k, v in (f.metadata() or {}).items() if k != "format"}
+
+
+def build(source: Path, out: Path, options: QuantOptions, calibration: np.ndarray | None, hessians: dict | None):  # type: ignore[no-untyped-def]
+    """Quantize `source` into `out` (QDQ) as `rotgraph quantize --no-validate` does; the GPTQ Hessians."""
+    out.parent.mkdir(parents=True, exist_ok=True)
+    model = io.load_model(source)
+    with tempfile.TemporaryDirectory(dir=out.parent) as scratch:
+        found = quantize_model(model, options, calibration, hessians=hessians, scratch=Path(scratch))
+        io.save_model(model, out)
+    shutil.copy(source.parent / "tokenizer.json", out.parent / "tokenizer.json")
+    return found
+
+
+def candidates(args: argparse.Namespace, folder: Path) -> list[tuple[str, str, QuantOptions]]:
+    """(weights, name, options without scheme) in the order they are built: QuaRot's first seed, the
+    first learners of `--learners`, QuaRot's other seeds, the other learners (the most wanted rows first
+    on a slow machine)."""
+
+    def quarot(seeds: list[int]) -> list[tuple[str, str, QuantOptions]]:
+        return [
+            (weights, f"quarot-{seed}", QuantOptions(rotation="quarot", seed=seed, weights=weights))
+            for seed in seeds
+            for weights in ("rtn", "gptq")
+        ]
+
+    def learned(names: list[str]) -> list[tuple[str, str, QuantOptions]]:
+        out = []
+        for name in names:
+            file = str(folder / f"{name}.safetensors")
+            out += [(w, name, QuantOptions(rotation="spinquant", rotations=file, weights=w)) for w in LEARNERS[name][1]]
+        return out
+
+    first = args.learners[: args.learners_first]
+    return quarot(args.seeds[:1]) + learned(first) + quarot(args.seeds[1:]) + learned(args.learners[len(first) :])
+
+
+def score_all(
+    args: argparse.Namespace, source: Path, work: Path, tokens: np.ndarray, costs: dict[str, dict]
+) -> list[dict]:
+    """Build and score every candidate (learning the rotations each needs first, costs into `costs`);
+    rows scored before are kept."""
+    results_path = work / "results.jsonl"
+    done = [json.loads(line) for line in results_path.read_text().splitlines()] if results_path.is_file() else []
+    have = {(r["scheme"], r["weights"], r["name"]) for r in done}
+    calibration = calibration_tokens(source, QuantOptions(calibration_windows=args.calibration_windows))
+    for weights, name, base in candidates(args, work / "learned"):
+        if name in LEARNERS and name not in costs:
+            costs[name] = learned(args, source, work / "learned", name)
+        todo = [s for s in args.schemes if (s, weights, name) not in have]
+        if not todo:
+            continue
+        hessians = None
+        paths = {}
+        for scheme in todo:
+            options = dataclasses.replace(base, scheme=scheme)
+            out = work / "models" / f"{scheme}-{weights}-{name}" / "model.onnx"
+            start = time.perf_counter()
+            if not out.is_file():  # else built by an interrupted run of this script
+                found = build(source, out, options, calibration if weights == "gptq" else None, hessians)
+                hessians = found if weights == "gptq" else None
+            print(f"built {out.parent.name} in {time.perf_counter() - start:.0f} s", file=sys.stderr)
+            paths[scheme] = out
+        scored = evaluate([source, *paths.values()], tokens, progress=False)
+        with results_path.open("a") as f:
+            for scheme, r in zip(paths, scored[1:], strict=True):
+                row = {
+                    "scheme": scheme,
+                    "weights": weights,
+                    "name": name,
+                    "perplexity": r.perplexity,
+                    "kl": r.kl_to_reference,
+                    "top1": r.top1_agreement,
+                    "float": scored[0].perplexity,
+                }
+                f.write(json.dumps(row) + "\n")
+                done.append(row)
+        for path in paths.values():
+            shutil.rmtree(path.parent)  # 130 MB each; the scores are kept
+        print(f"scored {weights} {name}", file=sys.stderr)
+    return done
+
+
+STEP_CHILD = """
+import sys, time, json, numpy as np, torch
+which, model, batch, seq, steps = sys.argv[1], sys.argv[2], int(sys.argv[3]), int(sys.argv[4]), int(sys.argv[5])
+ids = torch.from_numpy(np.random.default_rng(0).integers(0, 49152, size=(batch, seq)))
+if which == "torch":
+    from rotgraph.export import default_source, load
+    net, _ = load(default_source())
+    net.train()
+    def step():
+        net.zero_grad()
+        net(input_ids=ids, labels=ids).loss.backward()
+else:
+    from rotgraph import io
+    from rotgraph.learn import RotatedNetwork, learning_graph
+    from rotgraph.quantize import Scheme
+    from rotgraph.stiefel import CayleySGD
+    m = io.load_model(model)
+    scheme = Scheme.parse(which)
+    learning_graph(m, scheme)
+    net = RotatedNetwork(m, scheme, 32, 16, 0)
+    opt = CayleySGD(net.parameters(), lr=0.1)
+    def step():
+        opt.zero_grad()
+        net.loss(ids).backward()
+        opt.step()
+times = []
+for _ in range(steps + 1):
+    t = time.perf_counter(); step(); times.append(time.perf_counter() - t)
+print(json.dumps(times[1:]))
+"""
+
+
+def floor(args: argparse.Namespace, source: Path) -> list[tuple[str, list[float]]]:
+    """Seconds per step: plain torch forward+backward of the HF model vs TorchGraph learning steps
+    (w4a4kv4 and w16a4kv4), one child process each, alternating over rounds; one warm-up step each."""
+    runs: dict[str, list[float]] = {"torch": [], "w4a4kv4": [], "w16a4kv4": []}
+    for _ in range(args.floor_rounds):
+        for which in runs:
+            cmd = [sys.executable, "-c", STEP_CHILD, which, str(source), "4", "512", "1"]
+            out = subprocess.run(cmd, capture_output=True, text=True, check=True)
+            runs[which] += json.loads(out.stdout.strip().splitlines()[-1])
+            print(f"step {which}: {runs[which][-1]:.1f} s", file=sys.stderr)
+    return list(runs.items())
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--model", default="rotgraph-demo/bench/dynamo/model.onnx")
+    ap.add_argument("--workdir", required=True)
+    ap.add_argument("--seeds", nargs="*", type=int, default=[0, 1, 2], help="QuaRot seeds (none: learned rows only)")
+    ap.add_argument("--schemes", nargs="+", default=list(SCHEMES))
+    ap.add_argument("--learners", nargs="+", choices=list(LEARNERS), default=list(LEARNERS))
+    ap.add_argument("--learners-first", type=int, default=2, help="learners scored before QuaRot's other seeds")
+    ap.add_argument("--e2e-steps", type=int, default=8)
+    ap.add_argument("--kurtosis-steps", type=int, default=60)
+    ap.add_argument("--site-tokens", type=int, default=128)
+    ap.add_argument("--windows", type=int, default=16, help="evaluation windows of 512 tokens")
+    ap.add_argument("--floor-rounds", type=int, default=2)
+    ap.add_argument("--calibration-windows", type=int, default=32, help="GPTQ: 512-token calibration windows")
+    args = ap.parse_args()
+    args.started = time.time()
+    source, work = Path(args.model), Path(args.workdir)
+    tokens = windows(encode(source.parent / "tokenizer.json", load_text("evaluation")), args.windows, 512)
+    costs: dict[str, dict] = {}
+    rows = score_all(args, source, work, tokens, costs)
+    steps = floor(args, source) if args.floor_rounds else []
+    report(args, rows, costs, steps)
+
+
+def report(args: argparse.Namespace, rows: list[dict], costs: dict[str, dict], steps: list) -> None:
+    if not rows:
+        return
+    float_ppl = rows[0]["float"]
+    print(f"\n### Learned rotations ({args.windows} evaluation windows x 512 tokens, groups of 32)\n")
+    print(
+        f"Float perplexity {float_ppl:.2f}. Gap closed: the fraction of QuaRot's mean perplexity gap to float "
+        "removed (same scheme and weight quantizer).\n"
+    )
+    print("| scheme | weights | rotation | learning steps | perplexity | x float | KL to float | top-1 | gap closed |")
+    print("|---|---|---|---|---|---|---|---|---|")
+    for scheme in args.schemes:
+        for weights in ("rtn", "gptq"):
+            group = {r["name"]: r for r in rows if r["scheme"] == scheme and r["weights"] == weights}
+            quarot = [group[f"quarot-{s}"]["perplexity"] for s in args.seeds if f"quarot-{s}" in group]
+            if not quarot:
+                continue
+            mean = statistics.mean(quarot)
+            std = statistics.stdev(quarot) if len(quarot) > 1 else 0.0
+            kl = statistics.mean(group[f"quarot-{s}"]["kl"] for s in args.seeds if f"quarot-{s}" in group)
+            top = statistics.mean(group[f"quarot-{s}"]["top1"] for s in args.seeds if f"quarot-{s}" in group)
+            print(
+                f"| {scheme} | {weights.upper()} | QuaRot, mean ± std over seeds {args.seeds} | | "
+                f"{mean:.2f} ± {std:.2f} | {mean / float_ppl:.2f} | {kl:.3f} | {top:.3f} | |"
+            )
+            for name in LEARNERS:
+                if name not in group:
+                    continue
+                r = group[name]
+                closed = (mean - r["perplexity"]) / (mean - float_ppl)
+                print(
+                    f"| {scheme} | {weights.upper()} | {LABELS[name]} | {costs[name]['steps']} | {r['perplexity']:.2f} | "
+                    f"{r['perplexity'] / float_ppl:.2f} | {r['kl']:.3f} | {r['top1']:.3f} | {100 * closed:.0f}% |"
+                )
+    print("\n### Learning cost (`rotgraph learn`, child process, 2 shared CPU cores)\n")
+    print("| learner | steps | wall s | peak RSS MB | run |")
+    print("|---|---|---|---|---|")
+    for name, c in costs.items():
+        run = "earlier invocation, same workdir" if c["reused"] else "this invocation"
+        print(f"| {LABELS[name]} | {c['steps']} | {c['seconds']:.0f} | {c['peak_rss_mb']:.0f} | {run} |")
+    if steps:
+        print("\n### Seconds per end-to-end step against the plain-torch floor (batch 4 x 512, alternating rounds)\n")
+        print("| step | seconds per round | median | x floor |")
+        print("|---|---|---|---|")
+        base = statistics.median(dict(steps)["torch"])
+        for which, times in steps:
+            label = (
+                "plain torch forward+backward (HF LlamaForCausalLM, eager)"
+                if which == "torch"
+                else f"TorchGraph learning step, {which}"
+            )
+            print(
+                f"| {label} | {', '.join(f'{t:.1f}' for t in times)} | {statistics.median(times):.1f} | "
+                f"{statistics.median(times) / base:.2f} |"
+            )
+
+
+if __name__ == "__main__":
+    main()
