@@ -11,7 +11,9 @@ graph: `rotgraph describe`; `rotgraph rotate` (wall time, its own validation inc
 |logit difference| rotated vs source with onnxruntime at ORT_DISABLE_ALL on every window of the evaluation
 text: prefill of its first seq_len - 1 tokens, and one decode step of its last token fed with each graph's
 own present cache; `rotgraph quantize --scheme w4a8 --format ort` (wall time); the perplexity of the source
-and the w4a8 graph on the same windows. A failing step leaves its error line in the row. Prints a markdown
+and the w4a8 graph on the same windows. The builder's graph gets a second row: the same steps on it with
+RoPE moved out of GroupQueryAttention by `rotgraph.passes.split_rotary` (run in this process; its time in
+the export column), so that `rotate` puts R3 in every layer; exactness is against the builder's graph. A failing step leaves its error line in the row. Prints a markdown
 table. With --reuse, the Hugging Face folder and the exports already in the work folder are kept (their
 export times are the ones recorded when they were made).
 """
@@ -195,13 +197,40 @@ def error_line(error: Exception) -> str:
     return " ".join(f"{type(error).__name__}: {error}".split())
 
 
-def benchmark(source: Source, hf: Path, out: Path, tokens: np.ndarray, reuse: bool) -> Row:
+def benchmark(source: Source, hf: Path, out: Path, tokens: np.ndarray, reuse: bool) -> list[Row]:
+    """The source's row; for the builder also the row of its graph with RoPE moved out (`split_rotary`)."""
     row = Row(source.name, version(source))
     row.export_s, failed = export(source, hf, out, reuse)
     if failed:
         row.accepted = failed
-        return row
-    model, rotated, w4a8 = out / "model.onnx", out / "rotated.onnx", out / "w4a8.onnx"
+        return [row]
+    rows = [measure(row, out / "model.onnx", tokens)]
+    if source.tool is fixtures.GENAI:
+        split = Row(f"{source.name}, RoPE moved out (SplitRotaryPass)", rows[0].version)
+        start = time.perf_counter()
+        graph = split_rotary(out / "model.onnx", out / "split" / "model.onnx")
+        split.export_s = f"+{time.perf_counter() - start:.1f}"
+        rows.append(measure(split, graph, tokens, source=out / "model.onnx"))
+    return rows
+
+
+def split_rotary(model: Path, out: Path) -> Path:
+    """`model` with RoPE moved out of GroupQueryAttention (no command runs the pass yet), in its folder's form."""
+    from rotgraph import io
+    from rotgraph.passes.split_rotary import SplitRotaryPass
+
+    shutil.rmtree(out.parent, ignore_errors=True)
+    shutil.copytree(model.parent, out.parent, ignore=shutil.ignore_patterns("*.onnx", "*.onnx.data", "split"))
+    graph = io.load_model(model)
+    SplitRotaryPass()(graph)
+    io.save_model(graph, out)
+    return out
+
+
+def measure(row: Row, model: Path, tokens: np.ndarray, source: Path | None = None) -> Row:
+    """describe, rotate, exactness against `source` (default: the model itself), w4a8 and perplexity."""
+    folder = model.parent
+    rotated, w4a8 = folder / "rotated.onnx", folder / "w4a8.onnx"
     _, described, _, failed = rotgraph("describe", str(model))
     row.accepted = failed or "yes"
     row.notes += [line.split(": ", 1)[1] for line in described.splitlines() if line.startswith("attention kind:")]
@@ -211,7 +240,7 @@ def benchmark(source: Source, hf: Path, out: Path, tokens: np.ndarray, reuse: bo
         row.notes.append(f"rotate: no R3 in {log.count(': no R3: ')} layers (RoPE inside the fused op)")
     if not failed:
         try:
-            prefill, decode = max_logit_diffs(model, rotated, tokens)
+            prefill, decode = max_logit_diffs(source or model, rotated, tokens)
             row.diff = f"{prefill:.2e} / {decode:.2e}"
         except Exception as e:  # recorded in the row, as every other failure
             row.diff = error_line(e)
@@ -262,8 +291,9 @@ def main() -> None:
             continue
         if source.tool is not None:
             fixtures.ensure_venv(source.tool, force=False)
-        rows.append(benchmark(source, hf, workdir / source.folder, tokens, args.reuse))
-        print(table(rows[-1:]).splitlines()[-1], file=sys.stderr, flush=True)
+        made = benchmark(source, hf, workdir / source.folder, tokens, args.reuse)
+        rows += made
+        print("\n".join(table(made).splitlines()[2:]), file=sys.stderr, flush=True)
     print(f"\n### Exporters ({args.windows} windows x {args.seq_len} tokens, evaluation split)\n")
     print(table(rows))
 
