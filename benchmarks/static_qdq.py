@@ -112,6 +112,8 @@ def main() -> None:
     ap.add_argument("--rounds", type=int, default=5)
     ap.add_argument("--group", type=int, default=32, help="4-bit weight group size (8-bit weights: per channel)")
     ap.add_argument("--out", default="static_qdq.jsonl")
+    ap.add_argument("--calibration", default="minmax", help="static ranges: minmax | percentile | entropy")
+    ap.add_argument("--only", nargs="+", help="method names to run (default: all, with onnxruntime's)")
     args = ap.parse_args()
     source = Path(args.model)
     tokens = windows(encode(source.parent / "tokenizer.json", load_text("evaluation")), args.windows, 512)
@@ -130,6 +132,8 @@ def main() -> None:
         for scheme in args.schemes:
             paths = []
             for name, rotation, weights, smooth, activations in METHODS:
+                if args.only and name not in args.only:
+                    continue
                 options = QuantOptions(
                     scheme=scheme,
                     rotation=rotation,
@@ -138,6 +142,7 @@ def main() -> None:
                     group=0 if scheme.startswith("w8") else args.group,  # integer kernels take per-channel int8 weights
                     calibration_windows=args.calibration_windows,
                     activations=activations,
+                    calibration=args.calibration,
                     opset=21,
                 )
                 t = time.perf_counter()
@@ -157,7 +162,7 @@ def main() -> None:
                 paths.append((name, out))
                 if scheme == "w8a8" and name == "static, QuaRot":
                     speed_paths = [source, out]
-            if scheme == "w8a8":
+            if scheme == "w8a8" and (not args.only or "onnxruntime quantize_static" in args.only):
                 assert calibration is not None
                 t = time.perf_counter()
                 out = Path(tmp) / "ort-quantize-static.onnx"
@@ -191,7 +196,7 @@ def main() -> None:
                     )
             print(f"{scheme}: scored", file=sys.stderr, flush=True)
         speed = None
-        if speed_paths:
+        if speed_paths and args.rounds:
             prompt = tokens[:1, :512].astype(np.int64)
             seconds, counts = prefill_seconds(speed_paths, prompt, args.rounds, Path(tmp))
             speed = (seconds, counts)
@@ -206,7 +211,7 @@ def main() -> None:
             )
     print(
         f"\n### Static per-tensor QDQ ({args.windows} windows x 512 tokens, calibration {args.calibration_windows} "
-        f"windows, minmax, uint8 activations; w8 per channel, w4 groups of {args.group}; SmoothQuant alpha {args.alpha})\n"
+        f"windows, {args.calibration}, uint8 activations; w8 per channel, w4 groups of {args.group}; SmoothQuant alpha {args.alpha})\n"
     )
     print("| method | scheme | perplexity | ppl / float | KL to float | top-1 agreement | size MB |")
     print("|---|---|---|---|---|---|---|")
