@@ -31,6 +31,7 @@ from rotgraph.passes.restore_ort_norms import RestoreOrtNormsPass
 from rotgraph.passes.rotary_attention import RotaryIntoAttentionPass
 from rotgraph.passes.shared_kv_buffer import SharedKVBufferPass
 from rotgraph.passes.smooth import SmoothQuantPass
+from rotgraph.passes.split_rotary import SplitRotaryPass
 from rotgraph.passes.standard_ops import INT4_OPSET, REDUCE_AXES_INPUT_OPSET, StandardOpsPass, check_opset
 from rotgraph.passes.static_activations import CalibrateActivationsPass, Ranges, StaticActivationsPass, StaticSpec
 from rotgraph.pipeline import (
@@ -246,6 +247,8 @@ def quantize_stages(
     """
     scheme = Scheme.parse(options.scheme)
     stages: list[Stage] = []
+    if scheme.kv_bits is not None:  # the cache quantizer (and R3) need the keys after RoPE, outside the op
+        stages.append(Stage("RoPE out of fused attention", (SplitRotaryPass(),)))
     if options.rotation != "none":
         stages.append(Stage("rotation", tuple(rotation_passes(rotate_options(options)))))
     else:

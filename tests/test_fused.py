@@ -192,7 +192,7 @@ def test_kv_cache_quantization_on_the_builder_graph_after_rope_moved_out(tokens,
     kl = {}
     for rotation in ("none", "quarot"):
         model = io.load_model(path)
-        SplitRotaryPass()(model)
+        SplitRotaryPass()(model)  # quantize_model does it for a kv scheme; here explicit, and idempotent
         quantize_model(model, QuantOptions("w4a4kv4", rotation=rotation, group=16))
         assert op_counts(model)["FakeQuant"] == 2 * (4 + 2)
         out = tmp_path / rotation / "model.onnx"
@@ -238,7 +238,8 @@ def test_an_onnxruntime_quantized_graph_is_named() -> None:
 @pytest.mark.parametrize("fmt", ["qdq", "ort"])
 def test_builder_graph_quantizes_its_packed_qkv_once(fmt: str, tmp_path) -> None:
     """The packed QKV weight is one projection to quantize (once, as "qkv"), and quantize's validation against
-    the float graph passes; a quantized KV cache needs RoPE outside the fused op and is refused saying so."""
+    the float graph passes; with a quantized KV cache, quantize moves RoPE out of the op first
+    (SplitRotaryPass: a RotaryEmbedding on Q and K per layer) and R3 goes after it."""
     from rotgraph.quantize import QuantOptions, quantize
 
     path = FIXTURES / "genai-llama-fp32" / "model.onnx"
@@ -248,8 +249,12 @@ def test_builder_graph_quantizes_its_packed_qkv_once(fmt: str, tmp_path) -> None
     counts = op_counts(io.load_model(out))
     assert counts["GroupQueryAttention"] == 2 and counts["SkipSimplifiedLayerNormalization"] == 4
     assert counts["MatMulNBits" if fmt == "ort" else "DequantizeLinear"] == 2 * 5 + (1 if fmt == "ort" else 2)
-    with pytest.raises(StructureError, match="need RoPE outside the fused op"):
-        quantize(path, tmp_path / "kv4" / "model.onnx", QuantOptions("w4a4kv4", group=16))
+    kv4 = tmp_path / "kv4" / "model.onnx"
+    report = quantize(path, kv4, QuantOptions("w4a4kv4", group=16, fmt=fmt))
+    assert report.validation is not None and report.validation.kl < report.validation.unrelated_kl
+    counts = op_counts(io.load_model(kv4))
+    assert counts["RotaryEmbedding"] == 2 * 2 and counts["GroupQueryAttention"] == 2
+    assert counts["Hadamard"] == 2 * (2 + 1)  # R3 on Q and K after RoPE, R4
 
 
 def test_group_query_attention_with_rope_outside_rotates_exactly(tiny, tokens, tmp_path) -> None:

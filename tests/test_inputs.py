@@ -7,6 +7,7 @@ Hugging Face model). References: the Hugging Face model itself, and each row run
 from __future__ import annotations
 
 import shutil
+from collections import Counter
 from dataclasses import replace
 from pathlib import Path
 
@@ -363,6 +364,27 @@ def test_onnx_attention_takes_its_mask_and_cache_by_role(tmp_path) -> None:
     assert all(o.producer().op_type == "Attention" for o in model.graph.outputs[1:])  # type: ignore[union-attr]
     assert read_roles(inside) == read_roles(eager)
     check_padding(inside, reference=eager)
+
+
+@pytest.mark.slow
+def test_onnx_attention_graphs_rotate_exactly(tmp_path) -> None:
+    """torch's opset-23 export (ONNX Attention, RoPE outside it) is discovered by the inputs its projections
+    reach: R1-R4 rotate it (R3 on Q and K after RoPE) and a left-padded batch, prefill and a decode step,
+    gives each row's logits of the eager export of the same model; also with the cache inside the op."""
+    folder = make_tiny_model(tmp_path / "hf", "llama")
+    eager = export_with_mask(folder, tmp_path / "eager" / "model.onnx")
+    path = export_with_mask(folder, tmp_path / "attention" / "model.onnx", attention="sdpa", opset=23)
+    (tmp_path / "inside").mkdir()
+    inside = cache_into_attention(path, tmp_path / "inside" / "model.onnx")
+    for source in (path, inside):
+        model = io.load_model(source)
+        desc = rotate_model(model, RotateOptions(seed=3))
+        assert "fused ai.onnx Attention (separate Q/K/V MatMuls, RoPE outside)" in desc.summary()
+        counts = Counter(n.op_type for n in model.graph)
+        assert counts["Attention"] == 2 and counts["Hadamard"] == 2 * (2 + 1)  # R3 on Q and K, R4
+        rotated = tmp_path / f"rotated-{source.parent.name}.onnx"
+        io.save_model(model, rotated)
+        check_padding(rotated, reference=eager)
 
 
 def test_the_masked_graph_matches_the_hugging_face_model(masked) -> None:

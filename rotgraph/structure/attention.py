@@ -4,9 +4,10 @@ V reaches the second attention MatMul (probabilities x values); Q and K reach th
 and right operand. RoPE is found by walking back from the score MatMul through layout ops; a KV cache is
 a Concat of a graph input (`past`) and the new keys or values whose result is a graph output.
 
-Fused attention (onnxruntime's com.microsoft MultiHeadAttention or GroupQueryAttention) is read by the
-input each projection reaches: query, key, value; or one packed QKV MatMul into the query input, split
-into Q, K and V column ranges by the op's head counts. R1, R2 and R4 only need the projections.
+Fused attention (onnxruntime's com.microsoft MultiHeadAttention or GroupQueryAttention, ONNX's opset-23
+Attention) is read by the input each projection reaches: query, key, value; or one packed QKV MatMul into
+the query input, split into Q, K and V column ranges by the op's head counts. R1, R2 and R4 only need the
+projections.
 """
 
 from __future__ import annotations
@@ -33,12 +34,31 @@ from rotgraph.structure.match import (
 from rotgraph.structure.model import Attention, KVCache, Linear, Norm
 
 _FUSED_ATTENTION = ("MultiHeadAttention", "GroupQueryAttention", "Attention", "PackedMultiHeadAttention")
-# Fused ops whose Q/K/V projections stay MatMuls in the graph: input index -> role.
+# onnxruntime's fused ops whose Q/K/V projections stay MatMuls in the graph (so does ONNX Attention's).
 _READABLE_FUSED = ("MultiHeadAttention", "GroupQueryAttention")
 
 
 def is_fused_attention(node: ir.Node) -> bool:
+    """onnxruntime's fused attention ops, and ONNX's own Attention (opset 23)."""
+    if node.op_type == "Attention" and is_default_domain(node):
+        return True
     return node.domain == "com.microsoft" and node.op_type in _FUSED_ATTENTION
+
+
+def _readable(node: ir.Node) -> bool:
+    """A fused op whose Q/K/V projections stay MatMuls before it (not inside the op)."""
+    return node.op_type in _READABLE_FUSED or is_default_domain(node)
+
+
+def _query_heads(node: ir.Node) -> int:
+    """The query head count of a fused op: its num_heads / q_num_heads attribute, or for ONNX Attention on
+    4-D inputs [batch, heads, seq, head_dim] the query's static second dimension (0 when unknown)."""
+    heads = node.attributes.get_int("num_heads", 0) or node.attributes.get_int("q_num_heads", 0)
+    query = node.inputs[0]
+    if not heads and query is not None and query.shape is not None and len(query.shape) == 4:
+        dim = query.shape[1]
+        heads = dim if isinstance(dim, int) else 0
+    return heads
 
 
 def fused_attention_nodes(graph: ir.Graph) -> list[ir.Node]:
@@ -240,7 +260,7 @@ def _fused_refusal(model: ir.Model, where: str, why: str) -> StructureError:
 
 def find_attention(model: ir.Model, norm: Norm, o: Linear, where: str) -> Attention:
     """The attention whose Q, K, V read `norm` and whose output projection is `o`."""
-    direct = [n for n in data_consumers(norm.node.outputs[0]) if is_fused_attention(n)]
+    direct = [n for n in data_consumers(norm.node.outputs[0]) if is_fused_attention(n) and not is_default_domain(n)]
     if direct:
         raise _fused_refusal(
             model,
@@ -313,14 +333,18 @@ def _fused_attention(
 ) -> Attention:
     """Attention fused into MultiHeadAttention / GroupQueryAttention, from the inputs the projections reach."""
     node = next(h[0] for h in hits if h is not None)
-    if node.op_type not in _READABLE_FUSED:
-        raise _fused_refusal(model, where, f"rotgraph reads only {' and '.join(_READABLE_FUSED)} among fused ops")
+    if not _readable(node):
+        raise _fused_refusal(
+            model, where, f"rotgraph reads only {', '.join(_READABLE_FUSED)} and ONNX Attention among fused ops"
+        )
     if any(h is None or h[0] is not node for h in hits):
         raise StructureError(f"{where}: the projections reading the attention RMSNorm reach different attention ops")
     index = {h[1]: lin for lin, h in zip(readers, hits, strict=True) if h is not None}
-    num_heads = node.attributes.get_int("num_heads", 0)
+    num_heads = _query_heads(node)
     if num_heads <= 0:
-        raise StructureError(f"{where}: {node.op_type} {node.name!r} has no num_heads")
+        raise StructureError(
+            f"{where}: {node.op_type} {node.name!r} has no num_heads / q_num_heads and no static query head count"
+        )
     if node.op_type == "MultiHeadAttention" and len(node.inputs) > 3 and node.inputs[3] is not None:
         raise StructureError(
             f"{where}: {node.op_type} {node.name!r} adds Q/K/V biases inside the op (its bias input); R2 would miss "
