@@ -51,6 +51,10 @@ CANDIDATES = (  # in the order they are built (a GPTQ build takes minutes on a b
     ("GPTQ", "--scheme w4a8 --rotation none --weights gptq --head-bits 4 --shared-head"),
     ("QuaRot + GPTQ g64, 8-bit head", "--scheme w4a8 --weights gptq --group 64 --head-bits 8 --shared-head"),
     ("QuaRot + GPTQ, full range", "--scheme w4a8 --weights gptq --full-range --head-bits 4 --shared-head"),
+    (
+        "QuaRot + GPTQ g64, full range, 8-bit head",
+        "--scheme w4a8 --weights gptq --full-range --group 64 --head-bits 8 --shared-head",
+    ),
     ("RTN, full range", "--scheme w4a8 --rotation none --full-range --head-bits 4 --shared-head"),
     ("QuaRot + RTN, 8-bit untied head (old default)", "--scheme w4a8"),
     ("QuaRot + GPTQ, asymmetric", "--scheme w4a8 --weights gptq --asymmetric --head-bits 4 --shared-head"),

@@ -77,6 +77,35 @@ def cmd_learn(args: argparse.Namespace) -> None:
         print(f"wrote {report.output} ({report.steps} steps) in {report.seconds:.1f} s")
 
 
+# Named sets of `quantize` flags (--recipe NAME); the measurements behind them are in benchmarks/RESULTS.md.
+RECIPES = {
+    # Both beat onnxruntime-genai's int4 model (RTN in blocks of 32, one shared 4-bit embedding/lm_head table)
+    # on perplexity, KL and top-1 (benchmarks/RESULTS.md, "Weight recipes vs the onnxruntime-genai builder's
+    # int4"): QuaRot (the default rotation) + GPTQ on full-range groups, the embedding and lm_head one shared
+    # table. int4: 8-bit table, groups of 64, ~1.08x the builder's size; int4-compact: 4-bit table, groups of
+    # 32, ~1.02x.
+    "int4": "--weights gptq --full-range --group 64 --head-bits 8 --shared-head",
+    "int4-compact": "--weights gptq --full-range --head-bits 4 --shared-head",
+}
+
+
+def expand_recipes(argv: Sequence[str]) -> list[str]:
+    """`quantize ... --recipe NAME ...` -> `quantize FLAGS ...`: the recipe's flags go first, so flags given
+    on the command line override them. An unknown name is left for the parser to refuse."""
+    args = list(argv)
+    for i, arg in enumerate(args):
+        name = (
+            arg.split("=", 1)[1]
+            if arg.startswith("--recipe=")
+            else (args[i + 1] if arg == "--recipe" and i + 1 < len(args) else None)
+        )
+        if name in RECIPES and "quantize" in args[:i]:
+            del args[i : i + (1 if "=" in arg else 2)]
+            at = args.index("quantize") + 1
+            return args[:at] + RECIPES[name].split() + args[at:]
+    return args
+
+
 def quant_options(args: argparse.Namespace) -> QuantOptions:
     """The QuantOptions of parsed `quantize` arguments (benchmarks build their candidates this way)."""
     from rotgraph.quantize import QuantOptions
@@ -313,6 +342,12 @@ def parser() -> argparse.ArgumentParser:
     q.add_argument("-o", "--output", required=True)
     q.add_argument("--scheme", default="w4a8", help="w<4|8>a<4|8|16>[kv<4|8>], e.g. w4a16, w4a8, w4a4kv4, w8a8")
     _rotation_options(q, ["none", "quarot", "spinquant"])
+    q.add_argument(
+        "--recipe",
+        choices=sorted(RECIPES),
+        help="a named set of the flags below, which flags given explicitly override: "
+        + "; ".join(f"{name}: {flags}" for name, flags in RECIPES.items()),
+    )
     q.add_argument("--weights", choices=["rtn", "gptq"], default="rtn")
     q.add_argument("--group", type=int, default=32, help="weight group size along the input axis; 0 = per channel")
     q.add_argument("--asymmetric", action="store_true", help="asymmetric weight grid (UINT codes + zero points)")
@@ -432,7 +467,7 @@ def _error_line(error: BaseException) -> str:
 def main(argv: Sequence[str] | None = None) -> int:
     """Run the command line; every failure is one `rotgraph: error:` line and exit status 1 (with -v the
     traceback of an unexpected error is printed first)."""
-    args = parser().parse_args(argv)
+    args = parser().parse_args(expand_recipes(sys.argv[1:] if argv is None else argv))
     logging.basicConfig(format="rotgraph: %(message)s", level=logging.WARNING)
     logger.setLevel(logging.DEBUG if args.verbose else logging.INFO)
     try:
