@@ -129,6 +129,8 @@ def score_all(
     have = {(r["scheme"], r["weights"], r["name"]) for r in done}
     calibration = calibration_tokens(source, QuantOptions(calibration_windows=args.calibration_windows))
     for weights, name, base in candidates(args, work / "learned"):
+        if weights not in args.weights:
+            continue
         if name in LEARNERS and name not in costs:
             costs[name] = learned(args, source, work / "learned", name)
         todo = [s for s in args.schemes if (s, weights, name) not in have]
@@ -216,7 +218,8 @@ def main() -> None:
     ap.add_argument("--workdir", required=True)
     ap.add_argument("--seeds", nargs="*", type=int, default=[0, 1, 2], help="QuaRot seeds (none: learned rows only)")
     ap.add_argument("--schemes", nargs="+", default=list(SCHEMES))
-    ap.add_argument("--learners", nargs="+", choices=list(LEARNERS), default=list(LEARNERS))
+    ap.add_argument("--learners", nargs="*", choices=list(LEARNERS), default=list(LEARNERS))
+    ap.add_argument("--weights", nargs="+", choices=["rtn", "gptq"], default=["rtn", "gptq"])
     ap.add_argument("--learners-first", type=int, default=2, help="learners scored before QuaRot's other seeds")
     ap.add_argument("--e2e-steps", type=int, default=8)
     ap.add_argument("--kurtosis-steps", type=int, default=60)
