@@ -172,7 +172,17 @@ def calibration_tokens(model_path: Path, options: QuantOptions) -> np.ndarray:
 
     tok = io.find_tokenizer(model_path)
     if tok is None:
-        raise RotgraphError(f"GPTQ calibration needs tokenizer.json beside {model_path}")
+        used = [
+            n
+            for n, on in (
+                ("GPTQ", options.weights == "gptq"),
+                ("SmoothQuant", options.smooth is not None),
+                ("static activations", options.activations == "static"),
+            )
+            if on
+        ]
+        hint = " (or --activations dynamic)" if used == ["static activations"] else ""
+        raise RotgraphError(f"calibration ({', '.join(used)}) needs tokenizer.json beside {model_path}{hint}")
     text = load_text("calibration", options.text)
     return windows(encode(tok, text), options.calibration_windows, options.calibration_seq_len)
 
