@@ -27,9 +27,9 @@ class SharedKVBufferPass(ir.passes.InPlacePass):
     model builder writes it, from the graph's rank-2 attention mask input (found by data flow; an
     `attention_mask` [batch, total] int64 input is added when the graph has none). An attention_bias
     operand (a padding mask `GroupQueryAttentionPass` moved there, whose width would be the buffer's)
-    is dropped. Guarantees: the same function for unpadded rows, with or without a shared buffer; padded
-    rows are refused by rotgraph's feeds (`InputRoles.left_padding` becomes False). Raises nothing on a
-    graph without GroupQueryAttention (returns unchanged).
+    is dropped. Guarantees: the same function for unpadded rows, with or without a shared buffer;
+    rotgraph's feeds then treat the graph as a builder graph (`InputRoles.padding == "right"`) and refuse
+    left-padded rows. Raises nothing on a graph without GroupQueryAttention (returns unchanged).
     """
 
     def call(self, model: ir.Model) -> ir.passes.PassResult:
