@@ -110,6 +110,7 @@ def quant_options(args: argparse.Namespace) -> QuantOptions:
     """The QuantOptions of parsed `quantize` arguments (benchmarks build their candidates this way)."""
     from rotgraph.quantize import QuantOptions
 
+    activations = args.activations or ("static" if args.format == "qdq" else "dynamic")
     return _options(
         QuantOptions,
         args,
@@ -119,8 +120,10 @@ def quant_options(args: argparse.Namespace) -> QuantOptions:
         fmt=args.format,
         act_order=not args.no_act_order,
         fused_attention=not args.eager_attention,
-        activations=args.activations or ("static" if args.format == "qdq" else "dynamic"),
-        opset=args.opset if args.opset is not None or args.format != "qdq" else 23,
+        activations=activations,
+        # Standard ONNX by default only with static activations: `--activations dynamic` keeps rotgraph's
+        # functions (a cache stored as codes, graphs with onnxruntime's ops) unless --opset asks for it.
+        opset=args.opset if args.opset is not None or args.format != "qdq" or activations != "static" else 23,
     )
 
 
@@ -408,7 +411,8 @@ def parser() -> argparse.ArgumentParser:
     q.add_argument(
         "--opset",
         type=int,
-        help="qdq: standard ONNX only (no functions or custom ops) at opset 17-23 (default 23); below 23 "
+        help="qdq: standard ONNX only (no functions or custom ops) at opset 17-23 (default with static "
+        "activations: 23; with dynamic: rotgraph's functions); below 23 "
         "RMSNorm is decomposed, below 21 no 4-bit types or weight groups (--group 0)",
     )
     q.set_defaults(func=cmd_quantize)
