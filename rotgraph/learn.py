@@ -231,14 +231,27 @@ def batch_indices(step: int, batch: int, pool: int, seed: int) -> np.ndarray:
     return np.asarray(out)
 
 
-def _distributed() -> tuple[int, int]:
-    """(rank, world size); initializes gloo when launched by torchrun with more than one process."""
+def _distributed() -> tuple[int, int, bool]:
+    """(rank, world size, owned); initializes gloo when launched by torchrun with more than one process.
+    `owned` says this call made the process group, so the caller must tear it down (`_leave`)."""
     world = int(os.environ.get("WORLD_SIZE", "1"))
+    owned = False
     if world > 1 and not torch.distributed.is_initialized():
         torch.distributed.init_process_group("gloo")
+        owned = True
     if world > 1:
-        return torch.distributed.get_rank(), world
-    return 0, 1
+        return torch.distributed.get_rank(), world, owned
+    return 0, 1, owned
+
+
+def _leave(owned: bool, finished: bool) -> None:
+    """Destroy the process group this run made, after waiting for every process when the run finished
+    (not after an error: the others may never arrive). A gloo process that exits with its group alive
+    can abort in teardown ("terminate called without an active exception")."""
+    if owned and torch.distributed.is_initialized():
+        if finished:
+            torch.distributed.barrier()
+        torch.distributed.destroy_process_group()
 
 
 def _average_gradients(net: RotatedNetwork, loss: torch.Tensor, world: int) -> float:
@@ -292,12 +305,32 @@ def learn(
 
     A checkpoint `output.ckpt` is written every `checkpoint_every` steps; `resume` continues from it.
     `token_windows` replaces the calibration text (tests)."""
-    from rotgraph.quantize import QuantOptions, calibration_tokens
-
     start = time.perf_counter()
     if output.suffix != ".safetensors":
         raise RotgraphError(f"output {output} must end in .safetensors")
-    rank, world = _distributed()
+    rank, world, owned = _distributed()
+    finished = False
+    try:
+        report = _learn(input_path, output, options, token_windows, resume, progress, start, rank, world)
+        finished = True
+        return report
+    finally:
+        _leave(owned, finished)
+
+
+def _learn(
+    input_path: Path,
+    output: Path,
+    options: LearnOptions,
+    token_windows: np.ndarray | None,
+    resume: bool,
+    progress: bool,
+    start: float,
+    rank: int,
+    world: int,
+) -> LearnReport:
+    from rotgraph.quantize import QuantOptions, calibration_tokens
+
     if options.batch % world:
         raise RotgraphError(f"batch {options.batch} does not split over {world} processes")
     if token_windows is None:
