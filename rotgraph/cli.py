@@ -387,6 +387,14 @@ def parser() -> argparse.ArgumentParser:
         "(which a graph with a float KV cache gets by default)",
     )
     q.add_argument(
+        "--kv-cache",
+        choices=("auto", "onnxruntime", "rotgraph"),
+        default="auto",
+        help="kv schemes, ort/genai: keep the cache as int8/int4 codes inside GroupQueryAttention with static "
+        "per-channel scales calibrated on the calibration windows (onnxruntime), or as rotgraph's per-token codes "
+        "beside the exported attention (rotgraph); auto: onnxruntime for genai, rotgraph for ort",
+    )
+    q.add_argument(
         "--no-validate", action="store_true", help="skip running the result in onnxruntime (which loads it whole)"
     )
     q.add_argument(
@@ -397,7 +405,10 @@ def parser() -> argparse.ArgumentParser:
     q.add_argument("--damp", type=float, default=0.01, help="GPTQ damping, fraction of the mean Hessian diagonal")
     q.add_argument("--no-act-order", action="store_true", help="GPTQ: process columns in their stored order")
     q.add_argument(
-        "--calibration-windows", type=int, default=32, help="GPTQ/SmoothQuant: 512-token windows of calibration text"
+        "--calibration-windows",
+        type=int,
+        default=32,
+        help="GPTQ, SmoothQuant, static scales, the onnxruntime KV cache: 512-token windows of calibration text",
     )
     q.add_argument("--text", help="calibration text (default: the calibration split of the Wikipedia excerpt)")
     q.add_argument(

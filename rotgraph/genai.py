@@ -58,15 +58,10 @@ def quantize_folder(input_path: Path, folder: Path, options: Any, validate: bool
     """`rotgraph.quantize.quantize` into `folder/model.onnx`, then the rest of the folder (config,
     tokenizer, chat template, kernel library); the config is written last, so a folder with a
     `genai_config.json` is complete. Returns the quantize report with the folder as its output."""
-    from rotgraph.quantize import Scheme, quantize
+    from rotgraph.quantize import quantize
 
     if folder.exists() and not folder.is_dir():
         raise RotgraphError(f"--format genai writes a folder: {folder} is a file")
-    if Scheme.parse(options.scheme).kv_bits is not None:
-        raise RotgraphError(
-            f"--format genai keeps onnxruntime-genai's float KV cache: scheme {options.scheme} quantizes the cache "
-            "(use --format ort, or a scheme without kv)"
-        )
     if not input_path.is_file():
         raise RotgraphError(f"{input_path}: no such model file")
     context = options.context_length or context_length(input_path)
@@ -148,6 +143,8 @@ def genai_config(model_path: Path, source_model: Path, context: int) -> dict[str
         raise RotgraphError(f"{model_path}: caches of different types or widths (a quantized cache?)")
     config = _configuration(source_model)
     head_size, kv_heads = keys[0].width, keys[0].heads
+    if attentions and attentions[0].attributes.get_int("kv_cache_bit_width", 0) == 4:
+        head_size *= 2  # int4 codes, two per byte of the cache
     heads = heads or int(config.get("num_attention_heads", 0))
     logits = model.graph.outputs[0]
     vocab = logits.shape[-1] if logits.shape is not None and len(logits.shape) else config.get("vocab_size")
@@ -215,8 +212,13 @@ def _first(token: Any) -> Any:
 
 def shares_buffer(model: ir.Model, roles: InputRoles) -> bool:
     """Whether past and present caches may be one static buffer: every cache is read by a
-    GroupQueryAttention whose sequence lengths come from the attention mask (not the cache shapes)."""
+    GroupQueryAttention whose sequence lengths come from the attention mask (not the cache shapes), and
+    the cache is not int4 codes (measured with onnxruntime 1.32 on CPU: an int4 cache in a shared buffer
+    gives prompt logits 7e-3 away from the same graph with a growing cache, which equals the per-channel
+    fake quantization; the model builder also turns sharing off for quantized caches on CPU)."""
     attentions = [n for n in model.graph if n.op_type == "GroupQueryAttention" and n.domain == _MS]
+    if any(n.attributes.get_int("kv_cache_bit_width", 0) == 4 for n in attentions):
+        return False
     mask = next((v for v in model.graph.inputs if v.name == roles.attention_mask), None)
     if not attentions or mask is None or 2 * len(attentions) != len(roles.caches):
         return False

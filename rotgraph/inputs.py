@@ -79,6 +79,7 @@ _NUMPY: dict[ir.DataType, type[np.generic]] = {
     ir.DataType.FLOAT: np.float32,
     ir.DataType.FLOAT16: np.float16,
     ir.DataType.UINT8: np.uint8,
+    ir.DataType.INT8: np.int8,  # GroupQueryAttention's int8 cache codes
 }
 
 
@@ -396,7 +397,9 @@ def _cache_input(graph: ir.Graph, past: ir.Value, present: ir.Value) -> CacheInp
     """Heads and width from the input's shape, else from the fused attention that reads it."""
     where = f"KV cache input {past.name!r}"
     if past.dtype not in _NUMPY or (past.shape is not None and len(past.shape) != 4):
-        raise UnknownInputError(f"{where}: expected a float or uint8 tensor of rank 4, found {past.dtype} {past.shape}")
+        raise UnknownInputError(
+            f"{where}: expected a float, int8 or uint8 tensor of rank 4, found {past.dtype} {past.shape}"
+        )
     dims = list(past.shape) if past.shape is not None else [None] * 4
     heads, width = dims[1], dims[3]
     fused = [u.node for u in past.uses() if _key(u.node) in _FUSED_CACHE]

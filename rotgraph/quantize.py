@@ -3,6 +3,7 @@ and KV cache, weights, format) built from the options and run as one pass sequen
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import logging
 import re
@@ -22,6 +23,7 @@ from rotgraph.errors import RotgraphError, ValidationError
 from rotgraph.evaluate import log_softmax, validation_logits, windows
 from rotgraph.fakequant import ActSpec
 from rotgraph.passes import UntieEmbeddingPass
+from rotgraph.passes.gqa_kv_cache import CacheScales, CalibrateGqaCachePass, GqaQuantizedCachePass
 from rotgraph.passes.group_query_attention import FindFusableAttentionPass, GroupQueryAttentionPass
 from rotgraph.passes.pack_qkv import PackQKVPass
 from rotgraph.passes.quantize_activations import QuantizeActivationsPass
@@ -51,6 +53,7 @@ logger = logging.getLogger(__name__)
 VALIDATION_WINDOWS, VALIDATION_SEQ_LEN = 2, 128
 
 ORT_FORMATS = ("ort", "genai")  # onnxruntime's own ops (genai: an onnxruntime-genai folder)
+KV_CACHES = ("auto", "onnxruntime", "rotgraph")
 DEFAULT_CONTEXT_LENGTH = 4096  # RoPE tables inside attention when the model states no length
 _SCHEME = re.compile(r"^w(4|8|16)a(4|8|16)(?:kv(4|8))?$")
 
@@ -104,6 +107,10 @@ class QuantOptions:
     act_symmetric: bool = False
     calibration: str = "minmax"  # static ranges: minmax | percentile | entropy (onnxruntime's histograms)
     opset: int | None = None  # qdq: standard ONNX only (no functions) at this opset; None: rotgraph's functions
+    # kv schemes in the ort/genai formats: "onnxruntime" keeps the cache as codes inside GroupQueryAttention
+    # (static per-channel scales), "rotgraph" as rotgraph's per-token codes beside an eager attention;
+    # "auto": onnxruntime's for genai (the only cache onnxruntime-genai can hold), rotgraph's otherwise
+    kv_cache: str = "auto"
 
     def __post_init__(self) -> None:
         """Refuse bad options before any model is loaded or calibrated."""
@@ -128,6 +135,27 @@ class QuantOptions:
         if self.head_group is not None and self.head_group < 0:
             raise RotgraphError("head group must be >= 0 (0: per channel)")
         self._check_standard(Scheme.parse(self.scheme))
+        self._check_kv_cache(Scheme.parse(self.scheme))
+
+    def _check_kv_cache(self, scheme: Scheme) -> None:
+        if self.kv_cache not in KV_CACHES:
+            raise RotgraphError(f"KV cache {self.kv_cache!r}: expected one of {', '.join(KV_CACHES)}")
+        if self.kv_cache == "auto" or scheme.kv_bits is None:
+            return
+        if self.kv_cache == "onnxruntime" and (self.fmt not in ORT_FORMATS or not self.fused_attention):
+            raise RotgraphError(
+                "--kv-cache onnxruntime lives inside GroupQueryAttention: it needs --format ort or genai "
+                "without --eager-attention"
+            )
+        if self.kv_cache == "rotgraph" and self.fmt == "genai":
+            raise RotgraphError("onnxruntime-genai holds only GroupQueryAttention's cache: use --kv-cache onnxruntime")
+
+    @property
+    def gqa_cache(self) -> bool:
+        """Whether the KV cache is kept quantized inside onnxruntime's GroupQueryAttention."""
+        if Scheme.parse(self.scheme).kv_bits is None or self.fmt not in ORT_FORMATS or not self.fused_attention:
+            return False
+        return self.kv_cache == "onnxruntime" or (self.kv_cache == "auto" and self.fmt == "genai")
 
     def _check_standard(self, scheme: Scheme) -> None:
         """Refuse static activations and opsets the format or the scheme cannot have."""
@@ -276,12 +304,14 @@ def quantize_stages(
     # onnxruntime's MatMulNBits with accuracy_level 4 quantizes its input to int8 itself (per block of
     # the weight group, finer than per token), so the ort format leaves 8-bit activations to it.
     ort_int8 = options.fmt in ORT_FORMATS and scheme.act_bits <= 8 and scheme.weight_bits < 16
-    fused = options.fmt in ORT_FORMATS and options.fused_attention and scheme.kv_bits is None
+    gqa_cache = options.gqa_cache
+    fused = options.fmt in ORT_FORMATS and options.fused_attention and (scheme.kv_bits is None or gqa_cache)
     attentions: list[Attention] = []
     if fused:  # found before the weights change form (discovery reads MatMul projections)
         stages.append(Stage("find attention to fuse", (FindFusableAttentionPass(attentions),)))
     static = options.activations == "static"
-    act = [] if static else activation_passes(scheme, options.act_clip, options.kv_clip, skip_int8=ort_int8)
+    act_scheme = dataclasses.replace(scheme, kv_bits=None) if gqa_cache else scheme  # the op quantizes its cache
+    act = [] if static else activation_passes(act_scheme, options.act_clip, options.kv_clip, skip_int8=ort_int8)
     if act:
         stages.append(Stage("activations and KV cache", tuple(act)))
     if scheme.weight_bits < 16:
@@ -314,7 +344,23 @@ def quantize_stages(
             RotaryIntoAttentionPass(options.context_length or DEFAULT_CONTEXT_LENGTH),
             PackQKVPass(),
         )
-        stages.append(Stage("deployment fusion", lean + ((SharedKVBufferPass(),) if options.fmt == "genai" else ())))
+        stages.append(Stage("deployment fusion", lean))
+    if gqa_cache:
+        assert scheme.kv_bits is not None
+        if calibration is None:
+            raise RotgraphError("a quantized GroupQueryAttention cache needs calibration tokens")
+        found: list[CacheScales] = []
+        stages.append(
+            Stage(
+                "KV cache inside GroupQueryAttention",
+                (
+                    CalibrateGqaCachePass(found, calibration.tokens, scheme.kv_bits, scratch),
+                    GqaQuantizedCachePass(found, scheme.kv_bits),
+                ),
+            )
+        )
+    if fused and options.deployment_fusion and options.fmt == "genai":
+        stages.append(Stage("shared KV buffer", (SharedKVBufferPass(),)))
     if static and (passes := static_activation_passes(options, calibration, scratch)):
         # after the weights: discovery does not look through activation Q/DQ pairs, and the ranges are
         # those the quantized weights produce
@@ -430,7 +476,9 @@ def quantize(
     io.check_output_path([input_path], output)
     model = io.load_model(input_path)
     check_inputs(model)
-    needs_text = options.weights == "gptq" or options.smooth is not None or options.activations == "static"
+    needs_text = (
+        options.weights == "gptq" or options.smooth is not None or options.activations == "static" or options.gqa_cache
+    )
     calibration = calibration_tokens(input_path, options) if needs_text else None
     found = None
     with io.staged_output(output) as staged:
