@@ -30,6 +30,7 @@ from pathlib import Path
 
 import numpy as np
 import onnx
+import onnx_ir as ir
 from tokenizers import Tokenizer
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -39,6 +40,7 @@ import make_exporter_fixtures as fixtures  # noqa: E402
 from rotgraph.evaluate import evaluate, windows  # noqa: E402
 from rotgraph.genai import model_in  # noqa: E402
 from rotgraph.generate import generate  # noqa: E402
+from rotgraph.inputs import input_roles  # noqa: E402
 from rotgraph.text import load_text  # noqa: E402
 from rotgraph.tokenize import encode  # noqa: E402
 
@@ -130,13 +132,22 @@ def rotgraph_decode(folder: Path, prompt: str) -> float:
     return generate(model_in(folder), prompt, NEW_TOKENS, threads=THREADS).decode_tokens_per_second
 
 
-def structure(folder: Path) -> tuple[int, int, float]:
-    """(nodes, layers, size on disk in MB of the model and its data)."""
+def structure(folder: Path) -> tuple[int, int, float, int]:
+    """(nodes, layers, size on disk in MB of the model and its data, KV cache bytes per token)."""
     config = json.loads((folder / "genai_config.json").read_text())
     path = model_in(folder)
     graph = onnx.load(str(path), load_external_data=False).graph
     size = sum(f.stat().st_size for f in folder.iterdir() if f.name.startswith(path.name)) / 1e6
-    return len(graph.node), config["model"]["decoder"]["num_hidden_layers"], size
+    roles = input_roles(ir.from_proto(onnx.load(str(path), load_external_data=False)))
+    per_token = sum(c.heads * c.width * np.dtype(c.dtype).itemsize for c in roles.caches)
+    return len(graph.node), config["model"]["decoder"]["num_hidden_layers"], size, per_token
+
+
+def _ratio(values: list[float], reference: list[float]) -> str:
+    """Median over rounds of this model's rate over the reference's in the same round."""
+    if not values or len(values) != len(reference):
+        return "-"
+    return f"{statistics.median(v / r for v, r in zip(values, reference, strict=True)):.2f}x"
 
 
 def _median(values: list[float], digits: int = 1) -> str:
@@ -207,18 +218,21 @@ def main() -> None:
         f"{args.windows} x {args.seq_len} tokens, KL to builder fp32\n"
     )
     print(
-        f"| model | nodes | nodes/layer | size MB | prefill tok/s (512) | decode tok/s ({SHORT_PROMPT} + 128) | "
-        "decode tok/s (512 + 128) | rotgraph generate decode tok/s | perplexity | KL | top-1 |"
+        f"| model | nodes | nodes/layer | size MB | KV bytes/token | prefill tok/s (512) | decode tok/s "
+        f"({SHORT_PROMPT} + 128) | decode tok/s (512 + 128) | decode vs builder int4 ({SHORT_PROMPT} + 128 / "
+        "512 + 128, median of per-round ratios) | rotgraph generate decode tok/s | perplexity | KL | top-1 |"
     )
-    print("|---|---|---|---|---|---|---|---|---|---|---|")
+    print("|---|---|---|---|---|---|---|---|---|---|---|---|---|")
+    base = next(e for e in entries if e.name == "builder int4")
     for entry, score in zip(entries, scores, strict=True):
-        nodes, layers, size = structure(entry.folder)
+        nodes, layers, size, per_token = structure(entry.folder)
         kl = f"{score.kl_to_reference:.4f}" if score.kl_to_reference is not None else "-"
         top1 = f"{score.top1_agreement:.3f}" if score.top1_agreement is not None else "-"
+        ratios = f"{_ratio(entry.decode_short, base.decode_short)} / {_ratio(entry.decode_long, base.decode_long)}"
         print(
-            f"| {entry.name} | {nodes} | {nodes / layers:.1f} | {size:.0f} | {_median(entry.prefill, 0)} | "
-            f"{_median(entry.decode_short)} | {_median(entry.decode_long)} | {_median(entry.rotgraph_decode)} | "
-            f"{score.perplexity:.2f} | {kl} | {top1} |"
+            f"| {entry.name} | {nodes} | {nodes / layers:.1f} | {size:.0f} | {per_token} | "
+            f"{_median(entry.prefill, 0)} | {_median(entry.decode_short)} | {_median(entry.decode_long)} | {ratios} | "
+            f"{_median(entry.rotgraph_decode)} | {score.perplexity:.2f} | {kl} | {top1} |"
         )
     print("\nCommands:\n")
     for entry in entries:

@@ -212,13 +212,17 @@ def _first(token: Any) -> Any:
 
 def shares_buffer(model: ir.Model, roles: InputRoles) -> bool:
     """Whether past and present caches may be one static buffer: every cache is read by a
-    GroupQueryAttention whose sequence lengths come from the attention mask (not the cache shapes), and
-    the cache is not int4 codes (measured with onnxruntime 1.32 on CPU: an int4 cache in a shared buffer
-    gives prompt logits 7e-3 away from the same graph with a growing cache, which equals the per-channel
-    fake quantization; the model builder also turns sharing off for quantized caches on CPU)."""
+    GroupQueryAttention whose sequence lengths come from the attention mask, and by nothing else. A
+    shared buffer has the context's length, not the number of cached tokens: positions computed from a
+    cache's shape (RoPE outside the op, as kv schemes keep it for R3) would be off by it, which RoPE
+    hides in the prompt (scores depend on relative positions) but not in decoding or in a quantized
+    cache (measured: int4 codes of keys at shifted positions moved the prompt's logits by 7e-3)."""
     attentions = [n for n in model.graph if n.op_type == "GroupQueryAttention" and n.domain == _MS]
-    if any(n.attributes.get_int("kv_cache_bit_width", 0) == 4 for n in attentions):
-        return False
+    readers = {id(n) for n in attentions}
+    caches = {c.name for c in roles.caches}
+    for value in model.graph.inputs:
+        if value.name in caches and any(id(use.node) not in readers for use in value.uses()):
+            return False
     mask = next((v for v in model.graph.inputs if v.name == roles.attention_mask), None)
     if not attentions or mask is None or 2 * len(attentions) != len(roles.caches):
         return False
