@@ -31,11 +31,18 @@ from rotgraph.passes.quantize_kv import QuantizeKVCachePass
 from rotgraph.passes.quantize_weights import QuantizeWeightsPass
 from rotgraph.passes.restore_ort_norms import RestoreOrtNormsPass
 from rotgraph.passes.rotary_attention import RotaryIntoAttentionPass
+from rotgraph.passes.rotary_embedding import RotaryEmbeddingPass
 from rotgraph.passes.shared_kv_buffer import SharedKVBufferPass
 from rotgraph.passes.smooth import SmoothQuantPass
 from rotgraph.passes.split_rotary import SplitRotaryPass
 from rotgraph.passes.standard_ops import INT4_OPSET, REDUCE_AXES_INPUT_OPSET, StandardOpsPass, check_opset
-from rotgraph.passes.static_activations import CalibrateActivationsPass, Ranges, StaticActivationsPass, StaticSpec
+from rotgraph.passes.static_activations import (
+    CalibrateActivationsPass,
+    Ranges,
+    Spreads,
+    StaticActivationsPass,
+    StaticSpec,
+)
 from rotgraph.pipeline import (
     RotateOptions,
     canonical_form_passes,
@@ -106,6 +113,9 @@ class QuantOptions:
     # one input feeds several MatMuls); True: signed codes, zero point 0
     act_symmetric: bool = False
     calibration: str = "minmax"  # static ranges: minmax | percentile | entropy (onnxruntime's histograms)
+    # static: projection inputs whose max |x| exceeds this many times the median token's (massive
+    # activations, e.g. an attention-sink token) get 16-bit Q/DQ over their full range; None: off
+    wide_ratio: float | None = None
     opset: int | None = None  # qdq: standard ONNX only (no functions) at this opset; None: rotgraph's functions
     # kv schemes in the ort/genai formats: "onnxruntime" keeps the cache as codes inside GroupQueryAttention
     # (static per-channel scales), "rotgraph" as rotgraph's per-token codes beside an eager attention;
@@ -162,6 +172,11 @@ class QuantOptions:
         if self.activations not in ("static", "dynamic"):
             raise RotgraphError(f"activations {self.activations!r}: expected static or dynamic")
         StaticSpec(8, self.act_symmetric, self.calibration)  # refuses an unknown calibration method
+        if self.wide_ratio is not None:
+            if self.activations != "static" or not self.wide_ratio > 1.0:
+                raise RotgraphError(f"--wide-ratio {self.wide_ratio}: a ratio > 1, for static activations")
+            if self.opset is not None and self.opset < INT4_OPSET:
+                raise RotgraphError(f"--wide-ratio: 16-bit Q/DQ needs --opset {INT4_OPSET} or more, not {self.opset}")
         if self.fmt != "qdq" and (self.activations == "static" or self.opset is not None):
             raise RotgraphError(f"static activations and --opset are for the qdq format, not {self.fmt}")
         if self.opset is None:
@@ -206,13 +221,18 @@ def calibration_tokens(model_path: Path, options: QuantOptions) -> np.ndarray:
                 ("GPTQ", options.weights == "gptq"),
                 ("SmoothQuant", options.smooth is not None),
                 ("static activations", options.activations == "static"),
+                ("the onnxruntime KV cache", options.gqa_cache),
             )
             if on
         ]
         hint = " (or --activations dynamic)" if used == ["static activations"] else ""
         raise RotgraphError(f"calibration ({', '.join(used)}) needs tokenizer.json beside {model_path}{hint}")
     text = load_text("calibration", options.text)
-    return windows(encode(tok, text), options.calibration_windows, options.calibration_seq_len)
+    length = options.calibration_seq_len
+    if options.context_length is not None and options.context_length < length:
+        logger.info("calibration windows of %d tokens: the model's context length", options.context_length)
+        length = options.context_length  # RoPE tables end there
+    return windows(encode(tok, text), options.calibration_windows, length)
 
 
 def activation_spec(scheme: Scheme, act_clip: float | None = None) -> ActSpec | None:
@@ -342,6 +362,7 @@ def quantize_stages(
     if fused and options.deployment_fusion:
         lean: tuple[ir.passes.PassBase, ...] = (
             RotaryIntoAttentionPass(options.context_length or DEFAULT_CONTEXT_LENGTH),
+            RotaryEmbeddingPass(options.context_length or DEFAULT_CONTEXT_LENGTH),
             PackQKVPass(),
         )
         stages.append(Stage("deployment fusion", lean))
@@ -388,9 +409,10 @@ def static_activation_passes(
     spec = StaticSpec(scheme.act_bits, options.act_symmetric, options.calibration)
     kv = StaticSpec(scheme.kv_bits, False, options.calibration) if scheme.kv_bits is not None else None
     ranges: Ranges = {}
+    spreads: Spreads = {}
     return [
-        CalibrateActivationsPass(ranges, calibration.tokens, spec, kv is not None, scratch),
-        StaticActivationsPass(ranges, spec, kv),
+        CalibrateActivationsPass(ranges, calibration.tokens, spec, kv is not None, scratch, spreads),
+        StaticActivationsPass(ranges, spec, kv, options.wide_ratio, spreads),
     ]
 
 

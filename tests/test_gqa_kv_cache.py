@@ -127,9 +127,41 @@ def test_a_genai_folder_with_a_quantized_cache_runs_in_genai(tiny, tmp_path: Pat
     assert main([*args, "--calibration-windows", "2"]) == 0
     config = json.loads((folder / io.GENAI_CONFIG).read_text())
     assert config["model"]["decoder"]["head_size"] == 16  # the real head size, not the packed int4 width
-    assert not config["search"]["past_present_share_buffer"]  # RoPE outside reads the cache's length
+    assert config["search"]["past_present_share_buffer"]  # RoPE's positions come from the mask, not the cache
     ids = [5, 17, 200, 31, 7]
     reference, logits = rotgraph_greedy(folder / "model.onnx", ids, 8)
     tokens, first = genai_run(folder, ids, 8)
     assert tokens == reference
     np.testing.assert_allclose(first, logits[0], atol=1e-4 * np.abs(logits[0]).max())
+
+
+def test_rope_before_the_hadamard_becomes_rotary_embedding(tiny, tmp_path: Path) -> None:
+    from test_genai_format import op_count, step_logits
+
+    from rotgraph.passes.rotary_embedding import RotaryEmbeddingPass
+    from rotgraph.passes.shared_kv_buffer import SharedKVBufferPass
+
+    _, source = tiny("llama", "dynamo", with_past=True)
+    options = QuantOptions(scheme="w4a8kv8", fmt="ort", group=16, kv_cache="onnxruntime", deployment_fusion=False)
+    model = io.load_model(source)
+    run_passes(
+        model, [p for s in quantize_stages(options, Calibration(RNG.integers(0, 300, (2, 32)))) for p in s.passes]
+    )
+    paths = [tmp_path / "exported" / "model.onnx"]
+    paths[0].parent.mkdir()
+    io.save_model(model, paths[0])
+    for name, done in (("rotary", RotaryEmbeddingPass(256)), ("shared", SharedKVBufferPass())):
+        run_passes(model, [done])
+        paths.append(tmp_path / name / "model.onnx")
+        paths[-1].parent.mkdir()
+        io.save_model(model, paths[-1])
+    reference = step_logits(paths[0])
+    for path in paths[1:]:
+        np.testing.assert_allclose(step_logits(path), reference, atol=2e-4 * np.abs(reference).max(), err_msg=str(path))
+    layers = op_count(paths[-1], "GroupQueryAttention")
+    assert op_count(paths[-1], "RotaryEmbedding") == 2 * layers
+    assert op_count(paths[-1], "Neg") == op_count(paths[-1], "Cos") == op_count(paths[-1], "Transpose") == 0
+    graph = io.load_model(paths[-1]).graph
+    assert all(
+        u.node.op_type == "GroupQueryAttention" for v in graph.inputs if "past" in (v.name or "") for u in v.uses()
+    )

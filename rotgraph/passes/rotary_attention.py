@@ -17,7 +17,7 @@ _THROUGH = ("Unsqueeze", "Expand", "Reshape", "Cast")  # between Cos/Sin and the
 
 
 @dataclass(frozen=True)
-class _Rope:
+class Rope:
     """x * cos + rotate_half(x) * sin, with x [batch, heads, seq, head_dim]."""
 
     x: ir.Value
@@ -66,7 +66,7 @@ def _table(value: ir.Value | None, op_type: str) -> tuple[ir.Node, float] | None
     return None
 
 
-def _match_rope(value: ir.Value) -> _Rope | None:
+def match_rope(value: ir.Value) -> Rope | None:
     """`value` = Add(Mul(x, cos), Mul(Concat(Neg(x2), x1), sin)) with x1, x2 the halves of x."""
     add = _producer(value, "Add")
     if add is None:
@@ -92,11 +92,11 @@ def _match_rope(value: ir.Value) -> _Rope | None:
             if cos is None or sin is None or cos[1] != sin[1]:
                 return None
             assert x is not None
-            return _Rope(x, cos[0], sin[0], cos[1])
+            return Rope(x, cos[0], sin[0], cos[1])
     return None
 
 
-def _inverse_frequencies(cos: ir.Node, head_dim: int) -> np.ndarray | None:
+def inverse_frequencies(cos: ir.Node, head_dim: int) -> np.ndarray | None:
     """The constant [head_dim / 2] of the angles Concat(f, f) = positions x inv_freq feeding Cos."""
     concat = _producer(cos.inputs[0], "Concat")
     if concat is None or len(concat.inputs) != 2 or concat.inputs[0] is not concat.inputs[1]:
@@ -117,7 +117,7 @@ def _inverse_frequencies(cos: ir.Node, head_dim: int) -> np.ndarray | None:
     return found[0].astype(np.float64) if len(found) == 1 else None
 
 
-def _flat_input(value: ir.Value | None) -> ir.Value | None:
+def flat_input(value: ir.Value | None) -> ir.Value | None:
     """The [batch, heads, seq, head_dim] value that GroupQueryAttentionPass flattened into `value`."""
     reshape = _producer(value, "Reshape")
     transpose = _producer(reshape.inputs[0], "Transpose") if reshape else None
@@ -183,13 +183,13 @@ class RotaryIntoAttentionPass(ir.passes.InPlacePass):
         return ir.passes.PassResult(model, bool(nodes))
 
     @staticmethod
-    def _plan(node: ir.Node) -> str | tuple[ir.Value, ir.Value, ir.Value, _Rope, np.ndarray]:
+    def _plan(node: ir.Node) -> str | tuple[ir.Value, ir.Value, ir.Value, Rope, np.ndarray]:
         if node.attributes.get_int("do_rotary", 0) or len(node.inputs) < 3 or node.inputs[1] is None:
             return "RoPE already inside, or packed QKV"
-        q4, k4 = _flat_input(node.inputs[0]), _flat_input(node.inputs[1])
+        q4, k4 = flat_input(node.inputs[0]), flat_input(node.inputs[1])
         if q4 is None or k4 is None:
             return "Q or K is not a head layout flattened by GroupQueryAttentionPass"
-        q_rope, k_rope = _match_rope(q4), _match_rope(k4)
+        q_rope, k_rope = match_rope(q4), match_rope(k4)
         if q_rope is None or k_rope is None:
             return "Q or K is not x * cos + rotate_half(x) * sin right before the attention"
         if (q_rope.cos, q_rope.sin, q_rope.scale) != (k_rope.cos, k_rope.sin, k_rope.scale):
@@ -197,10 +197,10 @@ class RotaryIntoAttentionPass(ir.passes.InPlacePass):
         width = q_rope.x.shape[-1] if q_rope.x.shape is not None and len(q_rope.x.shape) == 4 else None
         if not isinstance(width, int):
             return "the head width before RoPE is unknown"
-        inv_freq = _inverse_frequencies(q_rope.cos, width)
+        inv_freq = inverse_frequencies(q_rope.cos, width)
         if inv_freq is None:
             return "the RoPE angles are not positions x one constant vector of head_dim / 2 (Concat(f, f))"
-        v4 = _flat_input(node.inputs[2])
+        v4 = flat_input(node.inputs[2])
         if v4 is None:
             return "V is not a head layout flattened by GroupQueryAttentionPass"
         return q_rope.x, k_rope.x, v4, q_rope, inv_freq

@@ -60,8 +60,11 @@ class SharedKVBufferPass(ir.passes.InPlacePass):
         graph.insert_before(nodes[0], b.nodes)
         dropped = 0
         for node in nodes:
-            node.replace_input_with(5, seqlens)
-            node.replace_input_with(6, total)
+            for index, new in ((5, seqlens), (6, total)):
+                former = node.inputs[index]
+                if former is not None and former is not new:  # its other readers too (positions of RoPE outside)
+                    former.replace_all_uses_with(new)
+                node.replace_input_with(index, new)
             if len(node.inputs) > 10 and node.inputs[10] is not None:
                 node.replace_input_with(10, None)  # type: ignore[arg-type]
                 dropped += 1

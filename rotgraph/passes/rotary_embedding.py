@@ -1,0 +1,169 @@
+"""RoPE followed by an online Hadamard (R3) before GroupQueryAttention -> onnxruntime's RotaryEmbedding."""
+
+from __future__ import annotations
+
+import logging
+
+import numpy as np
+import onnx_ir as ir
+from onnx_ir.passes.common import RemoveUnusedNodesPass
+
+from rotgraph.online import FunctionBuilder
+from rotgraph.passes.group_query_attention import MS_DOMAIN, flat_heads
+from rotgraph.passes.rotary_attention import Rope, flat_input, inverse_frequencies, match_rope
+from rotgraph.structure import is_hadamard
+
+logger = logging.getLogger(__name__)
+
+_SEQLENS_K = 5
+
+
+class RotaryEmbeddingPass(ir.passes.InPlacePass):
+    """Flatten(Hadamard(RoPE(heads))) feeding GroupQueryAttention's Q and K -> Reshape(Hadamard(Reshape(
+    RotaryEmbedding(x)))), with x the [batch, seq, heads * head_dim] projection output.
+
+    The form a quantized KV cache needs (R3 between RoPE and the cache, so RoPE cannot go into the
+    attention op as `RotaryIntoAttentionPass` puts it) in a few nodes instead of the exported layout
+    round trips and the rotate-half pattern: com.microsoft RotaryEmbedding on the 3-D projection output
+    with cos/sin caches [max_length, head_dim / 2] computed in float64 from the graph's inverse
+    frequencies (and attention scaling), the Hadamard on the head axis of a [batch, seq, heads, head_dim]
+    view, and one Reshape back. Positions come from the attention's own seqlens_k as GroupQueryAttention
+    counts them with do_rotary (seqlens_k + 1 - seq + i), so the graph reads no cache shape for them.
+
+    Guarantees: the same function to float rounding for positions below `max_length` and unpadded rows
+    (a left-padded row's positions shift by its padding, which RoPE's relative scores do not see). All
+    layers or none: when one layer does not match, nothing is rewritten and the reason is logged.
+    """
+
+    def __init__(self, max_length: int) -> None:
+        super().__init__()
+        self.max_length = max_length
+
+    def call(self, model: ir.Model) -> ir.passes.PassResult:
+        graph = model.graph
+        nodes = [n for n in graph if n.op_type == "GroupQueryAttention" and n.domain == MS_DOMAIN]
+        plans = []
+        for index, node in enumerate(nodes):
+            plan = self._plan(node)
+            if isinstance(plan, str):
+                logger.info("RoPE + Hadamard stay as exported: layer %d: %s", index, plan)
+                return ir.passes.PassResult(model, False)
+            plans.append(plan)
+        tables: dict[tuple[int, int], tuple[ir.Value, ir.Value]] = {}
+        positions: dict[int, ir.Value] = {}
+        for node, (ropes, hadamards, inv_freq) in zip(nodes, plans, strict=True):
+            key = (id(ropes[0].cos), id(ropes[0].sin))
+            if key not in tables:
+                angles = np.arange(self.max_length, dtype=np.float64)[:, None] * inv_freq[None, :]
+                cos, sin = (ropes[0].scale * fn(angles) for fn in (np.cos, np.sin))
+                tables[key] = (
+                    self._table(graph, f"rotary_cos_{len(tables)}", cos),
+                    self._table(graph, f"rotary_sin_{len(tables)}", sin),
+                )
+            seqlens = node.inputs[_SEQLENS_K]
+            assert seqlens is not None
+            flats = [flat_heads(graph, rope.x, self._heads(node, slot)) for slot, rope in enumerate(ropes)]
+            if id(seqlens) not in positions:
+                positions[id(seqlens)] = self._positions(graph, node, seqlens, flats[0])
+            for slot, (flat, rope, hadamard) in enumerate(zip(flats, ropes, hadamards, strict=True)):
+                self._rewrite(graph, node, slot, flat, rope, hadamard, positions[id(seqlens)], tables[key])
+            values = flat_input(node.inputs[2])
+            if values is not None:  # V's layout round trip, as RotaryIntoAttentionPass removes it
+                node.replace_input_with(2, flat_heads(graph, values, self._heads(node, 1)))
+        graph.sort()
+        RemoveUnusedNodesPass()(model)
+        logger.info("RoPE as RotaryEmbedding before the R3 Hadamard in %d layers", len(nodes))
+        return ir.passes.PassResult(model, bool(nodes))
+
+    @staticmethod
+    def _plan(node: ir.Node) -> str | tuple[list[Rope], list[ir.Node], np.ndarray]:
+        if node.attributes.get_int("do_rotary", 0) or len(node.inputs) < 6 or node.inputs[1] is None:
+            return "RoPE inside, or packed QKV"
+        ropes, hadamards = [], []
+        for slot in (0, 1):
+            rotated = flat_input(node.inputs[slot])
+            hadamard = rotated.producer() if rotated is not None else None
+            if hadamard is None or not is_hadamard(hadamard) or hadamard.inputs[0] is None:
+                return "Q or K is not a flattened online Hadamard"
+            rope = match_rope(hadamard.inputs[0])
+            if rope is None:
+                return "the Hadamard does not read x * cos + rotate_half(x) * sin"
+            ropes.append(rope)
+            hadamards.append(hadamard)
+        if (ropes[0].cos, ropes[0].sin, ropes[0].scale) != (ropes[1].cos, ropes[1].sin, ropes[1].scale):
+            return "Q and K use different RoPE tables"
+        shape = ropes[0].x.shape
+        width = shape[-1] if shape is not None and len(shape) == 4 else None
+        if not isinstance(width, int):
+            return "the head width before RoPE is unknown"
+        inv_freq = inverse_frequencies(ropes[0].cos, width)
+        if inv_freq is None:
+            return "the RoPE angles are not positions x one constant vector of head_dim / 2 (Concat(f, f))"
+        return ropes, hadamards, inv_freq
+
+    @staticmethod
+    def _table(graph: ir.Graph, name: str, array: np.ndarray) -> ir.Value:
+        value = ir.Value(name=name, const_value=ir.Tensor(array.astype(np.float32), name=name))
+        value.shape, value.dtype = ir.Shape(array.shape), ir.DataType.FLOAT
+        graph.register_initializer(value)
+        return value
+
+    @staticmethod
+    def _heads(node: ir.Node, slot: int) -> int:
+        return node.attributes.get_int("num_heads" if slot == 0 else "kv_num_heads", 0)
+
+    @staticmethod
+    def _positions(graph: ir.Graph, node: ir.Node, seqlens: ir.Value, x: ir.Value) -> ir.Value:
+        """[batch, seq] int64: seqlens_k + 1 - seq + arange(seq), seq from the [batch, seq, d] `x`."""
+        b = FunctionBuilder()
+        seq = b.op("Squeeze", b.op("Shape", x, start=1, end=2), b.const("rotary_pos_axis0", np.array([0])))
+        start = b.op(
+            "Sub",
+            b.op("Add", b.op("Cast", seqlens, to=ir.DataType.INT64), b.const("rotary_pos_one", np.array(1, np.int64))),
+            seq,
+        )
+        steps = b.op(
+            "Range",
+            b.const("rotary_pos_zero", np.array(0, np.int64)),
+            seq,
+            b.const("rotary_pos_step", np.array(1, np.int64)),
+        )
+        out = b.op(
+            "Add",
+            b.op("Unsqueeze", start, b.const("rotary_pos_axis1", np.array([1]))),
+            b.op("Unsqueeze", steps, b.const("rotary_pos_axis0b", np.array([0]))),
+        )
+        out.name = "rotary_position_ids"
+        graph.insert_before(node, b.nodes)
+        return out
+
+    @staticmethod
+    def _rewrite(
+        graph: ir.Graph,
+        node: ir.Node,
+        slot: int,
+        flat: ir.Value,
+        rope: Rope,
+        hadamard: ir.Node,
+        positions: ir.Value,
+        tables: tuple[ir.Value, ir.Value],
+    ) -> None:
+        heads = RotaryEmbeddingPass._heads(node, slot)
+        width = rope.x.shape[-1]  # type: ignore[index]
+        b = FunctionBuilder()
+        rotary = ir.Node(MS_DOMAIN, "RotaryEmbedding", [flat, positions, *tables], [ir.AttrInt64("interleaved", 0)])
+        b.nodes.append(rotary)
+        split = b.op(
+            "Reshape", rotary.outputs[0], b.const(f"{hadamard.name}_heads", np.array([0, 0, heads, width], np.int64))
+        )
+        graph.insert_before(hadamard, b.nodes)
+        hadamard.replace_input_with(0, split)
+        hadamard.outputs[0].shape = None
+        merge = FunctionBuilder()
+        back = merge.op(
+            "Reshape",
+            hadamard.outputs[0],
+            merge.const(f"{hadamard.name}_flat", np.array([0, 0, heads * width], np.int64)),
+        )
+        graph.insert_before(node, merge.nodes)
+        node.replace_input_with(slot, back)
