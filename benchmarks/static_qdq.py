@@ -4,11 +4,12 @@
 
 For w8a8 and w4a8 (and w4a4 with --schemes), quantizes the float model with static per-tensor activation
 scales (minmax on the calibration split, uint8 codes + zero point) and standard ONNX only (--opset 21):
-no rotation, SmoothQuant, QuaRot, QuaRot+GPTQ; beside them onnxruntime's own `quantize_static` (QDQ,
+no rotation, SmoothQuant, QuaRot, QuaRot+GPTQ, and QuaRot (+GPTQ) with 16-bit Q/DQ on the projection
+inputs whose range massive tokens set (--wide-ratio); beside them onnxruntime's own `quantize_static` (QDQ,
 uint8 activations, int8 per-channel weights, MatMul only, the same calibration windows) and rotgraph's
 dynamic per-token rows. Scores every model against the float one on the evaluation split (perplexity, KL,
 top-1; onnxruntime at the "basic" level, which computes the Q/DQ arithmetic exactly), then times a
-512-token prefill of the static w8a8 QuaRot graph and of the float graph in onnxruntime with every
+512-token prefill of the static w8a8 QuaRot graphs and of the float graph in onnxruntime with every
 optimization on (integer kernels), interleaved round by round, and counts the integer nodes onnxruntime
 made. Prints markdown tables; each row is also appended to OUT.jsonl as it is measured.
 """
@@ -35,12 +36,15 @@ from rotgraph.quantize import QuantOptions, calibration_tokens, quantize_model
 from rotgraph.text import load_text
 from rotgraph.tokenize import encode
 
-METHODS = [  # name, rotation, weights, SmoothQuant, activations
-    ("static, no rotation", "none", "rtn", False, "static"),
-    ("static, SmoothQuant", "none", "rtn", True, "static"),
-    ("static, QuaRot", "quarot", "rtn", False, "static"),
-    ("static, QuaRot+GPTQ", "quarot", "gptq", False, "static"),
-    ("dynamic per-token, QuaRot", "quarot", "rtn", False, "dynamic"),
+METHODS = [  # name, rotation, weights, SmoothQuant, activations, 16-bit sites above --wide-ratio
+    ("static, no rotation", "none", "rtn", False, "static", False),
+    ("static, SmoothQuant", "none", "rtn", True, "static", False),
+    ("static, QuaRot", "quarot", "rtn", False, "static", False),
+    ("static, QuaRot+GPTQ", "quarot", "gptq", False, "static", False),
+    ("static, no rotation, 16-bit massive sites", "none", "rtn", False, "static", True),
+    ("static, QuaRot, 16-bit massive sites", "quarot", "rtn", False, "static", True),
+    ("static, QuaRot+GPTQ, 16-bit massive sites", "quarot", "gptq", False, "static", True),
+    ("dynamic per-token, QuaRot", "quarot", "rtn", False, "dynamic", False),
 ]
 
 
@@ -114,6 +118,7 @@ def main() -> None:
     ap.add_argument("--out", default="static_qdq.jsonl")
     ap.add_argument("--calibration", default="minmax", help="static ranges: minmax | percentile | entropy")
     ap.add_argument("--only", nargs="+", help="method names to run (default: all, with onnxruntime's)")
+    ap.add_argument("--wide-ratio", type=float, default=16.0, help="the 16-bit massive-sites rows' --wide-ratio")
     args = ap.parse_args()
     source = Path(args.model)
     tokens = windows(encode(source.parent / "tokenizer.json", load_text("evaluation")), args.windows, 512)
@@ -127,11 +132,11 @@ def main() -> None:
 
     calibration = None
     hessians: dict[str, dict] = {}
-    speed_paths: list[Path] = []
+    speed_paths: dict[str, Path] = {}  # the float graph and the static w8a8 QuaRot graphs, timed together
     with tempfile.TemporaryDirectory(dir=source.parent) as tmp:
         for scheme in args.schemes:
             paths = []
-            for name, rotation, weights, smooth, activations in METHODS:
+            for name, rotation, weights, smooth, activations, wide in METHODS:
                 if args.only and name not in args.only:
                     continue
                 options = QuantOptions(
@@ -143,6 +148,7 @@ def main() -> None:
                     calibration_windows=args.calibration_windows,
                     activations=activations,
                     calibration=args.calibration,
+                    wide_ratio=args.wide_ratio if wide else None,
                     opset=21,
                 )
                 t = time.perf_counter()
@@ -160,8 +166,8 @@ def main() -> None:
                 shutil.rmtree(scratch, ignore_errors=True)
                 print(f"{scheme} {name}: quantized in {time.perf_counter() - t:.0f} s", file=sys.stderr, flush=True)
                 paths.append((name, out))
-                if scheme == "w8a8" and name == "static, QuaRot":
-                    speed_paths = [source, out]
+                if scheme == "w8a8" and name.startswith("static, QuaRot") and "GPTQ" not in name:
+                    speed_paths[name] = out
             if scheme == "w8a8" and (not args.only or "onnxruntime quantize_static" in args.only):
                 assert calibration is not None
                 t = time.perf_counter()
@@ -198,17 +204,19 @@ def main() -> None:
         speed = None
         if speed_paths and args.rounds:
             prompt = tokens[:1, :512].astype(np.int64)
-            seconds, counts = prefill_seconds(speed_paths, prompt, args.rounds, Path(tmp))
-            speed = (seconds, counts)
-            record(
-                {
-                    "prefill_float_s": seconds[0],
-                    "prefill_static_w8a8_s": seconds[1],
-                    "integer_nodes": {k: v for k, v in counts[1].items() if "Integer" in k or "QLinear" in k},
-                    "float_matmuls_left": counts[1].get("MatMul", 0),
-                    "float_graph_matmuls": counts[0].get("MatMul", 0),
-                }
-            )
+            seconds, counts = prefill_seconds([source, *speed_paths.values()], prompt, args.rounds, Path(tmp))
+            speed = (list(speed_paths), seconds, counts)
+            for name, s, c in zip(speed_paths, seconds[1:], counts[1:], strict=True):
+                record(
+                    {
+                        "prefill": name,
+                        "prefill_float_s": seconds[0],
+                        "prefill_static_w8a8_s": s,
+                        "integer_nodes": {k: v for k, v in c.items() if "Integer" in k or "QLinear" in k},
+                        "float_matmuls_left": c.get("MatMul", 0),
+                        "float_graph_matmuls": counts[0].get("MatMul", 0),
+                    }
+                )
     print(
         f"\n### Static per-tensor QDQ ({args.windows} windows x 512 tokens, calibration {args.calibration_windows} "
         f"windows, {args.calibration}, uint8 activations; w8 per channel, w4 groups of {args.group}; SmoothQuant alpha {args.alpha})\n"
@@ -223,13 +231,17 @@ def main() -> None:
                 f"{r['kl']:.4f} | {r['top1']:.3f} | {r['mb']:.0f} |"
             )
     if speed is not None:
-        (f_s, q_s), (_, q_counts) = speed
-        integer = ", ".join(f"{k} {v}" for k, v in sorted(q_counts.items()) if "Integer" in k or "QLinear" in k)
+        names, seconds, counts = speed
         print(
             f"\n512-token prefill, onnxruntime all optimizations, 2 threads, median of {args.rounds} interleaved "
-            f"rounds: float {f_s:.3f} s, static w8a8 QuaRot {q_s:.3f} s ({f_s / q_s:.2f}x); integer nodes: "
-            f"{integer}; float MatMuls left {q_counts.get('MatMul', 0)}"
+            f"rounds: float {seconds[0]:.3f} s"
         )
+        for name, q_s, q_counts in zip(names, seconds[1:], counts[1:], strict=True):
+            integer = ", ".join(f"{k} {v}" for k, v in sorted(q_counts.items()) if "Integer" in k or "QLinear" in k)
+            print(
+                f"- w8a8 {name}: {q_s:.3f} s ({seconds[0] / q_s:.2f}x float); integer nodes: {integer}; "
+                f"float MatMuls left {q_counts.get('MatMul', 0)}"
+            )
 
 
 if __name__ == "__main__":

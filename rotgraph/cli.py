@@ -420,6 +420,13 @@ def parser() -> argparse.ArgumentParser:
     q.add_argument("--act-symmetric", action="store_true", help="static: signed codes (default: uint8 + zero point)")
     q.add_argument("--calibration", choices=["minmax", "percentile", "entropy"], default="minmax", help="static ranges")
     q.add_argument(
+        "--wide-ratio",
+        type=float,
+        help="static: 16-bit Q/DQ (opset 21+) on each projection input whose max |x| exceeds RATIO times the "
+        "median token's (massive activations, e.g. the attention-sink token); the rest keep their bits. "
+        "16 picks SmolLM2-135M's two sink-carrying down_proj inputs",
+    )
+    q.add_argument(
         "--opset",
         type=int,
         help="qdq: standard ONNX only (no functions or custom ops) at opset 17-23 (default with static "

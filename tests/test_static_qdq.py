@@ -244,6 +244,69 @@ def test_onnxruntime_runs_static_w8a8_on_integer_kernels(tiny, tmp_path) -> None
     assert np.abs(fast - reference).max() < 1e-2 * np.abs(reference).max()
 
 
+def _spreads(seen: dict[tuple[int, str], list[np.ndarray]]) -> dict[tuple[int, str], tuple[float, float, float]]:
+    """(lo, hi, spread) of each projection input: spread = max |x| / the median over tokens of max |x|."""
+    found = {}
+    for key, arrays in seen.items():
+        x = np.concatenate([a.reshape(-1, a.shape[-1]) for a in arrays]).astype(np.float64)
+        found[key] = (x.min(), x.max(), np.abs(x).max() / np.median(np.abs(x).max(axis=1)))
+    return found
+
+
+def _ratio_between(spreads: dict[tuple[int, str], tuple[float, float, float]]) -> float:
+    """A ratio half-way between the two middle spreads: some sites above it, some below."""
+    values = sorted(s for _, _, s in spreads.values())
+    middle = len(values) // 2
+    assert values[middle - 1] < values[middle]
+    return (values[middle - 1] + values[middle]) / 2
+
+
+def test_wide_ratio_gives_16_bit_codes_to_the_sites_whose_spread_exceeds_it(tiny, tmp_path) -> None:
+    """Spreads from the Hugging Face model's projection inputs (torch hooks, same windows): a site above
+    the ratio gets uint16 codes with scale (hi - lo) / 65535 over its full range, every other site
+    uint8 with (hi - lo) / 255; the graph stays standard ONNX (full checker) and runs."""
+    folder, _ = tiny("llama", "dynamo")
+    spreads = _spreads(_projection_inputs(folder, CALIBRATION))
+    ratio = _ratio_between(spreads)
+    options = {"scheme": "w16a8", "rotation": "none", "activations": "static", "opset": 21}
+    out = quantized(tiny, tmp_path, "wide", wide_ratio=ratio, **options)
+    onnx.checker.check_model(str(out), full_check=True)
+    for (block, site), (lo, hi, spread) in spreads.items():
+        levels = 65535 if spread > ratio else 255
+        lo, hi = min(lo, 0.0), max(hi, 0.0)
+        np.testing.assert_allclose(initializer(out, f"layers.{block}.{site}.act_scale"), (hi - lo) / levels, rtol=1e-5)
+        zero = initializer(out, f"layers.{block}.{site}.act_zero")
+        assert zero.dtype == (np.uint16 if spread > ratio else np.uint8)
+        assert zero == np.round(-lo / ((hi - lo) / levels))
+    assert np.isfinite(ort_logits(out, CALIBRATION[:1, :16])).all()
+
+
+def test_wide_sites_leave_the_8_bit_projections_on_integer_kernels(tiny, tmp_path) -> None:
+    """w8a8 with some projection inputs at 16 bits: onnxruntime (every optimization on) still fuses each
+    projection that reads an 8-bit site into MatMulIntegerToFloat, and only those (q, k, v read qkv;
+    gate, up read gate_up); its logits stay those of the QDQ graph."""
+    folder, _ = tiny("llama", "dynamo")
+    spreads = _spreads(_projection_inputs(folder, CALIBRATION))
+    ratio = _ratio_between(spreads)
+    readers = {"qkv": 3, "o": 1, "gate_up": 2, "down": 1}
+    expected = sum(readers[site] for (_, site), (_, _, spread) in spreads.items() if spread <= ratio)
+    assert 0 < expected < 2 * 7
+    out = quantized(
+        tiny, tmp_path, "q", scheme="w8a8", group=0, rotation="none", activations="static", opset=21, wide_ratio=ratio
+    )
+    options = ort.SessionOptions()
+    options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+    options.optimized_model_filepath = str(out.parent / "optimized.onnx")
+    options.log_severity_level = 3
+    session = ort.InferenceSession(str(out), options, providers=["CPUExecutionProvider"])
+    ops = Counter(n.op_type for n in onnx.load(str(out.parent / "optimized.onnx")).graph.node)
+    assert ops["MatMulIntegerToFloat"] == expected
+    tokens = CALIBRATION[:2, :24]
+    fast = session.run(None, {"input_ids": tokens})[0]
+    reference = ort_logits(out, tokens)
+    assert np.abs(fast - reference).max() < 1e-2 * np.abs(reference).max()
+
+
 @pytest.mark.parametrize(
     ("options", "message"),
     [
@@ -253,6 +316,9 @@ def test_onnxruntime_runs_static_w8a8_on_integer_kernels(tiny, tmp_path) -> None
         ({"scheme": "w8a8", "opset": 19}, "--group 0"),
         ({"fmt": "ort", "activations": "static"}, "qdq format"),
         ({"activations": "static", "calibration": "mse"}, "calibration method"),
+        ({"activations": "dynamic", "wide_ratio": 16.0}, "static activations"),
+        ({"activations": "static", "wide_ratio": 1.0}, "ratio > 1"),
+        ({"scheme": "w8a8", "group": 0, "activations": "static", "opset": 19, "wide_ratio": 16.0}, "opset 21"),
     ],
 )
 def test_bad_options_are_refused(options: dict, message: str) -> None:

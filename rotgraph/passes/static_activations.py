@@ -24,6 +24,18 @@ computed weights (the probe materializes them once into scratch) and its sites a
 Scales and zero points are those of `rotgraph.grid` applied to a range instead of a group: symmetric
 scale = max|x| / qmax on the signed grid with zero point 0; asymmetric scale = (hi - lo) / qmax on the
 unsigned grid over the range widened to contain 0, zero = round(-lo / scale).
+
+Massive activations: a few tokens (the attention sink, usually a window's first token) can reach
+100x the activation of every other token at the input of one or two down projections (SmolLM2-135M
+rotated by QuaRot: layer 11's down_proj input has |x| up to 107 on the first token, 1.6 on every other;
+measured in benchmarks/RESULTS.md, static QDQ section). A per-tensor 8-bit range that holds those
+tokens leaves the rest a few codes; a range that clips them breaks the model (the sink's residual
+is what later attention layers key on). `CalibrateActivationsPass` therefore also records each
+projection input's spread, max |x| over the median token's max |x| (`TokenSpread`), and
+`StaticActivationsPass(wide=RATIO)` gives a site whose spread exceeds RATIO 16-bit codes
+(INT16/UINT16 Q/DQ, opset 21) over its full minmax range: the bulk keeps 8 bits or more of
+resolution and the massive tokens are represented. Every other site keeps its `spec` (8-bit sites
+still fuse into onnxruntime's integer MatMuls; a 16-bit site's projection runs in float).
 """
 
 from __future__ import annotations
@@ -31,6 +43,7 @@ from __future__ import annotations
 import contextlib
 import io
 import logging
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -64,8 +77,8 @@ class StaticSpec:
     method: str = "minmax"
 
     def __post_init__(self) -> None:
-        if self.bits not in (4, 8):
-            raise RotgraphError(f"static activations have 4 or 8 bits, not {self.bits}")
+        if self.bits not in (4, 8, 16):
+            raise RotgraphError(f"static activations have 4, 8 or 16 bits, not {self.bits}")
         if self.method not in METHODS:
             raise RotgraphError(f"calibration method {self.method!r}: expected one of {', '.join(METHODS)}")
 
@@ -73,6 +86,8 @@ class StaticSpec:
     def code_type(self) -> ir.DataType:
         if self.bits == 4:
             return ir.DataType.INT4 if self.symmetric else ir.DataType.UINT4
+        if self.bits == 16:
+            return ir.DataType.INT16 if self.symmetric else ir.DataType.UINT16
         return ir.DataType.INT8 if self.symmetric else ir.DataType.UINT8
 
     def params(self, lo: np.ndarray, hi: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
@@ -107,6 +122,24 @@ Ranges = dict[Site, tuple[np.ndarray, np.ndarray]]  # (lo, hi): scalars, or one 
 HEAD_AXIS = 1  # keys and values are [batch, kv_heads, seq, head_dim]: a range per head
 
 
+@dataclass(frozen=True)
+class TokenSpread:
+    """A projection input over the calibration tokens: its minmax range and the median over tokens of
+    each token's max |x| (the range that the bulk of the tokens needs)."""
+
+    lo: float
+    hi: float
+    median_token: float
+
+    @property
+    def spread(self) -> float:
+        """max |x| over the median token's max |x|: how much of a per-tensor range the bulk leaves unused."""
+        return max(-self.lo, self.hi) / max(self.median_token, grid.EPS)
+
+
+Spreads = dict[Site, TokenSpread]
+
+
 def _pieces(name: str, x: np.ndarray, per_head: bool) -> dict[str, np.ndarray]:
     """What one range is measured on: the whole tensor, or each KV head's slice."""
     if not per_head:
@@ -115,20 +148,35 @@ def _pieces(name: str, x: np.ndarray, per_head: bool) -> dict[str, np.ndarray]:
 
 
 def measure_ranges(
-    model: ir.Model, sites: dict[Site, ir.Value], tokens: np.ndarray, spec: StaticSpec, scratch: Path | None = None
+    model: ir.Model,
+    sites: dict[Site, ir.Value],
+    tokens: np.ndarray,
+    spec: StaticSpec,
+    scratch: Path | None = None,
+    spreads: Spreads | None = None,
 ) -> Ranges:
     """(lo, hi) of each site over all windows of `tokens`, by `spec.method`: one range per projection
-    input, one per KV head for keys and values."""
+    input, one per KV head for keys and values. With `spreads`, also fill it with each projection
+    input's `TokenSpread`."""
     keys = list(sites)
     names = [f"{k[0]}/{k[1]}" for k in keys]
     per_head = [k[1] in ("k", "v") for k in keys]
     outputs = probe(
         model, [sites[k] for k in keys], tokens, scratch=scratch, optimization="basic", what="calibrate (static)"
     )
-    pieces = (
-        {p: a for n, x, h in zip(names, outs, per_head, strict=True) for p, a in _pieces(n, x, h).items()}
-        for outs in outputs
-    )
+    token_max: dict[Site, list[np.ndarray]] = {}  # each token's max |x| (inputs are [..., tokens, features])
+    extremes: dict[Site, tuple[float, float]] = {}  # minmax, whatever the method
+
+    def windows() -> Iterator[dict[str, np.ndarray]]:
+        for outs in outputs:
+            for key, x, head in zip(keys, outs, per_head, strict=True):
+                if spreads is not None and not head:
+                    token_max.setdefault(key, []).append(np.abs(x).reshape(-1, x.shape[-1]).max(axis=-1))
+                    lo, hi = extremes.get(key, (np.inf, -np.inf))
+                    extremes[key] = (min(lo, float(x.min())), max(hi, float(x.max())))
+            yield {p: a for n, x, h in zip(names, outs, per_head, strict=True) for p, a in _pieces(n, x, h).items()}
+
+    pieces = windows()
     found: dict[str, tuple[float, float]] = {}
     if spec.method == "minmax":
         for window in pieces:
@@ -144,6 +192,10 @@ def measure_ranges(
                 collector.collect({name: [np.asarray(x, np.float32)] for name, x in window.items()})
             result = collector.compute_collection_result()
         found = {name: (float(r[0]), float(r[1])) for name, r in result.items()}
+    if spreads is not None:
+        spreads.clear()
+        for key, magnitudes in token_max.items():
+            spreads[key] = TokenSpread(*extremes[key], float(np.median(np.concatenate(magnitudes))))
     for name, (lo_v, hi_v) in found.items():
         if not (np.isfinite(lo_v) and np.isfinite(hi_v)):
             raise RotgraphError(f"calibration: the range of {name} is not finite ({lo_v}, {hi_v})")
@@ -162,19 +214,28 @@ def measure_ranges(
 class CalibrateActivationsPass(ir.passes.InPlacePass):
     """Measure the range of every static site (`static_sites`) on `tokens` and store it in `ranges`
     (filled in place: later stages hold this very dict). Rewrites nothing; in-memory weights may move
-    into `scratch` (see `rotgraph.probe.materialize`)."""
+    into `scratch` (see `rotgraph.probe.materialize`). With `spreads`, also fills it with every
+    projection input's `TokenSpread` (what `StaticActivationsPass(wide=...)` chooses 16-bit sites by)."""
 
     def __init__(
-        self, ranges: Ranges, tokens: np.ndarray, spec: StaticSpec, kv: bool, scratch: Path | None = None
+        self,
+        ranges: Ranges,
+        tokens: np.ndarray,
+        spec: StaticSpec,
+        kv: bool,
+        scratch: Path | None = None,
+        spreads: Spreads | None = None,
     ) -> None:
         super().__init__()
         self.ranges, self.tokens, self.spec, self.kv, self.scratch = ranges, tokens, spec, kv, scratch
+        self.spreads = spreads
 
     def call(self, model: ir.Model) -> ir.passes.PassResult:
         if self.tokens.size == 0:
             raise RotgraphError("static activation scales need calibration tokens")
         self.ranges.clear()
-        self.ranges.update(measure_ranges(model, static_sites(model, self.kv), self.tokens, self.spec, self.scratch))
+        sites = static_sites(model, self.kv)
+        self.ranges.update(measure_ranges(model, sites, self.tokens, self.spec, self.scratch, self.spreads))
         return ir.passes.PassResult(model, False)
 
 
@@ -189,7 +250,8 @@ def insert_qdq(
     uses = list(value.uses())
     dtype = value.dtype or ir.DataType.FLOAT
     s = new_initializer(graph, f"{name}.act_scale", ir.Tensor(scale.astype(dtype.numpy()), name=""))
-    z_store = zero.astype(np.int8 if spec.symmetric else np.uint8)
+    storage = (np.int16, np.uint16) if spec.bits == 16 else (np.int8, np.uint8)
+    z_store = zero.astype(storage[0] if spec.symmetric else storage[1])
     z = new_initializer(graph, f"{name}.act_zero", ir.Tensor(z_store, dtype=spec.code_type, name=""))
     attrs = [ir.AttrInt64("axis", HEAD_AXIS)] if scale.ndim else []
     q = ir.Node("", "QuantizeLinear", [value, s, z], attrs, name=f"{name}.act_quantize")
@@ -217,20 +279,47 @@ class StaticActivationsPass(ir.passes.InPlacePass):
 
     `ranges` holds each site's calibrated range (`CalibrateActivationsPass`; it may be filled after
     this pass is constructed). Guarantees: each site is quantized once, with the scale of its own
-    range; lm_head's input stays float; every inserted op is standard ONNX (int4 codes need opset 21).
+    range; lm_head's input stays float; every inserted op is standard ONNX (int4 and int16 codes need
+    opset 21).
+
+    `wide` (a ratio > 1, with `spreads` from the same calibration): a projection input whose
+    `TokenSpread.spread` exceeds it gets 16-bit codes (same symmetry) over its full minmax range
+    instead of `spec` (see the module docstring: massive activations).
     """
 
-    def __init__(self, ranges: Ranges, spec: StaticSpec, kv_spec: StaticSpec | None = None) -> None:
+    def __init__(
+        self,
+        ranges: Ranges,
+        spec: StaticSpec,
+        kv_spec: StaticSpec | None = None,
+        wide: float | None = None,
+        spreads: Spreads | None = None,
+    ) -> None:
         super().__init__()
-        self.ranges, self.spec, self.kv_spec = ranges, spec, kv_spec
+        if wide is not None and (spreads is None or not wide > 1.0):
+            raise RotgraphError(f"wide sites need a spread ratio > 1 ({wide}) and the calibrated spreads")
+        self.ranges, self.spec, self.kv_spec, self.wide, self.spreads = ranges, spec, kv_spec, wide, spreads
 
     def call(self, model: ir.Model) -> ir.passes.PassResult:
         sites = static_sites(model, self.kv_spec is not None)
+        wide_spec = StaticSpec(16, self.spec.symmetric)
+        widened = []
         for site, value in sites.items():
             if site not in self.ranges:
                 raise RotgraphError(f"block {site[0]} {site[1]}: no calibrated range (run CalibrateActivationsPass)")
             spec = self.kv_spec if site[1] in ("k", "v") and self.kv_spec is not None else self.spec
-            scale, zero = spec.params(*self.ranges[site])
+            lo, hi = self.ranges[site]
+            if self.wide is not None and site[1] not in ("k", "v"):
+                assert self.spreads is not None
+                if site not in self.spreads:
+                    raise RotgraphError(f"block {site[0]} {site[1]}: no calibrated spread (CalibrateActivationsPass)")
+                found = self.spreads[site]
+                if found.spread > self.wide:
+                    spec, lo, hi = wide_spec, np.asarray(found.lo), np.asarray(found.hi)
+                    widened.append(f"{site[0]}/{site[1]} (spread {found.spread:.0f})")
+            scale, zero = spec.params(lo, hi)
             insert_qdq(model, value, spec, scale, zero, f"layers.{site[0]}.{site[1]}")
         logger.info("static %d-bit activation quantization on %d sites", self.spec.bits, len(sites))
+        if widened:
+            logger.info("16-bit static activations (spread > %g): %s", self.wide, ", ".join(widened))
         return ir.passes.PassResult(model, True)
