@@ -19,6 +19,7 @@ on the same global batch.
 
 from __future__ import annotations
 
+import functools
 import json
 import logging
 import os
@@ -134,6 +135,22 @@ def weight_fake_quant(w: torch.Tensor, bits: int, group: int, axis: int) -> torc
     return q.reshape(w.shape)
 
 
+def _rotated_input_times(
+    x: ir.Value, key: ir.Value, r1: torch.Tensor, w: torch.Tensor, env: dict[ir.Value, torch.Tensor]
+) -> torch.Tensor:
+    """(x R1^T) W, with x R1^T computed once per run of the graph (or of a checkpointed segment, which
+    runs on its own copy of `env`) for all the Linears reading x: `env` keeps it under `key`, a value
+    of no graph."""
+    if key not in env:
+        env[key] = env[x] @ r1.T
+    return env[key] @ w
+
+
+def _times_rotated(x: ir.Value, w: torch.Tensor, r1: torch.Tensor, env: dict[ir.Value, torch.Tensor]) -> torch.Tensor:
+    """(x W) R1: a residual writer's output with R1 on it rather than on W."""
+    return (env[x] @ w) @ r1
+
+
 class RotatedNetwork(torch.nn.Module):
     """The fake-quantized network of a `learning_graph` model as a function of trainable R1 and R2s.
 
@@ -168,13 +185,35 @@ class RotatedNetwork(torch.nn.Module):
         for lin in desc.linears():
             if lin.weight not in self.graph.constants:
                 raise RotgraphError(f"{lin.node.name}: the weight is not a float initializer")
+        # R1 on the activations (`rotates_activations`): a key for each rotated Linear input, the sites
+        # (products by R1 per token) and the weights' widths (products by R1 per weight row or column)
+        readers = {lin.weight: lin for lin in r1_readers(desc) if lin is not desc.lm_head}
+        writers = {lin.weight: lin for lin in r1_writers(desc)}
+        self._rotated_inputs = {lin.input: ir.Value(name=f"{lin.input.name}.R1T") for lin in readers.values()}
+        self._sites = len(self._rotated_inputs) + len(writers)
+        self._widths = sum(lin.shape[1] for lin in readers.values()) + sum(lin.shape[0] for lin in writers.values())
+        self.activation_side: bool | None = None  # None: whichever costs less (tests set it)
 
     def _quant(self, w: torch.Tensor, bits: int) -> torch.Tensor:
         return w if bits >= 16 else weight_fake_quant(w, bits, self.group, axis=0)
 
+    def rotates_activations(self, tokens: int) -> bool:
+        """Whether a step on `tokens` tokens applies R1 to the activations rather than to the weights.
+
+        With float weights (w16) nothing needs R1^T W itself, so each Linear touched by R1 can compute
+        (x R1^T) W instead (once per input the Linears share) and each writer (x W) R1: the same
+        function, in tokens x hidden^2 per site instead of hidden^2 x the weights' width. That is the
+        cheaper one when tokens x sites x 3 (forward and two backward products) is below the weights'
+        widths x 2 (forward and R1's gradient; the weights need none). Quantized weights need R^T W.
+        """
+        if self.activation_side is not None:
+            return self.activation_side and self.weight_bits >= 16
+        return self.weight_bits >= 16 and 3 * tokens * self._sites < 2 * self._widths
+
     def overrides(self, ids: torch.Tensor) -> dict[ir.Value, Override]:
         """Rotated (fake-quantized) weights by initializer, and the embedding output for `ids` (rows of
-        E R1 gathered first: quantization groups lie within a row, so this is exact)."""
+        E R1 gathered first: quantization groups lie within a row, so this is exact). When R1 goes on
+        the activations (`rotates_activations`), the Linears' outputs instead, as functions of their inputs."""
         desc, c = self.desc, self.graph.constants
         r1 = self.r1.to(torch.float32)
         rows = c[desc.embedding_table][ids] @ r1
@@ -182,12 +221,16 @@ class RotatedNetwork(torch.nn.Module):
             rows = weight_fake_quant(rows, self.head_bits, self.group, axis=-1)
         out: dict[ir.Value, Override] = {desc.embedding.outputs[0]: rows}
         head = desc.lm_head
-        weights: dict[ir.Value, torch.Tensor] = {}  # the blocks' rotated weights, quantized at the end
-        for lin in r1_readers(desc):
-            if lin is not head:
-                weights[lin.weight] = r1.T @ c[lin.weight]
-        for lin in r1_writers(desc):
-            weights[lin.weight] = c[lin.weight] @ r1
+        on_inputs = self.rotates_activations(ids.numel())
+        readers = [lin for lin in r1_readers(desc) if lin is not head]
+        writers = r1_writers(desc)
+        # the blocks' weights with R2 (and R1 unless it goes on the activations), quantized at the end;
+        # R2 acts on V's columns and O's rows, so it commutes with R1 on V's rows and O's columns
+        weights: dict[ir.Value, torch.Tensor] = {}
+        for lin in readers:
+            weights[lin.weight] = c[lin.weight] if on_inputs else r1.T @ c[lin.weight]
+        for lin in writers:
+            weights[lin.weight] = c[lin.weight] if on_inputs else c[lin.weight] @ r1
             if lin.bias is not None:
                 out[lin.bias] = c[lin.bias] @ r1
         for pair, r2 in zip(r2_pairs(desc), self.r2, strict=True):
@@ -196,7 +239,15 @@ class RotatedNetwork(torch.nn.Module):
             if pair.v.bias is not None:
                 out[pair.v.bias] = rotate_head_columns(c[pair.v.bias], h)
             weights[pair.o.weight] = rotate_head_rows(weights[pair.o.weight], h)
-        out.update({value: self._quant(w, self.weight_bits) for value, w in weights.items()})
+        if on_inputs:
+            for lin in readers:
+                out[lin.node.outputs[0]] = functools.partial(
+                    _rotated_input_times, lin.input, self._rotated_inputs[lin.input], r1, weights[lin.weight]
+                )
+            for lin in writers:
+                out[lin.node.outputs[0]] = functools.partial(_times_rotated, lin.input, weights[lin.weight], r1)
+        else:
+            out.update({value: self._quant(w, self.weight_bits) for value, w in weights.items()})
         if self.head_bits < 16:
             out[head.weight] = self._quant(r1.T @ c[head.weight], self.head_bits)
         else:  # (x R1^T) W costs tokens x hidden^2, R1^T W would cost vocab x hidden^2

@@ -44,7 +44,9 @@ _DTYPES = {
 }
 
 Op = Callable[[ir.Node, list], list]
-Override = torch.Tensor | Callable[[Mapping[ir.Value, torch.Tensor]], torch.Tensor]
+# a function override reads the values computed so far; it may also keep values of its own there
+# (under keys of no graph) for the rest of the run, or of the checkpointed segment
+Override = torch.Tensor | Callable[[dict[ir.Value, torch.Tensor]], torch.Tensor]
 
 
 def round_ste(x: torch.Tensor) -> torch.Tensor:

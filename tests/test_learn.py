@@ -319,3 +319,28 @@ def test_learning_without_checkpointing_computes_the_same_step(tiny) -> None:
     assert results[0][0] == pytest.approx(results[1][0], rel=1e-6)
     for a, b in zip(results[0][1], results[1][1], strict=True):
         torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-7)
+
+
+@pytest.mark.parametrize("model_type", ["llama", "qwen2"])
+def test_r1_on_the_activations_computes_the_same_step(tiny, model_type) -> None:
+    """With float weights a step may apply R1 to the Linears' inputs and outputs instead of their weights
+    (cheaper for short batches): the same loss and gradients, checkpointed segments included (each
+    recomputes the rotated inputs it shares between Linears)."""
+    _, path = tiny(model_type, "dynamo")
+    ids = torch.from_numpy(np.random.default_rng(5).integers(0, 384, size=(2, 24)))
+    net = _learning_network(path, "w16a4kv4", seed=1)
+    assert net.graph._segments
+    results = []
+    for on_inputs in (True, False):
+        net.activation_side = on_inputs
+        assert net.rotates_activations(ids.numel()) == on_inputs
+        net.zero_grad()
+        loss = net.loss(ids)
+        loss.backward()
+        results.append((loss.item(), [r.grad.clone() for r in net.parameters()]))
+    assert results[0][0] == pytest.approx(results[1][0], rel=1e-5)
+    for a, b in zip(results[0][1], results[1][1], strict=True):
+        torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-5 * float(b.abs().max()))
+    quantized = _learning_network(path, "w4a4kv4")
+    quantized.activation_side = True
+    assert not quantized.rotates_activations(1)  # quantized weights need R1^T W itself
