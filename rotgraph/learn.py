@@ -82,6 +82,7 @@ class LearnOptions:
     text: str | None = None
     scaling: bool = False  # layer-wise objectives: learn per-channel scales too (folded beside R1/R2)
     checkpointing: bool = True  # end-to-end: recompute each block in the backward pass (less memory, slower)
+    keep_products: bool = False  # checkpointing: keep the matrix products' outputs (faster, more memory)
     site_tokens: int = 128  # layer-wise objectives: activation rows sampled per site (x 2 per layer for R1)
 
     def __post_init__(self) -> None:
@@ -161,13 +162,20 @@ class RotatedNetwork(torch.nn.Module):
     """
 
     def __init__(
-        self, model: ir.Model, scheme: Scheme, group: int, head_bits: int, seed: int, checkpointing: bool = True
+        self,
+        model: ir.Model,
+        scheme: Scheme,
+        group: int,
+        head_bits: int,
+        seed: int,
+        checkpointing: bool = True,
+        keep_products: bool = False,
     ) -> None:
         super().__init__()
         self.desc = desc = discover(model)
         # checkpointing: per-block activation memory for one more forward pass (TorchGraph)
         cuts = [b.residual_out for b in desc.blocks] if checkpointing else []
-        self.graph = TorchGraph(model, checkpoint_after=cuts)
+        self.graph = TorchGraph(model, checkpoint_after=cuts, keep_products=keep_products)
         if len(model.graph.inputs) != 1:
             raise RotgraphError(
                 f"learning needs a graph with one input (token ids), got {len(model.graph.inputs)}: learn on the "
@@ -396,7 +404,9 @@ def _learn(
     scheme = Scheme.parse(options.scheme)
     model = io.load_model(input_path)
     learning_graph(model, scheme, options.online)
-    net = RotatedNetwork(model, scheme, options.group, options.head_bits, options.seed, options.checkpointing)
+    net = RotatedNetwork(
+        model, scheme, options.group, options.head_bits, options.seed, options.checkpointing, options.keep_products
+    )
     pool = torch.from_numpy(ids)
     optimizer = CayleySGD(net.parameters(), lr=options.step_size, momentum=options.momentum)
     checkpoint = _checkpoint_path(output)

@@ -292,6 +292,15 @@ def _hadamard(n: int) -> Callable[[torch.Tensor], torch.Tensor]:
     return run
 
 
+def _keep_products(ctx: Any, op: Any, *args: Any, **kwargs: Any) -> Any:
+    """Selective checkpointing policy: save what the matrix products compute, recompute the rest."""
+    from torch.utils.checkpoint import CheckpointPolicy
+
+    if op in (torch.ops.aten.mm.default, torch.ops.aten.bmm.default):
+        return CheckpointPolicy.MUST_SAVE
+    return CheckpointPolicy.PREFER_RECOMPUTE
+
+
 def _segments(graph: ir.Graph, cuts: Sequence[ir.Value]) -> list[tuple[list[ir.Node], list[ir.Value]]]:
     """Graph nodes split after the producers of `cuts`, each with the values it computes that later
     nodes or the graph outputs read."""
@@ -331,10 +340,13 @@ class TorchGraph:
     segments; when gradients are on, each segment runs under `torch.utils.checkpoint`, so only the
     values crossing a cut are kept for the backward pass and the rest is recomputed: activation memory
     of one segment instead of the whole network, for about one more forward pass of compute.
+    `keep_products` keeps the matrix products' outputs too (selective checkpointing): only the cheap
+    elementwise ops are recomputed, for the memory of those outputs.
     """
 
-    def __init__(self, model: ir.Model, checkpoint_after: Sequence[ir.Value] = ()) -> None:
+    def __init__(self, model: ir.Model, checkpoint_after: Sequence[ir.Value] = (), keep_products: bool = False) -> None:
         self.model = model
+        self.keep_products = keep_products
         self._segments = _segments(model.graph, checkpoint_after) if checkpoint_after else []
         self.constants: dict[ir.Value, torch.Tensor] = {}
         for value in model.graph.initializers.values():
@@ -379,8 +391,10 @@ class TorchGraph:
         outputs = list(graph.outputs)
         if not self._segments or not torch.is_grad_enabled():
             return self._run(graph, env, outputs, given)
-        from torch.utils.checkpoint import checkpoint
+        from torch.utils.checkpoint import checkpoint, create_selective_checkpoint_contexts, noop_context_fn
 
+        keep = functools.partial(create_selective_checkpoint_contexts, _keep_products)
+        context = keep if self.keep_products else noop_context_fn
         for nodes, exported in self._segments:
 
             def segment(nodes: list[ir.Node] = nodes, exported: list[ir.Value] = exported) -> tuple[torch.Tensor, ...]:
@@ -388,7 +402,7 @@ class TorchGraph:
                 # backward pass recomputes it
                 return tuple(self._run(nodes, dict(env), exported, given))
 
-            env.update(zip(exported, checkpoint(segment, use_reentrant=False), strict=True))
+            env.update(zip(exported, checkpoint(segment, use_reentrant=False, context_fn=context), strict=True))
         return [env[v] for v in outputs]
 
     def _run(

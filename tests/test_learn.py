@@ -282,12 +282,14 @@ def test_weight_fake_quant_is_rotgraphs_rtn_grid() -> None:
     np.testing.assert_allclose(rows, quantize_rtn(w.T, WeightSpec(8, True, None, clip_search=False)).dequantize())
 
 
-def test_checkpointed_segments_give_the_same_loss_and_gradients(tiny) -> None:
-    """Each decoder block runs under torch.utils.checkpoint in learning; the loss and the gradients
-    must be those of the plain evaluation of the whole graph."""
+@pytest.mark.parametrize("keep_products", [False, True])
+def test_checkpointed_segments_give_the_same_loss_and_gradients(tiny, keep_products) -> None:
+    """Each decoder block runs under torch.utils.checkpoint in learning (keeping the matrix products'
+    outputs or not); the loss and the gradients must be those of the plain evaluation of the whole graph."""
     _, path = tiny("qwen2", "dynamo")
     ids = torch.from_numpy(np.random.default_rng(3).integers(0, 384, size=(2, 24)))
     net = _learning_network(path, "w4a4kv4")
+    net.graph.keep_products = keep_products
     assert len(net.graph._segments) == len(net.desc.blocks) + 1
     results = []
     for segments in (net.graph._segments, []):
