@@ -2,7 +2,10 @@
 for GPTQ), the layer-wise kurtosis learner with and without scaling; RTN and GPTQ weights.
 
     python benchmarks/learned_rotations.py --model MODEL.onnx --workdir DIR [--e2e-steps 8]
-        [--kurtosis-steps 100] [--windows 16] [--floor-rounds 2]
+        [--kurtosis-steps 100] [--windows 16] [--floor-rounds 2] [--floor-batch 4 --floor-seq 512]
+        [--floor-steps w4a4kv4 w16a4kv4 w16a4kv4:keep w16a4kv4:nockpt] [--floor-threads 1]
+
+The floor alone: `--seeds --learners --floor-rounds 3` (no learning, no scoring).
 
 Learning runs (`rotgraph learn`, each a child process timed with its peak RSS) write DIR/learned/NAME
 .safetensors with NAME.cost.json beside it (a run started ahead of this script, marked NAME.running,
@@ -169,7 +172,9 @@ def score_all(
 
 STEP_CHILD = """
 import sys, time, json, numpy as np, torch
-which, model, batch, seq, steps = sys.argv[1], sys.argv[2], int(sys.argv[3]), int(sys.argv[4]), int(sys.argv[5])
+which, model, batch, seq, steps, threads = sys.argv[1], sys.argv[2], *map(int, sys.argv[3:7])
+if threads:
+    torch.set_num_threads(threads)
 ids = torch.from_numpy(np.random.default_rng(0).integers(0, 49152, size=(batch, seq)))
 if which == "torch":
     from rotgraph.export import default_source, load
@@ -184,9 +189,9 @@ else:
     from rotgraph.quantize import Scheme
     from rotgraph.stiefel import CayleySGD
     m = io.load_model(model)
-    scheme = Scheme.parse(which)
+    scheme = Scheme.parse(which.split(":")[0])
     learning_graph(m, scheme)
-    net = RotatedNetwork(m, scheme, 32, 16, 0)
+    net = RotatedNetwork(m, scheme, 32, 16, 0, checkpointing=":nockpt" not in which, keep_products=":keep" in which)
     opt = CayleySGD(net.parameters(), lr=0.1)
     def step():
         opt.zero_grad()
@@ -201,11 +206,13 @@ print(json.dumps(times[1:]))
 
 def floor(args: argparse.Namespace, source: Path) -> list[tuple[str, list[float]]]:
     """Seconds per step: plain torch forward+backward of the HF model vs TorchGraph learning steps
-    (w4a4kv4 and w16a4kv4), one child process each, alternating over rounds; one warm-up step each."""
-    runs: dict[str, list[float]] = {"torch": [], "w4a4kv4": [], "w16a4kv4": []}
+    (`--floor-steps`: schemes; SCHEME:nockpt without checkpointing, SCHEME:keep with --keep-products),
+    one child process each, alternating over rounds; one warm-up step each."""
+    runs: dict[str, list[float]] = {"torch": [], **{which: [] for which in args.floor_steps}}
     for _ in range(args.floor_rounds):
         for which in runs:
-            cmd = [sys.executable, "-c", STEP_CHILD, which, str(source), "4", "512", "1"]
+            shape = [str(args.floor_batch), str(args.floor_seq), "1", str(args.floor_threads)]
+            cmd = [sys.executable, "-c", STEP_CHILD, which, str(source), *shape]
             out = subprocess.run(cmd, capture_output=True, text=True, check=True)
             runs[which] += json.loads(out.stdout.strip().splitlines()[-1])
             print(f"step {which}: {runs[which][-1]:.1f} s", file=sys.stderr)
@@ -226,6 +233,12 @@ def main() -> None:
     ap.add_argument("--site-tokens", type=int, default=128)
     ap.add_argument("--windows", type=int, default=16, help="evaluation windows of 512 tokens")
     ap.add_argument("--floor-rounds", type=int, default=2)
+    ap.add_argument(
+        "--floor-steps", nargs="*", default=["w4a4kv4", "w16a4kv4"], help="SCHEME, SCHEME:nockpt or SCHEME:keep"
+    )
+    ap.add_argument("--floor-batch", type=int, default=4, help="windows per timed step (learn's default)")
+    ap.add_argument("--floor-seq", type=int, default=512)
+    ap.add_argument("--floor-threads", type=int, default=0, help="torch threads in the timed steps (0: default)")
     ap.add_argument("--calibration-windows", type=int, default=32, help="GPTQ: 512-token calibration windows")
     args = ap.parse_args()
     args.started = time.time()
@@ -238,8 +251,35 @@ def main() -> None:
 
 
 def report(args: argparse.Namespace, rows: list[dict], costs: dict[str, dict], steps: list) -> None:
-    if not rows:
-        return
+    if rows:
+        scores(args, rows, costs)
+    if costs:
+        print("\n### Learning cost (`rotgraph learn`, child process, 2 shared CPU cores)\n")
+        print("| learner | steps | wall s | peak RSS MB | run |")
+        print("|---|---|---|---|---|")
+        for name, c in costs.items():
+            run = "earlier invocation, same workdir" if c["reused"] else "this invocation"
+            print(f"| {LABELS[name]} | {c['steps']} | {c['seconds']:.0f} | {c['peak_rss_mb']:.0f} | {run} |")
+    if steps:
+        shape = f"batch {args.floor_batch} x {args.floor_seq}, {args.floor_threads or 'default'} threads"
+        print(f"\n### Seconds per end-to-end step against the plain-torch floor ({shape}, alternating rounds)\n")
+        print("| step | seconds per round | median | x floor |")
+        print("|---|---|---|---|")
+        base = statistics.median(dict(steps)["torch"])
+        for which, times in steps:
+            label = (
+                "plain torch forward+backward (HF LlamaForCausalLM, eager)"
+                if which == "torch"
+                else "TorchGraph learning step, "
+                + which.replace(":nockpt", ", no checkpointing").replace(":keep", ", --keep-products")
+            )
+            print(
+                f"| {label} | {', '.join(f'{t:.1f}' for t in times)} | {statistics.median(times):.1f} | "
+                f"{statistics.median(times) / base:.2f} |"
+            )
+
+
+def scores(args: argparse.Namespace, rows: list[dict], costs: dict[str, dict]) -> None:
     float_ppl = rows[0]["float"]
     print(f"\n### Learned rotations ({args.windows} evaluation windows x 512 tokens, groups of 32)\n")
     print(
@@ -271,27 +311,6 @@ def report(args: argparse.Namespace, rows: list[dict], costs: dict[str, dict], s
                     f"| {scheme} | {weights.upper()} | {LABELS[name]} | {costs[name]['steps']} | {r['perplexity']:.2f} | "
                     f"{r['perplexity'] / float_ppl:.2f} | {r['kl']:.3f} | {r['top1']:.3f} | {100 * closed:.0f}% |"
                 )
-    print("\n### Learning cost (`rotgraph learn`, child process, 2 shared CPU cores)\n")
-    print("| learner | steps | wall s | peak RSS MB | run |")
-    print("|---|---|---|---|---|")
-    for name, c in costs.items():
-        run = "earlier invocation, same workdir" if c["reused"] else "this invocation"
-        print(f"| {LABELS[name]} | {c['steps']} | {c['seconds']:.0f} | {c['peak_rss_mb']:.0f} | {run} |")
-    if steps:
-        print("\n### Seconds per end-to-end step against the plain-torch floor (batch 4 x 512, alternating rounds)\n")
-        print("| step | seconds per round | median | x floor |")
-        print("|---|---|---|---|")
-        base = statistics.median(dict(steps)["torch"])
-        for which, times in steps:
-            label = (
-                "plain torch forward+backward (HF LlamaForCausalLM, eager)"
-                if which == "torch"
-                else f"TorchGraph learning step, {which}"
-            )
-            print(
-                f"| {label} | {', '.join(f'{t:.1f}' for t in times)} | {statistics.median(times):.1f} | "
-                f"{statistics.median(times) / base:.2f} |"
-            )
 
 
 if __name__ == "__main__":
