@@ -346,3 +346,25 @@ def test_r1_on_the_activations_computes_the_same_step(tiny, model_type) -> None:
     quantized = _learning_network(path, "w4a4kv4")
     quantized.activation_side = True
     assert not quantized.rotates_activations(1)  # quantized weights need R1^T W itself
+
+
+def test_keep_products_learns_the_same_rotations(tiny, tmp_path, monkeypatch) -> None:
+    """`--keep-products` changes what the checkpointed segments store, not what they compute."""
+    from rotgraph import torch_graph
+
+    _, path = tiny("llama", "dynamo")
+    ids = np.random.default_rng(7).integers(0, 384, size=(4, 32))
+    asked: list[object] = []
+    policy = torch_graph._keep_products
+    monkeypatch.setattr(torch_graph, "_keep_products", lambda *a, **k: asked.append(a[1]) or policy(*a, **k))
+    learned = []
+    for keep in (False, True):
+        options = LearnOptions(scheme="w16a4kv4", steps=3, lr=5.0, batch=2, seq_len=32, windows=4, keep_products=keep)
+        learn(path, tmp_path / f"{keep}.safetensors", options, token_windows=ids, progress=False)
+        assert bool(asked) == keep  # the selective policy ran only when asked
+        learned.append(load_rotations(tmp_path / f"{keep}.safetensors"))
+    (a1, a2), (b1, b2) = learned
+    assert np.abs(a1 - residual_rotation(48, 0)[0]).max() > 1e-3
+    np.testing.assert_allclose(a1, b1, atol=1e-6)
+    for x, y in zip(a2, b2, strict=True):
+        np.testing.assert_allclose(x, y, atol=1e-6)
