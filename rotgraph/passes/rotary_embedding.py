@@ -38,9 +38,11 @@ class RotaryEmbeddingPass(ir.passes.InPlacePass):
     def __init__(self, max_length: int) -> None:
         super().__init__()
         self.max_length = max_length
+        self.shapes: dict[tuple[int, ...], ir.Value] = {}
 
     def call(self, model: ir.Model) -> ir.passes.PassResult:
         graph = model.graph
+        self.shapes.clear()
         nodes = [n for n in graph if n.op_type == "GroupQueryAttention" and n.domain == MS_DOMAIN]
         plans = []
         for index, node in enumerate(nodes):
@@ -137,8 +139,19 @@ class RotaryEmbeddingPass(ir.passes.InPlacePass):
         graph.insert_before(node, b.nodes)
         return out
 
-    @staticmethod
+    def _shape(self, graph: ir.Graph, dims: tuple[int, ...]) -> ir.Value:
+        """A Reshape target as one initializer per distinct shape (not a Constant node per layer)."""
+        if dims not in self.shapes:
+            array = np.array(dims, np.int64)
+            name = "rotary_shape_" + "_".join(map(str, dims))
+            value = ir.Value(name=name, const_value=ir.Tensor(array, name=name))
+            value.shape, value.dtype = ir.Shape(array.shape), ir.DataType.INT64
+            graph.register_initializer(value)
+            self.shapes[dims] = value
+        return self.shapes[dims]
+
     def _rewrite(
+        self,
         graph: ir.Graph,
         node: ir.Node,
         slot: int,
@@ -150,20 +163,12 @@ class RotaryEmbeddingPass(ir.passes.InPlacePass):
     ) -> None:
         heads = RotaryEmbeddingPass._heads(node, slot)
         width = rope.x.shape[-1]  # type: ignore[index]
-        b = FunctionBuilder()
+        assert isinstance(width, int)
         rotary = ir.Node(MS_DOMAIN, "RotaryEmbedding", [flat, positions, *tables], [ir.AttrInt64("interleaved", 0)])
-        b.nodes.append(rotary)
-        split = b.op(
-            "Reshape", rotary.outputs[0], b.const(f"{hadamard.name}_heads", np.array([0, 0, heads, width], np.int64))
-        )
-        graph.insert_before(hadamard, b.nodes)
-        hadamard.replace_input_with(0, split)
+        split = ir.Node("", "Reshape", [rotary.outputs[0], self._shape(graph, (0, 0, heads, width))])
+        graph.insert_before(hadamard, [rotary, split])
+        hadamard.replace_input_with(0, split.outputs[0])
         hadamard.outputs[0].shape = None
-        merge = FunctionBuilder()
-        back = merge.op(
-            "Reshape",
-            hadamard.outputs[0],
-            merge.const(f"{hadamard.name}_flat", np.array([0, 0, heads * width], np.int64)),
-        )
-        graph.insert_before(node, merge.nodes)
-        node.replace_input_with(slot, back)
+        back = ir.Node("", "Reshape", [hadamard.outputs[0], self._shape(graph, (0, 0, heads * width))])
+        graph.insert_before(node, [back])
+        node.replace_input_with(slot, back.outputs[0])
