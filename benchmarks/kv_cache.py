@@ -21,13 +21,16 @@ import statistics
 import sys
 from pathlib import Path
 
+import numpy as np
 import onnx
+import onnx_ir as ir
 from tokenizers import Tokenizer
 
 ROOT = Path(__file__).resolve().parent.parent
 from rotgraph.evaluate import evaluate, windows  # noqa: E402
 from rotgraph.genai import model_in  # noqa: E402
 from rotgraph.generate import generate  # noqa: E402
+from rotgraph.inputs import input_roles  # noqa: E402
 from rotgraph.text import load_text  # noqa: E402
 from rotgraph.tokenize import encode  # noqa: E402
 
@@ -44,13 +47,16 @@ DEFAULTS = [
 
 
 def cache_bytes_per_token(model: Path) -> int:
-    """Bytes one position adds to the cache: every rank-4 input [batch, heads, past, width]."""
-    total = 0
-    for value in onnx.load(str(model), load_external_data=False).graph.input:
-        dims = value.type.tensor_type.shape.dim
-        if len(dims) == 4:
-            itemsize = onnx.helper.tensor_dtype_to_np_dtype(value.type.tensor_type.elem_type).itemsize
-            total += dims[1].dim_value * dims[3].dim_value * itemsize
+    """Bytes one position adds to the cache: every rank-4 input [batch, heads, past, width] (rotgraph's
+    cache: codes, scales and zero points), heads and width as rotgraph's input roles read them."""
+    graph = ir.from_proto(onnx.load(str(model), load_external_data=False))
+    caches = input_roles(graph).caches
+    named = {c.name: c for c in caches}
+    total = sum(c.heads * c.width * np.dtype(c.dtype).itemsize for c in caches)
+    for value in graph.graph.inputs:  # rotgraph's scales and zero points, not caches of their own
+        dims = list(value.shape) if value.shape is not None else []
+        if value.name not in named and len(dims) == 4 and isinstance(dims[1], int) and isinstance(dims[3], int):
+            total += dims[1] * dims[3] * np.dtype(value.dtype.numpy()).itemsize  # type: ignore[union-attr]
     return total
 
 

@@ -398,7 +398,8 @@ def parser() -> argparse.ArgumentParser:
         default="auto",
         help="kv schemes, ort/genai: keep the cache as int8/int4 codes inside GroupQueryAttention with static "
         "per-channel scales calibrated on the calibration windows (onnxruntime), or as rotgraph's per-token codes "
-        "beside the exported attention (rotgraph); auto: onnxruntime for genai, rotgraph for ort",
+        "beside the exported attention (rotgraph); auto: onnxruntime for genai and for kv8, rotgraph for kv4 in the "
+        "ort format (better quality, slower)",
     )
     q.add_argument(
         "--no-validate", action="store_true", help="skip running the result in onnxruntime (which loads it whole)"

@@ -119,7 +119,8 @@ class QuantOptions:
     opset: int | None = None  # qdq: standard ONNX only (no functions) at this opset; None: rotgraph's functions
     # kv schemes in the ort/genai formats: "onnxruntime" keeps the cache as codes inside GroupQueryAttention
     # (static per-channel scales), "rotgraph" as rotgraph's per-token codes beside an eager attention;
-    # "auto": onnxruntime's for genai (the only cache onnxruntime-genai can hold), rotgraph's otherwise
+    # "auto": onnxruntime's for genai (the only cache onnxruntime-genai holds) and for kv8 (as good, smaller
+    # and faster), rotgraph's for kv4 in the ort format (better quality; benchmarks/RESULTS.md, "KV cache")
     kv_cache: str = "auto"
 
     def __post_init__(self) -> None:
@@ -165,7 +166,9 @@ class QuantOptions:
         """Whether the KV cache is kept quantized inside onnxruntime's GroupQueryAttention."""
         if Scheme.parse(self.scheme).kv_bits is None or self.fmt not in ORT_FORMATS or not self.fused_attention:
             return False
-        return self.kv_cache == "onnxruntime" or (self.kv_cache == "auto" and self.fmt == "genai")
+        if self.kv_cache == "auto":
+            return self.fmt == "genai" or Scheme.parse(self.scheme).kv_bits == 8
+        return self.kv_cache == "onnxruntime"
 
     def _check_standard(self, scheme: Scheme) -> None:
         """Refuse static activations and opsets the format or the scheme cannot have."""

@@ -165,3 +165,14 @@ def test_rope_before_the_hadamard_becomes_rotary_embedding(tiny, tmp_path: Path)
     assert all(
         u.node.op_type == "GroupQueryAttention" for v in graph.inputs if "past" in (v.name or "") for u in v.uses()
     )
+
+
+def test_auto_keeps_the_cache_that_won_per_scheme() -> None:
+    """kv8: onnxruntime's cache (as good as rotgraph's, smaller, faster); kv4 in the ort format:
+    rotgraph's per-token cache (better quality); genai: always onnxruntime's; qdq: never."""
+    assert QuantOptions(scheme="w4a8kv8", fmt="ort").gqa_cache
+    assert not QuantOptions(scheme="w4a8kv4", fmt="ort").gqa_cache
+    assert QuantOptions(scheme="w4a8kv4", fmt="genai").gqa_cache
+    assert not QuantOptions(scheme="w4a8kv8", fmt="ort", fused_attention=False).gqa_cache
+    assert not QuantOptions(scheme="w4a8kv8", fmt="qdq").gqa_cache
+    assert not QuantOptions(scheme="w4a8", fmt="ort").gqa_cache
