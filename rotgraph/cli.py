@@ -83,8 +83,11 @@ RECIPES = {
     # on perplexity, KL and top-1 (benchmarks/RESULTS.md, "Weight recipes vs the onnxruntime-genai builder's
     # int4"): QuaRot (the default rotation) + GPTQ on full-range groups, the embedding and lm_head one shared
     # table. int4: 8-bit table, groups of 64, ~1.08x the builder's size; int4-compact: 4-bit table, groups of
-    # 32, ~1.02x.
+    # 32, ~1.02x. int4-fast: int4 without the online Hadamards (R4 before down_proj): decodes 1.12x / 1.07x
+    # as fast as the builder's int4 in onnxruntime-genai (short / 512-token prompt) at perplexity 20.79 against
+    # int4's 20.60 (RESULTS.md, "onnxruntime-genai folders", run 4); not for kv schemes, which need R3.
     "int4": "--weights gptq --full-range --group 64 --head-bits 8 --shared-head",
+    "int4-fast": "--weights gptq --full-range --group 64 --head-bits 8 --shared-head --no-online",
     "int4-compact": "--weights gptq --full-range --head-bits 4 --shared-head",
 }
 
