@@ -5,7 +5,8 @@
 For w8a8 and w4a8 (and w4a4 with --schemes), quantizes the float model with static per-tensor activation
 scales (minmax on the calibration split, uint8 codes + zero point) and standard ONNX only (--opset 21):
 no rotation, SmoothQuant, QuaRot, QuaRot+GPTQ, and QuaRot (+GPTQ) with 16-bit Q/DQ on the projection
-inputs whose range massive tokens set (--wide-ratio); beside them onnxruntime's own `quantize_static` (QDQ,
+inputs whose range massive tokens set (--wide-ratio), and with --rotations FILE SpinQuant (learned rotations,
+with and without those sites); beside them onnxruntime's own `quantize_static` (QDQ,
 uint8 activations, int8 per-channel weights, MatMul only, the same calibration windows) and rotgraph's
 dynamic per-token rows. Scores every model against the float one on the evaluation split (perplexity, KL,
 top-1; onnxruntime at the "basic" level, which computes the Q/DQ arithmetic exactly), then times a
@@ -45,6 +46,10 @@ METHODS = [  # name, rotation, weights, SmoothQuant, activations, 16-bit sites a
     ("static, QuaRot, 16-bit massive sites", "quarot", "rtn", False, "static", True),
     ("static, QuaRot+GPTQ, 16-bit massive sites", "quarot", "gptq", False, "static", True),
     ("dynamic per-token, QuaRot", "quarot", "rtn", False, "dynamic", False),
+]
+SPINQUANT = [  # with --rotations FILE (`rotgraph learn`)
+    ("static, SpinQuant", "spinquant", "rtn", False, "static", False),
+    ("static, SpinQuant, 16-bit massive sites", "spinquant", "rtn", False, "static", True),
 ]
 
 
@@ -119,6 +124,7 @@ def main() -> None:
     ap.add_argument("--calibration", default="minmax", help="static ranges: minmax | percentile | entropy")
     ap.add_argument("--only", nargs="+", help="method names to run (default: all, with onnxruntime's)")
     ap.add_argument("--wide-ratio", type=float, default=16.0, help="the 16-bit massive-sites rows' --wide-ratio")
+    ap.add_argument("--rotations", help="learned rotations (`rotgraph learn`): adds the SpinQuant rows")
     args = ap.parse_args()
     source = Path(args.model)
     tokens = windows(encode(source.parent / "tokenizer.json", load_text("evaluation")), args.windows, 512)
@@ -136,12 +142,13 @@ def main() -> None:
     with tempfile.TemporaryDirectory(dir=source.parent) as tmp:
         for scheme in args.schemes:
             paths = []
-            for name, rotation, weights, smooth, activations, wide in METHODS:
+            for name, rotation, weights, smooth, activations, wide in METHODS + (SPINQUANT if args.rotations else []):
                 if args.only and name not in args.only:
                     continue
                 options = QuantOptions(
                     scheme=scheme,
                     rotation=rotation,
+                    rotations=args.rotations if rotation == "spinquant" else None,
                     weights=weights,
                     smooth=args.alpha if smooth else None,
                     group=0 if scheme.startswith("w8") else args.group,  # integer kernels take per-channel int8 weights
