@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import logging
+from collections.abc import Callable
 from dataclasses import dataclass
+from typing import TypeVar
 
 import numpy as np
 import onnx_ir as ir
@@ -12,6 +14,7 @@ from onnx_ir.passes.common import RemoveUnusedNodesPass
 from rotgraph.passes.group_query_attention import MS_DOMAIN, flat_heads, rebuild_attention
 
 logger = logging.getLogger(__name__)
+T = TypeVar("T")
 
 _THROUGH = ("Unsqueeze", "Expand", "Reshape", "Cast")  # between Cos/Sin and the Mul that applies them
 
@@ -117,6 +120,42 @@ def inverse_frequencies(cos: ir.Node, head_dim: int) -> np.ndarray | None:
     return found[0].astype(np.float64) if len(found) == 1 else None
 
 
+def plan_every_layer(nodes: list[ir.Node], plan: Callable[[ir.Node], str | T], what: str) -> list[T] | None:
+    """`plan` of every attention node, or None (logging `what` and the first layer's reason, a string)
+    when one layer does not match: these rewrites take all layers or none."""
+    plans = []
+    for index, node in enumerate(nodes):
+        found = plan(node)
+        if isinstance(found, str):
+            logger.info("%s: layer %d: %s", what, index, found)
+            return None
+        plans.append(found)
+    return plans
+
+
+RopeTables = dict[tuple[int, int], tuple[ir.Value, ir.Value]]  # (id(Cos), id(Sin)) -> cos, sin caches
+
+
+def rope_tables(
+    graph: ir.Graph, rope: Rope, inv_freq: np.ndarray, max_length: int, made: RopeTables
+) -> tuple[ir.Value, ir.Value]:
+    """The cos/sin caches [max_length, head_dim / 2] of `rope`'s tables, scale * cos(p * inv_freq) for
+    p = 0 .. max_length - 1 computed in float64 and stored as float32 initializers; one pair per
+    distinct (Cos, Sin) pair of the graph, kept in `made`."""
+    key = (id(rope.cos), id(rope.sin))
+    if key not in made:
+        angles = np.arange(max_length, dtype=np.float64)[:, None] * inv_freq[None, :]
+        pair = []
+        for name, fn in (("cos", np.cos), ("sin", np.sin)):
+            array = (rope.scale * fn(angles)).astype(np.float32)
+            value = ir.Value(name=f"rotary_{name}_cache_{len(made)}", const_value=ir.Tensor(array))
+            value.shape, value.dtype = ir.Shape(array.shape), ir.DataType.FLOAT
+            graph.register_initializer(value)
+            pair.append(value)
+        made[key] = (pair[0], pair[1])
+    return made[key]
+
+
 def flat_input(value: ir.Value | None) -> ir.Value | None:
     """The [batch, heads, seq, head_dim] value that GroupQueryAttentionPass flattened into `value`."""
     reshape = _producer(value, "Reshape")
@@ -151,23 +190,12 @@ class RotaryIntoAttentionPass(ir.passes.InPlacePass):
     def call(self, model: ir.Model) -> ir.passes.PassResult:
         graph = model.graph
         nodes = [n for n in graph if n.op_type == "GroupQueryAttention" and n.domain == MS_DOMAIN]
-        plans = []
-        for index, node in enumerate(nodes):
-            plan = self._plan(node)
-            if isinstance(plan, str):
-                logger.info("RoPE stays outside GroupQueryAttention: layer %d: %s", index, plan)
-                return ir.passes.PassResult(model, False)
-            plans.append(plan)
-        tables: dict[tuple[int, int], tuple[ir.Value, ir.Value]] = {}
+        plans = plan_every_layer(nodes, self._plan, "RoPE stays outside GroupQueryAttention")
+        if plans is None:
+            return ir.passes.PassResult(model, False)
+        tables: RopeTables = {}
         for node, (q, k, v, rope, inv_freq) in zip(nodes, plans, strict=True):
-            key = (id(rope.cos), id(rope.sin))
-            if key not in tables:
-                angles = np.arange(self.max_length, dtype=np.float64)[:, None] * inv_freq[None, :]
-                tables[key] = tuple(  # type: ignore[assignment]
-                    self._initializer(graph, f"rotary_{name}_cache_{len(tables)}", rope.scale * fn(angles))
-                    for name, fn in (("cos", np.cos), ("sin", np.sin))
-                )
-            cos_cache, sin_cache = tables[key]
+            cos_cache, sin_cache = rope_tables(graph, rope, inv_freq, self.max_length, tables)
             heads = node.attributes.get_int("num_heads", 0)
             kv_heads = node.attributes.get_int("kv_num_heads", 0)
             inputs = list(node.inputs) + [None] * max(0, 9 - len(node.inputs))
@@ -204,10 +232,3 @@ class RotaryIntoAttentionPass(ir.passes.InPlacePass):
         if v4 is None:
             return "V is not a head layout flattened by GroupQueryAttentionPass"
         return q_rope.x, k_rope.x, v4, q_rope, inv_freq
-
-    @staticmethod
-    def _initializer(graph: ir.Graph, name: str, array: np.ndarray) -> ir.Value:
-        value = ir.Value(name=name, const_value=ir.Tensor(array.astype(np.float32), name=name))
-        value.shape, value.dtype = ir.Shape(array.shape), ir.DataType.FLOAT
-        graph.register_initializer(value)
-        return value

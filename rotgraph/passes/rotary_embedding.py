@@ -10,7 +10,15 @@ from onnx_ir.passes.common import RemoveUnusedNodesPass
 
 from rotgraph.online import FunctionBuilder
 from rotgraph.passes.group_query_attention import MS_DOMAIN, flat_heads
-from rotgraph.passes.rotary_attention import Rope, flat_input, inverse_frequencies, match_rope
+from rotgraph.passes.rotary_attention import (
+    Rope,
+    RopeTables,
+    flat_input,
+    inverse_frequencies,
+    match_rope,
+    plan_every_layer,
+    rope_tables,
+)
 from rotgraph.structure import is_hadamard
 
 logger = logging.getLogger(__name__)
@@ -44,31 +52,20 @@ class RotaryEmbeddingPass(ir.passes.InPlacePass):
         graph = model.graph
         self.shapes.clear()
         nodes = [n for n in graph if n.op_type == "GroupQueryAttention" and n.domain == MS_DOMAIN]
-        plans = []
-        for index, node in enumerate(nodes):
-            plan = self._plan(node)
-            if isinstance(plan, str):
-                logger.info("RoPE + Hadamard stay as exported: layer %d: %s", index, plan)
-                return ir.passes.PassResult(model, False)
-            plans.append(plan)
-        tables: dict[tuple[int, int], tuple[ir.Value, ir.Value]] = {}
+        plans = plan_every_layer(nodes, self._plan, "RoPE + Hadamard stay as exported")
+        if plans is None:
+            return ir.passes.PassResult(model, False)
+        tables: RopeTables = {}
         positions: dict[int, ir.Value] = {}
         for node, (ropes, hadamards, inv_freq) in zip(nodes, plans, strict=True):
-            key = (id(ropes[0].cos), id(ropes[0].sin))
-            if key not in tables:
-                angles = np.arange(self.max_length, dtype=np.float64)[:, None] * inv_freq[None, :]
-                cos, sin = (ropes[0].scale * fn(angles) for fn in (np.cos, np.sin))
-                tables[key] = (
-                    self._table(graph, f"rotary_cos_{len(tables)}", cos),
-                    self._table(graph, f"rotary_sin_{len(tables)}", sin),
-                )
+            pair = rope_tables(graph, ropes[0], inv_freq, self.max_length, tables)
             seqlens = node.inputs[_SEQLENS_K]
             assert seqlens is not None
             flats = [flat_heads(graph, rope.x, self._heads(node, slot)) for slot, rope in enumerate(ropes)]
             if id(seqlens) not in positions:
                 positions[id(seqlens)] = self._positions(graph, node, seqlens, flats[0])
             for slot, (flat, rope, hadamard) in enumerate(zip(flats, ropes, hadamards, strict=True)):
-                self._rewrite(graph, node, slot, flat, rope, hadamard, positions[id(seqlens)], tables[key])
+                self._rewrite(graph, node, slot, flat, rope, hadamard, positions[id(seqlens)], pair)
             values = flat_input(node.inputs[2])
             if values is not None:  # V's layout round trip, as RotaryIntoAttentionPass removes it
                 node.replace_input_with(2, flat_heads(graph, values, self._heads(node, 1)))
@@ -102,13 +99,6 @@ class RotaryEmbeddingPass(ir.passes.InPlacePass):
         if inv_freq is None:
             return "the RoPE angles are not positions x one constant vector of head_dim / 2 (Concat(f, f))"
         return ropes, hadamards, inv_freq
-
-    @staticmethod
-    def _table(graph: ir.Graph, name: str, array: np.ndarray) -> ir.Value:
-        value = ir.Value(name=name, const_value=ir.Tensor(array.astype(np.float32), name=name))
-        value.shape, value.dtype = ir.Shape(array.shape), ir.DataType.FLOAT
-        graph.register_initializer(value)
-        return value
 
     @staticmethod
     def _heads(node: ir.Node, slot: int) -> int:
