@@ -25,6 +25,7 @@ from rotgraph.fakequant import ActSpec
 from rotgraph.passes import UntieEmbeddingPass
 from rotgraph.passes.gqa_kv_cache import CacheScales, CalibrateGqaCachePass, GqaQuantizedCachePass
 from rotgraph.passes.group_query_attention import FindFusableAttentionPass, GroupQueryAttentionPass
+from rotgraph.passes.pack_gate_up import PackGateUpPass
 from rotgraph.passes.pack_qkv import PackQKVPass
 from rotgraph.passes.quantize_activations import QuantizeActivationsPass
 from rotgraph.passes.quantize_kv import QuantizeKVCachePass
@@ -367,6 +368,7 @@ def quantize_stages(
             RotaryIntoAttentionPass(options.context_length or DEFAULT_CONTEXT_LENGTH),
             RotaryEmbeddingPass(options.context_length or DEFAULT_CONTEXT_LENGTH),
             PackQKVPass(),
+            PackGateUpPass(),
         )
         stages.append(Stage("deployment fusion", lean))
     if gqa_cache:

@@ -15,6 +15,7 @@ from rotgraph import io
 from rotgraph.cli import main
 from rotgraph.evaluate import make_session
 from rotgraph.generate import Decoder
+from rotgraph.passes.pack_gate_up import PackGateUpPass
 from rotgraph.passes.pack_qkv import PackQKVPass
 from rotgraph.passes.restore_ort_norms import RestoreOrtNormsPass
 from rotgraph.passes.rotary_attention import RotaryIntoAttentionPass
@@ -51,6 +52,7 @@ def op_count(path: Path, op_type: str) -> int:
 FUSIONS: list[tuple[str, Callable[[], object]]] = [
     ("rotary", lambda: RotaryIntoAttentionPass(256)),
     ("pack", PackQKVPass),
+    ("gate_up", PackGateUpPass),
     ("shared", SharedKVBufferPass),
     ("norms", lambda: RestoreOrtNormsPass(always=True)),
 ]
@@ -75,7 +77,8 @@ def test_each_fusion_keeps_the_function(tiny, tmp_path: Path, model_type: str, s
     assert op_count(path, "Slice") == op_count(path, "Neg") == op_count(path, "Cos") == 0  # RoPE inside
     assert op_count(path, "SkipSimplifiedLayerNormalization") == 2 * layers
     projections = "MatMul" if scheme == "w16a16" else "MatMulNBits"
-    assert op_count(path, projections) == 5 * layers + 1  # QKV, O, gate, up, down; lm_head
+    assert op_count(path, projections) == 4 * layers + 1  # QKV, O, gate-up, down; lm_head
+    assert op_count(path, "Split") == layers
     assert op_count(base, projections) == 7 * layers + 1
 
 

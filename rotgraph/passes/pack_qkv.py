@@ -17,7 +17,7 @@ _ATTRS = ("K", "bits", "block_size", "accuracy_level")
 
 
 @dataclass(frozen=True)
-class _Projection:
+class Projection:
     node: ir.Node  # MatMul(x, W [in, out]) or com.microsoft MatMulNBits(x, B, scales[, zero_points])
     bias: ir.Node | None  # Add(projection, b [out]) after it
 
@@ -26,10 +26,10 @@ def _array(value: ir.Value | None) -> np.ndarray | None:
     return np.asarray(value.const_value.numpy()) if value is not None and value.const_value is not None else None
 
 
-def _projection(value: ir.Value | None) -> _Projection | None:
-    """The projection that computes `value` and is read only there, if `value` is one."""
+def projection(value: ir.Value | None, readers: int = 1) -> Projection | None:
+    """The projection that computes `value` and is read there only (by `readers` nodes), if `value` is one."""
     node = value.producer() if value is not None else None
-    if node is None or len(list(value.uses())) != 1:  # type: ignore[union-attr]
+    if node is None or len(list(value.uses())) != readers:  # type: ignore[union-attr]
         return None
     bias = None
     if node.op_type == "Add" and node.domain in ("", "ai.onnx"):
@@ -44,16 +44,16 @@ def _projection(value: ir.Value | None) -> _Projection | None:
         extra = node.inputs[4:]
         if any(i is not None for i in extra) or any(i is not None and i.const_value is None for i in node.inputs[1:]):
             return None  # g_idx or a bias input, or weights computed at run time
-        return _Projection(node, bias)
+        return Projection(node, bias)
     if node.op_type == "MatMul" and node.domain in ("", "ai.onnx"):
         weight = node.inputs[1]
         if weight is None or weight.const_value is None or len(weight.const_value.shape) != 2:
             return None
-        return _Projection(node, bias)
+        return Projection(node, bias)
     return None
 
 
-def _same_kind(projections: list[_Projection]) -> bool:
+def same_kind(projections: list[Projection]) -> bool:
     first = projections[0].node
     for p in projections:
         node = p.node
@@ -101,12 +101,12 @@ class PackQKVPass(ir.passes.InPlacePass):
         for node in [n for n in graph if n.op_type == "GroupQueryAttention" and n.domain == MS_DOMAIN]:
             if len(node.inputs) < 3 or node.inputs[1] is None or node.inputs[2] is None:
                 continue
-            found = [_projection(node.inputs[i]) for i in range(3)]
+            found = [projection(node.inputs[i]) for i in range(3)]
             projections = [p for p in found if p is not None]
-            if len(projections) != 3 or not _same_kind(projections):
+            if len(projections) != 3 or not same_kind(projections):
                 logger.info("%s: Q, K and V are not three projections of one kind: left unpacked", node.name)
                 continue
-            output = self._pack(graph, projections, f"qkv_{packed}")
+            output = pack_projections(graph, projections, f"qkv_{packed}")
             node.replace_input_with(0, output)
             node.replace_input_with(1, None)  # type: ignore[arg-type]
             node.replace_input_with(2, None)  # type: ignore[arg-type]
@@ -116,49 +116,51 @@ class PackQKVPass(ir.passes.InPlacePass):
             logger.info("Q, K and V packed into one projection in %d layers", packed)
         return ir.passes.PassResult(model, packed > 0)
 
-    @staticmethod
-    def _pack(graph: ir.Graph, projections: list[_Projection], name: str) -> ir.Value:
-        first = projections[0].node
-        x = first.inputs[0]
-        assert x is not None
-        if first.op_type == "MatMul":
-            weight = np.concatenate([_array(p.node.inputs[1]) for p in projections], axis=1)  # type: ignore[misc]
-            node = ir.Node(first.domain, "MatMul", [x, _initializer(graph, f"{name}.weight", weight)], name=name)
-        else:
-            inputs: list[ir.Value | None] = [x]
-            for index, what in ((1, "packed"), (2, "scales"), (3, "zero_points")):
-                if index >= len(first.inputs) or first.inputs[index] is None:
-                    inputs.append(None)
-                    continue
-                parts = []
-                for p in projections:
-                    array = _array(p.node.inputs[index])
-                    assert array is not None
-                    n = p.node.attributes.get_int("N", 0)
-                    parts.append(array.reshape(n, *array.shape[1:]) if array.ndim > 1 else array.reshape(n, -1))
-                joined = np.concatenate(parts, axis=0)
-                original = _array(first.inputs[index])
-                assert original is not None
-                if original.ndim == 1:
-                    joined = joined.reshape(-1)
-                inputs.append(_initializer(graph, f"{name}.{what}", joined))
-            while inputs[-1] is None:
-                inputs.pop()
-            attrs = {a.name: a for a in first.attributes.values()}
-            attrs["N"] = ir.AttrInt64("N", sum(p.node.attributes.get_int("N", 0) for p in projections))
-            node = ir.Node(MS_DOMAIN, "MatMulNBits", inputs, list(attrs.values()), name=name)
-        out = node.outputs[0]
-        out.name = f"{name}_out"
-        graph.insert_before(first, node)
-        if projections[0].bias is not None:
-            biases = []
+
+def pack_projections(graph: ir.Graph, projections: list[Projection], name: str) -> ir.Value:
+    """One projection computing `projections` side by side on the last axis (weights moved byte for
+    byte; biases concatenated), inserted before the first; returns its output."""
+    first = projections[0].node
+    x = first.inputs[0]
+    assert x is not None
+    if first.op_type == "MatMul":
+        weight = np.concatenate([_array(p.node.inputs[1]) for p in projections], axis=1)  # type: ignore[misc]
+        node = ir.Node(first.domain, "MatMul", [x, _initializer(graph, f"{name}.weight", weight)], name=name)
+    else:
+        inputs: list[ir.Value | None] = [x]
+        for index, what in ((1, "packed"), (2, "scales"), (3, "zero_points")):
+            if index >= len(first.inputs) or first.inputs[index] is None:
+                inputs.append(None)
+                continue
+            parts = []
             for p in projections:
-                assert p.bias is not None
-                constant = next(a for a in map(_array, p.bias.inputs) if a is not None)
-                biases.append(constant.reshape(-1))
-            bias = _initializer(graph, f"{name}.bias", np.concatenate(biases))
-            add = ir.Node("", "Add", [out, bias], name=f"{name}_bias")
-            graph.insert_after(node, add)
-            out = add.outputs[0]
-            out.name = f"{name}_biased"
-        return out
+                array = _array(p.node.inputs[index])
+                assert array is not None
+                n = p.node.attributes.get_int("N", 0)
+                parts.append(array.reshape(n, *array.shape[1:]) if array.ndim > 1 else array.reshape(n, -1))
+            joined = np.concatenate(parts, axis=0)
+            original = _array(first.inputs[index])
+            assert original is not None
+            if original.ndim == 1:
+                joined = joined.reshape(-1)
+            inputs.append(_initializer(graph, f"{name}.{what}", joined))
+        while inputs[-1] is None:
+            inputs.pop()
+        attrs = {a.name: a for a in first.attributes.values()}
+        attrs["N"] = ir.AttrInt64("N", sum(p.node.attributes.get_int("N", 0) for p in projections))
+        node = ir.Node(MS_DOMAIN, "MatMulNBits", inputs, list(attrs.values()), name=name)
+    out = node.outputs[0]
+    out.name = f"{name}_out"
+    graph.insert_before(first, node)
+    if projections[0].bias is not None:
+        biases = []
+        for p in projections:
+            assert p.bias is not None
+            constant = next(a for a in map(_array, p.bias.inputs) if a is not None)
+            biases.append(constant.reshape(-1))
+        bias = _initializer(graph, f"{name}.bias", np.concatenate(biases))
+        add = ir.Node("", "Add", [out, bias], name=f"{name}_bias")
+        graph.insert_after(node, add)
+        out = add.outputs[0]
+        out.name = f"{name}_biased"
+    return out
