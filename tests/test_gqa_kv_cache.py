@@ -176,3 +176,23 @@ def test_auto_keeps_the_cache_that_won_per_scheme() -> None:
     assert not QuantOptions(scheme="w4a8kv8", fmt="ort", fused_attention=False).gqa_cache
     assert not QuantOptions(scheme="w4a8kv8", fmt="qdq").gqa_cache
     assert not QuantOptions(scheme="w4a8", fmt="ort").gqa_cache
+
+
+def test_a_builder_graph_gets_the_cache_inside_its_attention(tmp_path: Path) -> None:
+    """The genai builder's graph (RoPE inside its GroupQueryAttention, a symbolic cache width): RoPE moves
+    out, R3 goes after it, and the folder with int4 codes in the cache runs in onnxruntime-genai as in
+    rotgraph's loop."""
+    from test_genai_format import genai_run, rotgraph_greedy
+
+    source = Path(__file__).parent / "fixtures" / "genai-llama-fp32" / "model.onnx"
+    folder = tmp_path / "kv4"
+    args = ["quantize", str(source), "-o", str(folder), "--format", "genai", "--scheme", "w4a8kv4", "--group", "16"]
+    assert main([*args, "--calibration-windows", "2"]) == 0
+    graph = io.load_model(folder / "model.onnx").graph
+    caches = [v for v in graph.inputs if v.dtype == ir.DataType.UINT8]
+    assert len(caches) == 4 and all(v.shape is not None and v.shape[-1] == 8 for v in caches)  # head_dim 16
+    ids = [5, 17, 200, 31, 7]
+    reference, logits = rotgraph_greedy(folder / "model.onnx", ids, 6)
+    tokens, first = genai_run(folder, ids, 6)
+    assert tokens == reference
+    np.testing.assert_allclose(first, logits[0], atol=1e-4 * np.abs(logits[0]).max())

@@ -147,14 +147,13 @@ class GqaQuantizedCachePass(ir.passes.InPlacePass):
                 node.replace_input_with(index, new_initializer(model.graph, f"{node.name}.{kind}_cache_scale", tensor))
             for cache in (node.inputs[_PAST_KEY], node.inputs[_PAST_VALUE], node.outputs[1], node.outputs[2]):
                 assert cache is not None
-                self._retype(cache)
+                self._retype(cache, width // node.attributes.get_int("kv_num_heads", 1))
         logger.info("KV cache: %d-bit codes inside %d GroupQueryAttention nodes", self.bits, len(nodes))
         return ir.passes.PassResult(model, True)
 
-    def _retype(self, cache: ir.Value) -> None:
+    def _retype(self, cache: ir.Value, head_dim: int) -> None:
+        """Code type, and the last axis as stored: head_dim (int8) or head_dim / 2 (int4, packed)."""
         cache.type = ir.TensorType(_CODE_TYPE[self.bits])
-        if cache.shape is not None and self.bits == 4:
+        if cache.shape is not None and len(cache.shape) == 4:
             dims = list(cache.shape.dims)
-            if not isinstance(dims[-1], int):
-                raise StructureError(f"cache {cache.name!r} has no static head_dim to pack")
-            cache.shape = ir.Shape([*dims[:-1], dims[-1] // 2])
+            cache.shape = ir.Shape([*dims[:-1], head_dim // 2 if self.bits == 4 else head_dim])
