@@ -15,7 +15,8 @@ the evaluation text, to its logits. Decode: 128 new tokens after a 7-token promp
 512-token prompt; and `rotgraph generate`'s own loop (onnxruntime, 2 threads) from the 7-token prompt's
 text. Quality: perplexity and KL / top-1 to the builder's fp32 graph on `--windows` windows of `--seq-len`
 tokens of the evaluation split (`rotgraph.evaluate`, onnxruntime). Nodes per layer: all nodes of the graph
-over its layers. Prints a markdown table.
+over its layers. Peak RSS: a fresh process per model that loads it and generates 128 tokens after the
+512-token prompt. Prints a markdown table.
 """
 
 from __future__ import annotations
@@ -127,6 +128,35 @@ def run(model, prompt: list[int], new: int) -> tuple[float, float]:  # type: ign
     return prefill, decode
 
 
+RSS_CHILD = """
+import json, resource, sys
+import numpy as np
+import onnxruntime_genai as og
+config = og.Config(sys.argv[1])
+config.overlay(json.dumps({"model": {"decoder": {"session_options": {"intra_op_num_threads": 2}}}}))
+model = og.Model(config)
+params = og.GeneratorParams(model)
+params.set_search_options(max_length=%d, min_length=%d, do_sample=False)
+generator = og.Generator(model, params)
+generator.append_tokens(np.array(json.loads(sys.argv[2]), dtype=np.int32))
+while not generator.is_done():
+    generator.generate_next_token()
+print(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss)
+"""
+
+
+def peak_rss_mb(folder: Path, prompt: list[int]) -> float:
+    """Peak RSS (MB) of a fresh process that loads the folder in onnxruntime-genai and generates 128 tokens
+    after `prompt`: what one model costs in memory on its own."""
+    import subprocess
+
+    code = RSS_CHILD % (len(prompt) + NEW_TOKENS, len(prompt) + NEW_TOKENS)
+    done = subprocess.run(
+        [sys.executable, "-c", code, str(folder), json.dumps(prompt)], capture_output=True, text=True, check=True
+    )
+    return int(done.stdout.split()[-1]) / 1024
+
+
 def rotgraph_decode(folder: Path, prompt: str) -> float:
     """Decode tokens/s of `rotgraph generate` (onnxruntime, its own greedy loop) on the folder's model."""
     return generate(model_in(folder), prompt, NEW_TOKENS, threads=THREADS).decode_tokens_per_second
@@ -211,6 +241,7 @@ def main() -> None:
                 flush=True,
             )
     del models
+    rss = {e.name: peak_rss_mb(e.folder, long_prompt) for e in timed}
     tokens = windows(text_ids, args.windows, args.seq_len)
     scores = evaluate([model_in(e.folder) for e in entries], tokens, progress=False)
     print(
@@ -218,19 +249,20 @@ def main() -> None:
         f"{args.windows} x {args.seq_len} tokens, KL to builder fp32\n"
     )
     print(
-        f"| model | nodes | nodes/layer | size MB | KV bytes/token | prefill tok/s (512) | decode tok/s "
+        f"| model | nodes | nodes/layer | size MB | KV bytes/token | peak RSS MB | prefill tok/s (512) | decode tok/s "
         f"({SHORT_PROMPT} + 128) | decode tok/s (512 + 128) | decode vs builder int4 ({SHORT_PROMPT} + 128 / "
         "512 + 128, median of per-round ratios) | rotgraph generate decode tok/s | perplexity | KL | top-1 |"
     )
-    print("|---|---|---|---|---|---|---|---|---|---|---|---|---|")
+    print("|---|---|---|---|---|---|---|---|---|---|---|---|---|---|")
     base = next(e for e in entries if e.name == "builder int4")
     for entry, score in zip(entries, scores, strict=True):
         nodes, layers, size, per_token = structure(entry.folder)
         kl = f"{score.kl_to_reference:.4f}" if score.kl_to_reference is not None else "-"
         top1 = f"{score.top1_agreement:.3f}" if score.top1_agreement is not None else "-"
         ratios = f"{_ratio(entry.decode_short, base.decode_short)} / {_ratio(entry.decode_long, base.decode_long)}"
+        memory = f"{rss[entry.name]:.0f}" if entry.name in rss else "-"
         print(
-            f"| {entry.name} | {nodes} | {nodes / layers:.1f} | {size:.0f} | {per_token} | "
+            f"| {entry.name} | {nodes} | {nodes / layers:.1f} | {size:.0f} | {per_token} | {memory} | "
             f"{_median(entry.prefill, 0)} | {_median(entry.decode_short)} | {_median(entry.decode_long)} | {ratios} | "
             f"{_median(entry.rotgraph_decode)} | {score.perplexity:.2f} | {kl} | {top1} |"
         )
