@@ -11,8 +11,8 @@ rotgraph's export of it (`rotgraph export --with-past`) quantized into `--format
 
 Speed: onnxruntime-genai's own generator loop, 2 intra-op threads, greedy; the models are loaded once and
 run in turn in every round (the machine is shared), median over rounds. Prefill: the first 512 tokens of
-the evaluation text, to its logits. Decode: 128 new tokens after a 7-token prompt, and 128 after the
-512-token prompt; and `rotgraph generate`'s own loop (onnxruntime, 2 threads) from the 7-token prompt's
+the evaluation text, to its logits. Decode: 128 new tokens after a 7-token prompt, after the 512-token
+prompt, and after 896 tokens (context 1024); and `rotgraph generate`'s own loop (onnxruntime, 2 threads) from the 7-token prompt's
 text. Quality: perplexity and KL / top-1 to the builder's fp32 graph on `--windows` windows of `--seq-len`
 tokens of the evaluation split (`rotgraph.evaluate`, onnxruntime). Nodes per layer: all nodes of the graph
 over its layers. Peak RSS: a fresh process per model that loads it and generates 128 tokens after the
@@ -50,6 +50,7 @@ THREADS = 2
 SHORT_PROMPT = 7  # tokens: the first of the evaluation text
 NEW_TOKENS = 128
 PREFILL = 512
+CONTEXT = 1024  # the longer decode: 128 new tokens after CONTEXT - 128 prompt tokens
 
 
 @dataclass
@@ -60,6 +61,7 @@ class Entry:
     prefill: list[float] = field(default_factory=list)  # tokens/s per round
     decode_short: list[float] = field(default_factory=list)
     decode_long: list[float] = field(default_factory=list)
+    decode_context: list[float] = field(default_factory=list)  # at CONTEXT tokens
     rotgraph_decode: list[float] = field(default_factory=list)  # `rotgraph generate`'s own loop
 
 
@@ -223,6 +225,7 @@ def main() -> None:
         entries.append(Entry(name, Path(folder).resolve(), "(given folder)"))
     text_ids = encode(hf / "tokenizer.json", load_text("evaluation"))
     long_prompt = list(map(int, text_ids[:PREFILL]))
+    context_prompt = list(map(int, text_ids[: CONTEXT - NEW_TOKENS]))
     timed = entries[1:] if args.only_extra else entries
     models = [load(e.folder) for e in timed]
     short_text = Tokenizer.from_file(str(hf / "tokenizer.json")).decode(long_prompt[:SHORT_PROMPT])
@@ -233,6 +236,7 @@ def main() -> None:
             entry.prefill.append(PREFILL / prefill)
             entry.decode_short.append(NEW_TOKENS / short)
             entry.decode_long.append(NEW_TOKENS / long)
+            entry.decode_context.append(NEW_TOKENS / run(model, context_prompt, NEW_TOKENS)[1])
             entry.rotgraph_decode.append(rotgraph_decode(entry.folder, short_text))
             print(
                 f"round {round_index}: {entry.name}: prefill {entry.prefill[-1]:.0f} tok/s, decode "
@@ -250,20 +254,24 @@ def main() -> None:
     )
     print(
         f"| model | nodes | nodes/layer | size MB | KV bytes/token | peak RSS MB | prefill tok/s (512) | decode tok/s "
-        f"({SHORT_PROMPT} + 128) | decode tok/s (512 + 128) | decode vs builder int4 ({SHORT_PROMPT} + 128 / "
-        "512 + 128, median of per-round ratios) | rotgraph generate decode tok/s | perplexity | KL | top-1 |"
+        f"({SHORT_PROMPT} + 128) | decode tok/s (512 + 128) | decode tok/s ({CONTEXT - NEW_TOKENS} + 128) | decode vs "
+        f"builder int4 (the three, median of per-round ratios) | rotgraph generate decode tok/s | perplexity | KL | "
+        "top-1 |"
     )
-    print("|---|---|---|---|---|---|---|---|---|---|---|---|---|---|")
+    print("|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|")
     base = next(e for e in entries if e.name == "builder int4")
     for entry, score in zip(entries, scores, strict=True):
         nodes, layers, size, per_token = structure(entry.folder)
         kl = f"{score.kl_to_reference:.4f}" if score.kl_to_reference is not None else "-"
         top1 = f"{score.top1_agreement:.3f}" if score.top1_agreement is not None else "-"
-        ratios = f"{_ratio(entry.decode_short, base.decode_short)} / {_ratio(entry.decode_long, base.decode_long)}"
+        ratios = " / ".join(
+            _ratio(getattr(entry, f), getattr(base, f)) for f in ("decode_short", "decode_long", "decode_context")
+        )
         memory = f"{rss[entry.name]:.0f}" if entry.name in rss else "-"
         print(
             f"| {entry.name} | {nodes} | {nodes / layers:.1f} | {size:.0f} | {per_token} | {memory} | "
-            f"{_median(entry.prefill, 0)} | {_median(entry.decode_short)} | {_median(entry.decode_long)} | {ratios} | "
+            f"{_median(entry.prefill, 0)} | {_median(entry.decode_short)} | {_median(entry.decode_long)} | "
+            f"{_median(entry.decode_context)} | {ratios} | "
             f"{_median(entry.rotgraph_decode)} | {score.perplexity:.2f} | {kl} | {top1} |"
         )
     print("\nCommands:\n")
