@@ -131,7 +131,7 @@ def run(model, prompt: list[int], new: int) -> tuple[float, float]:  # type: ign
 
 
 RSS_CHILD = """
-import json, resource, sys
+import json, sys
 import numpy as np
 import onnxruntime_genai as og
 config = og.Config(sys.argv[1])
@@ -143,7 +143,8 @@ generator = og.Generator(model, params)
 generator.append_tokens(np.array(json.loads(sys.argv[2]), dtype=np.int32))
 while not generator.is_done():
     generator.generate_next_token()
-print(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss)
+# VmHWM, not ru_maxrss: the latter keeps the forking parent's peak across exec
+print(next(line.split()[1] for line in open("/proc/self/status") if line.startswith("VmHWM:")))
 """
 
 
