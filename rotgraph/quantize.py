@@ -121,7 +121,7 @@ class QuantOptions:
     # kv schemes in the ort/genai formats: "onnxruntime" keeps the cache as codes inside GroupQueryAttention
     # (static per-channel scales), "rotgraph" as rotgraph's per-token codes beside an eager attention;
     # "auto": onnxruntime's for genai (the only cache onnxruntime-genai holds) and for kv8 (as good, smaller
-    # and faster), rotgraph's for kv4 in the ort format (better quality; benchmarks/RESULTS.md, "KV cache")
+    # and faster), rotgraph's for kv4 in the ort format (better quality; benchmarks/RESULTS.md, genai run 6)
     kv_cache: str = "auto"
 
     def __post_init__(self) -> None:
