@@ -128,6 +128,8 @@ def test_a_genai_folder_with_a_quantized_cache_runs_in_genai(tiny, tmp_path: Pat
     config = json.loads((folder / io.GENAI_CONFIG).read_text())
     assert config["model"]["decoder"]["head_size"] == 16  # the real head size, not the packed int4 width
     assert config["search"]["past_present_share_buffer"]  # RoPE's positions come from the mask, not the cache
+    # the R3 Hadamards after RotaryEmbedding run on the kernels (built by setup.sh), not on function bodies
+    assert config["model"]["decoder"]["session_options"]["custom_ops_library"] == "librotgraph_ops.so"
     ids = [5, 17, 200, 31, 7]
     reference, logits = rotgraph_greedy(folder / "model.onnx", ids, 8)
     tokens, first = genai_run(folder, ids, 8)

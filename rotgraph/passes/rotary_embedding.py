@@ -40,7 +40,8 @@ class RotaryEmbeddingPass(ir.passes.InPlacePass):
 
     Guarantees: the same function to float rounding for positions below `max_length` and unpadded rows
     (a left-padded row's positions shift by its padding, which RoPE's relative scores do not see). All
-    layers or none: when one layer does not match, nothing is rewritten and the reason is logged.
+    layers or none: when one layer does not match, nothing is rewritten and the reason is logged. The
+    values it makes carry the projection's element type (rotgraph's kernels need the Hadamard's known).
     """
 
     def __init__(self, max_length: int) -> None:
@@ -162,3 +163,9 @@ class RotaryEmbeddingPass(ir.passes.InPlacePass):
         back = ir.Node("", "Reshape", [hadamard.outputs[0], self._shape(graph, (0, 0, heads * width))])
         graph.insert_before(node, [back])
         node.replace_input_with(slot, back.outputs[0])
+        # typed values: onnx cannot infer through com.microsoft ops, and rotgraph's kernels are only
+        # registered for a model whose rotgraph ops (this Hadamard) have inputs of a known float32 type
+        dtype = flat.dtype or hadamard.outputs[0].dtype
+        if dtype is not None:
+            for value in (rotary.outputs[0], split.outputs[0], hadamard.outputs[0], back.outputs[0]):
+                value.dtype = dtype
