@@ -8,6 +8,8 @@ from __future__ import annotations
 # The domain of rotgraph's own operators (Hadamard, FakeQuant, KVQuantize, KVDequantize) and of the
 # model-local functions that define them; the C++ kernels register the same name.
 ROTGRAPH_DOMAIN = "rotgraph"
+# onnxruntime's contrib operators (fused attention, norms, MatMulNBits ...).
+MS_DOMAIN = "com.microsoft"
 
 # Written by `rotgraph export`.
 CONFIG_KEY = "rotgraph.config"  # JSON: the Hugging Face config fields rotgraph reads (head_dim, eos ...)

@@ -31,6 +31,7 @@ import onnxruntime as ort
 from rotgraph import io
 from rotgraph import kernels as rotgraph_kernels
 from rotgraph.constants import CHAT_TEMPLATE_KEY, CONFIG_KEY, ROTGRAPH_DOMAIN, SOURCE_KEY
+from rotgraph.constants import MS_DOMAIN as _MS
 from rotgraph.errors import RotgraphError
 from rotgraph.inputs import InputRoles, input_roles
 
@@ -39,7 +40,6 @@ logger = logging.getLogger(__name__)
 MODEL_FILE = "model.onnx"
 CHAT_TEMPLATE_FILE = "chat_template.jinja"
 TOKENIZER_CONFIG = "tokenizer_config.json"
-_MS = "com.microsoft"
 
 
 def model_in(path: Path) -> Path:

@@ -55,6 +55,7 @@ from typing import Literal
 import numpy as np
 import onnx_ir as ir
 
+from rotgraph.constants import MS_DOMAIN as _MS
 from rotgraph.errors import RotgraphError
 
 logger = logging.getLogger(__name__)
@@ -62,7 +63,6 @@ logger = logging.getLogger(__name__)
 ROLES = "token ids, attention mask, position ids, KV cache (past -> present)"
 
 _SHAPE_READERS = frozenset({"Shape", "Size"})
-_MS = "com.microsoft"
 # Fused attention ops: (past key, past value) operand indices -> (present key, present value) outputs.
 _FUSED_CACHE = {("GroupQueryAttention", _MS): (3, 4), ("MultiHeadAttention", _MS): (6, 7), ("Attention", ""): (4, 5)}
 # Their mask operands, and the positions operand of the ops that apply RoPE.

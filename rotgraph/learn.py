@@ -34,11 +34,13 @@ from tqdm import tqdm
 
 from rotgraph import grid, io
 from rotgraph.errors import RotgraphError
+from rotgraph.inputs import input_roles
 from rotgraph.passes import (
     InsertDownHadamardPass,
     InsertQKHadamardPass,
 )
 from rotgraph.passes.rotate_heads import head_rotations
+from rotgraph.passes.split_rotary import SplitRotaryPass
 from rotgraph.passes.rotate_residual import residual_rotation
 from rotgraph.pipeline import foldable_form_passes, run_passes
 from rotgraph.quantize import Scheme, activation_passes
@@ -115,11 +117,14 @@ class LearnOptions:
 
 def learning_graph(model: ir.Model, scheme: Scheme, online: bool = True) -> ModelDescription:
     """Bring `model` (in place) to the form SpinQuant trains: the rotation pipeline without R1/R2,
-    with the scheme's activation and KV-cache FakeQuant ops; weights stay float."""
-    passes = foldable_form_passes()
+    with the scheme's activation and KV-cache FakeQuant ops; weights stay float. As in `quantize`, a kv
+    scheme first moves RoPE out of a fused attention op (R3 and the cache quantizer act after it);
+    otherwise R3 is left out where RoPE stays inside (with a float cache it cancels in Q K^T)."""
+    passes: list[ir.passes.PassBase] = [SplitRotaryPass()] if scheme.kv_bits is not None else []
+    passes += foldable_form_passes()
     if online:
-        passes += [InsertQKHadamardPass(), InsertDownHadamardPass()]
-    passes += activation_passes(scheme)
+        passes += [InsertQKHadamardPass(skip_rope_inside=True), InsertDownHadamardPass()]
+    passes += activation_passes(scheme, store_cache=False)  # KV FakeQuant even where the graph has a cache
     run_passes(model, passes)
     return discover(model)
 
@@ -176,12 +181,8 @@ class RotatedNetwork(torch.nn.Module):
         # checkpointing: per-block activation memory for one more forward pass (TorchGraph)
         cuts = [b.residual_out for b in desc.blocks] if checkpointing else []
         self.graph = TorchGraph(model, checkpoint_after=cuts, keep_products=keep_products)
-        if len(model.graph.inputs) != 1:
-            raise RotgraphError(
-                f"learning needs a graph with one input (token ids), got {len(model.graph.inputs)}: learn on the "
-                "export without --with-past; the rotations it learns fold into either graph"
-            )
-        self.input = model.graph.inputs[0]
+        # token ids, and for exports that take them an all-ones mask, positions 0.. and empty KV caches
+        self.roles = input_roles(model)
         self.weight_bits = scheme.weight_bits
         self.head_bits = head_bits if scheme.weight_bits < 16 else 16
         self.group = group
@@ -264,7 +265,11 @@ class RotatedNetwork(torch.nn.Module):
         return out
 
     def forward(self, ids: torch.Tensor) -> torch.Tensor:
-        return self.graph({self.input: ids}, self.overrides(ids))[0]
+        feeds: dict[ir.Value | str, torch.Tensor] = {
+            name: torch.from_numpy(array) for name, array in self.roles.feeds(ids.numpy()).items()
+        }
+        feeds[self.roles.input_ids] = ids
+        return self.graph(feeds, self.overrides(ids))[0]
 
     def loss(self, ids: torch.Tensor) -> torch.Tensor:
         """Mean next-token cross-entropy over the windows `ids` [batch, seq]."""

@@ -250,18 +250,23 @@ def activation_spec(scheme: Scheme, act_clip: float | None = None) -> ActSpec | 
 
 
 def activation_passes(
-    scheme: Scheme, act_clip: float | None = None, kv_clip: float | None = None, skip_int8: bool = False
+    scheme: Scheme,
+    act_clip: float | None = None,
+    kv_clip: float | None = None,
+    skip_int8: bool = False,
+    store_cache: bool = True,
 ) -> list[ir.passes.PassBase]:
     """The FakeQuant passes of `scheme`: per-token activations (symmetric, clip 0.9 at 4 bits unless
     given; none at 8 bits with `skip_int8`, where the runtime's int8 kernels quantize) and the KV cache
-    (asymmetric per token and head, clip 0.95 at 4 bits unless given)."""
+    (asymmetric per token and head, clip 0.95 at 4 bits unless given; stored as codes where the graph
+    has cache inputs, unless `store_cache` is off)."""
     passes: list[ir.passes.PassBase] = []
     act = activation_spec(scheme, act_clip)
     if act is not None and (act.bits == 4 or not skip_int8):
         passes.append(QuantizeActivationsPass(act))
     if scheme.kv_bits is not None:
         clip = kv_clip if kv_clip is not None else (0.95 if scheme.kv_bits == 4 else 1.0)
-        passes.append(QuantizeKVCachePass(ActSpec(scheme.kv_bits, False, 0, clip)))
+        passes.append(QuantizeKVCachePass(ActSpec(scheme.kv_bits, False, 0, clip), store=store_cache))
     return passes
 
 

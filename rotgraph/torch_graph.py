@@ -6,7 +6,8 @@ second model definition in sync with the exporters, rotgraph runs the very graph
 rotgraph's own `Hadamard` and `FakeQuant` ops natively (FakeQuant rounds with a straight-through
 estimator so that gradients pass), evaluates other model-local functions from their bodies, and lets
 the caller replace any initializer by a tensor computed from trainable parameters (`overrides`).
-Unknown ops raise with the node's name, never silently.
+Fused attention (onnxruntime's and ONNX's) comes from `rotgraph.torch_attention`. Unknown ops raise
+with the node's name, never silently.
 
 Values are keyed by the `ir.Value` objects themselves (identity), never by their names: names may be
 empty or repeated, and the caller takes the values it overrides from the discovered structure.
@@ -26,10 +27,11 @@ import onnx_ir as ir
 import torch
 
 from rotgraph import grid
-from rotgraph.constants import ROTGRAPH_DOMAIN
+from rotgraph.constants import MS_DOMAIN, ROTGRAPH_DOMAIN
 from rotgraph.errors import RotgraphError
 from rotgraph.fakequant import ActSpec
 from rotgraph.hadamard import hadamard_factors
+from rotgraph.torch_attention import MS_OPS, ONNX_OPS
 
 _DTYPES = {
     ir.DataType.FLOAT: torch.float32,
@@ -235,6 +237,8 @@ STANDARD_OPS: dict[str, Op] = {
     "And": _binary(torch.logical_and),
     "Or": _binary(torch.logical_or),
     "Not": _unary(torch.logical_not),
+    "IsNaN": _unary(torch.isnan),
+    "IsInf": _unary(torch.isinf),
     "Neg": _unary(torch.neg),
     "Abs": _unary(torch.abs),
     "Sqrt": _unary(torch.sqrt),
@@ -437,6 +441,10 @@ class TorchGraph:
             return self._run(function, env, function.outputs)
         if node.domain in ("", "ai.onnx") and node.op_type in STANDARD_OPS:
             return STANDARD_OPS[node.op_type](node, inputs)
+        if node.domain in ("", "ai.onnx") and node.op_type in ONNX_OPS:
+            return ONNX_OPS[node.op_type](node, inputs)
+        if node.domain == MS_DOMAIN and node.op_type in MS_OPS:
+            return MS_OPS[node.op_type](node, inputs)
         raise RotgraphError(
             f"node {node.name!r}: op {node.domain or 'ai.onnx'}::{node.op_type} is not supported by the torch "
             "evaluator (rotgraph.torch_graph.STANDARD_OPS)"

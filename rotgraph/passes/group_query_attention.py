@@ -10,14 +10,13 @@ import numpy as np
 import onnx_ir as ir
 from onnx_ir.passes.common import RemoveUnusedNodesPass
 
+from rotgraph.constants import MS_DOMAIN
 from rotgraph.errors import StructureError
 from rotgraph.inputs import input_roles, reached_by_data
 from rotgraph.online import FunctionBuilder
 from rotgraph.structure import Attention, discover
 
 logger = logging.getLogger(__name__)
-
-MS_DOMAIN = "com.microsoft"
 
 
 @dataclass(frozen=True)

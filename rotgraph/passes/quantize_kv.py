@@ -25,12 +25,14 @@ class QuantizeKVCachePass(ir.passes.InPlacePass):
     cache quantized: each `past`/`present` pair becomes three (uint8 codes, float32 scales, uint8 zero
     points; see `rotgraph.kvcache`), new entries are quantized before they are appended and the whole
     cache is dequantized for attention. Both forms compute the same values, so a cached graph gives the
-    same logits as the fake-quantized one.
+    same logits as the fake-quantized one. `store=False` gives every graph the FakeQuant form (learning
+    runs on empty caches and needs the straight-through gradient of FakeQuant, not stored codes).
     """
 
-    def __init__(self, spec: ActSpec) -> None:
+    def __init__(self, spec: ActSpec, store: bool = True) -> None:
         super().__init__()
         self.spec = spec
+        self.store = store
 
     def call(self, model: ir.Model) -> ir.passes.PassResult:
         desc = discover(model)
@@ -46,7 +48,7 @@ class QuantizeKVCachePass(ir.passes.InPlacePass):
                 raise StructureError(f"block {block.index}: cannot find where keys and values enter the cache")
             if self.spec.group and a.head_dim % self.spec.group:
                 raise StructureError(f"KV group {self.spec.group} does not divide head_dim {a.head_dim}")
-            if a.key_cache is not None and a.value_cache is not None:
+            if self.store and a.key_cache is not None and a.value_cache is not None:
                 cache_spec = kvcache.CacheSpec.from_act(self.spec, a.head_dim)
                 for cache in (a.key_cache, a.value_cache):
                     _store_quantized(model, cache, cache_spec, f"block {block.index}")

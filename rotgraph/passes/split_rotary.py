@@ -8,13 +8,13 @@ from collections.abc import Callable
 import numpy as np
 import onnx_ir as ir
 
+from rotgraph.constants import MS_DOMAIN
 from rotgraph.errors import StructureError
 from rotgraph.online import FunctionBuilder
 from rotgraph.weights import new_initializer
 
 logger = logging.getLogger(__name__)
 
-MS_DOMAIN = "com.microsoft"
 # GroupQueryAttention operands (onnxruntime's contrib op spec).
 QUERY, KEY, VALUE, SEQLENS_K, TOTAL_LENGTH, COS_CACHE, SIN_CACHE, POSITION_IDS = 0, 1, 2, 5, 6, 7, 8, 9
 
