@@ -88,10 +88,14 @@ def test_onnxruntime_optimized_graph_rotates_and_quantizes(ort_optimized, tmp_pa
     reference = torch_logits(HF, tokens)
     np.testing.assert_allclose(logits(rotated, tokens), reference, atol=2e-5)
     np.testing.assert_allclose(decode_step(rotated, tokens), reference[:, -1:], atol=2e-5)
-    out = tmp_path / "kv4" / "model.onnx"
-    args = ["quantize", str(ort_optimized), "-o", str(out), "--scheme", "w4a4kv4", "--group", "16"]
-    args += ["--activations", "dynamic"]  # rotgraph's ops: standard ONNX refuses com.microsoft RotaryEmbedding
-    assert main(args) == 0, capsys.readouterr().err
+    kl = {}
+    for rotation in ("none", "quarot"):
+        out = tmp_path / f"kv4-{rotation}" / "model.onnx"
+        args = ["quantize", str(ort_optimized), "-o", str(out), "--scheme", "w4a4kv4", "--group", "16"]
+        args += ["--activations", "dynamic"]  # rotgraph's ops: standard ONNX refuses com.microsoft RotaryEmbedding
+        assert main([*args, "--rotation", rotation]) == 0, capsys.readouterr().err
+        kl[rotation] = mean_kl(reference, logits(out, tokens))
+    assert kl["quarot"] < kl["none"], kl
 
 
 def test_left_padded_batches_on_the_rotated_optimized_graph(ort_optimized, tmp_path, capsys) -> None:
