@@ -191,7 +191,10 @@ else:
     m = io.load_model(model)
     scheme = Scheme.parse(which.split(":")[0])
     learning_graph(m, scheme)
-    net = RotatedNetwork(m, scheme, 32, 16, 0, checkpointing=":nockpt" not in which, keep_products=":keep" in which)
+    net = RotatedNetwork(
+        m, scheme, 32, 16, 0, checkpointing=":nockpt" not in which, keep_products=":keep" in which,
+        compile_quantizer=":compile" in which,
+    )
     opt = CayleySGD(net.parameters(), lr=0.1)
     def step():
         opt.zero_grad()
@@ -206,7 +209,8 @@ print(json.dumps(times[1:]))
 
 def floor(args: argparse.Namespace, source: Path) -> list[tuple[str, list[float]]]:
     """Seconds per step: plain torch forward+backward of the HF model vs TorchGraph learning steps
-    (`--floor-steps`: schemes; SCHEME:nockpt without checkpointing, SCHEME:keep with --keep-products),
+    (`--floor-steps`: schemes; SCHEME:nockpt without checkpointing, SCHEME:keep with --keep-products,
+    SCHEME:compile with --compile),
     one child process each, alternating over rounds; one warm-up step each."""
     runs: dict[str, list[float]] = {"torch": [], **{which: [] for which in args.floor_steps}}
     for _ in range(args.floor_rounds):
@@ -234,7 +238,10 @@ def main() -> None:
     ap.add_argument("--windows", type=int, default=16, help="evaluation windows of 512 tokens")
     ap.add_argument("--floor-rounds", type=int, default=2)
     ap.add_argument(
-        "--floor-steps", nargs="*", default=["w4a4kv4", "w16a4kv4"], help="SCHEME, SCHEME:nockpt or SCHEME:keep"
+        "--floor-steps",
+        nargs="*",
+        default=["w4a4kv4", "w16a4kv4"],
+        help="SCHEME, SCHEME:nockpt, SCHEME:keep or SCHEME:compile",
     )
     ap.add_argument("--floor-batch", type=int, default=4, help="windows per timed step (learn's default)")
     ap.add_argument("--floor-seq", type=int, default=512)

@@ -334,6 +334,12 @@ def parser() -> argparse.ArgumentParser:
         help="end-to-end, checkpointing: keep the matrix products' outputs and recompute only the rest "
         "(faster steps for more memory: +3.5 GB at batch 4 x 512 on SmolLM2-135M)",
     )
+    lp.add_argument(
+        "--compile",
+        action="store_true",
+        help="end-to-end, quantized weights: torch.compile the weights' fake quantizer (needs a C++ compiler; "
+        "runs eagerly with a warning where compiling fails)",
+    )
     lp.add_argument("--momentum", type=float, default=0.0)
     lp.add_argument("--batch", type=int, default=4, help="windows per step, over all processes")
     lp.add_argument("--seq-len", type=int, default=512)

@@ -24,6 +24,7 @@ import json
 import logging
 import os
 import time
+from collections.abc import Callable
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
@@ -40,8 +41,8 @@ from rotgraph.passes import (
     InsertQKHadamardPass,
 )
 from rotgraph.passes.rotate_heads import head_rotations
-from rotgraph.passes.split_rotary import SplitRotaryPass
 from rotgraph.passes.rotate_residual import residual_rotation
+from rotgraph.passes.split_rotary import SplitRotaryPass
 from rotgraph.pipeline import foldable_form_passes, run_passes
 from rotgraph.quantize import Scheme, activation_passes
 from rotgraph.rotations import ORTHOGONALITY_TOLERANCE, save_rotations
@@ -85,6 +86,7 @@ class LearnOptions:
     scaling: bool = False  # layer-wise objectives: learn per-channel scales too (folded beside R1/R2)
     checkpointing: bool = True  # end-to-end: recompute each block in the backward pass (less memory, slower)
     keep_products: bool = False  # checkpointing: keep the matrix products' outputs (faster, more memory)
+    compile: bool = False  # end-to-end: torch.compile the weight fake quantizer (eager if compiling fails)
     site_tokens: int = 128  # layer-wise objectives: activation rows sampled per site (x 2 per layer for R1)
 
     def __post_init__(self) -> None:
@@ -141,6 +143,28 @@ def weight_fake_quant(w: torch.Tensor, bits: int, group: int, axis: int) -> torc
     return q.reshape(w.shape)
 
 
+class WeightQuantizer:
+    """`weight_fake_quant`, optionally through `torch.compile` (one graph for all weight shapes): the
+    weights' RTN is about 25 elementwise passes over every weight per step, which the compiler fuses.
+    Where compiling fails (no C++ compiler, an unsupported torch build) the first call says why, once,
+    and every call runs eagerly; the results are the same either way."""
+
+    def __init__(self, compiled: bool) -> None:
+        self._fn: Callable[..., torch.Tensor] = weight_fake_quant
+        if compiled:
+            self._fn = torch.compile(weight_fake_quant, dynamic=True)
+
+    def __call__(self, w: torch.Tensor, bits: int, group: int, axis: int) -> torch.Tensor:
+        if self._fn is weight_fake_quant:
+            return weight_fake_quant(w, bits, group, axis)
+        try:
+            return self._fn(w, bits, group, axis)
+        except Exception as error:  # torch's compiler stack raises many kinds; the eager path is exact
+            logger.warning("torch.compile of the weight quantizer failed, running it eagerly: %s", error)
+            self._fn = weight_fake_quant
+            return weight_fake_quant(w, bits, group, axis)
+
+
 def _rotated_input_times(
     x: ir.Value, key: ir.Value, r1: torch.Tensor, w: torch.Tensor, env: dict[ir.Value, torch.Tensor]
 ) -> torch.Tensor:
@@ -175,6 +199,7 @@ class RotatedNetwork(torch.nn.Module):
         seed: int,
         checkpointing: bool = True,
         keep_products: bool = False,
+        compile_quantizer: bool = False,
     ) -> None:
         super().__init__()
         self.desc = desc = discover(model)
@@ -186,6 +211,7 @@ class RotatedNetwork(torch.nn.Module):
         self.weight_bits = scheme.weight_bits
         self.head_bits = head_bits if scheme.weight_bits < 16 else 16
         self.group = group
+        self._weight_quant = WeightQuantizer(compile_quantizer)
         d = desc.blocks[0].attention.head_dim
         self.r1 = torch.nn.Parameter(torch.from_numpy(residual_rotation(desc.hidden_size, seed)[0]))
         self.r2 = torch.nn.ParameterList(
@@ -204,7 +230,7 @@ class RotatedNetwork(torch.nn.Module):
         self.activation_side: bool | None = None  # None: whichever costs less (tests set it)
 
     def _quant(self, w: torch.Tensor, bits: int) -> torch.Tensor:
-        return w if bits >= 16 else weight_fake_quant(w, bits, self.group, axis=0)
+        return w if bits >= 16 else self._weight_quant(w, bits, self.group, axis=0)
 
     def rotates_activations(self, tokens: int) -> bool:
         """Whether a step on `tokens` tokens applies R1 to the activations rather than to the weights.
@@ -227,7 +253,7 @@ class RotatedNetwork(torch.nn.Module):
         r1 = self.r1.to(torch.float32)
         rows = c[desc.embedding_table][ids] @ r1
         if self.head_bits < 16:
-            rows = weight_fake_quant(rows, self.head_bits, self.group, axis=-1)
+            rows = self._weight_quant(rows, self.head_bits, self.group, axis=-1)
         out: dict[ir.Value, Override] = {desc.embedding.outputs[0]: rows}
         head = desc.lm_head
         on_inputs = self.rotates_activations(ids.numel())
@@ -410,7 +436,14 @@ def _learn(
     model = io.load_model(input_path)
     learning_graph(model, scheme, options.online)
     net = RotatedNetwork(
-        model, scheme, options.group, options.head_bits, options.seed, options.checkpointing, options.keep_products
+        model,
+        scheme,
+        options.group,
+        options.head_bits,
+        options.seed,
+        options.checkpointing,
+        options.keep_products,
+        options.compile,
     )
     pool = torch.from_numpy(ids)
     optimizer = CayleySGD(net.parameters(), lr=options.step_size, momentum=options.momentum)

@@ -368,3 +368,40 @@ def test_keep_products_learns_the_same_rotations(tiny, tmp_path, monkeypatch) ->
     np.testing.assert_allclose(a1, b1, atol=1e-6)
     for x, y in zip(a2, b2, strict=True):
         np.testing.assert_allclose(x, y, atol=1e-6)
+
+
+@pytest.mark.slow
+def test_compiled_weight_quantizer_computes_the_eager_one() -> None:
+    """`learn --compile`: the compiled RTN fake quantizer gives the eager one's values and gradients on two
+    weight shapes (one compiled graph for both), straight-through gradients included."""
+    from rotgraph.learn import WeightQuantizer, weight_fake_quant
+
+    compiled = WeightQuantizer(True)
+    rng = np.random.default_rng(4)
+    for shape, axis in (((64, 96), 0), ((96, 32), -1)):
+        w = torch.from_numpy(rng.standard_normal(shape).astype(np.float32))
+        probe = torch.from_numpy(rng.standard_normal(shape).astype(np.float32))
+        grads = []
+        for fn in (compiled, weight_fake_quant):
+            x = w.clone().requires_grad_(True)
+            out = fn(x, 4, 16, axis)
+            (out * probe).sum().backward()
+            grads.append((out.detach(), x.grad))
+        torch.testing.assert_close(grads[0][0], grads[1][0], rtol=0, atol=1e-6)
+        torch.testing.assert_close(grads[0][1], grads[1][1], rtol=0, atol=1e-5)
+
+
+def test_a_failing_compiler_falls_back_to_the_eager_quantizer(monkeypatch, caplog) -> None:
+    from rotgraph.learn import WeightQuantizer, weight_fake_quant
+
+    def broken(fn, **kwargs):  # type: ignore[no-untyped-def]
+        def run(*args):  # type: ignore[no-untyped-def]
+            raise RuntimeError("no C++ compiler")
+
+        return run
+
+    monkeypatch.setattr(torch, "compile", broken)
+    quantizer = WeightQuantizer(True)
+    w = torch.from_numpy(np.random.default_rng(2).standard_normal((32, 32)).astype(np.float32))
+    torch.testing.assert_close(quantizer(w, 4, 16, 0), weight_fake_quant(w, 4, 16, 0), rtol=0, atol=0)
+    assert "no C++ compiler" in caplog.text
