@@ -33,6 +33,7 @@ from rotgraph.passes.quantize_weights import QuantizeWeightsPass
 from rotgraph.passes.restore_ort_norms import RestoreOrtNormsPass
 from rotgraph.passes.rotary_attention import RotaryIntoAttentionPass
 from rotgraph.passes.rotary_embedding import RotaryEmbeddingPass
+from rotgraph.passes.rotary_hadamard import RotaryHadamardPass
 from rotgraph.passes.shared_kv_buffer import SharedKVBufferPass
 from rotgraph.passes.smooth import SmoothQuantPass
 from rotgraph.passes.split_rotary import SplitRotaryPass
@@ -372,6 +373,7 @@ def quantize_stages(
         lean: tuple[ir.passes.PassBase, ...] = (
             RotaryIntoAttentionPass(options.context_length or DEFAULT_CONTEXT_LENGTH),
             RotaryEmbeddingPass(options.context_length or DEFAULT_CONTEXT_LENGTH),
+            RotaryHadamardPass(),
             PackQKVPass(),
             PackGateUpPass(),
         )

@@ -141,6 +141,7 @@ def test_rope_before_the_hadamard_becomes_rotary_embedding(tiny, tmp_path: Path)
     from test_genai_format import op_count, step_logits
 
     from rotgraph.passes.rotary_embedding import RotaryEmbeddingPass
+    from rotgraph.passes.rotary_hadamard import RotaryHadamardPass
     from rotgraph.passes.shared_kv_buffer import SharedKVBufferPass
 
     _, source = tiny("llama", "dynamo", with_past=True)
@@ -152,7 +153,8 @@ def test_rope_before_the_hadamard_becomes_rotary_embedding(tiny, tmp_path: Path)
     paths = [tmp_path / "exported" / "model.onnx"]
     paths[0].parent.mkdir()
     io.save_model(model, paths[0])
-    for name, done in (("rotary", RotaryEmbeddingPass(256)), ("shared", SharedKVBufferPass())):
+    passes = (("rotary", RotaryEmbeddingPass(256)), ("fused", RotaryHadamardPass()), ("shared", SharedKVBufferPass()))
+    for name, done in passes:
         run_passes(model, [done])
         paths.append(tmp_path / name / "model.onnx")
         paths[-1].parent.mkdir()
@@ -161,7 +163,8 @@ def test_rope_before_the_hadamard_becomes_rotary_embedding(tiny, tmp_path: Path)
     for path in paths[1:]:
         np.testing.assert_allclose(step_logits(path), reference, atol=2e-4 * np.abs(reference).max(), err_msg=str(path))
     layers = op_count(paths[-1], "GroupQueryAttention")
-    assert op_count(paths[-1], "RotaryEmbedding") == 2 * layers
+    assert op_count(paths[1], "RotaryEmbedding") == 2 * layers
+    assert op_count(paths[-1], "RotaryHadamard") == 2 * layers and op_count(paths[-1], "RotaryEmbedding") == 0
     assert op_count(paths[-1], "Neg") == op_count(paths[-1], "Cos") == op_count(paths[-1], "Transpose") == 0
     graph = io.load_model(paths[-1]).graph
     assert all(

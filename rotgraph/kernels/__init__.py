@@ -1,7 +1,7 @@
 """rotgraph's compiled onnxruntime kernels (`librotgraph_ops.so`, built by scripts/build_kernels.sh).
 
 The library registers CPU kernels for the ops of the `rotgraph` domain (Hadamard, FakeQuant, KVQuantize,
-KVDequantize; see rotgraph_ops.cc). A model needs no library to run: each op is also an ONNX function in
+KVDequantize, RotaryHadamard; see rotgraph_ops.cc). A model needs no library to run: each op is also an ONNX function in
 the model. With the library registered in a session, onnxruntime runs the compiled kernels instead of
 inlining the function bodies. The kernels read their configuration from node attributes that rotgraph
 writes beside each overload; a model written before those attributes existed runs on the function bodies,
@@ -36,7 +36,8 @@ BUILD_HINT = "build it with `bash scripts/build_kernels.sh` (scripts/setup.sh do
 LIBRARY_ENV, SWITCH_ENV = "ROTGRAPH_KERNELS_LIBRARY", "ROTGRAPH_KERNELS"
 CPUINFO = Path("/proc/cpuinfo")
 # The attribute each op's kernel cannot do without (Hadamard: `a`, unless n is a power of two).
-_REQUIRED = {"FakeQuant": "bits", "KVQuantize": "head_dim", "KVDequantize": "head_dim"}
+_REQUIRED = {"FakeQuant": "bits", "KVQuantize": "head_dim", "KVDequantize": "head_dim", "RotaryHadamard": "head_dim"}
+_TRANSFORMS = ("Hadamard", "RotaryHadamard")  # ops that carry a Hadamard transform (`a` unless n = 2^k)
 _warned: set[str] = set()
 
 
@@ -112,6 +113,8 @@ def _rotgraph_nodes(model: onnx.ModelProto) -> list[tuple[onnx.NodeProto, dict[s
     types.update({t.name: t.data_type for t in model.graph.initializer})
     nodes = [(n, types) for n in model.graph.node if n.domain == ROTGRAPH_DOMAIN]
     for function in model.functions:
+        if function.domain == ROTGRAPH_DOMAIN:
+            continue  # the body of one of rotgraph's ops: it runs only where the kernels are not registered
         scope = {v.name: v.type.tensor_type.elem_type for v in function.value_info}
         nodes += [(n, scope) for n in function.node if n.domain == ROTGRAPH_DOMAIN]
     return nodes
@@ -120,10 +123,10 @@ def _rotgraph_nodes(model: onnx.ModelProto) -> list[tuple[onnx.NodeProto, dict[s
 def _missing(model: onnx.ModelProto) -> list[str]:
     missing = []
     for node, _ in _rotgraph_nodes(model):
-        need = _REQUIRED.get(node.op_type)
-        if node.op_type == "Hadamard" and not _is_power_of_two(node.overload):
-            need = "a"  # the m x m matrix of an n = m * 2^k transform
-        if need and need not in {a.name for a in node.attribute}:
+        needs = [_REQUIRED[node.op_type]] if node.op_type in _REQUIRED else []
+        if node.op_type in _TRANSFORMS and not _is_power_of_two(node.overload):
+            needs.append("a")  # the m x m matrix of an n = m * 2^k transform
+        if any(need not in {a.name for a in node.attribute} for need in needs):
             missing.append(node.name or node.op_type)
     return missing
 

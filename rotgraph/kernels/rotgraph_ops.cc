@@ -17,6 +17,9 @@
 //                              the stored KV cache: asymmetric uint8 codes per group of head_dim, 4-bit
 //                              codes packed two per byte (element i low nibble, i + head_dim/2 high);
 //                              attributes bits, head_dim, group, clip.
+//   RotaryHadamard(X, position_ids, cos_cache, sin_cache) -> Y
+//                              RoPE (halves not interleaved) and then the Hadamard transform of each head of
+//                              a [batch, seq, heads * head_dim] tensor; attributes head_dim and `a`.
 //
 // Built against onnxruntime's C API headers (API version of the header; onnxruntime accepts libraries
 // built for older API versions) by scripts/build_kernels.sh, for a portable x86-64 baseline unless asked
@@ -255,18 +258,27 @@ struct HadamardKernel : Checked {
     }
     const float* in = x.Data();
     float* out = y.Allocate(shape);
-    const float scale_p = static_cast<float>(1.0 / std::sqrt(static_cast<double>(p)));
+    for_rows(context, rows, n * (log2(p) + m),
+             [&](int64_t begin, int64_t end) { transform_rows(in + begin * n, out + begin * n, end - begin, n); });
+  }
+
+  static int64_t log2(int64_t p) {
     int64_t log_p = 0;
     while ((int64_t{1} << log_p) < p) ++log_p;
-    const bool avx2 = has_avx2();
-    for_rows(context, rows, n * (log_p + m), [&](int64_t begin, int64_t end) {
-      float* work = m > 1 ? scratch<float>(0, static_cast<size_t>((end - begin) * n)) : out + begin * n;
-      float* t = scratch<float>(1, static_cast<size_t>(p * kLanes));
-      if (avx2)
-        transform_avx2(in + begin * n, work, t, out + begin * n, end - begin, n, p, scale_p);
-      else
-        transform_baseline(in + begin * n, work, t, out + begin * n, end - begin, n, p, scale_p);
-    });
+    return log_p;
+  }
+
+  // The transform of `rows` rows of length n (a multiple of m, n / m a power of two) from src into out,
+  // on this thread; src may be out (every block is read before it is written).
+  void transform_rows(const float* src, float* out, int64_t rows, int64_t n) const {
+    const int64_t p = n / m;
+    const float scale_p = static_cast<float>(1.0 / std::sqrt(static_cast<double>(p)));
+    float* work = m > 1 ? scratch<float>(0, static_cast<size_t>(rows * n)) : out;
+    float* t = scratch<float>(1, static_cast<size_t>(p * kLanes));
+    if (has_avx2())
+      transform_avx2(src, work, t, out, rows, n, p, scale_p);
+    else
+      transform_baseline(src, work, t, out, rows, n, p, scale_p);
   }
 
   // The transform of `rows` rows, compiled twice: for the build's baseline and for AVX2 (the same
@@ -567,6 +579,67 @@ struct KVDequantizeKernel : CacheKernelBase {
   }
 };
 
+// RoPE (onnxruntime's RotaryEmbedding, halves not interleaved) and then the Hadamard transform of every
+// head, on a [batch, seq, heads * head_dim] projection output: the R3 rotation of Q or K after RoPE in one
+// pass over the data. Inputs X, position_ids [batch, seq] (int64), cos_cache and sin_cache [max_position,
+// head_dim / 2]; attributes head_dim and, for head_dim = m * 2^k with m > 1, the Hadamard's `a`.
+//   y1 = x1 * cos - x2 * sin, y2 = x2 * cos + x1 * sin (x1, x2 the halves of a head), then Hadamard(y1, y2)
+struct RotaryHadamardKernel : Checked {
+  HadamardKernel hadamard;
+  int64_t head_dim = 0;
+
+  RotaryHadamardKernel(const OrtApi* api, const OrtKernelInfo* info) : hadamard(api, info) {
+    head_dim = attr_required(info, "head_dim", *this);
+    check(hadamard.error.empty(), hadamard.error);
+    check(head_dim > 0 && head_dim % 2 == 0, "RotaryHadamard: head_dim must be positive and even");
+    const int64_t p = head_dim > 0 ? head_dim / hadamard.m : 0;
+    check(head_dim % hadamard.m == 0 && p > 0 && (p & (p - 1)) == 0,
+          "RotaryHadamard: head_dim " + std::to_string(head_dim) + " is not m x a power of two (m = " +
+              std::to_string(hadamard.m) + ")");
+  }
+
+  Ort::Status Compute(OrtKernelContext* context, const Tensor<float>& x, const Tensor<int64_t>& positions,
+                      const Tensor<float>& cos_cache, const Tensor<float>& sin_cache, Tensor<float>& y) {
+    return guarded(*this, [&] { run(context, x, positions, cos_cache, sin_cache, y); });
+  }
+
+  void run(OrtKernelContext* context, const Tensor<float>& x, const Tensor<int64_t>& positions,
+           const Tensor<float>& cos_cache, const Tensor<float>& sin_cache, Tensor<float>& y) {
+    const std::vector<int64_t> shape = x.Shape();
+    if (shape.size() != 3 || shape[2] % head_dim != 0)
+      throw std::runtime_error("RotaryHadamard: X is not [batch, seq, heads * head_dim]");
+    const int64_t tokens = shape[0] * shape[1], heads = shape[2] / head_dim, half = head_dim / 2;
+    const std::vector<int64_t> table = cos_cache.Shape();
+    if (positions.NumberOfElement() != tokens)
+      throw std::runtime_error("RotaryHadamard: position_ids is not [batch, seq]");
+    if (table.size() != 2 || table[1] != half || sin_cache.Shape() != table)
+      throw std::runtime_error("RotaryHadamard: cos_cache and sin_cache are not [max_position, head_dim / 2]");
+    float* out = y.Allocate(shape);
+    if (tokens == 0 || heads == 0) return;
+    const float *in = x.Data(), *cos_data = cos_cache.Data(), *sin_data = sin_cache.Data();
+    const int64_t* position = positions.Data();
+    for (int64_t t = 0; t < tokens; ++t)
+      if (position[t] < 0 || position[t] >= table[0])
+        throw std::runtime_error("RotaryHadamard: position " + std::to_string(position[t]) + " outside the caches' " +
+                                 std::to_string(table[0]));
+    const int64_t rows = tokens * heads, p = head_dim / hadamard.m;
+    for_rows(context, rows, head_dim * (HadamardKernel::log2(p) + hadamard.m + 2), [&](int64_t begin, int64_t end) {
+      for (int64_t r = begin; r < end; ++r) {
+        const float* c = cos_data + position[r / heads] * half;
+        const float* s = sin_data + position[r / heads] * half;
+        const float* v = in + r * head_dim;
+        float* o = out + r * head_dim;
+        for (int64_t i = 0; i < half; ++i) {
+          const float x1 = v[i], x2 = v[i + half];
+          o[i] = x1 * c[i] - x2 * s[i];
+          o[i + half] = x2 * c[i] + x1 * s[i];
+        }
+      }
+      hadamard.transform_rows(out + begin * head_dim, out + begin * head_dim, end - begin, head_dim);
+    });
+  }
+};
+
 struct Registry {
   Ort::CustomOpDomain domain{"rotgraph"};
   std::vector<std::unique_ptr<Ort::Custom::OrtLiteCustomOp>> ops;
@@ -577,6 +650,7 @@ struct Registry {
     ops.emplace_back(Ort::Custom::CreateLiteCustomOp<FakeQuantKernel>("FakeQuant", ep));
     ops.emplace_back(Ort::Custom::CreateLiteCustomOp<KVQuantizeKernel>("KVQuantize", ep));
     ops.emplace_back(Ort::Custom::CreateLiteCustomOp<KVDequantizeKernel>("KVDequantize", ep));
+    ops.emplace_back(Ort::Custom::CreateLiteCustomOp<RotaryHadamardKernel>("RotaryHadamard", ep));
     for (auto& op : ops) domain.Add(op.get());
   }
 };
