@@ -27,6 +27,7 @@ from rotgraph.passes.gqa_kv_cache import CacheScales, CalibrateGqaCachePass, Gqa
 from rotgraph.passes.group_query_attention import FindFusableAttentionPass, GroupQueryAttentionPass
 from rotgraph.passes.pack_gate_up import PackGateUpPass
 from rotgraph.passes.pack_qkv import PackQKVPass
+from rotgraph.passes.pack_rotary_qkv import PackRotaryQKVPass
 from rotgraph.passes.quantize_activations import QuantizeActivationsPass
 from rotgraph.passes.quantize_kv import QuantizeKVCachePass
 from rotgraph.passes.quantize_weights import QuantizeWeightsPass
@@ -392,6 +393,8 @@ def quantize_stages(
                 ),
             )
         )
+    if fused and options.deployment_fusion:  # after the cache's calibration, which reads K and V apart
+        stages.append(Stage("packed QKV before RoPE and R3", (PackRotaryQKVPass(),)))
     if fused and options.deployment_fusion and options.fmt == "genai":
         stages.append(Stage("shared KV buffer", (SharedKVBufferPass(),)))
     if static and (passes := static_activation_passes(options, calibration, scratch)):

@@ -140,6 +140,7 @@ def test_a_genai_folder_with_a_quantized_cache_runs_in_genai(tiny, tmp_path: Pat
 def test_rope_before_the_hadamard_becomes_rotary_embedding(tiny, tmp_path: Path) -> None:
     from test_genai_format import op_count, step_logits
 
+    from rotgraph.passes.pack_rotary_qkv import PackRotaryQKVPass
     from rotgraph.passes.rotary_embedding import RotaryEmbeddingPass
     from rotgraph.passes.rotary_hadamard import RotaryHadamardPass
     from rotgraph.passes.shared_kv_buffer import SharedKVBufferPass
@@ -153,7 +154,12 @@ def test_rope_before_the_hadamard_becomes_rotary_embedding(tiny, tmp_path: Path)
     paths = [tmp_path / "exported" / "model.onnx"]
     paths[0].parent.mkdir()
     io.save_model(model, paths[0])
-    passes = (("rotary", RotaryEmbeddingPass(256)), ("fused", RotaryHadamardPass()), ("shared", SharedKVBufferPass()))
+    passes = (
+        ("rotary", RotaryEmbeddingPass(256)),
+        ("fused", RotaryHadamardPass()),
+        ("packed", PackRotaryQKVPass()),
+        ("shared", SharedKVBufferPass()),
+    )
     for name, done in passes:
         run_passes(model, [done])
         paths.append(tmp_path / name / "model.onnx")
@@ -164,7 +170,10 @@ def test_rope_before_the_hadamard_becomes_rotary_embedding(tiny, tmp_path: Path)
         np.testing.assert_allclose(step_logits(path), reference, atol=2e-4 * np.abs(reference).max(), err_msg=str(path))
     layers = op_count(paths[-1], "GroupQueryAttention")
     assert op_count(paths[1], "RotaryEmbedding") == 2 * layers
-    assert op_count(paths[-1], "RotaryHadamard") == 2 * layers and op_count(paths[-1], "RotaryEmbedding") == 0
+    assert op_count(paths[2], "RotaryHadamard") == 2 * layers and op_count(paths[2], "RotaryEmbedding") == 0
+    # packed: one projection and one RotaryHadamard per layer for Q, K and V, the attention reads packed QKV
+    assert op_count(paths[-1], "RotaryHadamard") == layers
+    assert op_count(paths[-1], "MatMulNBits") == op_count(paths[2], "MatMulNBits") - 2 * layers
     assert op_count(paths[-1], "Neg") == op_count(paths[-1], "Cos") == op_count(paths[-1], "Transpose") == 0
     graph = io.load_model(paths[-1]).graph
     assert all(

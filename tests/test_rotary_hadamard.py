@@ -15,7 +15,7 @@ from rotgraph import io
 from rotgraph.constants import MS_DOMAIN
 from rotgraph.hadamard import hadamard_factors
 from rotgraph.online import insert_hadamard
-from rotgraph.passes.rotary_hadamard import RotaryHadamardPass
+from rotgraph.passes.rotary_hadamard import RotaryHadamardPass, rotary_hadamard
 from rotgraph.pipeline import run_passes
 
 BATCH, SEQ, MAX_POSITION = 2, 3, 16
@@ -95,3 +95,40 @@ def test_a_chain_with_another_reader_is_left_alone() -> None:
     model.graph.outputs.append(rotary.outputs[0])  # RoPE's output is also read elsewhere
     assert not RotaryHadamardPass()(model).modified
     assert [n.op_type for n in model.graph] == ["RotaryEmbedding", "Reshape", "Hadamard", "Reshape"]
+
+
+@pytest.mark.parametrize("head_dim", [64, 40])
+def test_the_packed_form_rotates_q_and_k_heads_and_passes_v(tmp_path: Path, head_dim: int) -> None:
+    """rotated_heads (PackRotaryQKVPass's packed QKV): the first heads of each token as the op on them
+    alone, the others copied; kernel, function body and numpy."""
+    rng = np.random.default_rng(head_dim + 1)
+    rotated, heads = 4, 5
+    model = unfused(head_dim, rotated, rng)  # for its caches
+    x = float_input("qkv", [BATCH, SEQ, heads * head_dim])
+    graph = model.graph
+    factors = hadamard_factors(head_dim)
+    assert factors is not None
+    node = rotary_hadamard(
+        model, [x, graph.inputs[1], *(graph.initializers[n] for n in ("cos", "sin"))], factors, (rotated, heads)
+    )
+    graph.remove(list(graph), safe=False)
+    graph.inputs[0] = x
+    graph.outputs[0] = node.outputs[0]
+    graph.append(node)
+    path = tmp_path / "packed.onnx"
+    io.save_model(model, path)
+    feeds = {
+        "qkv": rng.standard_normal((BATCH, SEQ, heads * head_dim)).astype(np.float32),
+        "positions": rng.integers(0, MAX_POSITION, (BATCH, SEQ)),
+    }
+    (with_kernel,), ops = run(path, feeds, True, tmp_path)
+    (with_body,), body_ops = run(path, feeds, False, tmp_path)
+    assert "RotaryHadamard" in ops and "RotaryHadamard" not in body_ops
+    split = rotated * head_dim
+    exact = np.concatenate(
+        [reference(feeds["qkv"][..., :split], feeds["positions"], model, head_dim), feeds["qkv"][..., split:]], axis=-1
+    )
+    atol = HADAMARD_RTOL * np.abs(exact).max()
+    for got in (with_kernel, with_body):
+        np.testing.assert_allclose(got, exact, rtol=0, atol=atol)
+    np.testing.assert_array_equal(with_kernel[..., split:], feeds["qkv"][..., split:])

@@ -21,6 +21,7 @@ import json
 import logging
 import os
 import platform
+import re
 from pathlib import Path
 
 import onnx
@@ -157,7 +158,9 @@ def _not_float32(model: onnx.ModelProto) -> list[str]:
 
 
 def _is_power_of_two(overload: str) -> bool:
-    n = int(overload[1:]) if overload[:1] == "n" and overload[1:].isdigit() else 0
+    """The transform size an overload starts with (`n64`, `n64_heads12of15`) is a power of two."""
+    size = re.match(r"n(\d+)(_|$)", overload)
+    n = int(size.group(1)) if size else 0
     return n > 0 and n & (n - 1) == 0
 
 

@@ -19,7 +19,8 @@
 //                              attributes bits, head_dim, group, clip.
 //   RotaryHadamard(X, position_ids, cos_cache, sin_cache) -> Y
 //                              RoPE (halves not interleaved) and then the Hadamard transform of each head of
-//                              a [batch, seq, heads * head_dim] tensor; attributes head_dim and `a`.
+//                              a [batch, seq, heads * head_dim] tensor (its first rotated_heads heads per
+//                              token when that attribute is set: packed QKV); attributes head_dim and `a`.
 //
 // Built against onnxruntime's C API headers (API version of the header; onnxruntime accepts libraries
 // built for older API versions) by scripts/build_kernels.sh, for a portable x86-64 baseline unless asked
@@ -582,14 +583,18 @@ struct KVDequantizeKernel : CacheKernelBase {
 // RoPE (onnxruntime's RotaryEmbedding, halves not interleaved) and then the Hadamard transform of every
 // head, on a [batch, seq, heads * head_dim] projection output: the R3 rotation of Q or K after RoPE in one
 // pass over the data. Inputs X, position_ids [batch, seq] (int64), cos_cache and sin_cache [max_position,
-// head_dim / 2]; attributes head_dim and, for head_dim = m * 2^k with m > 1, the Hadamard's `a`.
+// head_dim / 2]; attributes head_dim, for head_dim = m * 2^k with m > 1 the Hadamard's `a`, and
+// rotated_heads (0: all): only each token's first rotated_heads heads are transformed, the others copied
+// (packed QKV: Q and K heads rotated, V passed through).
 //   y1 = x1 * cos - x2 * sin, y2 = x2 * cos + x1 * sin (x1, x2 the halves of a head), then Hadamard(y1, y2)
 struct RotaryHadamardKernel : Checked {
   HadamardKernel hadamard;
-  int64_t head_dim = 0;
+  int64_t head_dim = 0, rotated_heads = 0;
 
   RotaryHadamardKernel(const OrtApi* api, const OrtKernelInfo* info) : hadamard(api, info) {
     head_dim = attr_required(info, "head_dim", *this);
+    rotated_heads = attr_int(info, "rotated_heads", 0);
+    check(rotated_heads >= 0, "RotaryHadamard: rotated_heads is negative");
     check(hadamard.error.empty(), hadamard.error);
     check(head_dim > 0 && head_dim % 2 == 0, "RotaryHadamard: head_dim must be positive and even");
     const int64_t p = head_dim > 0 ? head_dim / hadamard.m : 0;
@@ -622,20 +627,34 @@ struct RotaryHadamardKernel : Checked {
       if (position[t] < 0 || position[t] >= table[0])
         throw std::runtime_error("RotaryHadamard: position " + std::to_string(position[t]) + " outside the caches' " +
                                  std::to_string(table[0]));
+    const int64_t rotated = rotated_heads ? rotated_heads : heads;
+    if (rotated > heads)
+      throw std::runtime_error("RotaryHadamard: rotated_heads " + std::to_string(rotated) + " > the " +
+                               std::to_string(heads) + " heads of X");
     const int64_t rows = tokens * heads, p = head_dim / hadamard.m;
     for_rows(context, rows, head_dim * (HadamardKernel::log2(p) + hadamard.m + 2), [&](int64_t begin, int64_t end) {
-      for (int64_t r = begin; r < end; ++r) {
-        const float* c = cos_data + position[r / heads] * half;
-        const float* s = sin_data + position[r / heads] * half;
-        const float* v = in + r * head_dim;
-        float* o = out + r * head_dim;
-        for (int64_t i = 0; i < half; ++i) {
-          const float x1 = v[i], x2 = v[i + half];
-          o[i] = x1 * c[i] - x2 * s[i];
-          o[i + half] = x2 * c[i] + x1 * s[i];
+      for (int64_t r = begin; r < end;) {
+        const int64_t head = r % heads;
+        if (head >= rotated) {  // a head that passes through (V in packed QKV)
+          std::memcpy(out + r * head_dim, in + r * head_dim, static_cast<size_t>(head_dim) * sizeof(float));
+          ++r;
+          continue;
         }
+        const int64_t stop = std::min(end, r + rotated - head);  // this token's rotated heads in [r, end)
+        for (int64_t q = r; q < stop; ++q) {
+          const float* c = cos_data + position[q / heads] * half;
+          const float* s = sin_data + position[q / heads] * half;
+          const float* v = in + q * head_dim;
+          float* o = out + q * head_dim;
+          for (int64_t i = 0; i < half; ++i) {
+            const float x1 = v[i], x2 = v[i + half];
+            o[i] = x1 * c[i] - x2 * s[i];
+            o[i + half] = x2 * c[i] + x1 * s[i];
+          }
+        }
+        hadamard.transform_rows(out + r * head_dim, out + r * head_dim, stop - r, head_dim);
+        r = stop;
       }
-      hadamard.transform_rows(out + begin * head_dim, out + begin * head_dim, end - begin, head_dim);
     });
   }
 };

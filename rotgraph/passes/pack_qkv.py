@@ -81,6 +81,19 @@ def _initializer(graph: ir.Graph, name: str, array: np.ndarray) -> ir.Value:
     return value
 
 
+def unpacked_attentions(graph: ir.Graph) -> list[ir.Node]:
+    """The com.microsoft GroupQueryAttention nodes that read separate query, key and value."""
+    return [
+        n
+        for n in graph
+        if n.op_type == "GroupQueryAttention"
+        and n.domain == MS_DOMAIN
+        and len(n.inputs) >= 3
+        and n.inputs[1] is not None
+        and n.inputs[2] is not None
+    ]
+
+
 class PackQKVPass(ir.passes.InPlacePass):
     """Q, K and V projections of a GroupQueryAttention -> one projection, the attention in packed-QKV form.
 
@@ -98,9 +111,7 @@ class PackQKVPass(ir.passes.InPlacePass):
     def call(self, model: ir.Model) -> ir.passes.PassResult:
         graph = model.graph
         packed = 0
-        for node in [n for n in graph if n.op_type == "GroupQueryAttention" and n.domain == MS_DOMAIN]:
-            if len(node.inputs) < 3 or node.inputs[1] is None or node.inputs[2] is None:
-                continue
+        for node in unpacked_attentions(graph):
             found = [projection(node.inputs[i]) for i in range(3)]
             projections = [p for p in found if p is not None]
             if len(projections) != 3 or not same_kind(projections):

@@ -30,13 +30,21 @@ def _reshape_to(node: ir.Node | None, dims: list[int]) -> bool:
     return target is not None and target.numpy().tolist() == dims
 
 
-def _function(overload: str, factors: HadamardFactors, dtype: np.dtype) -> ir.Function:
+def _function(overload: str, factors: HadamardFactors, dtype: np.dtype, packed: tuple[int, int] | None) -> ir.Function:
     """The op in onnxruntime's and standard ops: com.microsoft RotaryEmbedding on the 3-D input, then
     the Hadamard transform of every head as rotgraph's Hadamard body computes it (rows of m x p blocks,
-    @ B / sqrt(p), A^T / sqrt(m) @), and the input's shape back."""
+    @ B / sqrt(p), A^T / sqrt(m) @), and the input's shape back. `packed` (rotated heads, all heads):
+    only the first heads of the last axis are transformed (Split, then Concat with the rest)."""
     x, positions, cos, sin = (ir.Value(name=n) for n in ("X", "position_ids", "cos_cache", "sin_cache"))
-    rotary = ir.Node(MS_DOMAIN, "RotaryEmbedding", [x, positions, cos, sin], [ir.AttrInt64("interleaved", 0)])
     b = FunctionBuilder()
+    head = x
+    if packed is not None:
+        rotated, heads = packed
+        sizes = b.const("sizes", np.array([rotated * factors.n, (heads - rotated) * factors.n], np.int64))
+        split = ir.Node("", "Split", [x, sizes], [ir.AttrInt64("axis", -1)], num_outputs=2)
+        b.nodes.append(split)
+        head, tail = split.outputs
+    rotary = ir.Node(MS_DOMAIN, "RotaryEmbedding", [head, positions, cos, sin], [ir.AttrInt64("interleaved", 0)])
     b.nodes.append(rotary)
     shape = b.op("Shape", rotary.outputs[0])
     blocks = b.op("Reshape", rotary.outputs[0], b.const("blocks", np.array([-1, factors.m, factors.p], np.int64)))
@@ -44,6 +52,8 @@ def _function(overload: str, factors: HadamardFactors, dtype: np.dtype) -> ir.Fu
     if factors.m > 1:
         y = b.op("MatMul", b.const("A_T", (factors.a.T / np.sqrt(factors.m)).astype(dtype)), y)
     out = b.op("Reshape", y, shape)
+    if packed is not None:
+        out = b.op("Concat", out, tail, axis=-1)
     out.name = "Y"
     graph = ir.Graph(
         [x, positions, cos, sin],
@@ -53,6 +63,27 @@ def _function(overload: str, factors: HadamardFactors, dtype: np.dtype) -> ir.Fu
         name=OP,
     )
     return ir.Function(ROTGRAPH_DOMAIN, OP, overload, graph=graph, attributes=[])
+
+
+def rotary_hadamard(
+    model: ir.Model, inputs: list[ir.Value | None], factors: HadamardFactors, packed: tuple[int, int] | None = None
+) -> ir.Node:
+    """A RotaryHadamard node (not inserted) on `inputs` (X, position_ids, cos_cache, sin_cache) with its
+    function in `model`. `packed` (rotated heads, all heads of X): transform only the first heads of each
+    token (Q and K of packed QKV) and pass the others (V) through."""
+    x = inputs[0]
+    dtype = (x.dtype if x is not None else None) or ir.DataType.FLOAT
+    overload = f"n{factors.n}" if packed is None else f"n{factors.n}_heads{packed[0]}of{packed[1]}"
+    key = (ROTGRAPH_DOMAIN, OP, overload)
+    if key not in model.functions:
+        model.functions[key] = _function(overload, factors, dtype.numpy(), packed)
+    attributes = [ir.AttrInt64("head_dim", factors.n), *hadamard_attributes(factors)]
+    if packed is not None:
+        attributes.append(ir.AttrInt64("rotated_heads", packed[0]))
+    node = ir.Node(ROTGRAPH_DOMAIN, OP, inputs, attributes, overload=overload, num_outputs=1)
+    node.outputs[0].dtype = dtype
+    model.opset_imports.setdefault(ROTGRAPH_DOMAIN, 1)
+    return node
 
 
 class RotaryHadamardPass(ir.passes.InPlacePass):
@@ -111,26 +142,12 @@ class RotaryHadamardPass(ir.passes.InPlacePass):
     def _fuse(
         model: ir.Model, rotary: ir.Node, split: ir.Node, hadamard: ir.Node, back: ir.Node, factors: HadamardFactors
     ) -> None:
-        overload = hadamard.overload
-        dtype = (rotary.inputs[0].dtype if rotary.inputs[0] is not None else None) or ir.DataType.FLOAT
-        key = (ROTGRAPH_DOMAIN, OP, overload)
-        if key not in model.functions:
-            model.functions[key] = _function(overload, factors, dtype.numpy())
-        fused = ir.Node(
-            ROTGRAPH_DOMAIN,
-            OP,
-            list(rotary.inputs),
-            [ir.AttrInt64("head_dim", factors.n), *hadamard_attributes(factors)],
-            overload=overload,
-            num_outputs=1,
-            name=f"{rotary.name}_hadamard" if rotary.name else None,
-        )
+        fused = rotary_hadamard(model, list(rotary.inputs), factors)
+        fused.name = f"{rotary.name}_hadamard" if rotary.name else None
         out, name = fused.outputs[0], back.outputs[0].name
         back.outputs[0].name = None
-        out.name, out.shape, out.type = name, back.outputs[0].shape, back.outputs[0].type
-        out.dtype = out.dtype or dtype
+        out.name, out.shape = name, back.outputs[0].shape
         graph = model.graph
         graph.insert_before(rotary, fused)
         back.outputs[0].replace_all_uses_with(out, replace_graph_outputs=True)
         graph.remove([back, hadamard, split, rotary], safe=True)
-        model.opset_imports.setdefault(ROTGRAPH_DOMAIN, 1)
