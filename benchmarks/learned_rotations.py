@@ -46,7 +46,7 @@ SCHEMES = ("w4a4kv4", "w4a8")
 # name -> (learn arguments, the weight quantizers it is scored with)
 LEARNERS = {  # the default order of --learners
     "kurtosis": (["--objective", "kurtosis"], ("rtn", "gptq")),
-    "spinquant-w16a4kv4": (["--scheme", "w16a4kv4"], ("gptq",)),
+    "spinquant-w16a4kv4": (["--scheme", "w16a4kv4", "--keep-products"], ("gptq",)),
     "kurtosis-scaling": (["--objective", "kurtosis", "--scaling"], ("rtn", "gptq")),
     "spinquant-w4a4kv4": (["--scheme", "w4a4kv4"], ("rtn",)),
 }
