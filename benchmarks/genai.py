@@ -10,7 +10,9 @@ rotgraph's export of it (`rotgraph export --with-past`) quantized into `--format
 (`--scheme w16a16 --rotation none`), w4a16 and w4a8 (rotgraph's defaults plus the `--recipe` flags).
 
 Speed: onnxruntime-genai's own generator loop, 2 intra-op threads, greedy; the models are loaded once and
-run in turn in every round (the machine is shared), median over rounds. Prefill: the first 512 tokens of
+run in turn in every round (the machine is shared), each round starting one model later than the one
+before (a fixed order favoured the later models on a loaded machine: RESULTS, genai run 9), median over
+rounds. Prefill: the first 512 tokens of
 the evaluation text, to its logits. Decode: 128 new tokens after a 7-token prompt, after the 512-token
 prompt, and after 896 tokens (context 1024); and `rotgraph generate`'s own loop (onnxruntime, 2 threads) from the 7-token prompt's
 text. Quality: perplexity and KL / top-1 to the builder's fp32 graph on `--windows` windows of `--seq-len`
@@ -230,8 +232,11 @@ def main() -> None:
     timed = entries[1:] if args.only_extra else entries
     models = [load(e.folder) for e in timed]
     short_text = Tokenizer.from_file(str(hf / "tokenizer.json")).decode(long_prompt[:SHORT_PROMPT])
+    pairs = list(zip(timed, models, strict=True))
     for round_index in range(args.rounds):
-        for entry, model in zip(timed, models, strict=True):
+        # each round starts one model later: a load that changes within a round favours no model's place
+        shift = round_index % len(pairs)
+        for entry, model in pairs[shift:] + pairs[:shift]:
             _, short = run(model, long_prompt[:SHORT_PROMPT], NEW_TOKENS)
             prefill, long = run(model, long_prompt, NEW_TOKENS)
             entry.prefill.append(PREFILL / prefill)
