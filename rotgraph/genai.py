@@ -236,7 +236,13 @@ def _kernel_library(model_path: Path, model: ir.Model) -> Path | None:
     if not any(n.domain == ROTGRAPH_DOMAIN for n in model.graph):
         return None
     if not rotgraph_kernels.register(ort.SessionOptions(), model_path, None):
-        logger.warning("rotgraph's kernels are not built or not usable here: the folder runs the ops' function bodies")
+        library = rotgraph_kernels.library_path()
+        why = rotgraph_kernels.model_reason(model_path) if library is not None else None
+        why = why or (rotgraph_kernels.unsupported_reason(library) if library is not None else None)
+        logger.warning(
+            "rotgraph's kernels are not used (%s): the folder runs the ops' function bodies",
+            why or rotgraph_kernels.hidden_or_missing(),
+        )
         return None
     return rotgraph_kernels.library_path()
 

@@ -193,18 +193,34 @@ def register(options: ort.SessionOptions, path: Path, kernels: bool | None) -> b
     reason = unsupported_reason(library)
     if reason is not None:
         return _refuse(kernels, reason, warn=True)
+    reason = model_reason(path)
+    if reason is not None:
+        return _refuse(kernels, reason)
+    options.register_custom_ops_library(str(library))
+    return True
+
+
+def hidden_or_missing() -> str:
+    """Why library_path() found no library: the switch, or no build."""
+    if os.environ.get(SWITCH_ENV, "1") == "0":
+        return f"{SWITCH_ENV}=0 hides them"
+    return f"not built ({configured_library()} is missing): {BUILD_HINT}"
+
+
+def model_reason(path: Path) -> str | None:
+    """Why the kernels cannot run the model at `path` (None: they can): rotgraph nodes without the
+    attributes the kernels read, or on values not known to be float32. Loads the graph only."""
     model = onnx.load(str(path), load_external_data=False)
     missing = _missing(model)
     if missing:
-        return _refuse(
-            kernels,
+        return (
             f"{path}: {len(missing)} rotgraph nodes lack the attributes the kernels read (written by an older "
-            f"rotgraph; first: {missing[0]}); requantize, or run without kernels",
+            f"rotgraph; first: {missing[0]}); requantize, or run without kernels"
         )
     other = _not_float32(model)
     if other:
-        return _refuse(
-            kernels, f"{path}: {len(other)} rotgraph nodes work on other values than float32 (first: {other[0]})"
+        return (
+            f"{path}: {len(other)} rotgraph nodes work on other values than float32 (first: {other[0]}; "
+            "a type onnx cannot infer counts as other)"
         )
-    options.register_custom_ops_library(str(library))
-    return True
+    return None
