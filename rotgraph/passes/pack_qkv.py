@@ -10,6 +10,7 @@ import onnx_ir as ir
 from onnx_ir.passes.common import RemoveUnusedNodesPass
 
 from rotgraph.passes.group_query_attention import MS_DOMAIN
+from rotgraph.structure.match import is_rotgraph_op
 
 logger = logging.getLogger(__name__)
 
@@ -115,7 +116,10 @@ class PackQKVPass(ir.passes.InPlacePass):
             found = [projection(node.inputs[i]) for i in range(3)]
             projections = [p for p in found if p is not None]
             if len(projections) != 3 or not same_kind(projections):
-                logger.info("%s: Q, K and V are not three projections of one kind: left unpacked", node.name)
+                # RoPE and R3 between Q/K and the attention (a kv scheme): PackRotaryQKVPass packs them later
+                rotated = any(v is not None and is_rotgraph_op(v.producer()) for v in node.inputs[:2])
+                log = logger.debug if rotated else logger.info
+                log("%s: Q, K and V are not three projections of one kind: left unpacked", node.name)
                 continue
             output = pack_projections(graph, projections, f"qkv_{packed}")
             node.replace_input_with(0, output)
