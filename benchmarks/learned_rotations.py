@@ -1,8 +1,9 @@
 """Learned rotations on the default model: QuaRot, SpinQuant (end to end, and learned with float weights
-for GPTQ), the layer-wise kurtosis learner with and without scaling; RTN and GPTQ weights.
+for GPTQ), the layer-wise learners (kurtosis with and without scaling, output error at w4a4kv4 and, for
+GPTQ, at w16a4kv4); RTN and GPTQ weights.
 
     python benchmarks/learned_rotations.py --model MODEL.onnx --workdir DIR [--e2e-steps 8]
-        [--kurtosis-steps 100] [--windows 16] [--floor-rounds 2] [--floor-batch 4 --floor-seq 512]
+        [--layerwise-steps 60] [--windows 16] [--floor-rounds 2] [--floor-batch 4 --floor-seq 512]
         [--floor-steps w4a4kv4 w16a4kv4 w16a4kv4:keep w16a4kv4:nockpt] [--floor-threads 1]
 
 The floor alone: `--seeds --learners --floor-rounds 3` (no learning, no scoring).
@@ -48,6 +49,8 @@ LEARNERS = {  # the default order of --learners
     "kurtosis": (["--objective", "kurtosis"], ("rtn", "gptq")),
     "spinquant-w16a4kv4": (["--scheme", "w16a4kv4", "--keep-products"], ("gptq",)),
     "kurtosis-scaling": (["--objective", "kurtosis", "--scaling"], ("rtn", "gptq")),
+    "output-error": (["--objective", "output-error"], ("rtn", "gptq")),
+    "output-error-w16": (["--objective", "output-error", "--scheme", "w16a4kv4"], ("gptq",)),
     "spinquant-w4a4kv4": (["--scheme", "w4a4kv4"], ("rtn",)),
 }
 LABELS = {
@@ -55,6 +58,8 @@ LABELS = {
     "spinquant-w16a4kv4": "SpinQuant (learned at w16a4kv4, float weights) + GPTQ",
     "kurtosis": "kurtosis, layer-wise",
     "kurtosis-scaling": "kurtosis, layer-wise, + scaling",
+    "output-error": "output error, layer-wise (learned at w4a4kv4)",
+    "output-error-w16": "output error, layer-wise (learned at w16a4kv4) + GPTQ",
 }
 
 
@@ -66,11 +71,11 @@ def learned(args: argparse.Namespace, source: Path, folder: Path, name: str) -> 
         time.sleep(30)
     if not (out.is_file() and cost.is_file()):
         extra = LEARNERS[name][0]
-        steps = args.e2e_steps if name.startswith("spinquant") else args.kurtosis_steps
+        steps = args.e2e_steps if name.startswith("spinquant") else args.layerwise_steps
         cmd = [str(Path(sys.executable).parent / "rotgraph"), "learn", str(source), "-o", str(out), *extra]
         cmd += ["--steps", str(steps)]
         if not name.startswith("spinquant"):
-            cmd += ["--site-tokens", str(args.site_tokens), "--windows", "8"]
+            cmd += ["--windows", "8"] + (["--site-tokens", str(args.site_tokens)] if args.site_tokens else [])
         folder.mkdir(parents=True, exist_ok=True)
         done = measured(cmd)
         cost.write_text(json.dumps({"seconds": done["seconds"], "peak_rss_mb": done["peak_rss_mb"]}))
@@ -233,8 +238,8 @@ def main() -> None:
     ap.add_argument("--weights", nargs="+", choices=["rtn", "gptq"], default=["rtn", "gptq"])
     ap.add_argument("--learners-first", type=int, default=2, help="learners scored before QuaRot's other seeds")
     ap.add_argument("--e2e-steps", type=int, default=8)
-    ap.add_argument("--kurtosis-steps", type=int, default=60)
-    ap.add_argument("--site-tokens", type=int, default=128)
+    ap.add_argument("--layerwise-steps", "--kurtosis-steps", type=int, default=60)
+    ap.add_argument("--site-tokens", type=int, help="layer-wise learners (default: learn's, per objective)")
     ap.add_argument("--windows", type=int, default=16, help="evaluation windows of 512 tokens")
     ap.add_argument("--floor-rounds", type=int, default=2)
     ap.add_argument(

@@ -57,7 +57,7 @@ def cmd_rotate(args: argparse.Namespace) -> None:
     from rotgraph.pipeline import RotateOptions, rotate
 
     if (args.rotation == "spinquant") != (args.rotations is not None):
-        raise RotgraphError("--rotation spinquant needs --rotations FILE, and --rotations needs spinquant")
+        raise RotgraphError("--rotation learned needs --rotations FILE, and --rotations needs --rotation learned")
     options = _options(RotateOptions, args, online=not args.no_online, validate=not args.no_validate)
     report = rotate(Path(args.input), Path(args.output), options)
     print(report.description)
@@ -260,9 +260,21 @@ def _text_options(p: argparse.ArgumentParser, windows: int) -> None:
     p.add_argument("--tokenizer", help="tokenizer.json (default: beside the model)")
 
 
+def _learned_as_spinquant(name: str) -> str:
+    """`--rotation learned` is the newer name of `spinquant` (a `rotgraph learn` file, any objective)."""
+    return "spinquant" if name == "learned" else name
+
+
 def _rotation_options(p: argparse.ArgumentParser, choices: list[str]) -> None:
-    p.add_argument("--rotation", choices=choices, default="quarot", help="spinquant: fold learned R1/R2")
-    p.add_argument("--rotations", help="with --rotation spinquant: the file `rotgraph learn` wrote")
+    p.add_argument(
+        "--rotation",
+        choices=choices,
+        type=_learned_as_spinquant,
+        default="quarot",
+        metavar="|".join(c.replace("spinquant", "learned") for c in choices),
+        help="learned (or its old name spinquant): fold the R1/R2 of a `rotgraph learn` file, any objective",
+    )
+    p.add_argument("--rotations", help="with --rotation learned: the file `rotgraph learn` wrote")
 
 
 def parser() -> argparse.ArgumentParser:
@@ -307,21 +319,28 @@ def parser() -> argparse.ArgumentParser:
     )
     lp.add_argument(
         "--objective",
-        choices=["end-to-end", "kurtosis"],
+        choices=["end-to-end", "kurtosis", "output-error"],
         default="end-to-end",
-        help="end-to-end: SpinQuant, the fake-quantized network's loss through the whole graph; kurtosis: "
-        "layer by layer, the kurtosis of the activations R1/R2 rotate, collected once with onnxruntime",
+        help="end-to-end: SpinQuant, the fake-quantized network's loss through the whole graph; layer by "
+        "layer, on activations collected once with onnxruntime: kurtosis of what R1/R2 rotate, or "
+        "output-error, each linear layer's output error under the scheme's quantizers",
     )
-    lp.add_argument("--steps", type=int, help="optimizer steps (default: 20 end-to-end, 60 kurtosis)")
+    lp.add_argument("--steps", type=int, help="optimizer steps (default: 20 end-to-end, 60 layer-wise)")
     lp.add_argument(
-        "--lr", type=float, help="initial Cayley SGD step, cosine decay to 0 (default: 0.1 end-to-end, 1 kurtosis)"
+        "--lr",
+        type=float,
+        help="initial Cayley SGD step, cosine decay to 0 (default: 0.1 end-to-end, 1 kurtosis, 5 output-error)",
     )
     lp.add_argument(
         "--scaling",
         action="store_true",
-        help="kurtosis: learn per-channel scales of the norm outputs and V too (folded exactly, as many steps again)",
+        help="layer-wise: learn per-channel scales of the norm outputs and V too (folded exactly, as many steps again)",
     )
-    lp.add_argument("--site-tokens", type=int, default=128, help="kurtosis: activation rows sampled per site")
+    lp.add_argument(
+        "--site-tokens",
+        type=int,
+        help="layer-wise: activation rows sampled per site (default: 128 kurtosis, 512 output-error)",
+    )
     lp.add_argument(
         "--no-checkpointing",
         action="store_true",

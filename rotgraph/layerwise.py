@@ -16,6 +16,16 @@ heavy tail (large kurtosis) makes that step large against the typical value. Kur
 so every token counts alike, whatever its norm. Rotations start from QuaRot's seeded Hadamards and
 follow Cayley SGD (`rotgraph.stiefel`), so they stay orthogonal and fold like QuaRot's.
 
+Objective "output-error" (after DartQuant's and OSTQuant's point that the quantized layer's output,
+not a proxy statistic, is what matters): the relative squared error ||Q(x R) Q(R^T W) - x W||^2 /
+||x W||^2 of each linear layer the rotations feed, with the scheme's own fake quantizers (per-token
+activations, RTN weights in groups, straight-through rounding; w16 schemes keep the weights float).
+R1: every layer's Q/K/V and gate/up inputs against their weights; R2: V's output, quantized per token
+and head as the KV cache stores it, expanded to the query heads and quantized per token as O reads it,
+against O's rows (a proxy: O reads attention-weighted sums of V's rows, not the rows themselves). Each
+step draws `OUTPUT_COLUMNS` output columns per layer (seeded by step, so resuming draws the same), which
+keeps a step at a few GFLOP however wide the MLP is.
+
 Scaling (`scaling`, after OSTQuant's scaling matrices): with the rotations learned, positive
 per-channel scales s per site (each norm's output, V's output) divide the activations and multiply
 the weight rows that read them (folded exactly: `rotgraph.passes.scale_channels`). Learned by Adam on
@@ -40,6 +50,7 @@ from tqdm import tqdm
 
 from rotgraph import io
 from rotgraph.errors import RotgraphError
+from rotgraph.fakequant import ActSpec
 from rotgraph.passes.rotate_heads import head_rotations
 from rotgraph.passes.rotate_residual import residual_rotation
 from rotgraph.pipeline import foldable_form_passes, run_passes
@@ -47,9 +58,38 @@ from rotgraph.probe import probe
 from rotgraph.rotations import Scales, scale_name
 from rotgraph.stiefel import CayleySGD
 from rotgraph.structure import Attention, ModelDescription, discover, distinct, r2_pairs
+from rotgraph.torch_graph import fake_quant
 from rotgraph.weights import read_float64
 
 logger = logging.getLogger(__name__)
+
+OBJECTIVES = ("kurtosis", "output-error")
+OUTPUT_COLUMNS = 256  # output-error: output columns drawn per layer and step
+
+
+@dataclass(frozen=True)
+class Quantizers:
+    """The scheme's quantizers as the output-error objective applies them (None / 16: float)."""
+
+    act: ActSpec | None
+    kv: ActSpec | None
+    weight_bits: int
+    group: int
+
+    def weights(self, w: torch.Tensor) -> torch.Tensor:
+        """RTN of `w` [in, out] in groups along its input rows, as `rotgraph quantize` groups them."""
+        from rotgraph.learn import weight_fake_quant  # learn imports this module lazily
+
+        return w if self.weight_bits >= 16 else weight_fake_quant(w, self.weight_bits, self.group, 0)
+
+    def activations(self, x: torch.Tensor) -> torch.Tensor:
+        return x if self.act is None else fake_quant(x, self.act)
+
+
+def relative_error(y_hat: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+    """Mean over tokens (rows) of ||y_hat - y||^2 / ||y||^2: every token counts alike, whatever its norm
+    (a few massive-activation tokens would otherwise be the whole sum)."""
+    return ((y_hat - y).pow(2).sum(-1) / (y.pow(2).sum(-1) + 1e-12)).mean()
 
 
 def kurtosis(y: torch.Tensor, eps: float = 1e-12) -> torch.Tensor:
@@ -122,8 +162,21 @@ def collect(
 class LayerwiseObjective(torch.nn.Module):
     """R1, the R2s and (optionally) the log-scales, with the kurtosis objectives of the module doc."""
 
-    def __init__(self, desc: ModelDescription, layers: list[SiteActivations], seed: int, scaling: bool) -> None:
+    def __init__(
+        self,
+        desc: ModelDescription,
+        layers: list[SiteActivations],
+        seed: int,
+        scaling: bool,
+        objective: str = "kurtosis",
+        quantizers: Quantizers | None = None,
+    ) -> None:
         super().__init__()
+        if objective not in OBJECTIVES:
+            raise RotgraphError(f"objective {objective!r}: expected one of {', '.join(OBJECTIVES)}")
+        if objective == "output-error" and quantizers is None:
+            raise RotgraphError("the output-error objective needs the scheme's quantizers")
+        self.objective, self.quantizers, self.seed = objective, quantizers, seed
         self.layers = layers
         pairs = r2_pairs(desc)
         self.heads = [(p.num_heads, p.num_kv_heads, p.head_dim) for p in pairs]
@@ -140,7 +193,43 @@ class LayerwiseObjective(torch.nn.Module):
                 self.log_s[f"v{i}"] = torch.nn.Parameter(torch.zeros(x.v.shape[1] * x.v.shape[2], dtype=torch.float64))
         self._rotated: list[dict[str, torch.Tensor]] | None = None
 
-    def rotation_loss(self) -> torch.Tensor:
+    def rotation_loss(self, step: int = 0) -> torch.Tensor:
+        """The objective of R1 and the R2s (the module doc); `step` draws output-error's columns."""
+        if self.objective == "output-error":
+            return self.output_error(step)
+        return self.kurtosis_loss()
+
+    def output_error(self, step: int) -> torch.Tensor:
+        """Mean relative output error of the quantized Q/K/V and gate/up layers (R1) plus that of O
+        reading V's quantized rotated rows (R2), on `OUTPUT_COLUMNS` columns per layer drawn for `step`."""
+        assert self.quantizers is not None
+        quant = self.quantizers
+        rng = np.random.default_rng([self.seed, 11, step])
+        r1 = self.r1.to(torch.float32)
+        r1_loss = torch.zeros((), dtype=torch.float32)
+        r2_loss = torch.zeros((), dtype=torch.float32)
+        for x, r2, (heads, kv_heads, d) in zip(self.layers, self.r2, self.heads, strict=True):
+            for site in ("attn", "mlp"):
+                act, w = getattr(x, site), x.weights[site]
+                cols = torch.from_numpy(rng.choice(w.shape[1], min(OUTPUT_COLUMNS, w.shape[1]), replace=False))
+                w = w[:, cols]
+                y_hat = quant.activations(act @ r1) @ quant.weights(r1.T @ w)
+                r1_loss = r1_loss + relative_error(y_hat, act @ w)
+            h = r2.to(torch.float32)
+            o = x.weights["o"]
+            cols = torch.from_numpy(rng.choice(o.shape[1], min(OUTPUT_COLUMNS, o.shape[1]), replace=False))
+            o = o[:, cols].reshape(heads, d, -1)
+            v = x.v @ h  # [tokens, kv_heads, d], what the cache stores
+            if quant.kv is not None:
+                v = fake_quant(v, quant.kv)
+            per_query = heads // kv_heads  # query head j reads KV head j // per_query
+            z = v[:, :, None, :].expand(-1, kv_heads, per_query, d).reshape(v.shape[0], heads * d)
+            y_hat = quant.activations(z) @ quant.weights((h.T @ o).reshape(heads * d, -1))
+            y = x.v[:, :, None, :].expand(-1, kv_heads, per_query, d).reshape(v.shape[0], heads * d)
+            r2_loss = r2_loss + relative_error(y_hat, y @ o.reshape(heads * d, -1))
+        return r1_loss / (2 * len(self.layers)) + r2_loss / len(self.layers)
+
+    def kurtosis_loss(self) -> torch.Tensor:
         """Mean kurtosis of the rotated normalized streams (all layers) plus, per layer, that of V's
         rotated head vectors."""
         r1 = self.r1.to(torch.float32)
@@ -242,19 +331,22 @@ def learn_layerwise(
     seed: int,
     scaling: bool,
     checkpoint: Path,
+    objective: str = "kurtosis",
+    quantizers: Quantizers | None = None,
     checkpoint_every: int,
     options_json: str,
     resume: bool = False,
     progress: bool = True,
 ) -> LayerwiseResult:
-    """Learn R1/R2 (`steps` Cayley SGD steps, lr with cosine decay) and, with `scaling`, then the scales
+    """Learn R1/R2 against `objective` (`steps` Cayley SGD steps, lr with cosine decay; output-error
+    needs the scheme's `quantizers`) and, with `scaling`, then the scales
     (`steps` Adam steps) on activations collected from the model at `model_path`; checkpoints every
     `checkpoint_every` steps into `checkpoint`, which `resume` continues from."""
     model = io.load_model(model_path)
     with tempfile.TemporaryDirectory(prefix=".rotgraph-learn.", dir=checkpoint.parent) as scratch:
         desc, layers = collect(model, token_windows, site_tokens, seed, Path(scratch))
     del model
-    obj = LayerwiseObjective(desc, layers, seed, scaling)
+    obj = LayerwiseObjective(desc, layers, seed, scaling, objective, quantizers)
     rot_opt = CayleySGD([obj.r1, *obj.r2], lr=lr, momentum=0.0)
     optimizers: list[torch.optim.Optimizer] = [rot_opt]
     if scaling:
@@ -274,7 +366,7 @@ def learn_layerwise(
     elif resume:
         raise RotgraphError(f"nothing to resume: {checkpoint} does not exist")
     with torch.no_grad():
-        start_kurtosis = float(obj.rotation_loss())
+        start_kurtosis = float(obj.kurtosis_loss())
     bar = tqdm(
         range(first, total), desc="learn (layer-wise)", unit="step", disable=not progress, initial=first, total=total
     )
@@ -283,7 +375,7 @@ def learn_layerwise(
             for group in rot_opt.param_groups:
                 group["lr"] = lr * 0.5 * (1 + float(np.cos(np.pi * step / steps)))
             rot_opt.zero_grad()
-            loss = obj.rotation_loss()
+            loss = obj.rotation_loss(step)
             loss.backward()
             rot_opt.step()
         else:
@@ -297,7 +389,7 @@ def learn_layerwise(
         if done % checkpoint_every == 0 and done < total:
             _checkpoint(checkpoint, done, losses, options_json, obj, optimizers)
     with torch.no_grad():
-        end_kurtosis = float(obj.rotation_loss())
+        end_kurtosis = float(obj.kurtosis_loss())
     return LayerwiseResult(obj.rotations(), obj.scales(), losses[:steps], start_kurtosis, end_kurtosis, losses[steps:])
 
 

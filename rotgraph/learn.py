@@ -44,7 +44,7 @@ from rotgraph.passes.rotate_heads import head_rotations
 from rotgraph.passes.rotate_residual import residual_rotation
 from rotgraph.passes.split_rotary import SplitRotaryPass
 from rotgraph.pipeline import foldable_form_passes, run_passes
-from rotgraph.quantize import Scheme, activation_passes
+from rotgraph.quantize import Scheme, activation_passes, activation_spec, kv_spec
 from rotgraph.rotations import ORTHOGONALITY_TOLERANCE, save_rotations
 from rotgraph.stiefel import CayleySGD, orthogonality_error
 from rotgraph.structure import (
@@ -61,14 +61,18 @@ from rotgraph.torch_graph import Override, TorchGraph, round_ste
 logger = logging.getLogger(__name__)
 
 
-DEFAULT_STEPS = {"end-to-end": 20, "kurtosis": 60}
-DEFAULT_LR = {"end-to-end": 0.1, "kurtosis": 1.0}
+DEFAULT_STEPS = {"end-to-end": 20, "kurtosis": 60, "output-error": 60}
+DEFAULT_LR = {"end-to-end": 0.1, "kurtosis": 1.0, "output-error": 5.0}
+# layer-wise objectives: activation rows sampled per site (the output error overfits 128 rows per site on
+# SmolLM2 at lr 5: benchmarks/RESULTS.md, "Layer-wise output error")
+DEFAULT_SITE_TOKENS = {"kurtosis": 128, "output-error": 512}
 
 
 @dataclass(frozen=True)
 class LearnOptions:
     scheme: str = "w4a4kv4"  # w16...: weights stay float (GPTQ follows)
-    objective: str = "end-to-end"  # or "kurtosis": layer-wise, from collected activations (rotgraph.layerwise)
+    # or "kurtosis" / "output-error": layer-wise, from collected activations (rotgraph.layerwise)
+    objective: str = "end-to-end"
     steps: int | None = None  # None: the objective's default (DEFAULT_STEPS)
     lr: float | None = None  # None: the objective's default (DEFAULT_LR)
     momentum: float = 0.0
@@ -87,7 +91,8 @@ class LearnOptions:
     checkpointing: bool = True  # end-to-end: recompute each block in the backward pass (less memory, slower)
     keep_products: bool = False  # checkpointing: keep the matrix products' outputs (faster, more memory)
     compile: bool = False  # end-to-end: torch.compile the weight fake quantizer (eager if compiling fails)
-    site_tokens: int = 128  # layer-wise objectives: activation rows sampled per site (x 2 per layer for R1)
+    # layer-wise objectives: activation rows sampled per site (x 2 per layer for R1); None: DEFAULT_SITE_TOKENS
+    site_tokens: int | None = None
 
     def __post_init__(self) -> None:
         scheme = Scheme.parse(self.scheme)
@@ -96,12 +101,14 @@ class LearnOptions:
         if self.objective not in DEFAULT_STEPS:
             raise RotgraphError(f"objective {self.objective!r}: expected one of {', '.join(DEFAULT_STEPS)}")
         if self.scaling and self.objective == "end-to-end":
-            raise RotgraphError("--scaling needs a layer-wise objective (--objective kurtosis)")
+            raise RotgraphError("--scaling needs a layer-wise objective (--objective kurtosis or output-error)")
         if self.steps is None:
             object.__setattr__(self, "steps", DEFAULT_STEPS[self.objective])
         if self.lr is None:
             object.__setattr__(self, "lr", DEFAULT_LR[self.objective])
-        if self.site_tokens < 1:
+        if self.site_tokens is None:
+            object.__setattr__(self, "site_tokens", DEFAULT_SITE_TOKENS.get(self.objective, 0))
+        elif self.site_tokens < 1:
             raise RotgraphError("site tokens must be >= 1")
         if self.total_steps < 1 or self.batch < 1 or self.step_size <= 0 or self.checkpoint_every < 1:
             raise RotgraphError("steps, batch and checkpoint interval must be >= 1 and lr > 0")
@@ -525,19 +532,22 @@ def _learn_layerwise(
     input_path: Path, output: Path, options: LearnOptions, ids: np.ndarray, resume: bool, progress: bool, start: float
 ) -> LearnReport:
     """`learn` with a layer-wise objective (`rotgraph.layerwise`): one process, no network backward pass."""
-    from rotgraph.layerwise import learn_layerwise, scale_tensors
+    from rotgraph.layerwise import Quantizers, learn_layerwise, scale_tensors
 
     output.parent.mkdir(parents=True, exist_ok=True)
     checkpoint = _checkpoint_path(output)
+    scheme = Scheme.parse(options.scheme)
     result = learn_layerwise(
         input_path,
         ids,
         steps=options.total_steps,
         lr=options.step_size,
-        site_tokens=options.site_tokens,
+        site_tokens=options.site_tokens or DEFAULT_SITE_TOKENS[options.objective],
         seed=options.seed,
         scaling=options.scaling,
         checkpoint=checkpoint,
+        objective=options.objective,
+        quantizers=Quantizers(activation_spec(scheme), kv_spec(scheme), scheme.weight_bits, options.group),
         checkpoint_every=options.checkpoint_every,
         options_json=json.dumps(asdict(options)),
         resume=resume,

@@ -123,7 +123,7 @@ class QuantOptions:
     # kv schemes in the ort/genai formats: "onnxruntime" keeps the cache as codes inside GroupQueryAttention
     # (static per-channel scales), "rotgraph" as rotgraph's per-token codes beside an eager attention;
     # "auto": onnxruntime's for genai (the only cache onnxruntime-genai holds) and for kv8 (as good, smaller
-    # and faster), rotgraph's for kv4 in the ort format (better quality; benchmarks/RESULTS.md, genai run 6)
+    # and faster), rotgraph's for kv4 in the ort format (better quality; benchmarks/RESULTS.md, genai runs 6 and 11b)
     kv_cache: str = "auto"
 
     def __post_init__(self) -> None:
@@ -266,10 +266,18 @@ def activation_passes(
     act = activation_spec(scheme, act_clip)
     if act is not None and (act.bits == 4 or not skip_int8):
         passes.append(QuantizeActivationsPass(act))
-    if scheme.kv_bits is not None:
-        clip = kv_clip if kv_clip is not None else (0.95 if scheme.kv_bits == 4 else 1.0)
-        passes.append(QuantizeKVCachePass(ActSpec(scheme.kv_bits, False, 0, clip), store=store_cache))
+    kv = kv_spec(scheme, kv_clip)
+    if kv is not None:
+        passes.append(QuantizeKVCachePass(kv, store=store_cache))
     return passes
+
+
+def kv_spec(scheme: Scheme, kv_clip: float | None = None) -> ActSpec | None:
+    """The KV cache's quantizer of `scheme` (asymmetric per token and head, clip 0.95 at 4 bits unless
+    given); None for a float cache."""
+    if scheme.kv_bits is None:
+        return None
+    return ActSpec(scheme.kv_bits, False, 0, kv_clip if kv_clip is not None else (0.95 if scheme.kv_bits == 4 else 1.0))
 
 
 def rotate_options(options: QuantOptions) -> RotateOptions:
