@@ -51,6 +51,7 @@ LEARNERS = {  # the default order of --learners
     "kurtosis-scaling": (["--objective", "kurtosis", "--scaling"], ("rtn", "gptq")),
     "output-error": (["--objective", "output-error"], ("rtn", "gptq")),
     "output-error-w16": (["--objective", "output-error", "--scheme", "w16a4kv4"], ("gptq",)),
+    "output-error-w16a8": (["--objective", "output-error", "--scheme", "w16a8"], ("gptq",)),
     "spinquant-w4a4kv4": (["--scheme", "w4a4kv4"], ("rtn",)),
 }
 LABELS = {
@@ -60,6 +61,7 @@ LABELS = {
     "kurtosis-scaling": "kurtosis, layer-wise, + scaling",
     "output-error": "output error, layer-wise (learned at w4a4kv4)",
     "output-error-w16": "output error, layer-wise (learned at w16a4kv4) + GPTQ",
+    "output-error-w16a8": "output error, layer-wise (learned at w16a8) + GPTQ",
 }
 
 
