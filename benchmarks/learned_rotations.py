@@ -52,6 +52,7 @@ LEARNERS = {  # the default order of --learners
     "output-error": (["--objective", "output-error"], ("rtn", "gptq")),
     "output-error-w16": (["--objective", "output-error", "--scheme", "w16a4kv4"], ("gptq",)),
     "output-error-w16a8": (["--objective", "output-error", "--scheme", "w16a8"], ("gptq",)),
+    "output-error-w16-scaling": (["--objective", "output-error", "--scheme", "w16a4kv4", "--scaling"], ("gptq",)),
     "spinquant-w4a4kv4": (["--scheme", "w4a4kv4"], ("rtn",)),
 }
 LABELS = {
@@ -62,6 +63,7 @@ LABELS = {
     "output-error": "output error, layer-wise (learned at w4a4kv4)",
     "output-error-w16": "output error, layer-wise (learned at w16a4kv4) + GPTQ",
     "output-error-w16a8": "output error, layer-wise (learned at w16a8) + GPTQ",
+    "output-error-w16-scaling": "output error, layer-wise (learned at w16a4kv4), + scaling, + GPTQ",
 }
 
 
