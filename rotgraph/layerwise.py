@@ -160,7 +160,7 @@ def collect(
 
 
 class LayerwiseObjective(torch.nn.Module):
-    """R1, the R2s and (optionally) the log-scales, with the kurtosis objectives of the module doc."""
+    """R1, the R2s and (optionally) the log-scales, with the objectives of the module doc."""
 
     def __init__(
         self,
