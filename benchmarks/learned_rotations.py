@@ -3,7 +3,8 @@ for GPTQ), the layer-wise learners (kurtosis with and without scaling, output er
 GPTQ, at w16a4kv4); RTN and GPTQ weights.
 
     python benchmarks/learned_rotations.py --model MODEL.onnx --workdir DIR [--e2e-steps 8]
-        [--layerwise-steps 60] [--windows 16] [--floor-rounds 2] [--floor-batch 4 --floor-seq 512]
+        [--layerwise-steps 60] [--windows 16] [--act-clip search]
+        [--floor-rounds 2] [--floor-batch 4 --floor-seq 512]
         [--floor-steps w4a4kv4 w16a4kv4 w16a4kv4:keep w16a4kv4:nockpt] [--floor-threads 1]
 
 The floor alone: `--seeds --learners --floor-rounds 3` (no learning, no scoring).
@@ -13,8 +14,10 @@ Learning runs (`rotgraph learn`, each a child process timed with its peak RSS) w
 is waited for); quantized models go to DIR/models and scores to
 DIR/results.jsonl. Whatever DIR already holds is reused, so an interrupted run continues where it
 stopped (the tables say which learning runs came from an earlier invocation). Every quantized model is
-built the same way (`quantize_model`, QDQ, groups of 32, 8-bit embedding and lm_head); GPTQ's Hessians
-are measured once per rotation and shared by both schemes (they are taken on the float rotated model).
+built the same way (`quantize_model`, QDQ, groups of 32, 8-bit embedding and lm_head, and the
+activations' clip ratio of `--act-clip`, which every row records and the tables print apart); GPTQ's
+Hessians are measured once per rotation and shared by both schemes (they are taken on the float
+rotated model).
 Scores: perplexity, KL and top-1 agreement to float on windows of the evaluation split, which learning
 never sees. Last, the floor: seconds per end-to-end learning step (TorchGraph, the learn defaults'
 batch) against one forward+backward of the same batch through the Hugging Face model in plain torch,
@@ -138,6 +141,7 @@ def score_all(
     rows scored before are kept."""
     results_path = work / "results.jsonl"
     done = [json.loads(line) for line in results_path.read_text().splitlines()] if results_path.is_file() else []
+    done = [r for r in done if _setting(r) == _setting(vars(args))]
     have = {(r["scheme"], r["weights"], r["name"]) for r in done}
     calibration = calibration_tokens(source, QuantOptions(calibration_windows=args.calibration_windows))
     for weights, name, base in candidates(args, work / "learned"):
@@ -151,11 +155,17 @@ def score_all(
         hessians = None
         paths = {}
         for scheme in todo:
-            options = dataclasses.replace(base, scheme=scheme)
-            out = work / "models" / f"{scheme}-{weights}-{name}" / "model.onnx"
+            options = dataclasses.replace(
+                base,
+                scheme=scheme,
+                act_clip_search=args.act_clip == "search",
+                act_clip=None if args.act_clip in (None, "search") else float(args.act_clip),
+            )
+            out = work / "models" / f"{scheme}-{weights}-{name}-{_tag(args)}" / "model.onnx"
             start = time.perf_counter()
             if not out.is_file():  # else built by an interrupted run of this script
-                found = build(source, out, options, calibration if weights == "gptq" else None, hessians)
+                needs_tokens = weights == "gptq" or args.act_clip == "search"
+                found = build(source, out, options, calibration if needs_tokens else None, hessians)
                 hessians = found if weights == "gptq" else None
             print(f"built {out.parent.name} in {time.perf_counter() - start:.0f} s", file=sys.stderr)
             paths[scheme] = out
@@ -170,6 +180,7 @@ def score_all(
                     "kl": r.kl_to_reference,
                     "top1": r.top1_agreement,
                     "float": scored[0].perplexity,
+                    **_setting(vars(args)),
                 }
                 f.write(json.dumps(row) + "\n")
                 done.append(row)
@@ -177,6 +188,15 @@ def score_all(
             shutil.rmtree(path.parent)  # 130 MB each; the scores are kept
         print(f"scored {weights} {name}", file=sys.stderr)
     return done
+
+
+def _setting(values: dict) -> dict:
+    """The run-wide quantize setting a row was built with (rows from before it existed: the default)."""
+    return {"act_clip": values.get("act_clip") or "default"}
+
+
+def _tag(args: argparse.Namespace) -> str:
+    return f"clip{_setting(vars(args))['act_clip']}"
 
 
 STEP_CHILD = """
@@ -256,6 +276,9 @@ def main() -> None:
     ap.add_argument("--floor-seq", type=int, default=512)
     ap.add_argument("--floor-threads", type=int, default=0, help="torch threads in the timed steps (0: default)")
     ap.add_argument("--calibration-windows", type=int, default=32, help="GPTQ: 512-token calibration windows")
+    ap.add_argument(
+        "--act-clip", help="activations' clip ratio for every model, or `search` (quantize's; default: its default)"
+    )
     args = ap.parse_args()
     args.started = time.time()
     source, work = Path(args.model), Path(args.workdir)
@@ -297,7 +320,11 @@ def report(args: argparse.Namespace, rows: list[dict], costs: dict[str, dict], s
 
 def scores(args: argparse.Namespace, rows: list[dict], costs: dict[str, dict]) -> None:
     float_ppl = rows[0]["float"]
-    print(f"\n### Learned rotations ({args.windows} evaluation windows x 512 tokens, groups of 32)\n")
+    setting = _setting(vars(args))
+    print(
+        f"\n### Learned rotations ({args.windows} evaluation windows x 512 tokens, groups of 32, activations' "
+        f"clip ratio {setting['act_clip']})\n"
+    )
     print(
         f"Float perplexity {float_ppl:.2f}. Gap closed: the fraction of QuaRot's mean perplexity gap to float "
         "removed (same scheme and weight quantizer).\n"

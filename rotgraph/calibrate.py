@@ -1,5 +1,6 @@
-"""Calibration: statistics of the projection inputs on calibration text, X^T X (GPTQ) and per-channel
-maxima (SmoothQuant), measured with one probe run (`rotgraph.probe`).
+"""Calibration: statistics of the projection inputs on calibration text, X^T X (GPTQ), per-channel
+maxima (SmoothQuant) and the clip ratio of each input's per-token quantizer, measured with one probe
+run (`rotgraph.probe`).
 
 Statistics are keyed by structural site, not by value name: (block index, "qkv" | "o" | "gate_up" |
 "down"), the four distinct inputs of a block's projections. The same key finds the statistic again
@@ -17,9 +18,12 @@ from pathlib import Path
 import numpy as np
 import onnx_ir as ir
 
+from rotgraph import grid
 from rotgraph.errors import RotgraphError
+from rotgraph.fakequant import ActSpec
 from rotgraph.probe import probe
-from rotgraph.structure import Block, Linear, ModelDescription, discover
+from rotgraph.structure import Block, Linear, ModelDescription, discover, distinct
+from rotgraph.weights import read_float64
 
 logger = logging.getLogger(__name__)
 
@@ -59,6 +63,7 @@ class Calibration:
     tokens: np.ndarray  # [windows, seq_len]
     absmax: dict[Site, np.ndarray] = field(default_factory=dict)  # max |x| per channel, float64
     hessians: dict[Site, np.ndarray] = field(default_factory=dict)  # X^T X / tokens, float64
+    clips: dict[Site, float] = field(default_factory=dict)  # per-token activation quantizer's clip ratio
 
 
 def _accumulate(
@@ -100,25 +105,82 @@ def input_absmax(model: ir.Model, token_windows: np.ndarray, scratch: Path | Non
     return maxima
 
 
+CLIP_GRID = tuple(round(0.5 + 0.05 * i, 2) for i in range(11))  # clip ratios searched, 0.50 ... 1.00
+CLIP_WINDOWS = 8  # the first calibration windows, which the clip search reads
+CLIP_ROWS = 1024  # input rows per site, spread evenly over those windows
+CLIP_COLUMNS = 512  # output columns of the site's readers drawn to score a clip ratio
+
+
+def relative_output_error(x_hat: np.ndarray, x: np.ndarray, w: np.ndarray) -> float:
+    """Mean over rows of ||x_hat w - x w||^2 / ||x w||^2: the readers' error, each token alike."""
+    y = x @ w
+    return float(((((x_hat @ w) - y) ** 2).sum(-1) / ((y**2).sum(-1) + 1e-12)).mean())
+
+
+def best_clip(x: np.ndarray, w: np.ndarray, spec: ActSpec) -> float:
+    """The ratio of `CLIP_GRID` whose per-token quantization of `x` (`spec`'s bits and symmetry) gives
+    `x @ w` the smallest `relative_output_error`; ties go to the larger ratio."""
+    errors = [relative_output_error(grid.fake_quant(x, spec.bits, spec.symmetric, c), x, w) for c in CLIP_GRID]
+    return CLIP_GRID[len(errors) - 1 - int(np.argmin(errors[::-1]))]
+
+
+def activation_clips(
+    model: ir.Model, token_windows: np.ndarray, spec: ActSpec, scratch: Path | None = None, seed: int = 0
+) -> dict[Site, float]:
+    """Per projection input site, the clip ratio from `CLIP_GRID` of `spec`'s per-token quantizer that
+    gives the site's readers (Q/K/V, O, gate/up or down, float weights) the smallest relative output
+    error on `CLIP_ROWS` sampled input rows; ties go to the larger ratio."""
+    desc = discover(model)
+    readers: dict[Site, list[Linear]] = {}
+    for block in desc.blocks:
+        for role, lin in block_linears(block):
+            readers.setdefault((block.index, ROLE_SITES[role]), []).append(lin)
+    rng = np.random.default_rng([seed, 17])
+    per_window = -(-CLIP_ROWS // len(token_windows))
+    rows: dict[Site, list[np.ndarray]] = {}
+
+    def add(site: Site, x: np.ndarray) -> None:
+        rows.setdefault(site, []).append(x[rng.choice(len(x), min(per_window, len(x)), replace=False)])
+
+    _accumulate(model, token_windows, add, scratch, "calibrate (activation clip)")
+    clips: dict[Site, float] = {}
+    for site, parts in rows.items():
+        w = np.concatenate([read_float64(lin.weight) for lin in distinct(readers[site])], axis=1)
+        w = w[:, rng.choice(w.shape[1], min(CLIP_COLUMNS, w.shape[1]), replace=False)]
+        clips[site] = best_clip(np.concatenate(parts)[:CLIP_ROWS], w.astype(np.float32), spec)
+    logger.info("activation clip ratios: %s", sorted(clips.values()))
+    return clips
+
+
 class CalibratePass(ir.passes.InPlacePass):
-    """The calibration stage: measure `statistic` ("absmax" for SmoothQuant, "hessian" for GPTQ) of every
-    projection input on `calibration.tokens` and store it in `calibration`, keyed by site.
+    """The calibration stage: measure `statistic` ("absmax" for SmoothQuant, "hessian" for GPTQ, "clip"
+    for the clip ratios of the per-token activation quantizer `spec`) of every projection input on
+    `calibration.tokens` and store it in `calibration`, keyed by site.
 
     Rewrites nothing: the graph is unchanged; in-memory weights may move into `scratch` (computed once,
     see `rotgraph.probe.materialize`), which is why the result reports no modification.
     """
 
-    def __init__(self, calibration: Calibration, statistic: str, scratch: Path | None = None) -> None:
+    def __init__(
+        self, calibration: Calibration, statistic: str, scratch: Path | None = None, spec: ActSpec | None = None
+    ) -> None:
         super().__init__()
-        if statistic not in ("absmax", "hessian"):
-            raise RotgraphError(f"unknown calibration statistic {statistic!r} (absmax, hessian)")
-        self.calibration, self.statistic, self.scratch = calibration, statistic, scratch
+        if statistic not in ("absmax", "hessian", "clip"):
+            raise RotgraphError(f"unknown calibration statistic {statistic!r} (absmax, hessian, clip)")
+        if statistic == "clip" and spec is None:
+            raise RotgraphError("the clip statistic needs the activation quantizer's spec")
+        self.calibration, self.statistic, self.scratch, self.spec = calibration, statistic, scratch, spec
 
     def call(self, model: ir.Model) -> ir.passes.PassResult:
         # Filled in place: the stages after this one hold these very dicts.
         if self.statistic == "absmax":
             self.calibration.absmax.clear()
             self.calibration.absmax.update(input_absmax(model, self.calibration.tokens, self.scratch))
+        elif self.statistic == "clip":
+            assert self.spec is not None
+            self.calibration.clips.clear()
+            tokens = self.calibration.tokens[:CLIP_WINDOWS]
+            self.calibration.clips.update(activation_clips(model, tokens, self.spec, self.scratch))
         else:
             self.calibration.hessians.clear()
             self.calibration.hessians.update(input_hessians(model, self.calibration.tokens, self.scratch))

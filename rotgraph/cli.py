@@ -109,6 +109,16 @@ def expand_recipes(argv: Sequence[str]) -> list[str]:
     return args
 
 
+def _clip_ratio(text: str | None) -> float | None:
+    """--act-clip's ratio; None for no value or `search`."""
+    if text is None or text == "search":
+        return None
+    try:
+        return float(text)
+    except ValueError:
+        raise RotgraphError(f"--act-clip {text!r}: expected a ratio such as 0.8, or `search`") from None
+
+
 def quant_options(args: argparse.Namespace) -> QuantOptions:
     """The QuantOptions of parsed `quantize` arguments (benchmarks build their candidates this way)."""
     from rotgraph.quantize import QuantOptions
@@ -124,6 +134,8 @@ def quant_options(args: argparse.Namespace) -> QuantOptions:
         act_order=not args.no_act_order,
         fused_attention=not args.eager_attention,
         activations=activations,
+        act_clip=_clip_ratio(args.act_clip),
+        act_clip_search=args.act_clip == "search",
         # Standard ONNX by default only with static activations: `--activations dynamic` keeps rotgraph's
         # functions (a cache stored as codes, graphs with onnxruntime's ops) unless --opset asks for it.
         opset=args.opset if args.opset is not None or args.format != "qdq" or activations != "static" else 23,
@@ -342,6 +354,13 @@ def parser() -> argparse.ArgumentParser:
         help="layer-wise: activation rows sampled per site (default: 128 kurtosis, 512 output-error)",
     )
     lp.add_argument(
+        "--act-clip",
+        type=float,
+        metavar="RATIO",
+        help="clip ratio of the per-token activation quantizer learned against (default: quantize's, 0.9 at "
+        "4 bits); learn with the ratio `quantize --act-clip` will use (e.g. a ratio `--act-clip search` picked)",
+    )
+    lp.add_argument(
         "--no-checkpointing",
         action="store_true",
         help="end-to-end: keep every block's activations for the backward pass instead of recomputing them "
@@ -451,6 +470,13 @@ def parser() -> argparse.ArgumentParser:
         choices=["static", "dynamic"],
         help="qdq: static per-tensor Q/DQ scales calibrated on the calibration windows (default) or dynamic "
         "per-token scales at run time (ort: dynamic)",
+    )
+    q.add_argument(
+        "--act-clip",
+        metavar="RATIO|search",
+        help="dynamic activations: clip ratio of the per-token quantizers (default 0.9 at 4 bits, 1 at 8), or "
+        "`search`: per projection input, the ratio in 0.50-1.00 whose readers' output error is smallest on the "
+        "first 8 calibration windows",
     )
     q.add_argument("--act-symmetric", action="store_true", help="static: signed codes (default: uint8 + zero point)")
     q.add_argument("--calibration", choices=["minmax", "percentile", "entropy"], default="minmax", help="static ranges")

@@ -29,9 +29,10 @@ keeps a step at a few GFLOP however wide the MLP is.
 Scaling (`scaling`, after OSTQuant's scaling matrices): with the rotations learned, positive
 per-channel scales s per site (each norm's output, V's output) divide the activations and multiply
 the weight rows that read them (folded exactly: `rotgraph.passes.scale_channels`). Learned by Adam on
-log s against the kurtosis of the scaled activations plus that of the scaled weights along their
-quantization axis (each output column's input rows), so the outliers are split between the two
-sides instead of all being pushed into the weights.
+log s against the rotations' objective: "kurtosis", that of the scaled activations plus that of the
+scaled weights along their quantization axis (each output column's input rows), so the outliers are
+split between the two sides instead of all being pushed into the weights; "output-error", the same
+output error as the rotations', with x / s quantized and s W's rows.
 """
 
 from __future__ import annotations
@@ -261,18 +262,59 @@ class LayerwiseObjective(torch.nn.Module):
             self._rotated = out
         return self._rotated
 
-    def scale_loss(self) -> torch.Tensor:
+    def _scales(self, i: int, site: str) -> tuple[torch.Tensor, torch.Tensor]:
+        """The scales of `site` in layer `i` and the weight rows they multiply (O's rows per query head
+        for "v", which the scales of each KV head's channels reach through every query head reading it)."""
+        s = self.log_s[f"{site}{i}"].exp().to(torch.float32)
+        if site != "v":
+            return s, s
+        heads, kv_heads, d = self.heads[i]
+        return s, s.reshape(kv_heads, 1, d).expand(kv_heads, heads // kv_heads, d).reshape(-1)
+
+    def scale_loss(self, step: int = 0) -> torch.Tensor:
+        """The scales' objective: the output error of the scaled, quantized layers (objective
+        "output-error", columns drawn for `step`) or the kurtosis of the scaled activations and weights."""
+        if self.objective == "output-error":
+            return self.scaled_output_error(step)
+        return self.scaled_kurtosis()
+
+    def scaled_output_error(self, step: int) -> torch.Tensor:
+        """Mean relative output error of each site's readers, as in `output_error`, with the learned
+        rotations fixed and the activations divided by the scales, the weight rows multiplied by them."""
+        assert self.quantizers is not None
+        quant = self.quantizers
+        rng = np.random.default_rng([self.seed, 13, step])
+        total = torch.zeros((), dtype=torch.float32)
+        sites = self._rotated_sites()
+        for i, rot in enumerate(sites):
+            for site in ("attn", "mlp", "v"):
+                s, s_rows = self._scales(i, site)
+                w = rot[f"{site}_w"]
+                cols = torch.from_numpy(rng.choice(w.shape[1], min(OUTPUT_COLUMNS, w.shape[1]), replace=False))
+                w = w[:, cols]
+                act = rot[site]
+                if site == "v":
+                    heads, kv_heads, d = self.heads[i]
+                    v = (act / s).reshape(-1, kv_heads, d)
+                    if quant.kv is not None:
+                        v = fake_quant(v, quant.kv)
+                    z = v[:, :, None, :].expand(-1, kv_heads, heads // kv_heads, d).reshape(v.shape[0], heads * d)
+                    y = act.reshape(-1, kv_heads, 1, d).expand(-1, kv_heads, heads // kv_heads, d)
+                    y = y.reshape(v.shape[0], heads * d) @ w
+                else:
+                    z, y = act / s, act @ w
+                y_hat = quant.activations(z) @ quant.weights(w * s_rows[:, None])
+                total = total + relative_error(y_hat, y) / (3 * len(sites))
+        return total
+
+    def scaled_kurtosis(self) -> torch.Tensor:
         """Kurtosis of the scaled activations (per token) plus that of the scaled weights (per output
         column, along the input rows that the weight quantizer groups), averaged over sites."""
         total = torch.zeros((), dtype=torch.float32)
         sites = self._rotated_sites()
         for i, rot in enumerate(sites):
             for site in ("attn", "mlp", "v"):
-                s = self.log_s[f"{site}{i}"].exp().to(torch.float32)
-                s_rows = s  # the weight rows each scale multiplies: O's rows per query head for "v"
-                if site == "v":
-                    heads, kv_heads, d = self.heads[i]
-                    s_rows = s.reshape(kv_heads, 1, d).expand(kv_heads, heads // kv_heads, d).reshape(-1)
+                s, s_rows = self._scales(i, site)
                 act = kurtosis(rot[site] / s).mean()
                 weight = kurtosis((rot[f"{site}_w"] * s_rows[:, None]).T).mean()
                 total = total + (act + weight) / (3 * len(sites))
@@ -380,7 +422,7 @@ def learn_layerwise(
             rot_opt.step()
         else:
             optimizers[1].zero_grad()
-            loss = obj.scale_loss()
+            loss = obj.scale_loss(step)
             loss.backward()
             optimizers[1].step()
         losses.append(float(loss.detach()))

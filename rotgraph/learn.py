@@ -93,6 +93,9 @@ class LearnOptions:
     compile: bool = False  # end-to-end: torch.compile the weight fake quantizer (eager if compiling fails)
     # layer-wise objectives: activation rows sampled per site (x 2 per layer for R1); None: DEFAULT_SITE_TOKENS
     site_tokens: int | None = None
+    # the per-token activation quantizer's clip ratio (None: quantize's default, 0.9 at 4 bits); learn for
+    # the ratio you quantize with (`rotgraph quantize --act-clip`)
+    act_clip: float | None = None
 
     def __post_init__(self) -> None:
         scheme = Scheme.parse(self.scheme)
@@ -112,6 +115,8 @@ class LearnOptions:
             raise RotgraphError("site tokens must be >= 1")
         if self.total_steps < 1 or self.batch < 1 or self.step_size <= 0 or self.checkpoint_every < 1:
             raise RotgraphError("steps, batch and checkpoint interval must be >= 1 and lr > 0")
+        if self.act_clip is not None and not 0.0 < self.act_clip <= 1.0:
+            raise RotgraphError(f"activation clip ratio {self.act_clip}: expected a ratio in (0, 1]")
         if self.head_bits not in (8, 16):
             raise RotgraphError(f"head bits must be 8 or 16, got {self.head_bits}")
 
@@ -124,7 +129,9 @@ class LearnOptions:
         return self.lr if self.lr is not None else DEFAULT_LR[self.objective]
 
 
-def learning_graph(model: ir.Model, scheme: Scheme, online: bool = True) -> ModelDescription:
+def learning_graph(
+    model: ir.Model, scheme: Scheme, online: bool = True, act_clip: float | None = None
+) -> ModelDescription:
     """Bring `model` (in place) to the form SpinQuant trains: the rotation pipeline without R1/R2,
     with the scheme's activation and KV-cache FakeQuant ops; weights stay float. As in `quantize`, a kv
     scheme first moves RoPE out of a fused attention op (R3 and the cache quantizer act after it);
@@ -133,7 +140,7 @@ def learning_graph(model: ir.Model, scheme: Scheme, online: bool = True) -> Mode
     passes += foldable_form_passes()
     if online:
         passes += [InsertQKHadamardPass(skip_rope_inside=True), InsertDownHadamardPass()]
-    passes += activation_passes(scheme, store_cache=False)  # KV FakeQuant even where the graph has a cache
+    passes += activation_passes(scheme, act_clip, store_cache=False)  # KV FakeQuant even where the graph has a cache
     run_passes(model, passes)
     return discover(model)
 
@@ -441,7 +448,7 @@ def _learn(
         return _learn_layerwise(input_path, output, options, ids, resume, progress, start)
     scheme = Scheme.parse(options.scheme)
     model = io.load_model(input_path)
-    learning_graph(model, scheme, options.online)
+    learning_graph(model, scheme, options.online, options.act_clip)
     net = RotatedNetwork(
         model,
         scheme,
@@ -547,7 +554,9 @@ def _learn_layerwise(
         scaling=options.scaling,
         checkpoint=checkpoint,
         objective=options.objective,
-        quantizers=Quantizers(activation_spec(scheme), kv_spec(scheme), scheme.weight_bits, options.group),
+        quantizers=Quantizers(
+            activation_spec(scheme, options.act_clip), kv_spec(scheme), scheme.weight_bits, options.group
+        ),
         checkpoint_every=options.checkpoint_every,
         options_json=json.dumps(asdict(options)),
         resume=resume,

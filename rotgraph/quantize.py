@@ -9,6 +9,7 @@ import logging
 import re
 import shutil
 import time
+from collections.abc import Mapping
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
@@ -97,6 +98,9 @@ class QuantOptions:
     symmetric_weights: bool = True
     full_range: bool = False  # symmetric weights: all 2^b codes, per group where it helps (WeightSpec.full_range)
     act_clip: float | None = None  # None: 0.9 at 4 bits, 1.0 at 8
+    # dynamic activations: each projection input's clip ratio searched on calibration text instead
+    # (`rotgraph.calibrate.activation_clips`)
+    act_clip_search: bool = False
     kv_clip: float | None = None  # None: 0.95 at 4 bits, 1.0 at 8
     seed: int = 0
     fmt: str = "qdq"  # qdq | ort | genai
@@ -150,6 +154,26 @@ class QuantOptions:
             raise RotgraphError("head group must be >= 0 (0: per channel)")
         self._check_standard(Scheme.parse(self.scheme))
         self._check_kv_cache(Scheme.parse(self.scheme))
+        self._check_clip(Scheme.parse(self.scheme))
+
+    def _check_clip(self, scheme: Scheme) -> None:
+        for what, clip in (("activation", self.act_clip), ("KV cache", self.kv_clip)):
+            if clip is not None and not 0.0 < clip <= 1.0:
+                raise RotgraphError(f"{what} clip ratio {clip}: expected a ratio in (0, 1]")
+        if not self.act_clip_search:
+            return
+        if self.act_clip is not None:
+            raise RotgraphError("--act-clip takes a ratio or `search`, not both")
+        if self.activations != "dynamic" or scheme.act_bits not in (4, 8):
+            raise RotgraphError(
+                f"--act-clip search sets the per-token quantizers of dynamic activations; scheme {self.scheme} "
+                f"with {self.activations} activations has none"
+            )
+        if self.fmt in ORT_FORMATS and scheme.act_bits == 8 and scheme.weight_bits < 16:
+            raise RotgraphError(
+                f"--act-clip search: in the {self.fmt} format 8-bit activations are quantized by "
+                "onnxruntime's MatMulNBits, which has no clip ratio"
+            )
 
     def _check_kv_cache(self, scheme: Scheme) -> None:
         if self.kv_cache not in KV_CACHES:
@@ -257,15 +281,16 @@ def activation_passes(
     kv_clip: float | None = None,
     skip_int8: bool = False,
     store_cache: bool = True,
+    clips: Mapping[Site, float] | None = None,
 ) -> list[ir.passes.PassBase]:
     """The FakeQuant passes of `scheme`: per-token activations (symmetric, clip 0.9 at 4 bits unless
-    given; none at 8 bits with `skip_int8`, where the runtime's int8 kernels quantize) and the KV cache
-    (asymmetric per token and head, clip 0.95 at 4 bits unless given; stored as codes where the graph
-    has cache inputs, unless `store_cache` is off)."""
+    given, or per input from `clips`; none at 8 bits with `skip_int8`, where the runtime's int8 kernels
+    quantize) and the KV cache (asymmetric per token and head, clip 0.95 at 4 bits unless given; stored
+    as codes where the graph has cache inputs, unless `store_cache` is off)."""
     passes: list[ir.passes.PassBase] = []
     act = activation_spec(scheme, act_clip)
     if act is not None and (act.bits == 4 or not skip_int8):
-        passes.append(QuantizeActivationsPass(act))
+        passes.append(QuantizeActivationsPass(act, clips))
     kv = kv_spec(scheme, kv_clip)
     if kv is not None:
         passes.append(QuantizeKVCachePass(kv, store=store_cache))
@@ -331,8 +356,8 @@ def quantize_stages(
     else:
         stages.append(Stage("canonical form", tuple(canonical_form_passes())))
     needs_gptq = options.weights == "gptq" and not calibrated
-    if (options.smooth is not None or needs_gptq) and calibration is None:
-        raise RotgraphError("SmoothQuant and GPTQ need calibration tokens")
+    if (options.smooth is not None or needs_gptq or options.act_clip_search) and calibration is None:
+        raise RotgraphError("SmoothQuant, GPTQ and the activation clip search need calibration tokens")
     if options.smooth is not None:
         assert calibration is not None
         stages.append(Stage("calibration (activation ranges)", (CalibratePass(calibration, "absmax", scratch),)))
@@ -350,7 +375,17 @@ def quantize_stages(
         stages.append(Stage("find attention to fuse", (FindFusableAttentionPass(attentions),)))
     static = options.activations == "static"
     act_scheme = dataclasses.replace(scheme, kv_bits=None) if gqa_cache else scheme  # the op quantizes its cache
-    act = [] if static else activation_passes(act_scheme, options.act_clip, options.kv_clip, skip_int8=ort_int8)
+    clips = None
+    if options.act_clip_search:  # after SmoothQuant, which changes the inputs; the weights are still float
+        assert calibration is not None
+        spec = activation_spec(scheme)
+        stages.append(Stage("calibration (activation clip)", (CalibratePass(calibration, "clip", scratch, spec),)))
+        clips = calibration.clips
+    act = (
+        []
+        if static
+        else activation_passes(act_scheme, options.act_clip, options.kv_clip, skip_int8=ort_int8, clips=clips)
+    )
     if act:
         stages.append(Stage("activations and KV cache", tuple(act)))
     if scheme.weight_bits < 16:
@@ -522,7 +557,11 @@ def quantize(
     model = io.load_model(input_path)
     check_inputs(model)
     needs_text = (
-        options.weights == "gptq" or options.smooth is not None or options.activations == "static" or options.gqa_cache
+        options.weights == "gptq"
+        or options.smooth is not None
+        or options.activations == "static"
+        or options.gqa_cache
+        or options.act_clip_search
     )
     calibration = calibration_tokens(input_path, options) if needs_text else None
     found = None

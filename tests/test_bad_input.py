@@ -163,3 +163,19 @@ def test_export_into_the_source_folder(tiny, tmp_path, capsys) -> None:
     source = tmp_path / "hf"
     shutil.copytree(folder, source)
     fails_cleanly(["export", str(source), "-o", str(source / "model.onnx")], capsys, "inside the model folder", source)
+
+
+@pytest.mark.parametrize(
+    ("argv", "message"),
+    [
+        (["quantize", "--act-clip", "1.5"], "expected a ratio in (0, 1]"),
+        (["quantize", "--act-clip", "tight"], "expected a ratio such as 0.8, or `search`"),
+        (["quantize", "--act-clip", "search", "--scheme", "w4a16"], "has none"),
+        (["quantize", "--act-clip", "search", "--scheme", "w8a8", "--activations", "static"], "has none"),
+        (["learn", "--act-clip", "0", "--objective", "output-error"], "expected a ratio in (0, 1]"),
+    ],
+)
+def test_bad_activation_clip(model_dir, tmp_path, capsys, argv: list[str], message: str) -> None:
+    command, *rest = argv
+    out = tmp_path / "o" / ("q.onnx" if command == "quantize" else "r.safetensors")
+    fails_cleanly([command, str(model_dir / "model.onnx"), "-o", str(out), *rest], capsys, message, tmp_path / "o")

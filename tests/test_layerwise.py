@@ -165,6 +165,62 @@ def test_output_error_objective_is_the_quantized_layers_error_and_decreases(tiny
         assert float(obj.rotation_loss(0)) < 0.9 * start
 
 
+def test_scales_learn_against_the_scaled_layers_output_error(tiny) -> None:
+    """Objective "output-error" with scaling: at random scales the scales' objective equals the numpy
+    error of the scaled quantized layers (activations divided by s, weight rows multiplied, O's rows per
+    query head under GQA); Adam on log s lowers it from s = 1."""
+    from rotgraph.fakequant import ActSpec
+    from rotgraph.layerwise import Quantizers, collect
+
+    _, path = tiny("qwen2", "dynamo")
+    import tempfile
+
+    with tempfile.TemporaryDirectory() as scratch:
+        desc, layers = collect(io.load_model(path), IDS, 64, 0, Path(scratch))
+    act, kv = ActSpec(4, True, 0, 0.9), ActSpec(4, False, 0, 0.95)
+    obj = LayerwiseObjective(desc, layers, 0, True, "output-error", Quantizers(act, kv, 4, 16))
+    rng = np.random.default_rng(4)
+    with torch.no_grad():
+        for p in obj.log_s.values():
+            p.copy_(torch.from_numpy(rng.normal(scale=0.5, size=p.shape)))
+        got = float(obj.scale_loss(0))
+
+    def err(y_hat: np.ndarray, y: np.ndarray) -> float:
+        return float((((y_hat - y) ** 2).sum(-1) / (y**2).sum(-1)).mean())
+
+    r1 = residual_rotation(desc.hidden_size, 0)[0]
+    a = desc.blocks[0].attention
+    heads, kv_heads, d = a.num_heads, a.num_kv_heads, a.head_dim
+    expected = 0.0
+    for i, (x, (h, _)) in enumerate(zip(layers, head_rotations(d, len(layers), 0), strict=True)):
+        for site in ("attn", "mlp"):
+            s = np.exp(obj.log_s[f"{site}{i}"].detach().numpy())
+            xs, w = getattr(x, site).numpy().astype(np.float64), x.weights[site].numpy().astype(np.float64)
+            y_hat = act.reference(xs @ r1 / s) @ _rtn(s[:, None] * (r1.T @ w), 4, 16)
+            expected += err(y_hat, xs @ w) / (3 * len(layers))
+        s = np.exp(obj.log_s[f"v{i}"].detach().numpy()).reshape(kv_heads, d)
+        v = x.v.numpy().astype(np.float64)
+        o = x.weights["o"].numpy().astype(np.float64)
+        vq = kv.reference(v @ h / s)
+        z, y = (np.repeat(t, heads // kv_heads, axis=1).reshape(len(v), -1) for t in (vq, v))
+        o_rotated = np.einsum("ji,hjo->hio", h, o.reshape(heads, d, -1))
+        o_scaled = (np.repeat(s, heads // kv_heads, axis=0)[:, :, None] * o_rotated).reshape(heads * d, -1)
+        expected += err(act.reference(z) @ _rtn(o_scaled, 4, 16), y @ o) / (3 * len(layers))
+    assert got == pytest.approx(expected, rel=1e-3)
+
+    with torch.no_grad():
+        for p in obj.log_s.values():
+            p.zero_()
+        start = float(obj.scale_loss(0))
+    opt = torch.optim.Adam(obj.log_s.parameters(), lr=0.05)
+    for step in range(30):
+        opt.zero_grad()
+        obj.scale_loss(step).backward()
+        opt.step()
+    with torch.no_grad():
+        assert float(obj.scale_loss(0)) < 0.95 * start
+
+
 @pytest.mark.parametrize("model_type", ["llama", "qwen2"])
 def test_scaling_folds_exactly(tiny, tokens, tmp_path, model_type) -> None:
     """Random scales far from 1 at every site (norm outputs, V per KV head under GQA), after R1/R2: the
@@ -226,11 +282,11 @@ def test_layerwise_resume_reproduces_an_uninterrupted_run(tiny, tmp_path, monkey
     calls = {"n": 0}
     original = LayerwiseObjective.scale_loss
 
-    def interrupted(self):  # type: ignore[no-untyped-def]
+    def interrupted(self, step):  # type: ignore[no-untyped-def]
         calls["n"] += 1
         if calls["n"] == 3:  # the 8th step: after the checkpoint of step 6 (5 rotation steps, then scales)
             raise KeyboardInterrupt
-        return original(self)
+        return original(self, step)
 
     monkeypatch.setattr(LayerwiseObjective, "scale_loss", interrupted)
     with pytest.raises(KeyboardInterrupt):

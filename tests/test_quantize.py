@@ -11,12 +11,13 @@ import pytest
 from conftest import mean_kl, ort_logits
 
 from rotgraph import io
+from rotgraph.calibrate import CLIP_GRID, Calibration, best_clip
 from rotgraph.errors import ValidationError
 from rotgraph.fakequant import ActSpec, insert_fake_quant
 from rotgraph.passes import UntieEmbeddingPass
 from rotgraph.pipeline import canonical_form_passes, canonicalize, run_passes
 from rotgraph.quant import WeightSpec, quantize_rtn
-from rotgraph.quantize import QuantOptions, Scheme, quantize_model
+from rotgraph.quantize import QuantOptions, Scheme, quantize_model, quantize_stages
 from rotgraph.structure import discover
 from rotgraph.weights import read_float64, rewrite_initializer
 
@@ -344,3 +345,45 @@ def test_calibration_and_statistics_write_nothing_to_the_system_temp_folder(tiny
     # torch, imported by the tokenizer's library, makes its compiler cache folder there on import
     assert [f.name for f in system_temp.iterdir() if not f.name.startswith("torchinductor")] == []
     assert sorted(f.name for f in (tmp_path / "out").iterdir()) == ["q.onnx", "q.onnx.data", "tokenizer.json"]
+
+
+def test_best_clip_is_the_grid_ratio_whose_readers_err_least() -> None:
+    """The clip search's choice against a direct computation: per-token symmetric 4-bit quantization
+    (scale = ratio * max|x| / 7, codes -8..7) of heavy-tailed rows, error of x @ w relative per token."""
+    rng = np.random.default_rng(3)
+    x = rng.standard_t(3, size=(256, 64)).astype(np.float32)
+    w = rng.standard_normal((64, 40)).astype(np.float32)
+    y = x.astype(np.float64) @ w
+
+    def error(ratio: float) -> float:
+        scale = ratio * np.abs(x).max(-1, keepdims=True) / 7
+        x_hat = np.clip(np.round(x / scale), -8, 7) * scale
+        return float((((x_hat @ w - y) ** 2).sum(-1) / (y**2).sum(-1)).mean())
+
+    errors = {c: error(c) for c in CLIP_GRID}
+    expected = min(errors, key=errors.__getitem__)
+    assert best_clip(x, w, ActSpec(4)) == expected
+    assert expected < 1.0  # heavy tails: clipping the largest value pays
+    assert best_clip(np.ones((8, 64), np.float32), w, ActSpec(4)) == 1.0  # exact at every ratio: the largest
+
+
+def test_clip_search_gives_each_input_the_ratio_calibrated_for_it(tiny) -> None:
+    """`act_clip_search`: the calibration stage finds one ratio of the grid per projection input and each
+    input's 4-bit quantizer carries its own (node attribute and function overload); the KV cache keeps
+    its 0.95."""
+    _, path = tiny("llama", "dynamo")
+    model = io.load_model(path)
+    data = Calibration(np.random.default_rng(5).integers(0, 384, size=(4, 64)))
+    stages = quantize_stages(QuantOptions(scheme="w16a4kv4", act_clip_search=True), data)
+    run_passes(model, [p for stage in stages for p in stage.passes])
+    blocks = discover(model).blocks
+    assert len(data.clips) == 4 * len(blocks) and set(data.clips.values()) <= set(CLIP_GRID)
+    for block in blocks:
+        a, m = block.attention, block.mlp
+        for site, lin in (("qkv", a.q), ("o", a.o), ("gate_up", m.gate), ("down", m.down)):
+            node = lin.input.producer()
+            assert node is not None and node.op_type == "FakeQuant"
+            assert node.attributes["clip"].as_float() == pytest.approx(data.clips[block.index, site])
+            assert ActSpec.from_overload(node.overload).clip == data.clips[block.index, site]
+    kv = [n for n in model.graph if n.op_type == "FakeQuant" and n.attributes["symmetric"].as_int() == 0]
+    assert kv and {round(n.attributes["clip"].as_float(), 2) for n in kv} == {0.95}
