@@ -33,6 +33,25 @@ def mean_kl(reference: np.ndarray, logits: np.ndarray) -> float:
     return float((np.exp(p) * (p - q)).sum(-1).mean())
 
 
+@pytest.fixture(scope="module")
+def tool_venvs() -> None:
+    """Fail (not skip) before any work when an exporter tool's venv is missing: CI makes them
+    (scripts/test.sh). For the e2e tests that run the tools themselves."""
+    import sys
+
+    sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "scripts"))
+    import make_exporter_fixtures as fixtures
+
+    missing = [t.name for t in fixtures.TOOLS if not fixtures.venv_ready(t)]
+    if missing:
+        pytest.fail(
+            f"tool venvs {missing} under {fixtures.VENVS} are missing or not at their pins; make them with "
+            "`.venv/bin/python scripts/make_exporter_fixtures.py --venvs-only` (scripts/test.sh does this "
+            "before an e2e run)",
+            pytrace=False,
+        )
+
+
 def torch_logits(folder: Path, tokens: np.ndarray) -> np.ndarray:
     """Logits of the Hugging Face model itself: the independent reference for every rewrite."""
     import torch

@@ -26,24 +26,10 @@ from rotgraph.tokenize import encode
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "benchmarks"))
 import exporters  # benchmarks/exporters.py (it puts scripts/ on the path for the fixture script)
 
-pytestmark = pytest.mark.e2e
+pytestmark = [pytest.mark.e2e, pytest.mark.usefixtures("tool_venvs")]
 
-fixtures = exporters.fixtures
 TOOLS = {s.folder: s for s in exporters.SOURCES if s.tool is not None}  # optimum, genai
 WINDOWS, SEQ_LEN = 8, 512
-
-
-@pytest.fixture(scope="module", autouse=True)
-def tool_venvs() -> None:
-    """Fail (not skip) before any work when a tool's venv is missing: CI makes them (scripts/test.sh)."""
-    missing = [t.name for t in fixtures.TOOLS if not fixtures.venv_ready(t)]
-    if missing:
-        pytest.fail(
-            f"tool venvs {missing} under {fixtures.VENVS} are missing or not at their pins; make them with "
-            "`.venv/bin/python scripts/make_exporter_fixtures.py --venvs-only` (scripts/test.sh does this "
-            "before an e2e run)",
-            pytrace=False,
-        )
 
 
 @pytest.fixture(scope="module")

@@ -31,13 +31,8 @@ pytestmark = pytest.mark.e2e
 
 
 @pytest.fixture(scope="module")
-def folders(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path]:
+def folders(tmp_path_factory: pytest.TempPathFactory, tool_venvs: None) -> tuple[Path, Path]:
     """(the builder's int4 folder, rotgraph's `--format genai --recipe int4` folder), both of SmolLM2."""
-    missing = [t.name for t in exporters.fixtures.TOOLS if not exporters.fixtures.venv_ready(t)]
-    if missing:
-        pytest.fail(
-            f"tool venvs {missing} are missing: `.venv/bin/python scripts/make_exporter_fixtures.py --venvs-only`"
-        )
     work = tmp_path_factory.mktemp("genai-e2e")
     hf = exporters.hf_folder(work, reuse=False)
     genai.builder(hf, work / "builder-int4", "int4", reuse=False)
