@@ -346,7 +346,7 @@ def scores(args: argparse.Namespace, rows: list[dict], costs: dict[str, dict]) -
                 f"{mean:.2f} ± {std:.2f} | {mean / float_ppl:.2f} | {kl:.3f} | {top:.3f} | |"
             )
             for name in LEARNERS:
-                if name not in group:
+                if name not in group or name not in costs:  # scored by an invocation with other --learners
                     continue
                 r = group[name]
                 closed = (mean - r["perplexity"]) / (mean - float_ppl)
