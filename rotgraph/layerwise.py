@@ -93,6 +93,13 @@ def relative_error(y_hat: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
     return ((y_hat - y).pow(2).sum(-1) / (y.pow(2).sum(-1) + 1e-12)).mean()
 
 
+def per_query_head(v: torch.Tensor, heads: int) -> torch.Tensor:
+    """V's rows per KV head [tokens, kv_heads, d] as O reads them, [tokens, heads * d]: query head j
+    reads KV head j // (heads // kv_heads)."""
+    tokens, kv_heads, d = v.shape
+    return v[:, :, None, :].expand(tokens, kv_heads, heads // kv_heads, d).reshape(tokens, heads * d)
+
+
 def kurtosis(y: torch.Tensor, eps: float = 1e-12) -> torch.Tensor:
     """E[y^4] / E[y^2]^2 of each vector along the last axis (3 for a Gaussian, 1.8 uniform, >= 1)."""
     m2 = y.pow(2).mean(-1)
@@ -209,7 +216,7 @@ class LayerwiseObjective(torch.nn.Module):
         r1 = self.r1.to(torch.float32)
         r1_loss = torch.zeros((), dtype=torch.float32)
         r2_loss = torch.zeros((), dtype=torch.float32)
-        for x, r2, (heads, kv_heads, d) in zip(self.layers, self.r2, self.heads, strict=True):
+        for x, r2, (heads, _, d) in zip(self.layers, self.r2, self.heads, strict=True):
             for site in ("attn", "mlp"):
                 act, w = getattr(x, site), x.weights[site]
                 cols = torch.from_numpy(rng.choice(w.shape[1], min(OUTPUT_COLUMNS, w.shape[1]), replace=False))
@@ -223,10 +230,9 @@ class LayerwiseObjective(torch.nn.Module):
             v = x.v @ h  # [tokens, kv_heads, d], what the cache stores
             if quant.kv is not None:
                 v = fake_quant(v, quant.kv)
-            per_query = heads // kv_heads  # query head j reads KV head j // per_query
-            z = v[:, :, None, :].expand(-1, kv_heads, per_query, d).reshape(v.shape[0], heads * d)
+            z = per_query_head(v, heads)
             y_hat = quant.activations(z) @ quant.weights((h.T @ o).reshape(heads * d, -1))
-            y = x.v[:, :, None, :].expand(-1, kv_heads, per_query, d).reshape(v.shape[0], heads * d)
+            y = per_query_head(x.v, heads)
             r2_loss = r2_loss + relative_error(y_hat, y @ o.reshape(heads * d, -1))
         return r1_loss / (2 * len(self.layers)) + r2_loss / len(self.layers)
 
@@ -298,9 +304,8 @@ class LayerwiseObjective(torch.nn.Module):
                     v = (act / s).reshape(-1, kv_heads, d)
                     if quant.kv is not None:
                         v = fake_quant(v, quant.kv)
-                    z = v[:, :, None, :].expand(-1, kv_heads, heads // kv_heads, d).reshape(v.shape[0], heads * d)
-                    y = act.reshape(-1, kv_heads, 1, d).expand(-1, kv_heads, heads // kv_heads, d)
-                    y = y.reshape(v.shape[0], heads * d) @ w
+                    z = per_query_head(v, heads)
+                    y = per_query_head(act.reshape(-1, kv_heads, d), heads) @ w
                 else:
                     z, y = act / s, act @ w
                 y_hat = quant.activations(z) @ quant.weights(w * s_rows[:, None])
