@@ -160,6 +160,7 @@ def score_all(
                 scheme=scheme,
                 act_clip_search=args.act_clip == "search",
                 act_clip=None if args.act_clip in (None, "search") else float(args.act_clip),
+                out_hadamard={"auto": None, "on": True, "off": False}[args.out_hadamard],
             )
             out = work / "models" / f"{scheme}-{weights}-{name}-{_tag(args)}" / "model.onnx"
             start = time.perf_counter()
@@ -191,12 +192,14 @@ def score_all(
 
 
 def _setting(values: dict) -> dict:
-    """The run-wide quantize setting a row was built with (rows from before it existed: the default)."""
-    return {"act_clip": values.get("act_clip") or "default"}
+    """The run-wide quantize setting a row was built with (rows from before a setting existed: the value
+    that run had, the default clip and no Hadamard before o_proj)."""
+    return {"act_clip": values.get("act_clip") or "default", "out_hadamard": values.get("out_hadamard", "off")}
 
 
 def _tag(args: argparse.Namespace) -> str:
-    return f"clip{_setting(vars(args))['act_clip']}"
+    setting = _setting(vars(args))
+    return f"clip{setting['act_clip']}-o{setting['out_hadamard']}"
 
 
 STEP_CHILD = """
@@ -279,6 +282,9 @@ def main() -> None:
     ap.add_argument(
         "--act-clip", help="activations' clip ratio for every model, or `search` (quantize's; default: its default)"
     )
+    ap.add_argument(
+        "--out-hadamard", choices=["auto", "on", "off"], default="auto", help="quantize's (auto: at 4-bit activations)"
+    )
     args = ap.parse_args()
     args.started = time.time()
     source, work = Path(args.model), Path(args.workdir)
@@ -323,7 +329,7 @@ def scores(args: argparse.Namespace, rows: list[dict], costs: dict[str, dict]) -
     setting = _setting(vars(args))
     print(
         f"\n### Learned rotations ({args.windows} evaluation windows x 512 tokens, groups of 32, activations' "
-        f"clip ratio {setting['act_clip']})\n"
+        f"clip ratio {setting['act_clip']}, Hadamard before o_proj {setting['out_hadamard']})\n"
     )
     print(
         f"Float perplexity {float_ppl:.2f}. Gap closed: the fraction of QuaRot's mean perplexity gap to float "

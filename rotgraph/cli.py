@@ -58,6 +58,8 @@ def cmd_rotate(args: argparse.Namespace) -> None:
 
     if (args.rotation == "spinquant") != (args.rotations is not None):
         raise RotgraphError("--rotation learned needs --rotations FILE, and --rotations needs --rotation learned")
+    if args.out_hadamard and args.no_online:
+        raise RotgraphError("--out-hadamard is an online Hadamard: it cannot go with --no-online")
     options = _options(RotateOptions, args, online=not args.no_online, validate=not args.no_validate)
     report = rotate(Path(args.input), Path(args.output), options)
     print(report.description)
@@ -128,6 +130,7 @@ def quant_options(args: argparse.Namespace) -> QuantOptions:
         QuantOptions,
         args,
         online=not args.no_online,
+        out_hadamard={"auto": None, "on": True, "off": False}[args.out_hadamard],
         smooth=args.alpha if args.smooth else None,
         symmetric_weights=not args.asymmetric,
         fmt=args.format,
@@ -313,6 +316,11 @@ def parser() -> argparse.ArgumentParser:
     _rotation_options(r, ["quarot", "spinquant"])
     r.add_argument("--seed", type=int, default=0)
     r.add_argument("--no-online", action="store_true", help="fold R1/R2 only, no online Hadamards (R3/R4)")
+    r.add_argument(
+        "--out-hadamard",
+        action="store_true",
+        help="an online Hadamard before o_proj as well (what `quantize` adds for 4-bit activations)",
+    )
     r.add_argument("--no-validate", action="store_true", help="skip the onnxruntime comparison")
     r.add_argument(
         "--tolerance",
@@ -434,6 +442,13 @@ def parser() -> argparse.ArgumentParser:
     )
     q.add_argument("--no-online", action="store_true", help="with quarot: no online Hadamards (R3/R4)")
     q.add_argument(
+        "--out-hadamard",
+        choices=("auto", "on", "off"),
+        default="auto",
+        help="an online Hadamard before o_proj as well, mixing the heads' outputs for one per-token scale "
+        "(QuaRot's); auto: with 4-bit activations",
+    )
+    q.add_argument(
         "--eager-attention",
         action="store_true",
         help="ort format: keep the exported attention instead of onnxruntime's GroupQueryAttention "
@@ -477,6 +492,11 @@ def parser() -> argparse.ArgumentParser:
         help="dynamic activations: clip ratio of the per-token quantizers (default 0.9 at 4 bits, 1 at 8), or "
         "`search`: per projection input, the ratio in 0.50-1.00 whose readers' output error is smallest on the "
         "first 8 calibration windows",
+    )
+    q.add_argument(
+        "--act-asymmetric",
+        action="store_true",
+        help="dynamic activations: per-token min/max grid with a zero point (default: symmetric, as QuaRot)",
     )
     q.add_argument("--act-symmetric", action="store_true", help="static: signed codes (default: uint8 + zero point)")
     q.add_argument("--calibration", choices=["minmax", "percentile", "entropy"], default="minmax", help="static ranges")

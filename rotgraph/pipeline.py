@@ -23,6 +23,7 @@ from rotgraph.passes import (
     ExpandOrtFusedOpsPass,
     FuseNormScalesPass,
     InsertDownHadamardPass,
+    InsertOutHadamardPass,
     InsertQKHadamardPass,
     RotateHeadsPass,
     RotateResidualPass,
@@ -45,6 +46,9 @@ class RotateOptions:
     seed: int = 0
     online: bool = True
     qk_hadamard: bool = True  # with online: R3 as well as R4 (quantize drops R3 when the KV cache stays float)
+    # with online: an online Hadamard before o_proj too (`InsertOutHadamardPass`; quantize adds it for 4-bit
+    # activations)
+    out_hadamard: bool = False
     validate: bool = True
     tolerance: float | None = None  # max |logit difference|; None: `default_tolerance` of the logits' dtype
     validation_tokens: int = 256
@@ -116,6 +120,7 @@ def rotation_passes(options: RotateOptions) -> list[ir.passes.PassBase]:
         # quantizer that needs the rotated keys refuses such a graph itself.
         passes += [InsertQKHadamardPass(skip_rope_inside=True)] if options.qk_hadamard else []
         passes.append(InsertDownHadamardPass())
+        passes += [InsertOutHadamardPass()] if options.out_hadamard else []
     return passes
 
 
@@ -150,7 +155,7 @@ def rotation_metadata(options: RotateOptions, model: ir.Model) -> str:
     if options.rotations is not None:
         method = {"method": "spinquant", "rotations": Path(options.rotations).name}
     r3 = options.online and options.qk_hadamard and not model.metadata_props.get(R3_KEY, "").startswith("none")
-    online = {"online": options.online, "r3": r3}
+    online = {"online": options.online, "r3": r3, "o_hadamard": options.online and options.out_hadamard}
     return json.dumps({**method, **online})
 
 

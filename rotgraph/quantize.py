@@ -92,6 +92,9 @@ class QuantOptions:
     rotation: str = "quarot"  # none | quarot | spinquant (needs `rotations`)
     rotations: str | None = None  # with spinquant: the `rotgraph learn` file
     online: bool = True  # with quarot: insert R3/R4 online Hadamards
+    # with online: an online Hadamard before o_proj as well (its input's heads mixed for one per-token scale);
+    # None: where activations are 4-bit (benchmarks/RESULTS.md, "Online Hadamard before o_proj")
+    out_hadamard: bool | None = None
     smooth: float | None = None  # SmoothQuant migration strength alpha (after any rotation); None: off
     weights: str = "rtn"  # rtn | gptq
     group: int = 32  # 0: per output channel
@@ -116,6 +119,9 @@ class QuantOptions:
     context_length: int | None = None  # ort/genai: positions RoPE inside attention covers; None: 4096
     deployment_fusion: bool = True  # ort/genai: RoPE into GroupQueryAttention, packed QKV, fused norms
     activations: str = "dynamic"  # dynamic: per token at run time | static: calibrated per-tensor Q/DQ (qdq)
+    # dynamic: a per-token asymmetric grid (min/max and a zero point per token) instead of QuaRot's symmetric
+    # one (benchmarks/RESULTS.md, "Asymmetric per-token activations")
+    act_asymmetric: bool = False
     # static: unsigned codes + zero point (onnxruntime's CPU integer kernels take uint8 activations where
     # one input feeds several MatMuls); True: signed codes, zero point 0
     act_symmetric: bool = False
@@ -155,6 +161,10 @@ class QuantOptions:
         self._check_standard(Scheme.parse(self.scheme))
         self._check_kv_cache(Scheme.parse(self.scheme))
         self._check_clip(Scheme.parse(self.scheme))
+        if self.act_asymmetric:
+            self._check_asymmetric(Scheme.parse(self.scheme))
+        if self.out_hadamard and (self.rotation == "none" or not self.online):
+            raise RotgraphError("the online Hadamard before o_proj comes with a rotation's online Hadamards")
 
     def _check_clip(self, scheme: Scheme) -> None:
         for what, clip in (("activation", self.act_clip), ("KV cache", self.kv_clip)):
@@ -175,6 +185,17 @@ class QuantOptions:
                 "onnxruntime's MatMulNBits, which has no clip ratio"
             )
 
+    def _check_asymmetric(self, scheme: Scheme) -> None:
+        if self.activations != "dynamic" or scheme.act_bits == 16:
+            raise RotgraphError(
+                "--act-asymmetric sets the grid of dynamic per-token activations (static ones: --act-symmetric)"
+            )
+        if self.fmt in ORT_FORMATS and scheme.act_bits == 8 and scheme.weight_bits < 16:
+            raise RotgraphError(
+                f"--act-asymmetric: in the {self.fmt} format 8-bit activations are quantized by onnxruntime's "
+                "MatMulNBits, which has its own grid"
+            )
+
     def _check_kv_cache(self, scheme: Scheme) -> None:
         if self.kv_cache not in KV_CACHES:
             raise RotgraphError(f"KV cache {self.kv_cache!r}: expected one of {', '.join(KV_CACHES)}")
@@ -187,6 +208,14 @@ class QuantOptions:
             )
         if self.kv_cache == "rotgraph" and self.fmt == "genai":
             raise RotgraphError("onnxruntime-genai holds only GroupQueryAttention's cache: use --kv-cache onnxruntime")
+
+    @property
+    def wants_out_hadamard(self) -> bool:
+        """Whether the rotation inserts the online Hadamard before o_proj (`out_hadamard`, or by default
+        with 4-bit activations)."""
+        if self.rotation == "none" or not self.online:
+            return False
+        return self.out_hadamard if self.out_hadamard is not None else Scheme.parse(self.scheme).act_bits == 4
 
     @property
     def gqa_cache(self) -> bool:
@@ -265,13 +294,13 @@ def calibration_tokens(model_path: Path, options: QuantOptions) -> np.ndarray:
     return windows(encode(tok, text), options.calibration_windows, length)
 
 
-def activation_spec(scheme: Scheme, act_clip: float | None = None) -> ActSpec | None:
-    """The per-token activation quantizer of `scheme` (symmetric, clip 0.9 at 4 bits unless given);
-    None when activations stay float."""
+def activation_spec(scheme: Scheme, act_clip: float | None = None, symmetric: bool = True) -> ActSpec | None:
+    """The per-token activation quantizer of `scheme` (symmetric unless asked, clip 0.9 at 4 bits unless
+    given); None when activations stay float."""
     if scheme.act_bits not in (4, 8):
         return None
     return ActSpec(
-        scheme.act_bits, True, 0, act_clip if act_clip is not None else (0.9 if scheme.act_bits == 4 else 1.0)
+        scheme.act_bits, symmetric, 0, act_clip if act_clip is not None else (0.9 if scheme.act_bits == 4 else 1.0)
     )
 
 
@@ -282,13 +311,14 @@ def activation_passes(
     skip_int8: bool = False,
     store_cache: bool = True,
     clips: Mapping[Site, float] | None = None,
+    act_symmetric: bool = True,
 ) -> list[ir.passes.PassBase]:
-    """The FakeQuant passes of `scheme`: per-token activations (symmetric, clip 0.9 at 4 bits unless
-    given, or per input from `clips`; none at 8 bits with `skip_int8`, where the runtime's int8 kernels
+    """The FakeQuant passes of `scheme`: per-token activations (symmetric unless `act_symmetric` is off,
+    clip 0.9 at 4 bits unless given, or per input from `clips`; none at 8 bits with `skip_int8`, where the runtime's int8 kernels
     quantize) and the KV cache (asymmetric per token and head, clip 0.95 at 4 bits unless given; stored
     as codes where the graph has cache inputs, unless `store_cache` is off)."""
     passes: list[ir.passes.PassBase] = []
-    act = activation_spec(scheme, act_clip)
+    act = activation_spec(scheme, act_clip, act_symmetric)
     if act is not None and (act.bits == 4 or not skip_int8):
         passes.append(QuantizeActivationsPass(act, clips))
     kv = kv_spec(scheme, kv_clip)
@@ -312,6 +342,7 @@ def rotate_options(options: QuantOptions) -> RotateOptions:
         seed=options.seed,
         online=options.online,
         qk_hadamard=Scheme.parse(options.scheme).kv_bits is not None,
+        out_hadamard=options.wants_out_hadamard,
         rotations=options.rotations,
     )
 
@@ -378,13 +409,20 @@ def quantize_stages(
     clips = None
     if options.act_clip_search:  # after SmoothQuant, which changes the inputs; the weights are still float
         assert calibration is not None
-        spec = activation_spec(scheme)
+        spec = activation_spec(scheme, symmetric=not options.act_asymmetric)
         stages.append(Stage("calibration (activation clip)", (CalibratePass(calibration, "clip", scratch, spec),)))
         clips = calibration.clips
     act = (
         []
         if static
-        else activation_passes(act_scheme, options.act_clip, options.kv_clip, skip_int8=ort_int8, clips=clips)
+        else activation_passes(
+            act_scheme,
+            options.act_clip,
+            options.kv_clip,
+            skip_int8=ort_int8,
+            clips=clips,
+            act_symmetric=not options.act_asymmetric,
+        )
     )
     if act:
         stages.append(Stage("activations and KV cache", tuple(act)))

@@ -255,7 +255,7 @@ def test_builder_graph_quantizes_its_packed_qkv_once(fmt: str, tmp_path) -> None
     assert report.validation is not None and report.validation.kl < report.validation.unrelated_kl
     counts = op_counts(io.load_model(kv4))
     assert counts["RotaryEmbedding"] == 2 * 2 and counts["GroupQueryAttention"] == 2
-    assert counts["Hadamard"] == 2 * (2 + 1)  # R3 on Q and K after RoPE, R4
+    assert counts["Hadamard"] == 2 * (2 + 1 + 1)  # R3 on Q and K after RoPE, R4, before o_proj (4-bit activations)
 
 
 def test_group_query_attention_with_rope_outside_rotates_exactly(tiny, tokens, tmp_path) -> None:

@@ -18,6 +18,7 @@ from rotgraph.passes import (
     CanonicalizeNormsPass,
     FuseNormScalesPass,
     InsertDownHadamardPass,
+    InsertOutHadamardPass,
     InsertQKHadamardPass,
     RotateHeadsPass,
     RotateResidualPass,
@@ -135,12 +136,30 @@ def test_r4_inserts_hadamard_before_down_proj(exported, tokens, tmp_path) -> Non
     np.testing.assert_allclose(ort_logits(out, tokens), torch_logits(folder, tokens), atol=ATOL)
 
 
+@pytest.mark.parametrize("model_type", ["llama", "qwen2"])
+def test_hadamard_before_o_proj_after_r1_r2_is_exact(tiny, tokens, tmp_path, model_type: str) -> None:
+    """After R2 has rotated each head's rows of O (grouped-query heads, Qwen2's V bias), the Hadamard
+    across O's whole input keeps the function, and O reads it."""
+    folder, path = tiny(model_type, "dynamo", num_attention_heads=4, num_key_value_heads=2)
+    model = io.load_model(path)
+    rotate_model(model, RotateOptions(seed=5, out_hadamard=True))
+    out = tmp_path / "rotated.onnx"
+    io.save_model(model, out)
+    for block in discover(model).blocks:
+        assert is_hadamard(block.attention.o.input.producer())
+    np.testing.assert_allclose(ort_logits(out, tokens), torch_logits(folder, tokens), atol=ATOL)
+
+
 def test_online_passes_refuse_to_run_twice(tiny) -> None:
     _, path = tiny("llama", "dynamo")
     model = io.load_model(path)
-    run_passes(model, [CanonicalizeNormsPass(), InsertQKHadamardPass(), InsertDownHadamardPass()])
+    run_passes(
+        model, [CanonicalizeNormsPass(), InsertQKHadamardPass(), InsertDownHadamardPass(), InsertOutHadamardPass()]
+    )
     with pytest.raises(Exception, match="already"):
         run_passes(model, [InsertDownHadamardPass()])
+    with pytest.raises(Exception, match="already"):
+        run_passes(model, [InsertOutHadamardPass()])
     with pytest.raises(Exception, match="already"):
         run_passes(model, [InsertQKHadamardPass()])
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 import numpy as np
@@ -12,13 +13,14 @@ from conftest import mean_kl, ort_logits
 
 from rotgraph import io
 from rotgraph.calibrate import CLIP_GRID, Calibration, best_clip
-from rotgraph.errors import ValidationError
+from rotgraph.constants import ROTATION_KEY
+from rotgraph.errors import RotgraphError, ValidationError
 from rotgraph.fakequant import ActSpec, insert_fake_quant
 from rotgraph.passes import UntieEmbeddingPass
 from rotgraph.pipeline import canonical_form_passes, canonicalize, run_passes
 from rotgraph.quant import WeightSpec, quantize_rtn
 from rotgraph.quantize import QuantOptions, Scheme, quantize_model, quantize_stages
-from rotgraph.structure import discover
+from rotgraph.structure import before_fake_quant, discover, is_hadamard
 from rotgraph.weights import read_float64, rewrite_initializer
 
 
@@ -227,18 +229,34 @@ def test_spilled_quantization_equals_the_in_memory_one(tiny, tokens, tmp_path, m
     np.testing.assert_array_equal(ort_logits(out, tokens), ort_logits(memory, tokens))
 
 
-@pytest.mark.parametrize(("scheme", "per_layer"), [("w4a8", 1), ("w4a16", 1), ("w4a8kv4", 3), ("w4a4kv8", 3)])
-def test_quantize_inserts_r3_only_for_a_quantized_kv_cache(tiny, scheme: str, per_layer: int) -> None:
+@pytest.mark.parametrize(
+    ("scheme", "per_layer", "out"),
+    [("w4a8", 1, 0), ("w4a16", 1, 0), ("w4a8kv4", 3, 0), ("w4a4kv8", 3, 1), ("w4a4", 1, 1)],
+)
+def test_quantize_inserts_r3_only_for_a_quantized_kv_cache(tiny, scheme: str, per_layer: int, out: int) -> None:
     """R3 (Hadamard on Q and K) cancels exactly in Q K^T and only helps when the KV cache is quantized;
-    R4 (before down_proj) is always there."""
+    R4 (before down_proj) is always there; the Hadamard before o_proj comes with 4-bit activations."""
     _, path = tiny("llama")
     model = io.load_model(path)
     quantize_model(model, QuantOptions(scheme, group=16))
     layers = len(canonicalize(io.load_model(path)).blocks)
     sizes = [n.overload for n in model.graph if n.op_type == "Hadamard"]
-    assert len(sizes) == per_layer * layers
+    assert len(sizes) == (per_layer + out) * layers
     head_dim = 16  # the tiny Llama's
     assert sizes.count(f"n{head_dim}") == (per_layer - 1) * layers
+    before_o = [before_fake_quant(b.attention.o.input).producer() for b in discover(model).blocks]
+    assert sum(is_hadamard(n) for n in before_o) == out * layers
+    assert json.loads(model.metadata_props[ROTATION_KEY])["o_hadamard"] == bool(out)
+
+
+def test_out_hadamard_is_asked_for_or_refused(tiny) -> None:
+    _, path = tiny("llama")
+    model = io.load_model(path)
+    quantize_model(model, QuantOptions("w4a4", group=16, out_hadamard=False))
+    assert not any(is_hadamard(before_fake_quant(b.attention.o.input).producer()) for b in discover(model).blocks)
+    for bad in ({"rotation": "none"}, {"online": False}):
+        with pytest.raises(RotgraphError, match="o_proj"):
+            QuantOptions("w4a4", out_hadamard=True, **bad)  # type: ignore[arg-type]
 
 
 def test_quantize_refuses_a_broken_output_with_the_figures(tiny, tmp_path, monkeypatch) -> None:
@@ -387,3 +405,22 @@ def test_clip_search_gives_each_input_the_ratio_calibrated_for_it(tiny) -> None:
             assert ActSpec.from_overload(node.overload).clip == data.clips[block.index, site]
     kv = [n for n in model.graph if n.op_type == "FakeQuant" and n.attributes["symmetric"].as_int() == 0]
     assert kv and {round(n.attributes["clip"].as_float(), 2) for n in kv} == {0.95}
+
+
+def test_asymmetric_activations_give_every_projection_input_a_zero_point(tiny) -> None:
+    """`act_asymmetric`: each projection input's per-token quantizer is asymmetric, with its searched clip
+    found for that grid; refused where no per-token grid is ours to set."""
+    _, path = tiny("llama", "dynamo")
+    model = io.load_model(path)
+    data = Calibration(np.random.default_rng(5).integers(0, 384, size=(4, 64)))
+    options = QuantOptions(scheme="w16a4", act_clip_search=True, act_asymmetric=True)
+    run_passes(model, [p for stage in quantize_stages(options, data) for p in stage.passes])
+    for block in discover(model).blocks:
+        for site, lin in (("qkv", block.attention.q), ("o", block.attention.o), ("down", block.mlp.down)):
+            node = lin.input.producer()
+            assert node is not None and node.op_type == "FakeQuant"
+            spec = ActSpec.from_overload(node.overload)
+            assert not spec.symmetric and spec.clip == data.clips[block.index, site]
+    for bad in ({"activations": "static"}, {"scheme": "w4a16"}, {"scheme": "w4a8", "fmt": "ort"}):
+        with pytest.raises(RotgraphError, match="act-asymmetric"):
+            QuantOptions(**{"scheme": "w4a4", "activations": "dynamic", "act_asymmetric": True, **bad})  # type: ignore[arg-type]

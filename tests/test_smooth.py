@@ -102,6 +102,27 @@ def test_down_site_is_skipped_behind_the_online_hadamard(tiny, tokens, tmp_path)
         np.testing.assert_array_equal(read_float64(block.mlp.down.weight), old)
 
 
+def test_value_output_site_is_skipped_behind_the_o_hadamard(tiny, tokens, tmp_path) -> None:
+    """An online Hadamard before o_proj mixes the heads: V's columns no longer match O's input channels,
+    so SmoothQuant leaves V and O alone there and the function is kept."""
+    folder, path = tiny("llama", "dynamo", num_attention_heads=4, num_key_value_heads=2)
+    model = io.load_model(path)
+    rotate_model(model, RotateOptions(seed=4, out_hadamard=True))
+    value_output = [
+        (read_float64(b.attention.v.weight), read_float64(b.attention.o.weight)) for b in discover(model).blocks
+    ]
+    before = tmp_path / "before.onnx"
+    io.save_model(model, before)
+    run_passes(model, [SmoothQuantPass(probe_absmax(before, tokens), 0.5)])
+    for block, (v, o) in zip(discover(model).blocks, value_output, strict=True):
+        np.testing.assert_array_equal(read_float64(block.attention.o.weight), o)
+        ratio = read_float64(block.attention.v.weight) / v  # the norm site scales V's rows, nothing its columns
+        np.testing.assert_allclose(ratio, np.broadcast_to(ratio[:, :1], ratio.shape), rtol=1e-6)
+    out = tmp_path / "smoothed.onnx"
+    io.save_model(model, out)
+    np.testing.assert_allclose(ort_logits(out, tokens), torch_logits(folder, tokens), atol=ATOL)
+
+
 def test_bad_alpha_and_missing_ranges_are_refused(tiny) -> None:
     _, path = tiny("llama", "dynamo")
     with pytest.raises(Exception, match="alpha"):

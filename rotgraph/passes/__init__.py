@@ -5,6 +5,7 @@ from rotgraph.passes.down_hadamard import InsertDownHadamardPass
 from rotgraph.passes.expand_ort_ops import ExpandOrtFusedOpsPass
 from rotgraph.passes.fuse_norm_scales import FuseNormScalesPass
 from rotgraph.passes.group_query_attention import GroupQueryAttentionPass
+from rotgraph.passes.out_hadamard import InsertOutHadamardPass
 from rotgraph.passes.qk_hadamard import InsertQKHadamardPass
 from rotgraph.passes.rotate_heads import RotateHeadsPass
 from rotgraph.passes.rotate_residual import RotateResidualPass
@@ -18,6 +19,7 @@ __all__ = [
     "FuseNormScalesPass",
     "GroupQueryAttentionPass",
     "InsertDownHadamardPass",
+    "InsertOutHadamardPass",
     "InsertQKHadamardPass",
     "RotateHeadsPass",
     "RotateResidualPass",

@@ -104,14 +104,18 @@ class SmoothQuantPass(ir.passes.InPlacePass):
     def call(self, model: ir.Model) -> ir.passes.PassResult:
         desc = discover(model)
         sites = 0
-        skipped_down = 0
+        skipped_down = skipped_o = 0
         for block in desc.blocks:
             a, m = block.attention, block.mlp
             i = block.index
             self._smooth_norm(block.attn_norm, distinct([a.q, a.k, a.v]), self._input_max(i, "qkv"))
-            self._smooth_value_output(a.v, a.o, self._input_max(i, "o"), a.num_heads, a.num_kv_heads, a.head_dim)
+            if is_rotgraph_op(a.o.input.producer()):  # an online Hadamard mixes the heads O reads
+                skipped_o += 1
+            else:
+                self._smooth_value_output(a.v, a.o, self._input_max(i, "o"), a.num_heads, a.num_kv_heads, a.head_dim)
+                sites += 1
             self._smooth_norm(block.mlp_norm, [m.gate, m.up], self._input_max(i, "gate_up"))
-            sites += 3
+            sites += 2
             if is_rotgraph_op(m.down.input.producer()):
                 skipped_down += 1
             else:
@@ -119,9 +123,11 @@ class SmoothQuantPass(ir.passes.InPlacePass):
                 sites += 1
         model.metadata_props[SMOOTHQUANT_KEY] = json.dumps({"alpha": self.alpha, "sites": sites})
         logger.info(
-            "SmoothQuant (alpha %.2f): %d sites; up->down skipped in %d blocks (online Hadamard before down)",
+            "SmoothQuant (alpha %.2f): %d sites; skipped for an online Hadamard before down_proj in %d blocks, "
+            "before o_proj in %d",
             self.alpha,
             sites,
             skipped_down,
+            skipped_o,
         )
         return ir.passes.PassResult(model, True)
