@@ -57,6 +57,10 @@ LEARNERS = {  # the default order of --learners
     "output-error-w16a8": (["--objective", "output-error", "--scheme", "w16a8"], ("gptq",)),
     "output-error-w16-scaling": (["--objective", "output-error", "--scheme", "w16a4kv4", "--scaling"], ("gptq",)),
     "spinquant-w4a4kv4": (["--scheme", "w4a4kv4"], ("rtn",)),
+    "output-error-w16-deployed": (
+        ["--objective", "output-error", "--scheme", "w16a4kv4", "--act-asymmetric", "--out-hadamard"],
+        ("gptq",),
+    ),
 }
 LABELS = {
     "spinquant-w4a4kv4": "SpinQuant end to end (learned at w4a4kv4, RTN in the loop)",
@@ -67,6 +71,8 @@ LABELS = {
     "output-error-w16": "output error, layer-wise (learned at w16a4kv4) + GPTQ",
     "output-error-w16a8": "output error, layer-wise (learned at w16a8) + GPTQ",
     "output-error-w16-scaling": "output error, layer-wise (learned at w16a4kv4), + scaling, + GPTQ",
+    "output-error-w16-deployed": "output error, layer-wise (learned at w16a4kv4, asymmetric activations, "
+    "Hadamard before o_proj) + GPTQ",
 }
 
 
@@ -161,6 +167,7 @@ def score_all(
                 act_clip_search=args.act_clip == "search",
                 act_clip=None if args.act_clip in (None, "search") else float(args.act_clip),
                 out_hadamard={"auto": None, "on": True, "off": False}[args.out_hadamard],
+                act_asymmetric=args.act_asymmetric,
             )
             out = work / "models" / f"{scheme}-{weights}-{name}-{_tag(args)}" / "model.onnx"
             start = time.perf_counter()
@@ -194,12 +201,17 @@ def score_all(
 def _setting(values: dict) -> dict:
     """The run-wide quantize setting a row was built with (rows from before a setting existed: the value
     that run had, the default clip and no Hadamard before o_proj)."""
-    return {"act_clip": values.get("act_clip") or "default", "out_hadamard": values.get("out_hadamard", "off")}
+    return {
+        "act_clip": values.get("act_clip") or "default",
+        "out_hadamard": values.get("out_hadamard", "off"),
+        "act_asymmetric": bool(values.get("act_asymmetric", False)),
+    }
 
 
 def _tag(args: argparse.Namespace) -> str:
     setting = _setting(vars(args))
-    return f"clip{setting['act_clip']}-o{setting['out_hadamard']}"
+    grid = "-asym" if setting["act_asymmetric"] else ""
+    return f"clip{setting['act_clip']}-o{setting['out_hadamard']}{grid}"
 
 
 STEP_CHILD = """
@@ -285,6 +297,7 @@ def main() -> None:
     ap.add_argument(
         "--out-hadamard", choices=["auto", "on", "off"], default="auto", help="quantize's (auto: at 4-bit activations)"
     )
+    ap.add_argument("--act-asymmetric", action="store_true", help="quantize's (dynamic activations)")
     args = ap.parse_args()
     args.started = time.time()
     source, work = Path(args.model), Path(args.workdir)
@@ -329,7 +342,8 @@ def scores(args: argparse.Namespace, rows: list[dict], costs: dict[str, dict]) -
     setting = _setting(vars(args))
     print(
         f"\n### Learned rotations ({args.windows} evaluation windows x 512 tokens, groups of 32, activations' "
-        f"clip ratio {setting['act_clip']}, Hadamard before o_proj {setting['out_hadamard']})\n"
+        f"clip ratio {setting['act_clip']}, Hadamard before o_proj {setting['out_hadamard']}, "
+        f"{'asymmetric' if setting['act_asymmetric'] else 'symmetric'} per-token grid)\n"
     )
     print(
         f"Float perplexity {float_ppl:.2f}. Gap closed: the fraction of QuaRot's mean perplexity gap to float "

@@ -369,6 +369,17 @@ def parser() -> argparse.ArgumentParser:
         "4 bits); learn with the ratio `quantize --act-clip` will use (e.g. a ratio `--act-clip search` picked)",
     )
     lp.add_argument(
+        "--act-asymmetric",
+        action="store_true",
+        help="learn against the asymmetric per-token activation grid (`quantize --act-asymmetric`)",
+    )
+    lp.add_argument(
+        "--out-hadamard",
+        action="store_true",
+        help="output-error: O reads its input through the online Hadamard `quantize` inserts before o_proj at "
+        "4-bit activations",
+    )
+    lp.add_argument(
         "--no-checkpointing",
         action="store_true",
         help="end-to-end: keep every block's activations for the backward pass instead of recomputing them "

@@ -37,6 +37,7 @@ output error as the rotations', with x / s quantized and s W's rows.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import logging
 import os
@@ -52,6 +53,7 @@ from tqdm import tqdm
 from rotgraph import io
 from rotgraph.errors import RotgraphError
 from rotgraph.fakequant import ActSpec
+from rotgraph.online import factors_for
 from rotgraph.passes.rotate_heads import head_rotations
 from rotgraph.passes.rotate_residual import residual_rotation
 from rotgraph.pipeline import foldable_form_passes, run_passes
@@ -76,6 +78,8 @@ class Quantizers:
     kv: ActSpec | None
     weight_bits: int
     group: int
+    # the orthonormal Hadamard [n, n] of the online transform before o_proj (`InsertOutHadamardPass`), or None
+    out_hadamard: torch.Tensor | None = None
 
     def weights(self, w: torch.Tensor) -> torch.Tensor:
         """RTN of `w` [in, out] in groups along its input rows, as `rotgraph quantize` groups them."""
@@ -85,6 +89,13 @@ class Quantizers:
 
     def activations(self, x: torch.Tensor) -> torch.Tensor:
         return x if self.act is None else fake_quant(x, self.act)
+
+    def o_projection(self, z: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
+        """O's quantized output for its input rows `z` and weight `w` [heads * d, out]; with the online
+        Hadamard H before o_proj, O reads z H through H^T w."""
+        if self.out_hadamard is not None:
+            z, w = z @ self.out_hadamard, self.out_hadamard.T @ w
+        return self.activations(z) @ self.weights(w)
 
 
 def relative_error(y_hat: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
@@ -231,7 +242,7 @@ class LayerwiseObjective(torch.nn.Module):
             if quant.kv is not None:
                 v = fake_quant(v, quant.kv)
             z = per_query_head(v, heads)
-            y_hat = quant.activations(z) @ quant.weights((h.T @ o).reshape(heads * d, -1))
+            y_hat = quant.o_projection(z, (h.T @ o).reshape(heads * d, -1))
             y = per_query_head(x.v, heads)
             r2_loss = r2_loss + relative_error(y_hat, y @ o.reshape(heads * d, -1))
         return r1_loss / (2 * len(self.layers)) + r2_loss / len(self.layers)
@@ -306,9 +317,10 @@ class LayerwiseObjective(torch.nn.Module):
                         v = fake_quant(v, quant.kv)
                     z = per_query_head(v, heads)
                     y = per_query_head(act.reshape(-1, kv_heads, d), heads) @ w
+                    y_hat = quant.o_projection(z, w * s_rows[:, None])
                 else:
                     z, y = act / s, act @ w
-                y_hat = quant.activations(z) @ quant.weights(w * s_rows[:, None])
+                    y_hat = quant.activations(z) @ quant.weights(w * s_rows[:, None])
                 total = total + relative_error(y_hat, y) / (3 * len(sites))
         return total
 
@@ -380,19 +392,24 @@ def learn_layerwise(
     checkpoint: Path,
     objective: str = "kurtosis",
     quantizers: Quantizers | None = None,
+    out_hadamard: bool = False,
     checkpoint_every: int,
     options_json: str,
     resume: bool = False,
     progress: bool = True,
 ) -> LayerwiseResult:
     """Learn R1/R2 against `objective` (`steps` Cayley SGD steps, lr with cosine decay; output-error
-    needs the scheme's `quantizers`) and, with `scaling`, then the scales
+    needs the scheme's `quantizers`, with `out_hadamard` O's online Hadamard added to them) and, with `scaling`, then the scales
     (`steps` Adam steps) on activations collected from the model at `model_path`; checkpoints every
     `checkpoint_every` steps into `checkpoint`, which `resume` continues from."""
     model = io.load_model(model_path)
     with tempfile.TemporaryDirectory(prefix=".rotgraph-learn.", dir=checkpoint.parent) as scratch:
         desc, layers = collect(model, token_windows, site_tokens, seed, Path(scratch))
     del model
+    if out_hadamard and quantizers is not None:  # the transform `InsertOutHadamardPass` inserts, as a matrix
+        n = desc.blocks[0].attention.o.shape[0]
+        h = factors_for(n, "the Hadamard before o_proj").apply(np.eye(n))
+        quantizers = dataclasses.replace(quantizers, out_hadamard=torch.from_numpy(h.astype(np.float32)))
     obj = LayerwiseObjective(desc, layers, seed, scaling, objective, quantizers)
     rot_opt = CayleySGD([obj.r1, *obj.r2], lr=lr, momentum=0.0)
     optimizers: list[torch.optim.Optimizer] = [rot_opt]

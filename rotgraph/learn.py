@@ -96,6 +96,11 @@ class LearnOptions:
     # the per-token activation quantizer's clip ratio (None: quantize's default, 0.9 at 4 bits); learn for
     # the ratio you quantize with (`rotgraph quantize --act-clip`)
     act_clip: float | None = None
+    # the per-token activation quantizer's grid: asymmetric as `rotgraph quantize --act-asymmetric` makes it
+    act_asymmetric: bool = False
+    # output-error objective: O reads its input through the online Hadamard `rotgraph quantize` inserts
+    # before o_proj at 4-bit activations (`--out-hadamard`)
+    out_hadamard: bool = False
 
     def __post_init__(self) -> None:
         scheme = Scheme.parse(self.scheme)
@@ -117,6 +122,12 @@ class LearnOptions:
             raise RotgraphError("steps, batch and checkpoint interval must be >= 1 and lr > 0")
         if self.act_clip is not None and not 0.0 < self.act_clip <= 1.0:
             raise RotgraphError(f"activation clip ratio {self.act_clip}: expected a ratio in (0, 1]")
+        if self.out_hadamard and (self.objective != "output-error" or not self.online):
+            raise RotgraphError(
+                "--out-hadamard: only the output-error objective (with the online Hadamards) models O's input"
+            )
+        if self.act_asymmetric and scheme.act_bits == 16:
+            raise RotgraphError(f"--act-asymmetric: scheme {self.scheme} keeps activations float")
         if self.head_bits not in (8, 16):
             raise RotgraphError(f"head bits must be 8 or 16, got {self.head_bits}")
 
@@ -130,7 +141,7 @@ class LearnOptions:
 
 
 def learning_graph(
-    model: ir.Model, scheme: Scheme, online: bool = True, act_clip: float | None = None
+    model: ir.Model, scheme: Scheme, online: bool = True, act_clip: float | None = None, act_symmetric: bool = True
 ) -> ModelDescription:
     """Bring `model` (in place) to the form SpinQuant trains: the rotation pipeline without R1/R2,
     with the scheme's activation and KV-cache FakeQuant ops; weights stay float. As in `quantize`, a kv
@@ -140,7 +151,8 @@ def learning_graph(
     passes += foldable_form_passes()
     if online:
         passes += [InsertQKHadamardPass(skip_rope_inside=True), InsertDownHadamardPass()]
-    passes += activation_passes(scheme, act_clip, store_cache=False)  # KV FakeQuant even where the graph has a cache
+    # KV FakeQuant even where the graph has a cache
+    passes += activation_passes(scheme, act_clip, store_cache=False, act_symmetric=act_symmetric)
     run_passes(model, passes)
     return discover(model)
 
@@ -448,7 +460,7 @@ def _learn(
         return _learn_layerwise(input_path, output, options, ids, resume, progress, start)
     scheme = Scheme.parse(options.scheme)
     model = io.load_model(input_path)
-    learning_graph(model, scheme, options.online, options.act_clip)
+    learning_graph(model, scheme, options.online, options.act_clip, not options.act_asymmetric)
     net = RotatedNetwork(
         model,
         scheme,
@@ -555,8 +567,12 @@ def _learn_layerwise(
         checkpoint=checkpoint,
         objective=options.objective,
         quantizers=Quantizers(
-            activation_spec(scheme, options.act_clip), kv_spec(scheme), scheme.weight_bits, options.group
+            activation_spec(scheme, options.act_clip, not options.act_asymmetric),
+            kv_spec(scheme),
+            scheme.weight_bits,
+            options.group,
         ),
+        out_hadamard=options.out_hadamard,
         checkpoint_every=options.checkpoint_every,
         options_json=json.dumps(asdict(options)),
         resume=resume,

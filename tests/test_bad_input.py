@@ -173,6 +173,10 @@ def test_export_into_the_source_folder(tiny, tmp_path, capsys) -> None:
         (["quantize", "--act-clip", "search", "--scheme", "w4a16"], "has none"),
         (["quantize", "--act-clip", "search", "--scheme", "w8a8", "--activations", "static"], "has none"),
         (["learn", "--act-clip", "0", "--objective", "output-error"], "expected a ratio in (0, 1]"),
+        (["quantize", "--act-asymmetric", "--scheme", "w4a4"], "static ones: --act-symmetric"),
+        (["quantize", "--out-hadamard", "on", "--rotation", "none"], "comes with a rotation"),
+        (["learn", "--out-hadamard"], "only the output-error objective"),
+        (["learn", "--act-asymmetric", "--scheme", "w4a16"], "keeps activations float"),
     ],
 )
 def test_bad_activation_clip(model_dir, tmp_path, capsys, argv: list[str], message: str) -> None:

@@ -119,20 +119,29 @@ def _rtn(w: np.ndarray, bits: int, group: int) -> np.ndarray:
     return (np.clip(np.round(g / scale), -qmax - 1, qmax) * scale).reshape(w.shape[1], -1).T
 
 
-def test_output_error_objective_is_the_quantized_layers_error_and_decreases(tiny) -> None:
+@pytest.mark.parametrize("deployed", [False, True], ids=["quarot-quantizers", "asymmetric-out-hadamard"])
+def test_output_error_objective_is_the_quantized_layers_error_and_decreases(tiny, deployed: bool) -> None:
     """At the Hadamard start the objective equals the quantized layers' relative output error computed
-    in numpy (per-token 4-bit activations, a 4-bit KV cache, 4-bit RTN weights); Cayley SGD lowers it."""
+    in numpy (per-token 4-bit activations, a 4-bit KV cache, 4-bit RTN weights); Cayley SGD lowers it.
+    `deployed`: asymmetric activations, and O reading its input through the Hadamard before o_proj
+    (64 wide here: a Sylvester matrix built in the test)."""
     from rotgraph.fakequant import ActSpec
     from rotgraph.layerwise import Quantizers, collect
     from rotgraph.stiefel import CayleySGD
 
-    _, path = tiny("qwen2", "dynamo")  # grouped-query attention: O reads each KV head twice
+    # grouped-query attention: O reads each KV head 3 (2) times
+    config = {"hidden_size": 64, "num_attention_heads": 4, "num_key_value_heads": 2} if deployed else {}
+    _, path = tiny("qwen2", "dynamo", **config)
     import tempfile
 
     with tempfile.TemporaryDirectory() as scratch:
         desc, layers = collect(io.load_model(path), IDS, 64, 0, Path(scratch))
-    act, kv = ActSpec(4, True, 0, 0.9), ActSpec(4, False, 0, 0.95)
-    quant = Quantizers(act, kv, 4, 16)
+    act, kv = ActSpec(4, not deployed, 0, 0.9), ActSpec(4, False, 0, 0.95)
+    sylvester = np.ones((1, 1))
+    while deployed and len(sylvester) < 64:
+        sylvester = np.kron(np.array([[1.0, 1.0], [1.0, -1.0]]), sylvester)
+    out_h = sylvester / np.sqrt(len(sylvester))
+    quant = Quantizers(act, kv, 4, 16, torch.from_numpy(out_h.astype(np.float32)) if deployed else None)
     obj = LayerwiseObjective(desc, layers, seed=0, scaling=False, objective="output-error", quantizers=quant)
     with torch.no_grad():
         start = float(obj.rotation_loss(0))
@@ -154,6 +163,8 @@ def test_output_error_objective_is_the_quantized_layers_error_and_decreases(tiny
         vq = kv.reference(v @ h)
         z, y = (np.repeat(t, heads // kv_heads, axis=1).reshape(len(v), -1) for t in (vq, v))
         o_rotated = np.einsum("ji,hjo->hio", h, o.reshape(heads, d, -1)).reshape(heads * d, -1)
+        if deployed:
+            z, o_rotated = z @ out_h, out_h.T @ o_rotated
         expected += err(act.reference(z) @ _rtn(o_rotated, 4, 16), y @ o) / len(layers)
     assert start == pytest.approx(expected, rel=1e-3)
 
