@@ -93,7 +93,8 @@ class QuantOptions:
     rotations: str | None = None  # with spinquant: the `rotgraph learn` file
     online: bool = True  # with quarot: insert R3/R4 online Hadamards
     # with online: an online Hadamard before o_proj as well (its input's heads mixed for one per-token scale);
-    # None: where activations are 4-bit (benchmarks/RESULTS.md, "Online Hadamard before o_proj")
+    # None: where activations are 4-bit (benchmarks/RESULTS.md, "Online Hadamard before o_proj, and asymmetric
+    # per-token activations")
     out_hadamard: bool | None = None
     smooth: float | None = None  # SmoothQuant migration strength alpha (after any rotation); None: off
     weights: str = "rtn"  # rtn | gptq
@@ -120,7 +121,7 @@ class QuantOptions:
     deployment_fusion: bool = True  # ort/genai: RoPE into GroupQueryAttention, packed QKV, fused norms
     activations: str = "dynamic"  # dynamic: per token at run time | static: calibrated per-tensor Q/DQ (qdq)
     # dynamic: a per-token asymmetric grid (min/max and a zero point per token) instead of QuaRot's symmetric
-    # one (benchmarks/RESULTS.md, "Asymmetric per-token activations")
+    # one (benchmarks/RESULTS.md, the same section)
     act_asymmetric: bool = False
     # static: unsigned codes + zero point (onnxruntime's CPU integer kernels take uint8 activations where
     # one input feeds several MatMuls); True: signed codes, zero point 0
