@@ -488,7 +488,8 @@ def parser() -> argparse.ArgumentParser:
         "--calibration-windows",
         type=int,
         default=32,
-        help="GPTQ, SmoothQuant, static scales, the onnxruntime KV cache: 512-token windows of calibration text",
+        help="GPTQ, SmoothQuant, static scales, the onnxruntime KV cache: 512-token windows of calibration text "
+        "(the clip search and --center-keys read the first 8)",
     )
     q.add_argument("--text", help="calibration text (default: the calibration split of the Wikipedia excerpt)")
     q.add_argument(
@@ -508,6 +509,12 @@ def parser() -> argparse.ArgumentParser:
         "--act-asymmetric",
         action="store_true",
         help="dynamic activations: per-token min/max grid with a zero point (default: symmetric, as QuaRot)",
+    )
+    q.add_argument(
+        "--center-keys",
+        action="store_true",
+        help="kv schemes, qdq: subtract the keys' mean on calibration text before the cache quantizer (exact in "
+        "float: softmax ignores a shift common to all keys; needs tokenizer.json)",
     )
     q.add_argument("--act-symmetric", action="store_true", help="static: signed codes (default: uint8 + zero point)")
     q.add_argument("--calibration", choices=["minmax", "percentile", "entropy"], default="minmax", help="static ranges")

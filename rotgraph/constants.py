@@ -24,6 +24,7 @@ R2_KEY = "rotgraph.r2"  # JSON: kinds and seed of the per-layer head rotations
 R3_KEY = "rotgraph.r3"  # the online Hadamard after RoPE on queries and keys
 R4_KEY = "rotgraph.r4"  # the online Hadamard before down_proj
 OUT_HADAMARD_KEY = "rotgraph.o_hadamard"  # the online Hadamard before o_proj
+KEY_MEAN_KEY = "rotgraph.key_mean"  # the calibrated key means subtracted before the KV cache
 SCALES_KEY = "rotgraph.scales"  # JSON: the sites a learned per-channel scaling was folded into
 
 # Written when onnxruntime's fused norms were expanded (canonical form): how many, to fuse them again.

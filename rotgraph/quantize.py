@@ -18,7 +18,7 @@ import onnx_ir as ir
 from onnx_ir.passes.common import RemoveUnusedNodesPass
 
 from rotgraph import io
-from rotgraph.calibrate import CalibratePass, Calibration, Site
+from rotgraph.calibrate import CLIP_WINDOWS, CalibratePass, Calibration, Site
 from rotgraph.constants import QUANTIZATION_KEY, ROTATION_KEY
 from rotgraph.errors import RotgraphError, ValidationError
 from rotgraph.evaluate import log_softmax, validation_logits, windows
@@ -26,6 +26,7 @@ from rotgraph.fakequant import ActSpec
 from rotgraph.passes import UntieEmbeddingPass
 from rotgraph.passes.gqa_kv_cache import CacheScales, CalibrateGqaCachePass, GqaQuantizedCachePass
 from rotgraph.passes.group_query_attention import FindFusableAttentionPass, GroupQueryAttentionPass
+from rotgraph.passes.key_mean import SubtractKeyMeanPass
 from rotgraph.passes.pack_gate_up import PackGateUpPass
 from rotgraph.passes.pack_qkv import PackQKVPass
 from rotgraph.passes.pack_rotary_qkv import PackRotaryQKVPass
@@ -123,6 +124,9 @@ class QuantOptions:
     # dynamic: a per-token asymmetric grid (min/max and a zero point per token) instead of QuaRot's symmetric
     # one (benchmarks/RESULTS.md, the same section)
     act_asymmetric: bool = False
+    # kv schemes, qdq format: subtract the keys' mean on calibration text before the cache quantizer
+    # (`SubtractKeyMeanPass`; benchmarks/RESULTS.md, "Centered keys")
+    center_keys: bool = False
     # static: unsigned codes + zero point (onnxruntime's CPU integer kernels take uint8 activations where
     # one input feeds several MatMuls); True: signed codes, zero point 0
     act_symmetric: bool = False
@@ -166,6 +170,11 @@ class QuantOptions:
             self._check_asymmetric(Scheme.parse(self.scheme))
         if self.out_hadamard and (self.rotation == "none" or not self.online):
             raise RotgraphError("the online Hadamard before o_proj comes with a rotation's online Hadamards")
+        if self.center_keys and (Scheme.parse(self.scheme).kv_bits is None or self.fmt != "qdq"):
+            raise RotgraphError(
+                "--center-keys moves the keys the KV-cache quantizer reads: it needs a kv scheme, in the qdq format "
+                "(the onnxruntime formats' fused attention is not checked with it yet)"
+            )
 
     def _check_clip(self, scheme: Scheme) -> None:
         for what, clip in (("activation", self.act_clip), ("KV cache", self.kv_clip)):
@@ -282,6 +291,7 @@ def calibration_tokens(model_path: Path, options: QuantOptions) -> np.ndarray:
                 ("SmoothQuant", options.smooth is not None),
                 ("static activations", options.activations == "static"),
                 ("the onnxruntime KV cache", options.gqa_cache),
+                ("--center-keys", options.center_keys),
             )
             if on
         ]
@@ -425,6 +435,11 @@ def quantize_stages(
             act_symmetric=not options.act_asymmetric,
         )
     )
+    if options.center_keys:  # on the float keys, before the cache quantizer reads them
+        if calibration is None:
+            raise RotgraphError("--center-keys needs calibration tokens")
+        tokens = calibration.tokens[:CLIP_WINDOWS]
+        stages.append(Stage("calibration (key means)", (SubtractKeyMeanPass(tokens, scratch),)))
     if act:
         stages.append(Stage("activations and KV cache", tuple(act)))
     if scheme.weight_bits < 16:
@@ -601,6 +616,7 @@ def quantize(
         or options.activations == "static"
         or options.gqa_cache
         or options.act_clip_search
+        or options.center_keys
     )
     calibration = calibration_tokens(input_path, options) if needs_text else None
     found = None

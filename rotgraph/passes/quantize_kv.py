@@ -11,7 +11,7 @@ from rotgraph import kvcache
 from rotgraph.errors import StructureError
 from rotgraph.fakequant import ActSpec, insert_fake_quant
 from rotgraph.online import FunctionBuilder
-from rotgraph.structure import KVCache, discover, is_hadamard
+from rotgraph.structure import Attention, KVCache, discover, is_constant_shift, is_hadamard
 
 logger = logging.getLogger(__name__)
 
@@ -54,11 +54,7 @@ class QuantizeKVCachePass(ir.passes.InPlacePass):
                     _store_quantized(model, cache, cache_spec, f"block {block.index}")
                 stored += 1
                 continue
-            keys = a.k_rope
-            hadamards = [c for c in keys.consumers() if is_hadamard(c)]
-            if hadamards:
-                keys = hadamards[0].outputs[0]
-            for value in (keys, a.v_cache):
+            for value in (cached_keys(a), a.v_cache):
                 insert_fake_quant(model, value, self.spec)
         logger.info(
             "KV cache: %d-bit keys and values in %d blocks (%d stored quantized)",
@@ -67,6 +63,18 @@ class QuantizeKVCachePass(ir.passes.InPlacePass):
             stored,
         )
         return ir.passes.PassResult(model, True)
+
+
+def cached_keys(attention: Attention) -> ir.Value:
+    """The keys as the cache quantizer reads them: after RoPE, then the R3 Hadamard and the key mean
+    shift (`SubtractKeyMeanPass`) where present."""
+    if attention.k_rope is None:
+        raise StructureError("cannot find the keys after RoPE")
+    keys = attention.k_rope
+    for step in (is_hadamard, is_constant_shift):
+        found = [c for c in keys.consumers() if step(c)]
+        keys = found[0].outputs[0] if found else keys
+    return keys
 
 
 def _store_quantized(model: ir.Model, cache: KVCache, spec: kvcache.CacheSpec, where: str) -> None:

@@ -26,7 +26,7 @@ from rotgraph.structure.folds import (
     rotate_head_columns_in,
     rotate_head_rows,
 )
-from rotgraph.structure.match import before_fake_quant, is_hadamard, is_norm, is_rotgraph_op
+from rotgraph.structure.match import before_fake_quant, is_constant_shift, is_hadamard, is_norm, is_rotgraph_op
 from rotgraph.structure.model import (
     MLP,
     Attention,
@@ -54,6 +54,7 @@ __all__ = [
     "check_supported",
     "discover",
     "distinct",
+    "is_constant_shift",
     "is_hadamard",
     "is_norm",
     "is_quantized_weight",

@@ -26,6 +26,7 @@ from rotgraph.structure.match import (
     LAYOUT_OPS,
     SHAPE_OPS,
     data_consumers,
+    is_constant_shift,
     is_default_domain,
     is_rotgraph_op,
     reader_linears,
@@ -109,6 +110,7 @@ def _rope_before(value: ir.Value) -> ir.Value | None:
         elif (
             node.op_type in LAYOUT_OPS
             or is_rotgraph_op(node)
+            or is_constant_shift(node)
             or (node.op_type in ("Mul", "Div") and _is_scalar_const(node.inputs[1]))
         ):
             assert node.inputs[0] is not None
@@ -156,10 +158,12 @@ def _is_sequence_slice(node: ir.Node | None) -> bool:
 
 
 def _cache_after(value: ir.Value | None) -> KVCache | None:
-    """The KV cache Concat that `value` (possibly through rotgraph ops) enters, if any."""
+    """The KV cache Concat that `value` (possibly through rotgraph ops and a key shift) enters, if any."""
     if value is None:
         return None
-    caches = [c for c in (_as_cache_concat(n) for n in through_rotgraph_ops(value)) if c is not None]
+    nodes = through_rotgraph_ops(value)
+    nodes = [m for n in nodes for m in (through_rotgraph_ops(n.outputs[0]) if is_constant_shift(n) else [n])]
+    caches = [c for c in (_as_cache_concat(n) for n in nodes) if c is not None]
     return caches[0] if len(caches) == 1 else None
 
 

@@ -51,6 +51,19 @@ def describe(value: ir.Value | None) -> str:
     return f"value {value.name!r}{by}"
 
 
+def is_constant_shift(node: ir.Node | None) -> bool:
+    """Sub(x, constant): keys moved by their calibrated mean (`SubtractKeyMeanPass`), transparent to the
+    walks between RoPE, the KV cache and the score MatMul."""
+    return (
+        node is not None
+        and node.op_type == "Sub"
+        and is_default_domain(node)
+        and len(node.inputs) == 2
+        and node.inputs[1] is not None
+        and node.inputs[1].const_value is not None
+    )
+
+
 def through_rotgraph_ops(value: ir.Value) -> list[ir.Node]:
     """Data consumers of `value`, looking through chains of rotgraph ops."""
     nodes = []

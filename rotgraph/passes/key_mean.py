@@ -1,0 +1,95 @@
+"""Subtract the keys' mean, calibrated on text, before the KV cache quantizer reads them."""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+
+import numpy as np
+import onnx_ir as ir
+
+from rotgraph.constants import KEY_MEAN_KEY
+from rotgraph.errors import StructureError
+from rotgraph.passes.quantize_kv import cached_keys
+from rotgraph.probe import probe
+from rotgraph.structure import discover
+
+logger = logging.getLogger(__name__)
+
+
+class SubtractKeyMeanPass(ir.passes.InPlacePass):
+    """keys -> keys - mean(keys) in every block: the mean over the tokens of `token_windows` [n, seq] of
+    the keys after RoPE (and R3), per KV head and channel, stored as a constant.
+
+    Each query's scores all move by q . mean, and softmax does not see a shift common to every key, so
+    the float model computes the same function (masks and caches included: every key, cached or new,
+    moves alike, and a `present` output holds the moved keys). What changes is what the cache quantizer
+    sees: keys carry a large common component (on SmolLM2 about half their energy) that a per-token
+    grid spends its range on; without it the same codes resolve the part that differs between keys.
+    (The observation is SageAttention's, which smooths K this way before its int8 attention.)
+
+    Run it on the float graph after the rotation and before `QuantizeKVCachePass`. Refuses a graph it
+    already ran on, and keys whose sequence axis it cannot tell from their shape.
+    """
+
+    def __init__(self, token_windows: np.ndarray, scratch: Path | None = None) -> None:
+        super().__init__()
+        self.token_windows, self.scratch = token_windows, scratch
+
+    def call(self, model: ir.Model) -> ir.passes.PassResult:
+        if KEY_MEAN_KEY in model.metadata_props:
+            raise StructureError("the keys' mean was already subtracted from this graph")
+        blocks = discover(model).blocks
+        keys = [cached_keys(b.attention) for b in blocks]
+        seq = self.token_windows.shape[1]
+        sums: list[np.ndarray] = []
+        count = 0
+        windows = probe(
+            model, keys, self.token_windows, scratch=self.scratch, what="calibrate (key means)", progress=True
+        )
+        for outs in windows:
+            for i, (value, x) in enumerate(zip(keys, outs, strict=True)):
+                axes = (0, _sequence_axis(value, x.shape, seq))
+                s = np.asarray(x, dtype=np.float64).sum(axis=axes, keepdims=True)
+                if i == len(sums):
+                    sums.append(s)
+                else:
+                    sums[i] += s
+            count += outs[0].shape[0] * seq
+        for block, value, total in zip(blocks, keys, sums, strict=True):
+            _subtract(model, value, (total / count).astype(np.float32), f"block{block.index}.key_mean")
+        model.metadata_props[KEY_MEAN_KEY] = f"{len(self.token_windows)} windows of {seq} tokens"
+        logger.info(
+            "key means subtracted in %d blocks (%d windows of %d tokens)", len(blocks), len(self.token_windows), seq
+        )
+        return ir.passes.PassResult(model, True)
+
+
+def _sequence_axis(value: ir.Value, shape: tuple[int, ...], seq: int) -> int:
+    """The one axis after the batch whose length is the window's."""
+    axes = [i for i in range(1, len(shape)) if shape[i] == seq]
+    if len(axes) != 1:
+        raise StructureError(
+            f"keys {value.name!r} of shape {shape} on windows of {seq} tokens: cannot tell their sequence axis"
+        )
+    return axes[0]
+
+
+def _subtract(model: ir.Model, keys: ir.Value, mean: np.ndarray, name: str) -> None:
+    """Make every reader of `keys` (and the graph output, if it is one) read keys - mean."""
+    producer = keys.producer()
+    if producer is None:
+        raise StructureError(f"keys {keys.name!r} are a graph input: nothing computes them to shift")
+    constant = ir.Value(name=name, const_value=ir.tensor(mean, name=name))
+    model.graph.register_initializer(constant)
+    sub = ir.Node("", "Sub", [keys, constant], name=f"{name}_sub")
+    shifted = sub.outputs[0]
+    shifted.name, shifted.shape, shifted.type = f"{keys.name}_centered", keys.shape, keys.type
+    for node, index in list(keys.uses()):
+        if node is not sub:
+            node.replace_input_with(index, shifted)
+    outputs = model.graph.outputs
+    if keys in outputs:
+        outputs[outputs.index(keys)] = shifted
+        keys.name, shifted.name = shifted.name, keys.name
+    model.graph.insert_after(producer, sub)
