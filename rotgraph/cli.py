@@ -513,7 +513,7 @@ def parser() -> argparse.ArgumentParser:
     q.add_argument(
         "--center-keys",
         action="store_true",
-        help="kv schemes, qdq: subtract the keys' mean on calibration text before the cache quantizer (exact in "
+        help="kv schemes with rotgraph's cache (qdq; ort at kv4): subtract the keys' mean on calibration text before the cache quantizer (exact in "
         "float: softmax ignores a shift common to all keys; needs tokenizer.json)",
     )
     q.add_argument("--act-symmetric", action="store_true", help="static: signed codes (default: uint8 + zero point)")

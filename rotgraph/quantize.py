@@ -124,7 +124,7 @@ class QuantOptions:
     # dynamic: a per-token asymmetric grid (min/max and a zero point per token) instead of QuaRot's symmetric
     # one (benchmarks/RESULTS.md, the same section)
     act_asymmetric: bool = False
-    # kv schemes, qdq format: subtract the keys' mean on calibration text before the cache quantizer
+    # kv schemes, rotgraph's cache: subtract the keys' mean on calibration text before the cache quantizer
     # (`SubtractKeyMeanPass`; benchmarks/RESULTS.md, "Centered keys")
     center_keys: bool = False
     # static: unsigned codes + zero point (onnxruntime's CPU integer kernels take uint8 activations where
@@ -170,10 +170,10 @@ class QuantOptions:
             self._check_asymmetric(Scheme.parse(self.scheme))
         if self.out_hadamard and (self.rotation == "none" or not self.online):
             raise RotgraphError("the online Hadamard before o_proj comes with a rotation's online Hadamards")
-        if self.center_keys and (Scheme.parse(self.scheme).kv_bits is None or self.fmt != "qdq"):
+        if self.center_keys and (Scheme.parse(self.scheme).kv_bits is None or self.gqa_cache):
             raise RotgraphError(
-                "--center-keys moves the keys the KV-cache quantizer reads: it needs a kv scheme, in the qdq format "
-                "(the onnxruntime formats' fused attention is not checked with it yet)"
+                "--center-keys moves the keys rotgraph's KV-cache quantizer reads: it needs a kv scheme and rotgraph's "
+                "cache (the qdq format, or ort with --kv-cache rotgraph, the default at kv4), not GroupQueryAttention's"
             )
 
     def _check_clip(self, scheme: Scheme) -> None:

@@ -82,12 +82,13 @@ def test_centered_keys_quantize_better_when_keys_share_a_large_component(tmp_pat
     assert errors["centered"] < 0.8 * errors["plain"], errors  # 0.69 when written
 
 
-def test_a_cached_graph_stores_centered_keys_and_decodes_as_without_cache(tiny, tokens, tmp_path) -> None:
+@pytest.mark.parametrize("fmt", ["qdq", "ort"])
+def test_a_cached_graph_stores_centered_keys_and_decodes_as_without_cache(tiny, tokens, tmp_path, fmt: str) -> None:
     from test_kvcache import decode
 
     _, past = tiny("llama", with_past=True)
     _, plain = tiny("llama")
-    argv = ["--scheme", "w4a8kv4", "--group", "16", "--activations", "dynamic", "--center-keys"]
+    argv = ["--scheme", "w4a8kv4", "--group", "16", "--activations", "dynamic", "--center-keys", "--format", fmt]
     argv += ["--calibration-windows", "2"]
     cached, fake = tmp_path / "cached" / "model.onnx", tmp_path / "fake" / "model.onnx"
     assert main(["quantize", str(past), "-o", str(cached), *argv]) == 0
@@ -96,13 +97,17 @@ def test_a_cached_graph_stores_centered_keys_and_decodes_as_without_cache(tiny, 
     np.testing.assert_allclose(ort_logits(cached, tokens), reference, atol=1e-3)
     stepped, _ = decode(cached, tokens, prefill=9)
     np.testing.assert_allclose(stepped, reference[:, 8:], atol=1e-3)
+    graph = io.load_model(cached).graph  # the shifts survive the format's passes, one per block
+    shifts = [n for n in graph if is_constant_shift(n) and n.inputs[1].name.endswith(".key_mean")]  # type: ignore[union-attr]
+    assert len(shifts) == 2
 
 
 @pytest.mark.parametrize(
     ("options", "message"),
     [
         ({"scheme": "w4a8"}, "needs a kv scheme"),
-        ({"scheme": "w4a8kv4", "fmt": "ort"}, "qdq format"),
+        ({"scheme": "w4a8kv4", "fmt": "genai"}, "not GroupQueryAttention's"),
+        ({"scheme": "w4a8kv8", "fmt": "ort"}, "not GroupQueryAttention's"),
     ],
 )
 def test_center_keys_is_refused_where_it_cannot_apply(options: dict, message: str) -> None:
