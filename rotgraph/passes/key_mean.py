@@ -84,12 +84,11 @@ def _subtract(model: ir.Model, keys: ir.Value, mean: np.ndarray, name: str) -> N
     model.graph.register_initializer(constant)
     sub = ir.Node("", "Sub", [keys, constant], name=f"{name}_sub")
     shifted = sub.outputs[0]
-    shifted.name, shifted.shape, shifted.type = f"{keys.name}_centered", keys.shape, keys.type
-    for node, index in list(keys.uses()):
-        if node is not sub:
-            node.replace_input_with(index, shifted)
-    outputs = model.graph.outputs
-    if keys in outputs:
-        outputs[outputs.index(keys)] = shifted
-        keys.name, shifted.name = shifted.name, keys.name
+    shifted.shape, shifted.type = keys.shape, keys.type
+    keys_name, is_output = keys.name, keys in model.graph.outputs
+    keys.replace_all_uses_with(shifted, replace_graph_outputs=True)
+    sub.replace_input_with(0, keys)  # the one reader left on the unshifted keys
+    shifted.name = f"{keys_name}_centered"
+    if is_output:  # the graph's output keeps its name
+        keys.name, shifted.name = shifted.name, keys_name
     model.graph.insert_after(producer, sub)
