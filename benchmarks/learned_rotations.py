@@ -3,14 +3,16 @@ for GPTQ), the layer-wise learners (kurtosis with and without scaling, output er
 GPTQ, at w16a4kv4); RTN and GPTQ weights.
 
     python benchmarks/learned_rotations.py --model MODEL.onnx --workdir DIR [--e2e-steps 8]
-        [--layerwise-steps 60] [--windows 16] [--act-clip search]
+        [--layerwise-steps 60] [--learner-seeds 0 1 2] [--windows 16] [--act-clip search]
+        [--act-asymmetric] [--center-keys] [--center-activations] [--calibration-windows 32]
         [--floor-rounds 2] [--floor-batch 4 --floor-seq 512]
         [--floor-steps w4a4kv4 w16a4kv4 w16a4kv4:keep w16a4kv4:nockpt] [--floor-threads 1]
 
 The floor alone: `--seeds --learners --floor-rounds 3` (no learning, no scoring).
 
 Learning runs (`rotgraph learn`, each a child process timed with its peak RSS) write DIR/learned/NAME
-.safetensors with NAME.cost.json beside it (a run started ahead of this script, marked NAME.running,
+.safetensors (NAME@SEED for the layer-wise learners' `--learner-seeds` other than 0, learned with
+`--seed SEED`) with NAME.cost.json beside it (a run started ahead of this script, marked NAME.running,
 is waited for); quantized models go to DIR/models and scores to
 DIR/results.jsonl. Whatever DIR already holds is reused, so an interrupted run continues where it
 stopped (the tables say which learning runs came from an earlier invocation). Every quantized model is
@@ -83,7 +85,8 @@ def learned(args: argparse.Namespace, source: Path, folder: Path, name: str) -> 
     while running.exists() and not cost.is_file():
         time.sleep(30)
     if not (out.is_file() and cost.is_file()):
-        extra = LEARNERS[name][0]
+        base, _, seed = name.partition("@")
+        extra = LEARNERS[base][0] + (["--seed", seed] if seed else [])
         steps = args.e2e_steps if name.startswith("spinquant") else args.layerwise_steps
         cmd = [str(Path(sys.executable).parent / "rotgraph"), "learn", str(source), "-o", str(out), *extra]
         cmd += ["--steps", str(steps)]
@@ -131,13 +134,24 @@ def candidates(args: argparse.Namespace, folder: Path) -> list[tuple[str, str, Q
 
     def learned(names: list[str]) -> list[tuple[str, str, QuantOptions]]:
         out = []
-        for name in names:
-            file = str(folder / f"{name}.safetensors")
-            out += [(w, name, QuantOptions(rotation="spinquant", rotations=file, weights=w)) for w in LEARNERS[name][1]]
+        for base in names:
+            for name in seeded(args, base):
+                file = str(folder / f"{name}.safetensors")
+                opts = [
+                    (w, name, QuantOptions(rotation="spinquant", rotations=file, weights=w)) for w in LEARNERS[base][1]
+                ]
+                out += opts
         return out
 
     first = args.learners[: args.learners_first]
     return quarot(args.seeds[:1]) + learned(first) + quarot(args.seeds[1:]) + learned(args.learners[len(first) :])
+
+
+def seeded(args: argparse.Namespace, base: str) -> list[str]:
+    """The learning runs of learner `base`: NAME for seed 0, NAME@SEED for the others of `--learner-seeds`
+    (end-to-end learners: seed 0 only)."""
+    seeds = [0] if base.startswith("spinquant") else args.learner_seeds
+    return [base if seed == 0 else f"{base}@{seed}" for seed in seeds]
 
 
 def score_all(
@@ -153,7 +167,7 @@ def score_all(
     for weights, name, base in candidates(args, work / "learned"):
         if weights not in args.weights:
             continue
-        if name in LEARNERS and name not in costs:
+        if name.partition("@")[0] in LEARNERS and name not in costs:
             costs[name] = learned(args, source, work / "learned", name)
         todo = [s for s in args.schemes if (s, weights, name) not in have]
         if not todo:
@@ -168,11 +182,16 @@ def score_all(
                 act_clip=None if args.act_clip in (None, "search") else float(args.act_clip),
                 out_hadamard={"auto": None, "on": True, "off": False}[args.out_hadamard],
                 act_asymmetric=args.act_asymmetric,
+                center_keys=args.center_keys,
+                center_activations=args.center_activations,
+                calibration_windows=args.calibration_windows,
             )
             out = work / "models" / f"{scheme}-{weights}-{name}-{_tag(args)}" / "model.onnx"
             start = time.perf_counter()
             if not out.is_file():  # else built by an interrupted run of this script
-                needs_tokens = weights == "gptq" or args.act_clip == "search"
+                needs_tokens = (
+                    weights == "gptq" or args.act_clip == "search" or args.center_keys or args.center_activations
+                )
                 found = build(source, out, options, calibration if needs_tokens else None, hessians)
                 hessians = found if weights == "gptq" else None
             print(f"built {out.parent.name} in {time.perf_counter() - start:.0f} s", file=sys.stderr)
@@ -198,20 +217,29 @@ def score_all(
     return done
 
 
+def _label(name: str) -> str:
+    base, _, seed = name.partition("@")
+    return f"{LABELS[base]}, seed {seed}" if seed else LABELS[base]
+
+
 def _setting(values: dict) -> dict:
     """The run-wide quantize setting a row was built with (rows from before a setting existed: the value
-    that run had, the default clip and no Hadamard before o_proj)."""
+    that run had, the default clip, no Hadamard before o_proj, uncentered keys and inputs, 32 GPTQ windows)."""
     return {
         "act_clip": values.get("act_clip") or "default",
         "out_hadamard": values.get("out_hadamard", "off"),
         "act_asymmetric": bool(values.get("act_asymmetric", False)),
+        "center_keys": bool(values.get("center_keys", False)),
+        "center_activations": bool(values.get("center_activations", False)),
+        "calibration_windows": int(values.get("calibration_windows", 32)),
     }
 
 
 def _tag(args: argparse.Namespace) -> str:
     setting = _setting(vars(args))
     grid = "-asym" if setting["act_asymmetric"] else ""
-    return f"clip{setting['act_clip']}-o{setting['out_hadamard']}{grid}"
+    keys = ("-ck" if setting["center_keys"] else "") + ("-ca" if setting["center_activations"] else "")
+    return f"clip{setting['act_clip']}-o{setting['out_hadamard']}{grid}{keys}-cw{setting['calibration_windows']}"
 
 
 STEP_CHILD = """
@@ -278,6 +306,9 @@ def main() -> None:
     ap.add_argument("--learners-first", type=int, default=2, help="learners scored before QuaRot's other seeds")
     ap.add_argument("--e2e-steps", type=int, default=8)
     ap.add_argument("--layerwise-steps", "--kurtosis-steps", type=int, default=60)
+    ap.add_argument(
+        "--learner-seeds", nargs="+", type=int, default=[0], help="layer-wise learners: `learn --seed` of each run"
+    )
     ap.add_argument("--site-tokens", type=int, help="layer-wise learners (default: learn's, per objective)")
     ap.add_argument("--windows", type=int, default=16, help="evaluation windows of 512 tokens")
     ap.add_argument("--floor-rounds", type=int, default=2)
@@ -298,6 +329,8 @@ def main() -> None:
         "--out-hadamard", choices=["auto", "on", "off"], default="auto", help="quantize's (auto: at 4-bit activations)"
     )
     ap.add_argument("--act-asymmetric", action="store_true", help="quantize's (dynamic activations)")
+    ap.add_argument("--center-keys", action="store_true", help="quantize's (kv schemes)")
+    ap.add_argument("--center-activations", action="store_true", help="quantize's (dynamic activations)")
     args = ap.parse_args()
     args.started = time.time()
     source, work = Path(args.model), Path(args.workdir)
@@ -317,7 +350,7 @@ def report(args: argparse.Namespace, rows: list[dict], costs: dict[str, dict], s
         print("|---|---|---|---|---|")
         for name, c in costs.items():
             run = "earlier invocation, same workdir" if c["reused"] else "this invocation"
-            print(f"| {LABELS[name]} | {c['steps']} | {c['seconds']:.0f} | {c['peak_rss_mb']:.0f} | {run} |")
+            print(f"| {_label(name)} | {c['steps']} | {c['seconds']:.0f} | {c['peak_rss_mb']:.0f} | {run} |")
     if steps:
         shape = f"batch {args.floor_batch} x {args.floor_seq}, {args.floor_threads or 'default'} threads"
         print(f"\n### Seconds per end-to-end step against the plain-torch floor ({shape}, alternating rounds)\n")
@@ -343,7 +376,10 @@ def scores(args: argparse.Namespace, rows: list[dict], costs: dict[str, dict]) -
     print(
         f"\n### Learned rotations ({args.windows} evaluation windows x 512 tokens, groups of 32, activations' "
         f"clip ratio {setting['act_clip']}, Hadamard before o_proj {setting['out_hadamard']}, "
-        f"{'asymmetric' if setting['act_asymmetric'] else 'symmetric'} per-token grid)\n"
+        f"{'asymmetric' if setting['act_asymmetric'] else 'symmetric'} per-token grid, keys "
+        f"{'centered' if setting['center_keys'] else 'uncentered'}, projection inputs "
+        f"{'centered' if setting['center_activations'] else 'uncentered'}, {setting['calibration_windows']} GPTQ "
+        "windows)\n"
     )
     print(
         f"Float perplexity {float_ppl:.2f}. Gap closed: the fraction of QuaRot's mean perplexity gap to float "
@@ -365,15 +401,26 @@ def scores(args: argparse.Namespace, rows: list[dict], costs: dict[str, dict]) -
                 f"| {scheme} | {weights.upper()} | QuaRot, mean ± std over seeds {args.seeds} | | "
                 f"{mean:.2f} ± {std:.2f} | {mean / float_ppl:.2f} | {kl:.3f} | {top:.3f} | |"
             )
-            for name in LEARNERS:
-                if name not in group or name not in costs:  # scored by an invocation with other --learners
-                    continue
-                r = group[name]
-                closed = (mean - r["perplexity"]) / (mean - float_ppl)
-                print(
-                    f"| {scheme} | {weights.upper()} | {LABELS[name]} | {costs[name]['steps']} | {r['perplexity']:.2f} | "
-                    f"{r['perplexity'] / float_ppl:.2f} | {r['kl']:.3f} | {r['top1']:.3f} | {100 * closed:.0f}% |"
-                )
+            for base in LEARNERS:
+                # rows scored by an invocation with other --learners are left out
+                names = [n for n in seeded(args, base) if n in group and n in costs]
+                for name in names:
+                    r = group[name]
+                    closed = (mean - r["perplexity"]) / (mean - float_ppl)
+                    print(
+                        f"| {scheme} | {weights.upper()} | {_label(name)} | {costs[name]['steps']} | "
+                        f"{r['perplexity']:.2f} | {r['perplexity'] / float_ppl:.2f} | {r['kl']:.3f} | {r['top1']:.3f} | "
+                        f"{100 * closed:.0f}% |"
+                    )
+                if len(names) > 1:
+                    ppl = [group[n]["perplexity"] for n in names]
+                    m, sd = statistics.mean(ppl), statistics.stdev(ppl)
+                    kl, top = (statistics.mean(group[n][k] for n in names) for k in ("kl", "top1"))
+                    print(
+                        f"| {scheme} | {weights.upper()} | {LABELS[base]}, mean ± std over {len(names)} seeds | | "
+                        f"{m:.2f} ± {sd:.2f} | {m / float_ppl:.2f} | {kl:.3f} | {top:.3f} | "
+                        f"{100 * (mean - m) / (mean - float_ppl):.0f}% |"
+                    )
 
 
 if __name__ == "__main__":

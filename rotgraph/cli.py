@@ -489,7 +489,7 @@ def parser() -> argparse.ArgumentParser:
         type=int,
         default=32,
         help="GPTQ, SmoothQuant, static scales, the onnxruntime KV cache: 512-token windows of calibration text "
-        "(the clip search and --center-keys read the first 8)",
+        "(the clip search, --center-keys and --center-activations read the first 8)",
     )
     q.add_argument("--text", help="calibration text (default: the calibration split of the Wikipedia excerpt)")
     q.add_argument(
@@ -515,6 +515,12 @@ def parser() -> argparse.ArgumentParser:
         action="store_true",
         help="kv schemes with rotgraph's cache (qdq; ort at kv4): subtract the keys' mean on calibration text before the cache quantizer (exact in "
         "float: softmax ignores a shift common to all keys; needs tokenizer.json)",
+    )
+    q.add_argument(
+        "--center-activations",
+        action="store_true",
+        help="dynamic activations: subtract each projection input's mean on calibration text before its quantizer "
+        "and add it back through the weights as a bias (exact in float; needs tokenizer.json)",
     )
     q.add_argument("--act-symmetric", action="store_true", help="static: signed codes (default: uint8 + zero point)")
     q.add_argument("--calibration", choices=["minmax", "percentile", "entropy"], default="minmax", help="static ranges")

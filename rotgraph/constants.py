@@ -25,6 +25,7 @@ R3_KEY = "rotgraph.r3"  # the online Hadamard after RoPE on queries and keys
 R4_KEY = "rotgraph.r4"  # the online Hadamard before down_proj
 OUT_HADAMARD_KEY = "rotgraph.o_hadamard"  # the online Hadamard before o_proj
 KEY_MEAN_KEY = "rotgraph.key_mean"  # the calibrated key means subtracted before the KV cache
+ACTIVATION_MEAN_KEY = "rotgraph.activation_mean"  # the projection inputs' means subtracted (as biases)
 SCALES_KEY = "rotgraph.scales"  # JSON: the sites a learned per-channel scaling was folded into
 
 # Written when onnxruntime's fused norms were expanded (canonical form): how many, to fuse them again.

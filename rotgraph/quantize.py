@@ -24,6 +24,7 @@ from rotgraph.errors import RotgraphError, ValidationError
 from rotgraph.evaluate import log_softmax, validation_logits, windows
 from rotgraph.fakequant import ActSpec
 from rotgraph.passes import UntieEmbeddingPass
+from rotgraph.passes.center_activations import CenterActivationsPass
 from rotgraph.passes.gqa_kv_cache import CacheScales, CalibrateGqaCachePass, GqaQuantizedCachePass
 from rotgraph.passes.group_query_attention import FindFusableAttentionPass, GroupQueryAttentionPass
 from rotgraph.passes.key_mean import SubtractKeyMeanPass
@@ -127,6 +128,9 @@ class QuantOptions:
     # kv schemes, rotgraph's cache: subtract the keys' mean on calibration text before the cache quantizer
     # (`SubtractKeyMeanPass`; benchmarks/RESULTS.md, "Centered keys")
     center_keys: bool = False
+    # dynamic activations: subtract each projection input's mean on calibration text before its quantizer,
+    # added back as a bias (`CenterActivationsPass`; benchmarks/RESULTS.md, "Centered projection inputs")
+    center_activations: bool = False
     # static: unsigned codes + zero point (onnxruntime's CPU integer kernels take uint8 activations where
     # one input feeds several MatMuls); True: signed codes, zero point 0
     act_symmetric: bool = False
@@ -170,6 +174,11 @@ class QuantOptions:
             self._check_asymmetric(Scheme.parse(self.scheme))
         if self.out_hadamard and (self.rotation == "none" or not self.online):
             raise RotgraphError("the online Hadamard before o_proj comes with a rotation's online Hadamards")
+        if self.center_activations and (self.activations != "dynamic" or Scheme.parse(self.scheme).act_bits == 16):
+            raise RotgraphError(
+                "--center-activations moves what the per-token activation quantizers read: it needs quantized "
+                f"dynamic activations, not scheme {self.scheme} with {self.activations} activations"
+            )
         if self.center_keys and (Scheme.parse(self.scheme).kv_bits is None or self.gqa_cache):
             raise RotgraphError(
                 "--center-keys moves the keys rotgraph's KV-cache quantizer reads: it needs a kv scheme and rotgraph's "
@@ -292,6 +301,7 @@ def calibration_tokens(model_path: Path, options: QuantOptions) -> np.ndarray:
                 ("static activations", options.activations == "static"),
                 ("the onnxruntime KV cache", options.gqa_cache),
                 ("--center-keys", options.center_keys),
+                ("--center-activations", options.center_activations),
             )
             if on
         ]
@@ -404,6 +414,11 @@ def quantize_stages(
         assert calibration is not None
         stages.append(Stage("calibration (activation ranges)", (CalibratePass(calibration, "absmax", scratch),)))
         stages.append(Stage("SmoothQuant", (SmoothQuantPass(calibration.absmax, options.smooth),)))
+    if options.center_activations:  # before GPTQ and the clip search, which then see centered inputs
+        if calibration is None:
+            raise RotgraphError("--center-activations needs calibration tokens")
+        tokens = calibration.tokens[:CLIP_WINDOWS]
+        stages.append(Stage("calibration (activation means)", (CenterActivationsPass(tokens, scratch),)))
     if needs_gptq:
         assert calibration is not None
         stages.append(Stage("calibration (GPTQ Hessians)", (CalibratePass(calibration, "hessian", scratch),)))
@@ -617,6 +632,7 @@ def quantize(
         or options.gqa_cache
         or options.act_clip_search
         or options.center_keys
+        or options.center_activations
     )
     calibration = calibration_tokens(input_path, options) if needs_text else None
     found = None

@@ -33,6 +33,37 @@ def mean_kl(reference: np.ndarray, logits: np.ndarray) -> float:
     return float((np.exp(p) * (p - q)).sum(-1).mean())
 
 
+def edited_export(tmp_path: Path, model_type: str, seed: int, edit: Callable[[object], None]) -> Path:
+    """A tiny Hugging Face model changed in place by `edit(model)` (under no_grad), exported (dynamo)."""
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    folder = make_tiny_model(tmp_path / "hf", model_type, seed=seed)
+    model = AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32)
+    with torch.no_grad():
+        edit(model)
+    model.save_pretrained(folder)
+    path = tmp_path / "onnx" / "model.onnx"
+    export(str(folder), path, "dynamo", False)
+    return path
+
+
+def kl_without_and_with(path: Path, tmp_path: Path, scheme: str, flag: str) -> tuple[float, float]:
+    """Mean KL to `path`'s float logits (2 x 256 seeded tokens) of `rotgraph quantize --scheme SCHEME`
+    (dynamic activations, 2 calibration windows) without and with `flag`."""
+    from rotgraph.cli import main
+
+    ids = np.random.default_rng(11).integers(0, 384, size=(2, 256))
+    reference = ort_logits(path, ids)
+    errors = []
+    for name, extra in (("without", []), ("with", [flag])):
+        out = tmp_path / name / "model.onnx"
+        argv = ["quantize", str(path), "-o", str(out), "--scheme", scheme, "--activations", "dynamic"]
+        assert main([*argv, "--calibration-windows", "2", *extra]) == 0
+        errors.append(mean_kl(reference, ort_logits(out, ids)))
+    return errors[0], errors[1]
+
+
 @pytest.fixture(scope="module")
 def tool_venvs() -> None:
     """Fail (not skip) before any work when an exporter tool's venv is missing: CI makes them

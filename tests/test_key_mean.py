@@ -7,18 +7,16 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from conftest import mean_kl, ort_logits
+from conftest import edited_export, kl_without_and_with, ort_logits
 from transformers import AutoModelForCausalLM
 
 from rotgraph import io
 from rotgraph.cli import main
 from rotgraph.errors import RotgraphError, StructureError
-from rotgraph.export import export
 from rotgraph.passes.key_mean import SubtractKeyMeanPass
 from rotgraph.pipeline import canonicalize
 from rotgraph.quantize import QuantOptions
 from rotgraph.structure import discover, is_constant_shift
-from rotgraph.testing import make_tiny_model
 from rotgraph.weights import read_float64
 
 SEQ = 20  # calibration windows: not the length of any other axis of the tiny models' keys
@@ -62,24 +60,14 @@ def test_key_means_are_the_models_and_leave_the_float_graph_exact(tiny, tokens, 
 def test_centered_keys_quantize_better_when_keys_share_a_large_component(tmp_path) -> None:
     """Keys with a large bias (kept by RoPE's slow channels) spend a per-token grid's range on what all
     keys share; centered, the same 4-bit cache is closer to float. Float logits stay the model's."""
-    folder = make_tiny_model(tmp_path / "hf", "qwen2", seed=5)
-    model = AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32)
-    with torch.no_grad():
+
+    def biased_keys(model) -> None:  # type: ignore[no-untyped-def]
         for layer in model.model.layers:
             layer.self_attn.k_proj.bias.add_(10.0)
-    model.save_pretrained(folder)
-    path = tmp_path / "onnx" / "model.onnx"
-    export(str(folder), path, "dynamo", False)
-    ids = np.random.default_rng(11).integers(0, 384, size=(2, 256))
-    reference = ort_logits(path, ids)
-    errors = {}
-    for name, extra in (("plain", []), ("centered", ["--center-keys"])):
-        out = tmp_path / name / "model.onnx"
-        argv = ["quantize", str(path), "-o", str(out), "--scheme", "w16a16kv4", "--activations", "dynamic"]
-        argv += ["--calibration-windows", "2"]
-        assert main([*argv, *extra]) == 0
-        errors[name] = mean_kl(reference, ort_logits(out, ids))
-    assert errors["centered"] < 0.8 * errors["plain"], errors  # 0.69 when written
+
+    path = edited_export(tmp_path, "qwen2", 5, biased_keys)
+    plain, centered = kl_without_and_with(path, tmp_path, "w16a16kv4", "--center-keys")
+    assert centered < 0.8 * plain, (plain, centered)  # 0.69 when written
 
 
 @pytest.mark.parametrize("fmt", ["qdq", "ort"])

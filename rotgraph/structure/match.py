@@ -52,8 +52,9 @@ def describe(value: ir.Value | None) -> str:
 
 
 def is_constant_shift(node: ir.Node | None) -> bool:
-    """Sub(x, constant): keys moved by their calibrated mean (`SubtractKeyMeanPass`), transparent to the
-    walks between RoPE, the KV cache and the score MatMul."""
+    """Sub(x, constant): keys moved by their calibrated mean (`SubtractKeyMeanPass`) or a projection's
+    input by its own (`CenterActivationsPass`), transparent to the walks between RoPE, the KV cache and
+    the score MatMul and to those between a norm (or the gating Mul) and the projections."""
     return (
         node is not None
         and node.op_type == "Sub"
@@ -65,16 +66,17 @@ def is_constant_shift(node: ir.Node | None) -> bool:
 
 
 def through_rotgraph_ops(value: ir.Value) -> list[ir.Node]:
-    """Data consumers of `value`, looking through chains of rotgraph ops."""
+    """Data consumers of `value`, looking through chains of rotgraph ops and constant shifts."""
     nodes = []
     for node in data_consumers(value):
-        nodes += through_rotgraph_ops(node.outputs[0]) if is_rotgraph_op(node) else [node]
+        transparent = is_rotgraph_op(node) or (is_constant_shift(node) and node.inputs[0] is value)
+        nodes += through_rotgraph_ops(node.outputs[0]) if transparent else [node]
     return nodes
 
 
 def before_rotgraph_ops(value: ir.Value) -> ir.Value:
-    """The value a chain of rotgraph ops ending in `value` started from."""
-    while is_rotgraph_op(value.producer()):
+    """The value a chain of rotgraph ops and constant shifts ending in `value` started from."""
+    while is_rotgraph_op(value.producer()) or is_constant_shift(value.producer()):
         producer = value.producer()
         assert producer is not None and producer.inputs[0] is not None
         value = producer.inputs[0]
