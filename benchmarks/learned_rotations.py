@@ -63,6 +63,10 @@ LEARNERS = {  # the default order of --learners
         ["--objective", "output-error", "--scheme", "w16a4kv4", "--act-asymmetric", "--out-hadamard"],
         ("gptq",),
     ),
+    "output-error-w16-centered": (
+        ["--objective", "output-error", "--scheme", "w16a4kv4", "--center-activations"],
+        ("gptq",),
+    ),
 }
 LABELS = {
     "spinquant-w4a4kv4": "SpinQuant end to end (learned at w4a4kv4, RTN in the loop)",
@@ -75,6 +79,7 @@ LABELS = {
     "output-error-w16-scaling": "output error, layer-wise (learned at w16a4kv4), + scaling, + GPTQ",
     "output-error-w16-deployed": "output error, layer-wise (learned at w16a4kv4, asymmetric activations, "
     "Hadamard before o_proj) + GPTQ",
+    "output-error-w16-centered": "output error, layer-wise (learned at w16a4kv4 for centered inputs) + GPTQ",
 }
 
 

@@ -374,6 +374,11 @@ def parser() -> argparse.ArgumentParser:
         help="learn against the asymmetric per-token activation grid (`quantize --act-asymmetric`)",
     )
     lp.add_argument(
+        "--center-activations",
+        action="store_true",
+        help="output-error: learn for inputs centered on their mean (`quantize --center-activations`)",
+    )
+    lp.add_argument(
         "--out-hadamard",
         action="store_true",
         help="output-error: O reads its input through the online Hadamard `quantize` inserts before o_proj at "

@@ -90,12 +90,16 @@ class Quantizers:
     def activations(self, x: torch.Tensor) -> torch.Tensor:
         return x if self.act is None else fake_quant(x, self.act)
 
-    def o_projection(self, z: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
+    def o_projection(self, z: torch.Tensor, w: torch.Tensor, center: bool = False) -> torch.Tensor:
         """O's quantized output for its input rows `z` and weight `w` [heads * d, out]; with the online
-        Hadamard H before o_proj, O reads z H through H^T w."""
+        Hadamard H before o_proj, O reads z H through H^T w; with `center`, the rows' mean is subtracted
+        before the quantizer and added back through the float weight (`quantize --center-activations`)."""
+        mean = z.mean(0) if center else None
+        x, wx = (z, w) if mean is None else (z - mean, w)
         if self.out_hadamard is not None:
-            z, w = z @ self.out_hadamard, self.out_hadamard.T @ w
-        return self.activations(z) @ self.weights(w)
+            x, wx = x @ self.out_hadamard, self.out_hadamard.T @ wx
+        out = self.activations(x) @ self.weights(wx)
+        return out if mean is None else out + mean @ w
 
 
 def relative_error(y_hat: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
@@ -189,13 +193,19 @@ class LayerwiseObjective(torch.nn.Module):
         scaling: bool,
         objective: str = "kurtosis",
         quantizers: Quantizers | None = None,
+        center: bool = False,
     ) -> None:
         super().__init__()
         if objective not in OBJECTIVES:
             raise RotgraphError(f"objective {objective!r}: expected one of {', '.join(OBJECTIVES)}")
         if objective == "output-error" and quantizers is None:
             raise RotgraphError("the output-error objective needs the scheme's quantizers")
+        if center and (objective != "output-error" or scaling):
+            raise RotgraphError("centered inputs are modelled by the output-error objective, without scaling")
         self.objective, self.quantizers, self.seed = objective, quantizers, seed
+        # output-error: each quantized input's mean (over the sampled rows) is subtracted before its
+        # quantizer and added back through the float weight, as `quantize --center-activations` does
+        self.means = [{site: getattr(x, site).mean(0) for site in ("attn", "mlp")} for x in layers] if center else None
         self.layers = layers
         pairs = r2_pairs(desc)
         self.heads = [(p.num_heads, p.num_kv_heads, p.head_dim) for p in pairs]
@@ -227,12 +237,16 @@ class LayerwiseObjective(torch.nn.Module):
         r1 = self.r1.to(torch.float32)
         r1_loss = torch.zeros((), dtype=torch.float32)
         r2_loss = torch.zeros((), dtype=torch.float32)
-        for x, r2, (heads, _, d) in zip(self.layers, self.r2, self.heads, strict=True):
+        for i, (x, r2, (heads, _, d)) in enumerate(zip(self.layers, self.r2, self.heads, strict=True)):
             for site in ("attn", "mlp"):
                 act, w = getattr(x, site), x.weights[site]
                 cols = torch.from_numpy(rng.choice(w.shape[1], min(OUTPUT_COLUMNS, w.shape[1]), replace=False))
                 w = w[:, cols]
-                y_hat = quant.activations(act @ r1) @ quant.weights(r1.T @ w)
+                if self.means is None:
+                    y_hat = quant.activations(act @ r1) @ quant.weights(r1.T @ w)
+                else:
+                    mean = self.means[i][site]
+                    y_hat = quant.activations((act - mean) @ r1) @ quant.weights(r1.T @ w) + mean @ w
                 r1_loss = r1_loss + relative_error(y_hat, act @ w)
             h = r2.to(torch.float32)
             o = x.weights["o"]
@@ -242,7 +256,7 @@ class LayerwiseObjective(torch.nn.Module):
             if quant.kv is not None:
                 v = fake_quant(v, quant.kv)
             z = per_query_head(v, heads)
-            y_hat = quant.o_projection(z, (h.T @ o).reshape(heads * d, -1))
+            y_hat = quant.o_projection(z, (h.T @ o).reshape(heads * d, -1), center=self.means is not None)
             y = per_query_head(x.v, heads)
             r2_loss = r2_loss + relative_error(y_hat, y @ o.reshape(heads * d, -1))
         return r1_loss / (2 * len(self.layers)) + r2_loss / len(self.layers)
@@ -393,13 +407,15 @@ def learn_layerwise(
     objective: str = "kurtosis",
     quantizers: Quantizers | None = None,
     out_hadamard: bool = False,
+    center: bool = False,
     checkpoint_every: int,
     options_json: str,
     resume: bool = False,
     progress: bool = True,
 ) -> LayerwiseResult:
     """Learn R1/R2 against `objective` (`steps` Cayley SGD steps, lr with cosine decay; output-error
-    needs the scheme's `quantizers`, with `out_hadamard` O's online Hadamard added to them) and, with `scaling`, then the scales
+    needs the scheme's `quantizers`, with `out_hadamard` O's online Hadamard added to them, with `center` the
+    inputs centered as `quantize --center-activations` does) and, with `scaling`, then the scales
     (`steps` Adam steps) on activations collected from the model at `model_path`; checkpoints every
     `checkpoint_every` steps into `checkpoint`, which `resume` continues from."""
     model = io.load_model(model_path)
@@ -410,7 +426,7 @@ def learn_layerwise(
         n = desc.blocks[0].attention.o.shape[0]
         h = factors_for(n, "the Hadamard before o_proj").apply(np.eye(n))
         quantizers = dataclasses.replace(quantizers, out_hadamard=torch.from_numpy(h.astype(np.float32)))
-    obj = LayerwiseObjective(desc, layers, seed, scaling, objective, quantizers)
+    obj = LayerwiseObjective(desc, layers, seed, scaling, objective, quantizers, center)
     rot_opt = CayleySGD([obj.r1, *obj.r2], lr=lr, momentum=0.0)
     optimizers: list[torch.optim.Optimizer] = [rot_opt]
     if scaling:

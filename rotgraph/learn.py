@@ -101,6 +101,9 @@ class LearnOptions:
     # output-error objective: O reads its input through the online Hadamard `rotgraph quantize` inserts
     # before o_proj at 4-bit activations (`--out-hadamard`)
     out_hadamard: bool = False
+    # output-error objective: each quantized input centered on its mean, the mean added back through the
+    # float weights (`rotgraph quantize --center-activations`)
+    center_activations: bool = False
 
     def __post_init__(self) -> None:
         scheme = Scheme.parse(self.scheme)
@@ -125,6 +128,11 @@ class LearnOptions:
         if self.out_hadamard and (self.objective != "output-error" or not self.online):
             raise RotgraphError(
                 "--out-hadamard: only the output-error objective (with the online Hadamards) models O's input"
+            )
+        if self.center_activations and (self.objective != "output-error" or self.scaling or scheme.act_bits == 16):
+            raise RotgraphError(
+                "--center-activations: only the output-error objective (without --scaling) models centered inputs, "
+                f"and scheme {self.scheme} must quantize activations"
             )
         if self.act_asymmetric and scheme.act_bits == 16:
             raise RotgraphError(f"--act-asymmetric: scheme {self.scheme} keeps activations float")
@@ -573,6 +581,7 @@ def _learn_layerwise(
             options.group,
         ),
         out_hadamard=options.out_hadamard,
+        center=options.center_activations,
         checkpoint_every=options.checkpoint_every,
         options_json=json.dumps(asdict(options)),
         resume=resume,

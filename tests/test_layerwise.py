@@ -119,12 +119,17 @@ def _rtn(w: np.ndarray, bits: int, group: int) -> np.ndarray:
     return (np.clip(np.round(g / scale), -qmax - 1, qmax) * scale).reshape(w.shape[1], -1).T
 
 
-@pytest.mark.parametrize("deployed", [False, True], ids=["quarot-quantizers", "asymmetric-out-hadamard"])
-def test_output_error_objective_is_the_quantized_layers_error_and_decreases(tiny, deployed: bool) -> None:
+@pytest.mark.parametrize(
+    ("deployed", "center"),
+    [(False, False), (True, False), (False, True)],
+    ids=["quarot-quantizers", "asymmetric-out-hadamard", "centered"],
+)
+def test_output_error_objective_is_the_quantized_layers_error_and_decreases(tiny, deployed: bool, center: bool) -> None:
     """At the Hadamard start the objective equals the quantized layers' relative output error computed
     in numpy (per-token 4-bit activations, a 4-bit KV cache, 4-bit RTN weights); Cayley SGD lowers it.
     `deployed`: asymmetric activations, and O reading its input through the Hadamard before o_proj
-    (64 wide here: a Sylvester matrix built in the test)."""
+    (64 wide here: a Sylvester matrix built in the test). `center`: each quantized input's mean subtracted
+    before its quantizer and added back through the float weight."""
     from rotgraph.fakequant import ActSpec
     from rotgraph.layerwise import Quantizers, collect
     from rotgraph.stiefel import CayleySGD
@@ -142,7 +147,9 @@ def test_output_error_objective_is_the_quantized_layers_error_and_decreases(tiny
         sylvester = np.kron(np.array([[1.0, 1.0], [1.0, -1.0]]), sylvester)
     out_h = sylvester / np.sqrt(len(sylvester))
     quant = Quantizers(act, kv, 4, 16, torch.from_numpy(out_h.astype(np.float32)) if deployed else None)
-    obj = LayerwiseObjective(desc, layers, seed=0, scaling=False, objective="output-error", quantizers=quant)
+    obj = LayerwiseObjective(
+        desc, layers, seed=0, scaling=False, objective="output-error", quantizers=quant, center=center
+    )
     with torch.no_grad():
         start = float(obj.rotation_loss(0))
 
@@ -156,16 +163,20 @@ def test_output_error_objective_is_the_quantized_layers_error_and_decreases(tiny
     for s, (h, _) in zip(layers, head_rotations(d, len(layers), 0), strict=True):
         for site in ("attn", "mlp"):  # every column: a tiny layer is narrower than one draw
             x, w = getattr(s, site).numpy().astype(np.float64), s.weights[site].numpy().astype(np.float64)
-            y_hat = act.reference(x @ r1) @ _rtn(r1.T @ w, 4, 16)
+            m = x.mean(0) if center else np.zeros(x.shape[1])
+            y_hat = act.reference((x - m) @ r1) @ _rtn(r1.T @ w, 4, 16) + m @ w
             expected += err(y_hat, x @ w) / (2 * len(layers))
         v = s.v.numpy().astype(np.float64)
         o = s.weights["o"].numpy().astype(np.float64)
         vq = kv.reference(v @ h)
         z, y = (np.repeat(t, heads // kv_heads, axis=1).reshape(len(v), -1) for t in (vq, v))
         o_rotated = np.einsum("ji,hjo->hio", h, o.reshape(heads, d, -1)).reshape(heads * d, -1)
+        m = z.mean(0) if center else np.zeros(z.shape[1])
+        shift = m @ o_rotated
         if deployed:
             z, o_rotated = z @ out_h, out_h.T @ o_rotated
-        expected += err(act.reference(z) @ _rtn(o_rotated, 4, 16), y @ o) / len(layers)
+            m = m @ out_h
+        expected += err(act.reference(z - m) @ _rtn(o_rotated, 4, 16) + shift, y @ o) / len(layers)
     assert start == pytest.approx(expected, rel=1e-3)
 
     opt = CayleySGD([obj.r1, *obj.r2], lr=20.0)
@@ -284,6 +295,16 @@ def test_scaling_needs_a_layerwise_objective() -> None:
         LearnOptions(scaling=True)
     with pytest.raises(RotgraphError, match="objective"):
         LearnOptions(objective="magic")
+
+
+@pytest.mark.parametrize(
+    "options",
+    [{"objective": "end-to-end"}, {"objective": "kurtosis"}, {"scaling": True}, {"scheme": "w4a16"}],
+    ids=["end-to-end", "kurtosis", "scaling", "float-activations"],
+)
+def test_centered_inputs_need_the_output_error_objective(options: dict) -> None:
+    with pytest.raises(RotgraphError, match="--center-activations"):
+        LearnOptions(center_activations=True, **({"objective": "output-error"} | options))
 
 
 def test_layerwise_resume_reproduces_an_uninterrupted_run(tiny, tmp_path, monkeypatch) -> None:
