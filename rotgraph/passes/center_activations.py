@@ -114,15 +114,15 @@ def _center(model: ir.Model, value: ir.Value, mean: np.ndarray, readers: list[Li
     model.graph.insert_after(producer, sub)
     for lin in readers:
         lin.node.replace_input_with(0, shifted)
-        shift = (mean @ _weight(lin).astype(np.float64)).astype(dtype)
+        shift = mean @ _weight(lin).astype(np.float64)
         bias_name = f"{lin.node.name}.mean_bias"
         if lin.bias is not None and lin.bias_node is not None:  # a new initializer: the old one may be shared
             assert lin.bias.const_value is not None
-            total = lin.bias.const_value.numpy().astype(np.float64) + shift
-            bias = _initializer(model, bias_name, total.astype(dtype))
+            shift = shift + lin.bias.const_value.numpy().astype(np.float64)
+            bias = _initializer(model, bias_name, shift.astype(dtype))
             lin.bias_node.replace_input_with(list(lin.bias_node.inputs).index(lin.bias), bias)
             continue
-        bias = _initializer(model, bias_name, shift)
+        bias = _initializer(model, bias_name, shift.astype(dtype))
         out = lin.output
         add = ir.Node("", "Add", [out, bias], name=f"{lin.node.name}_mean_bias")
         biased = add.outputs[0]
