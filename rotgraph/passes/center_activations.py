@@ -10,6 +10,7 @@ import onnx_ir as ir
 
 from rotgraph.constants import ACTIVATION_MEAN_KEY
 from rotgraph.errors import StructureError
+from rotgraph.passes.pack_qkv import new_initializer
 from rotgraph.probe import probe
 from rotgraph.structure import Linear, discover
 from rotgraph.structure.model import distinct
@@ -90,21 +91,10 @@ def _weight(lin: Linear) -> np.ndarray:
     return tensor.numpy()
 
 
-def _initializer(model: ir.Model, name: str, array: np.ndarray) -> ir.Value:
-    value = ir.Value(
-        name=name,
-        shape=ir.Shape(array.shape),
-        type=ir.TensorType(ir.DataType.from_numpy(array.dtype)),
-        const_value=ir.tensor(array, name=name),
-    )
-    model.graph.register_initializer(value)
-    return value
-
-
 def _center(model: ir.Model, value: ir.Value, mean: np.ndarray, readers: list[Linear], name: str) -> None:
     """Make `readers` read value - mean and add mean W to each one's output."""
     dtype = _weight(readers[0]).dtype
-    constant = _initializer(model, f"{name}.mean", mean.astype(dtype))
+    constant = new_initializer(model.graph, f"{name}.mean", mean.astype(dtype))
     sub = ir.Node("", "Sub", [value, constant], name=f"{name}_center")
     shifted = sub.outputs[0]
     shifted.name, shifted.shape, shifted.type = f"{value.name}_centered", value.shape, value.type
@@ -119,10 +109,10 @@ def _center(model: ir.Model, value: ir.Value, mean: np.ndarray, readers: list[Li
         if lin.bias is not None and lin.bias_node is not None:  # a new initializer: the old one may be shared
             assert lin.bias.const_value is not None
             shift = shift + lin.bias.const_value.numpy().astype(np.float64)
-            bias = _initializer(model, bias_name, shift.astype(dtype))
+            bias = new_initializer(model.graph, bias_name, shift.astype(dtype))
             lin.bias_node.replace_input_with(list(lin.bias_node.inputs).index(lin.bias), bias)
             continue
-        bias = _initializer(model, bias_name, shift.astype(dtype))
+        bias = new_initializer(model.graph, bias_name, shift.astype(dtype))
         out = lin.output
         add = ir.Node("", "Add", [out, bias], name=f"{lin.node.name}_mean_bias")
         biased = add.outputs[0]

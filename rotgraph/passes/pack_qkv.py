@@ -75,7 +75,8 @@ def _zero_points(node: ir.Node) -> bool:
     return len(node.inputs) > 3 and node.inputs[3] is not None
 
 
-def _initializer(graph: ir.Graph, name: str, array: np.ndarray) -> ir.Value:
+def new_initializer(graph: ir.Graph, name: str, array: np.ndarray) -> ir.Value:
+    """A new initializer of `graph` holding `array`, its shape and type set."""
     value = ir.Value(name=name, const_value=ir.Tensor(array, name=name))
     value.shape, value.dtype = ir.Shape(array.shape), ir.DataType.from_numpy(array.dtype)
     graph.register_initializer(value)
@@ -140,7 +141,7 @@ def pack_projections(graph: ir.Graph, projections: list[Projection], name: str) 
     assert x is not None
     if first.op_type == "MatMul":
         weight = np.concatenate([_array(p.node.inputs[1]) for p in projections], axis=1)  # type: ignore[misc]
-        node = ir.Node(first.domain, "MatMul", [x, _initializer(graph, f"{name}.weight", weight)], name=name)
+        node = ir.Node(first.domain, "MatMul", [x, new_initializer(graph, f"{name}.weight", weight)], name=name)
     else:
         inputs: list[ir.Value | None] = [x]
         for index, what in ((1, "packed"), (2, "scales"), (3, "zero_points")):
@@ -158,7 +159,7 @@ def pack_projections(graph: ir.Graph, projections: list[Projection], name: str) 
             assert original is not None
             if original.ndim == 1:
                 joined = joined.reshape(-1)
-            inputs.append(_initializer(graph, f"{name}.{what}", joined))
+            inputs.append(new_initializer(graph, f"{name}.{what}", joined))
         while inputs[-1] is None:
             inputs.pop()
         attrs = {a.name: a for a in first.attributes.values()}
@@ -173,7 +174,7 @@ def pack_projections(graph: ir.Graph, projections: list[Projection], name: str) 
             assert p.bias is not None
             constant = next(a for a in map(_array, p.bias.inputs) if a is not None)
             biases.append(constant.reshape(-1))
-        bias = _initializer(graph, f"{name}.bias", np.concatenate(biases))
+        bias = new_initializer(graph, f"{name}.bias", np.concatenate(biases))
         add = ir.Node("", "Add", [out, bias], name=f"{name}_bias")
         graph.insert_after(node, add)
         out = add.outputs[0]
