@@ -39,10 +39,10 @@ MODELS = {  # name -> rotgraph quantize arguments (None: the float export, "rota
     "float + rotation (R1-R4)": "rotate",
     "w4a16": ["--scheme", "w4a16"],
     "w4a8": ["--scheme", "w4a8"],
-    "w4a8, eager attention": ["--scheme", "w4a8", "--eager-attention"],
-    "w4a8, no R3/R4": ["--scheme", "w4a8", "--no-online"],
+    "w4a8, eager attention": ["--scheme", "w4a8", "--set", "output.fused_attention=false"],
+    "w4a8, no R3/R4": ["--scheme", "w4a8", "--set", "rotation.online=false"],
     "w4a4kv4": ["--scheme", "w4a4kv4"],
-    "w4a4kv4, no R3/R4": ["--scheme", "w4a4kv4", "--no-online"],
+    "w4a4kv4, no R3/R4": ["--scheme", "w4a4kv4", "--set", "rotation.online=false"],
 }
 # (model, the same without online Hadamards): w4a8 keeps its KV cache in float, so rotgraph inserts R4 only
 OVERHEAD = {"R4 (w4a8)": ("w4a8", "w4a8, no R3/R4"), "R3 + R4 (w4a4kv4)": ("w4a4kv4", "w4a4kv4, no R3/R4")}

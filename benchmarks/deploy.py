@@ -98,7 +98,19 @@ def main() -> None:
     rotgraph = str(Path(sys.executable).parent / "rotgraph")
     baseline = [sys.executable, __file__, "--ort-calibration-windows", str(args.ort_calibration_windows)]
     baseline += ["--ort-gptq-actorder"] if args.ort_gptq_actorder else []
-    w4a16 = [rotgraph, "quantize", "SRC", "-o", "OUT", "--scheme", "w4a16", "--format", "ort", "--head-bits", "16"]
+    w4a16 = [
+        rotgraph,
+        "quantize",
+        "SRC",
+        "-o",
+        "OUT",
+        "--scheme",
+        "w4a16",
+        "--format",
+        "ort",
+        "--set",
+        "weights.head_bits=16",
+    ]
     w4a8 = [rotgraph, "quantize", "SRC", "-o", "OUT", "--scheme", "w4a8", "--weights", "gptq"]
     builds = {  # SRC and OUT stand for the float model and the output
         "rotated float": [rotgraph, "rotate", "SRC", "-o", "OUT", "--no-validate"],
@@ -109,7 +121,7 @@ def main() -> None:
         "QuaRot+GPTQ w4a16": [*w4a16, "--weights", "gptq"],
         "QuaRot+GPTQ w4a8 qdq": [*w4a8, "--format", "qdq"],
         "QuaRot+GPTQ w4a8 ort": [*w4a8, "--format", "ort"],
-        "QuaRot+GPTQ w4a8 ort, no R3/R4": [*w4a8, "--format", "ort", "--no-online"],
+        "QuaRot+GPTQ w4a8 ort, no R3/R4": [*w4a8, "--format", "ort", "--set", "rotation.online=false"],
     }
     paths = {"float": source}
     cost = []

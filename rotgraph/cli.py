@@ -18,7 +18,7 @@ import numpy as np
 from rotgraph.errors import RotgraphError
 
 if TYPE_CHECKING:
-    from rotgraph.quantize import QuantOptions
+    from rotgraph.config import QuantConfig
 
 logger = logging.getLogger("rotgraph")
 T = TypeVar("T")
@@ -79,83 +79,48 @@ def cmd_learn(args: argparse.Namespace) -> None:
         print(f"wrote {report.output} ({report.steps} steps) in {report.seconds:.1f} s")
 
 
-# Named sets of `quantize` flags (--recipe NAME); the measurements behind them are in benchmarks/RESULTS.md.
-RECIPES = {
-    # Both beat onnxruntime-genai's int4 model (RTN in blocks of 32, one shared 4-bit embedding/lm_head table)
-    # on perplexity, KL and top-1 (benchmarks/RESULTS.md, "Weight recipes vs the onnxruntime-genai builder's
-    # int4"): QuaRot (the default rotation) + GPTQ on full-range groups, the embedding and lm_head one shared
-    # table. int4: 8-bit table, groups of 64, ~1.08x the builder's size; int4-compact: 4-bit table, groups of
-    # 32, ~1.02x. int4-fast: int4 without the online Hadamards (R4 before down_proj): decodes 1.12x / 1.07x
-    # as fast as the builder's int4 in onnxruntime-genai (short / 512-token prompt) at perplexity 20.79 against
-    # int4's 20.60 (RESULTS.md, "onnxruntime-genai folders", run 4); not for kv schemes, which need R3.
-    "int4": "--weights gptq --full-range --group 64 --head-bits 8 --shared-head",
-    "int4-fast": "--weights gptq --full-range --group 64 --head-bits 8 --shared-head --no-online",
-    "int4-compact": "--weights gptq --full-range --head-bits 4 --shared-head",
-}
+def quant_config(args: argparse.Namespace) -> QuantConfig:
+    """The configuration of parsed `quantize` arguments: the recipe (default `best`), then the --config
+    file, then the flags given, then each --set, each over the last."""
+    from rotgraph import config
 
-
-def expand_recipes(argv: Sequence[str]) -> list[str]:
-    """`quantize ... --recipe NAME ...` -> `quantize FLAGS ...`: the recipe's flags go first, so flags given
-    on the command line override them. An unknown name is left for the parser to refuse."""
-    args = list(argv)
-    for i, arg in enumerate(args):
-        name = (
-            arg.split("=", 1)[1]
-            if arg.startswith("--recipe=")
-            else (args[i + 1] if arg == "--recipe" and i + 1 < len(args) else None)
-        )
-        if name in RECIPES and "quantize" in args[:i]:
-            del args[i : i + (1 if "=" in arg else 2)]
-            at = args.index("quantize") + 1
-            return args[:at] + RECIPES[name].split() + args[at:]
-    return args
-
-
-def _clip_ratio(text: str | None) -> float | None:
-    """--act-clip's ratio; None for no value or `search`."""
-    if text is None or text == "search":
-        return None
-    try:
-        return float(text)
-    except ValueError:
-        raise RotgraphError(f"--act-clip {text!r}: expected a ratio such as 0.8, or `search`") from None
-
-
-def quant_options(args: argparse.Namespace) -> QuantOptions:
-    """The QuantOptions of parsed `quantize` arguments (benchmarks build their candidates this way)."""
-    from rotgraph.quantize import QuantOptions
-
-    activations = args.activations or ("static" if args.format == "qdq" else "dynamic")
-    return _options(
-        QuantOptions,
-        args,
-        online=not args.no_online,
-        out_hadamard={"auto": None, "on": True, "off": False}[args.out_hadamard],
-        smooth=args.alpha if args.smooth else None,
-        symmetric_weights=not args.asymmetric,
-        fmt=args.format,
-        act_order=not args.no_act_order,
-        fused_attention=not args.eager_attention,
-        activations=activations,
-        act_clip=_clip_ratio(args.act_clip),
-        act_clip_search=args.act_clip == "search",
-        # Standard ONNX by default only with static activations: `--activations dynamic` keeps rotgraph's
-        # functions (a cache stored as codes, graphs with onnxruntime's ops) unless --opset asks for it.
-        opset=args.opset if args.opset is not None or args.format != "qdq" or activations != "static" else 23,
-    )
+    base = config.preset(args.recipe)
+    if args.config:
+        base = config.load(Path(args.config), base)
+    flags = {key: getattr(args, key) for key in config.flags() if getattr(args, key, None) is not None}
+    return base.with_values(flags).with_values(config.parse_assignments(args.set or []))
 
 
 def cmd_quantize(args: argparse.Namespace) -> None:
     from rotgraph.quantize import quantize
 
-    options = quant_options(args)
-    report = quantize(Path(args.input), Path(args.output), options, validate=not args.no_validate)
+    report = quantize(
+        Path(args.input),
+        Path(args.output),
+        quant_config(args),
+        validate=not args.no_validate,
+        keep_failed=args.keep_failed,
+    )
     if report.validation is not None:
         print(f"validated against the float model: {report.validation}")
+    o = report.options
     print(
-        f"wrote {report.output} ({args.scheme}, rotation {args.rotation}, weights {args.weights}) "
+        f"wrote {report.output} ({o.scheme}, rotation {o.rotation}, weights {o.weights}, activations {o.activations}) "
         f"in {report.seconds:.1f} s"
     )
+
+
+def cmd_recipes(args: argparse.Namespace) -> None:
+    from rotgraph import config
+
+    if args.fields:
+        for key, (kind, default, help_text) in config.describe_fields().items():
+            print(f"{key} ({kind}, default {default!r}): {help_text}")
+        return
+    for name, recipe in config.RECIPES.items():
+        print(f"{name}: {recipe.description}\n  measured: {recipe.measured}")
+        values = ", ".join(f"{k}={v}" for k, v in recipe.values.items())
+        print(f"  sets: {values or '(nothing: every auto field resolved)'}")
 
 
 _KERNELS = {"auto": None, "on": True, "off": False}
@@ -266,6 +231,15 @@ def cmd_demo(args: argparse.Namespace) -> None:
     for r in evaluate([original, rotated], _tokens(args, original)):
         extra = "" if r.kl_to_reference is None else f"  KL {r.kl_to_reference:.2e}  top-1 {r.top1_agreement:.4f}"
         print(f"{Path(r.model).name}: perplexity {r.perplexity:.4f}{extra}")
+
+
+def _config_flags(p: argparse.ArgumentParser) -> None:
+    """The configuration fields that have a command-line flag (`rotgraph.config`), each as an option whose
+    destination is the field's dotted name; an option not given leaves the field to the recipe."""
+    from rotgraph import config
+
+    for key, (flag, kind, help_text) in config.flags().items():
+        p.add_argument(flag, dest=key, type=kind, metavar=key.split(".")[-1].upper(), help=help_text)
 
 
 def _text_options(p: argparse.ArgumentParser, windows: int) -> None:
@@ -416,134 +390,42 @@ def parser() -> argparse.ArgumentParser:
     lp.set_defaults(func=cmd_learn)
 
     q = sub.add_parser(
-        "quantize", help="quantize weights, activations and KV cache (QDQ ONNX or the onnxruntime format)"
+        "quantize",
+        help="quantize weights, activations and KV cache (QDQ ONNX, the onnxruntime format, an onnxruntime-genai folder)",
+        description="Every option not shown here is a field of the configuration: `--set section.field=value`, "
+        "or a --config file (`rotgraph recipes --fields` lists them; docs/cli.md describes them). Defaults are the "
+        "best measured recipe for the scheme and format (`auto` fields).",
     )
     q.add_argument("input")
-    q.add_argument("-o", "--output", required=True)
-    q.add_argument("--scheme", default="w4a8", help="w<4|8>a<4|8|16>[kv<4|8>], e.g. w4a16, w4a8, w4a4kv4, w8a8")
-    _rotation_options(q, ["none", "quarot", "spinquant"])
+    q.add_argument("-o", "--output", required=True, help="a .onnx file, or with --format genai a folder")
+    _config_flags(q)
     q.add_argument(
-        "--recipe",
-        choices=sorted(RECIPES),
-        help="a named set of the flags below, which flags given explicitly override: "
-        + "; ".join(f"{name}: {flags}" for name, flags in RECIPES.items()),
-    )
-    q.add_argument("--weights", choices=["rtn", "gptq"], default="rtn")
-    q.add_argument("--group", type=int, default=32, help="weight group size along the input axis; 0 = per channel")
-    q.add_argument("--asymmetric", action="store_true", help="asymmetric weight grid (UINT codes + zero points)")
-    q.add_argument(
-        "--full-range",
-        action="store_true",
-        help="symmetric weights: also try, per group, the scale that puts the largest-magnitude weight on code "
-        "-2^(b-1) (the scale takes the opposite sign), so all 2^b codes are used, as onnxruntime's int4 quantizer does",
+        "--recipe", help="a named preset of the configuration (`rotgraph recipes` lists them; default: best)"
     )
     q.add_argument(
-        "--format",
-        choices=["qdq", "ort", "genai"],
-        default="qdq",
-        help="qdq: int codes + DequantizeLinear feeding the float MatMuls (edge compilers); "
-        "ort: onnxruntime's int4 MatMulNBits (int8 activation compute for a4/a8 schemes), fused norms, "
-        "GroupQueryAttention with RoPE inside and packed QKV; genai: the ort graph in a folder -o DIR that "
-        "onnxruntime-genai runs as is (genai_config.json, tokenizer, chat template, static shared KV buffer)",
+        "--config", metavar="FILE", help="a configuration file (TOML or JSON, e.g. an output's *.rotgraph.json)"
     )
     q.add_argument(
-        "--head-bits", type=int, choices=[4, 8, 16], default=8, help="embedding and lm_head: 4- or 8-bit RTN, or float"
-    )
-    q.add_argument("--head-group", type=int, help="group size of the embedding and lm_head (default: --group)")
-    q.add_argument(
-        "--shared-head",
-        action="store_true",
-        help="embedding and lm_head read one quantized table (a tied model; after a rotation, lm_head reads it "
-        "through a float hidden x hidden map)",
-    )
-    q.add_argument("--no-online", action="store_true", help="with quarot: no online Hadamards (R3/R4)")
-    q.add_argument(
-        "--out-hadamard",
-        choices=("auto", "on", "off"),
-        default="auto",
-        help="an online Hadamard before o_proj as well, mixing the heads' outputs for one per-token scale "
-        "(QuaRot's); auto: with 4-bit activations",
-    )
-    q.add_argument(
-        "--eager-attention",
-        action="store_true",
-        help="ort format: keep the exported attention instead of onnxruntime's GroupQueryAttention "
-        "(which a graph with a float KV cache gets by default)",
-    )
-    q.add_argument(
-        "--kv-cache",
-        choices=("auto", "onnxruntime", "rotgraph"),
-        default="auto",
-        help="kv schemes, ort/genai: keep the cache as int8/int4 codes inside GroupQueryAttention with static "
-        "per-channel scales calibrated on the calibration windows (onnxruntime), or as rotgraph's per-token codes "
-        "beside the exported attention (rotgraph); auto: onnxruntime for genai and for kv8, rotgraph for kv4 in the "
-        "ort format (better quality, slower)",
+        "--set",
+        action="append",
+        metavar="KEY=VALUE",
+        help="set a configuration field, e.g. weights.group=64 (repeatable)",
     )
     q.add_argument(
         "--no-validate", action="store_true", help="skip running the result in onnxruntime (which loads it whole)"
     )
     q.add_argument(
-        "--smooth", action="store_true", help="SmoothQuant: migrate activation ranges into weights (after rotation)"
-    )
-    q.add_argument("--alpha", type=float, default=0.5, help="SmoothQuant migration strength in [0, 1]")
-    q.add_argument("--seed", type=int, default=0)
-    q.add_argument("--damp", type=float, default=0.01, help="GPTQ damping, fraction of the mean Hessian diagonal")
-    q.add_argument("--no-act-order", action="store_true", help="GPTQ: process columns in their stored order")
-    q.add_argument(
-        "--calibration-windows",
-        type=int,
-        default=32,
-        help="GPTQ, SmoothQuant, static scales, the onnxruntime KV cache: 512-token windows of calibration text "
-        "(the clip search, --center-keys and --center-activations read the first 8)",
-    )
-    q.add_argument("--text", help="calibration text (default: the calibration split of the Wikipedia excerpt)")
-    q.add_argument(
-        "--activations",
-        choices=["static", "dynamic"],
-        help="qdq: static per-tensor Q/DQ scales calibrated on the calibration windows (default) or dynamic "
-        "per-token scales at run time (ort: dynamic)",
-    )
-    q.add_argument(
-        "--act-clip",
-        metavar="RATIO|search",
-        help="dynamic activations: clip ratio of the per-token quantizers (default 0.9 at 4 bits, 1 at 8), or "
-        "`search`: per projection input, the ratio in 0.50-1.00 whose readers' output error is smallest on the "
-        "first 8 calibration windows",
-    )
-    q.add_argument(
-        "--act-asymmetric",
+        "--keep-failed",
         action="store_true",
-        help="dynamic activations: per-token min/max grid with a zero point (default: symmetric, as QuaRot)",
-    )
-    q.add_argument(
-        "--center-keys",
-        action="store_true",
-        help="kv schemes with rotgraph's cache (qdq; ort at kv4): subtract the keys' mean on calibration text before the cache quantizer (exact in "
-        "float: softmax ignores a shift common to all keys; needs tokenizer.json)",
-    )
-    q.add_argument(
-        "--center-activations",
-        action="store_true",
-        help="dynamic activations: subtract each projection input's mean on calibration text before its quantizer "
-        "and add it back through the weights as a bias (exact in float; needs tokenizer.json)",
-    )
-    q.add_argument("--act-symmetric", action="store_true", help="static: signed codes (default: uint8 + zero point)")
-    q.add_argument("--calibration", choices=["minmax", "percentile", "entropy"], default="minmax", help="static ranges")
-    q.add_argument(
-        "--wide-ratio",
-        type=float,
-        help="static: 16-bit Q/DQ (opset 21+) on each projection input whose max |x| exceeds RATIO times the "
-        "median token's (massive activations, e.g. the attention-sink token); the rest keep their bits. "
-        "16 picks SmolLM2-135M's two sink-carrying down_proj inputs",
-    )
-    q.add_argument(
-        "--opset",
-        type=int,
-        help="qdq: standard ONNX only (no functions or custom ops) at opset 17-23 (default with static "
-        "activations: 23; with dynamic: rotgraph's functions); below 23 "
-        "RMSNorm is decomposed, below 21 no 4-bit types or weight groups (--group 0)",
+        help="write a result that misses its scheme's validation floors, with a warning (a broken one is still refused)",
     )
     q.set_defaults(func=cmd_quantize)
+
+    rc = sub.add_parser("recipes", help="the named quantization recipes, what each is for and its measured result")
+    rc.add_argument(
+        "--fields", action="store_true", help="list every configuration field instead (for --set / --config)"
+    )
+    rc.set_defaults(func=cmd_recipes)
 
     v = sub.add_parser("eval", help="perplexity, KL and top-1 agreement to the first model")
     v.add_argument("models", nargs="+")
@@ -599,7 +481,7 @@ def _error_line(error: BaseException) -> str:
 def main(argv: Sequence[str] | None = None) -> int:
     """Run the command line; every failure is one `rotgraph: error:` line and exit status 1 (with -v the
     traceback of an unexpected error is printed first)."""
-    args = parser().parse_args(expand_recipes(sys.argv[1:] if argv is None else argv))
+    args = parser().parse_args(sys.argv[1:] if argv is None else argv)
     logging.basicConfig(format="rotgraph: %(message)s", level=logging.WARNING)
     logger.setLevel(logging.DEBUG if args.verbose else logging.INFO)
     try:

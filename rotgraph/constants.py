@@ -33,6 +33,7 @@ ORT_NORMS_KEY = "rotgraph.ort_norms"
 
 # Written by `rotgraph quantize`.
 QUANTIZATION_KEY = "rotgraph.quantization"  # JSON: the quantization options
+RECIPE_KEY = "rotgraph.recipe"  # JSON: the resolved configuration and rotgraph's version (`rotgraph.config.recorded`)
 SMOOTHQUANT_KEY = "rotgraph.smoothquant"  # JSON: SmoothQuant's alpha and the smoothed sites
 
 # The `format` metadata of the safetensors files `rotgraph learn` writes.

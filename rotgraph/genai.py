@@ -14,7 +14,6 @@ or the Hugging Face / onnxruntime-genai files beside the source model).
 
 from __future__ import annotations
 
-import dataclasses
 import json
 import logging
 import os
@@ -34,6 +33,7 @@ from rotgraph.constants import CHAT_TEMPLATE_KEY, CONFIG_KEY, ROTGRAPH_DOMAIN, S
 from rotgraph.constants import MS_DOMAIN as _MS
 from rotgraph.errors import RotgraphError
 from rotgraph.inputs import InputRoles, input_roles
+from rotgraph.options import DEFAULT_CONTEXT_LENGTH
 
 logger = logging.getLogger(__name__)
 
@@ -54,27 +54,10 @@ def model_in(path: Path) -> Path:
     return path / MODEL_FILE
 
 
-def quantize_folder(input_path: Path, folder: Path, options: Any, validate: bool = True) -> Any:
-    """`rotgraph.quantize.quantize` into `folder/model.onnx`, then the rest of the folder (config,
-    tokenizer, chat template, kernel library); the config is written last, so a folder with a
-    `genai_config.json` is complete. Returns the quantize report with the folder as its output."""
-    from rotgraph.quantize import quantize
-
-    if folder.exists() and not folder.is_dir():
-        raise RotgraphError(f"--format genai writes a folder: {folder} is a file")
-    if not input_path.is_file():
-        raise RotgraphError(f"{input_path}: no such model file")
-    context = options.context_length or context_length(input_path)
-    report = quantize(input_path, folder / MODEL_FILE, dataclasses.replace(options, context_length=context), validate)
-    write_folder(folder / MODEL_FILE, input_path, context)
-    return dataclasses.replace(report, output=folder)
-
-
 def context_length(source_model: Path) -> int:
     """The longest sequence the model was made for: onnxruntime-genai's `context_length` or Hugging Face's
     `max_position_embeddings`, from the files beside the model, its metadata, or the folder it was
     exported from; else `quantize.DEFAULT_CONTEXT_LENGTH`."""
-    from rotgraph.quantize import DEFAULT_CONTEXT_LENGTH
 
     config = _configuration(source_model)
     for key in ("context_length", "max_position_embeddings"):

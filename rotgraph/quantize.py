@@ -6,7 +6,6 @@ from __future__ import annotations
 import dataclasses
 import json
 import logging
-import re
 import shutil
 import time
 from collections.abc import Mapping
@@ -17,12 +16,14 @@ import numpy as np
 import onnx_ir as ir
 from onnx_ir.passes.common import RemoveUnusedNodesPass
 
-from rotgraph import io
+from rotgraph import genai, io
 from rotgraph.calibrate import CLIP_WINDOWS, CalibratePass, Calibration, Site
-from rotgraph.constants import QUANTIZATION_KEY, ROTATION_KEY
-from rotgraph.errors import RotgraphError, ValidationError
-from rotgraph.evaluate import log_softmax, validation_logits, windows
+from rotgraph.config import CONFIG_SUFFIX, QuantConfig, recorded, resolve, to_options
+from rotgraph.constants import QUANTIZATION_KEY, RECIPE_KEY, ROTATION_KEY
+from rotgraph.errors import RotgraphError
+from rotgraph.evaluate import windows
 from rotgraph.fakequant import ActSpec
+from rotgraph.options import DEFAULT_CONTEXT_LENGTH, ORT_FORMATS, QuantOptions, Scheme
 from rotgraph.passes import UntieEmbeddingPass
 from rotgraph.passes.center_activations import CenterActivationsPass
 from rotgraph.passes.gqa_kv_cache import CacheScales, CalibrateGqaCachePass, GqaQuantizedCachePass
@@ -41,7 +42,7 @@ from rotgraph.passes.rotary_hadamard import RotaryHadamardPass
 from rotgraph.passes.shared_kv_buffer import SharedKVBufferPass
 from rotgraph.passes.smooth import SmoothQuantPass
 from rotgraph.passes.split_rotary import SplitRotaryPass
-from rotgraph.passes.standard_ops import INT4_OPSET, REDUCE_AXES_INPUT_OPSET, StandardOpsPass, check_opset
+from rotgraph.passes.standard_ops import StandardOpsPass
 from rotgraph.passes.static_activations import (
     CalibrateActivationsPass,
     Ranges,
@@ -60,223 +61,11 @@ from rotgraph.pipeline import (
 )
 from rotgraph.quant import WeightSpec
 from rotgraph.structure import Attention
+from rotgraph.validation import FLOORS, Agreement, check_against_float
 
 logger = logging.getLogger(__name__)
 
 VALIDATION_WINDOWS, VALIDATION_SEQ_LEN = 2, 128
-
-ORT_FORMATS = ("ort", "genai")  # onnxruntime's own ops (genai: an onnxruntime-genai folder)
-KV_CACHES = ("auto", "onnxruntime", "rotgraph")
-DEFAULT_CONTEXT_LENGTH = 4096  # RoPE tables inside attention when the model states no length
-_SCHEME = re.compile(r"^w(4|8|16)a(4|8|16)(?:kv(4|8))?$")
-
-
-@dataclass(frozen=True)
-class Scheme:
-    weight_bits: int
-    act_bits: int  # 16: activations stay float
-    kv_bits: int | None
-
-    @classmethod
-    def parse(cls, text: str) -> Scheme:
-        m = _SCHEME.match(text)
-        if m is None:
-            raise RotgraphError(f"scheme {text!r}: expected w<4|8|16>a<4|8|16>[kv<4|8>], e.g. w4a8, w4a4kv4, w16a4kv4")
-        return cls(int(m[1]), int(m[2]), int(m[3]) if m[3] else None)
-
-
-@dataclass(frozen=True)
-class QuantOptions:
-    """Defaults follow QuaRot: symmetric weights and activations, activation clip 0.9 at 4 bits,
-    asymmetric KV cache per token and head with clip 0.95 at 4 bits."""
-
-    scheme: str = "w4a8"
-    rotation: str = "quarot"  # none | quarot | spinquant (needs `rotations`)
-    rotations: str | None = None  # with spinquant: the `rotgraph learn` file
-    online: bool = True  # with quarot: insert R3/R4 online Hadamards
-    # with online: an online Hadamard before o_proj as well (its input's heads mixed for one per-token scale);
-    # None: where activations are 4-bit (benchmarks/RESULTS.md, "Online Hadamard before o_proj, and asymmetric
-    # per-token activations")
-    out_hadamard: bool | None = None
-    smooth: float | None = None  # SmoothQuant migration strength alpha (after any rotation); None: off
-    weights: str = "rtn"  # rtn | gptq
-    group: int = 32  # 0: per output channel
-    symmetric_weights: bool = True
-    full_range: bool = False  # symmetric weights: all 2^b codes, per group where it helps (WeightSpec.full_range)
-    act_clip: float | None = None  # None: 0.9 at 4 bits, 1.0 at 8
-    # dynamic activations: each projection input's clip ratio searched on calibration text instead
-    # (`rotgraph.calibrate.activation_clips`)
-    act_clip_search: bool = False
-    kv_clip: float | None = None  # None: 0.95 at 4 bits, 1.0 at 8
-    seed: int = 0
-    fmt: str = "qdq"  # qdq | ort | genai
-    head_bits: int = 8  # embedding and lm_head: 4 or 8 (RTN, symmetric) or 16 (float)
-    head_group: int | None = None  # their group size; None: the same as `group`
-    shared_head: bool = False  # embedding and lm_head read one quantized table (see QuantizeWeightsPass)
-    fused_attention: bool = True  # ort format, float KV cache: onnxruntime's GroupQueryAttention
-    damp: float = 0.01
-    act_order: bool = True
-    calibration_windows: int = 32
-    calibration_seq_len: int = 512
-    text: str | None = None
-    context_length: int | None = None  # ort/genai: positions RoPE inside attention covers; None: 4096
-    deployment_fusion: bool = True  # ort/genai: RoPE into GroupQueryAttention, packed QKV, fused norms
-    activations: str = "dynamic"  # dynamic: per token at run time | static: calibrated per-tensor Q/DQ (qdq)
-    # dynamic: a per-token asymmetric grid (min/max and a zero point per token) instead of QuaRot's symmetric
-    # one (benchmarks/RESULTS.md, the same section)
-    act_asymmetric: bool = False
-    # kv schemes, rotgraph's cache: subtract the keys' mean on calibration text before the cache quantizer
-    # (`SubtractKeyMeanPass`; benchmarks/RESULTS.md, "Centered keys")
-    center_keys: bool = False
-    # dynamic activations: subtract each projection input's mean on calibration text before its quantizer,
-    # added back as a bias (`CenterActivationsPass`; benchmarks/RESULTS.md, "Centered projection inputs")
-    center_activations: bool = False
-    # static: unsigned codes + zero point (onnxruntime's CPU integer kernels take uint8 activations where
-    # one input feeds several MatMuls); True: signed codes, zero point 0
-    act_symmetric: bool = False
-    calibration: str = "minmax"  # static ranges: minmax | percentile | entropy (onnxruntime's histograms)
-    # static: projection inputs whose max |x| exceeds this many times the median token's (massive
-    # activations, e.g. an attention-sink token) get 16-bit Q/DQ over their full range; None: off
-    wide_ratio: float | None = None
-    opset: int | None = None  # qdq: standard ONNX only (no functions) at this opset; None: rotgraph's functions
-    # kv schemes in the ort/genai formats: "onnxruntime" keeps the cache as codes inside GroupQueryAttention
-    # (static per-channel scales), "rotgraph" as rotgraph's per-token codes beside an eager attention;
-    # "auto": onnxruntime's for genai (the only cache onnxruntime-genai holds) and for kv8 (as good, smaller
-    # and faster), rotgraph's for kv4 in the ort format (better quality; benchmarks/RESULTS.md, genai runs 6 and 11b)
-    kv_cache: str = "auto"
-
-    def __post_init__(self) -> None:
-        """Refuse bad options before any model is loaded or calibrated."""
-        if Scheme.parse(self.scheme).weight_bits == 16 and self.weights == "gptq":
-            raise RotgraphError(f"scheme {self.scheme} keeps weights float: GPTQ has nothing to quantize")
-        for field, value, allowed in (
-            ("rotation", self.rotation, ("none", "quarot", "spinquant")),
-            ("weights", self.weights, ("rtn", "gptq")),
-            ("format", self.fmt, ("qdq", *ORT_FORMATS)),
-            ("head bits", self.head_bits, (4, 8, 16)),
-        ):
-            if value not in allowed:
-                raise RotgraphError(f"{field} {value!r}: expected one of {', '.join(map(str, allowed))}")
-        if (self.rotation == "spinquant") != (self.rotations is not None):
-            raise RotgraphError("--rotation spinquant needs --rotations FILE, and --rotations needs spinquant")
-        if self.smooth is not None and not 0.0 <= self.smooth <= 1.0:
-            raise RotgraphError(f"SmoothQuant alpha must be in [0, 1], got {self.smooth}")
-        if self.group < 0 or self.calibration_windows < 1:
-            raise RotgraphError("group must be >= 0 (0: per channel) and calibration windows >= 1")
-        if self.shared_head and self.head_bits == 16:
-            raise RotgraphError("a shared embedding and lm_head is quantized: pass --head-bits 4 or 8")
-        if self.head_group is not None and self.head_group < 0:
-            raise RotgraphError("head group must be >= 0 (0: per channel)")
-        self._check_standard(Scheme.parse(self.scheme))
-        self._check_kv_cache(Scheme.parse(self.scheme))
-        self._check_clip(Scheme.parse(self.scheme))
-        if self.act_asymmetric:
-            self._check_asymmetric(Scheme.parse(self.scheme))
-        if self.out_hadamard and (self.rotation == "none" or not self.online):
-            raise RotgraphError("the online Hadamard before o_proj comes with a rotation's online Hadamards")
-        if self.center_activations and (self.activations != "dynamic" or Scheme.parse(self.scheme).act_bits == 16):
-            raise RotgraphError(
-                "--center-activations moves what the per-token activation quantizers read: it needs quantized "
-                f"dynamic activations, not scheme {self.scheme} with {self.activations} activations"
-            )
-        if self.center_keys and (Scheme.parse(self.scheme).kv_bits is None or self.gqa_cache):
-            raise RotgraphError(
-                "--center-keys moves the keys rotgraph's KV-cache quantizer reads: it needs a kv scheme and rotgraph's "
-                "cache (the qdq format, or ort with --kv-cache rotgraph, the default at kv4), not GroupQueryAttention's"
-            )
-
-    def _check_clip(self, scheme: Scheme) -> None:
-        for what, clip in (("activation", self.act_clip), ("KV cache", self.kv_clip)):
-            if clip is not None and not 0.0 < clip <= 1.0:
-                raise RotgraphError(f"{what} clip ratio {clip}: expected a ratio in (0, 1]")
-        if not self.act_clip_search:
-            return
-        if self.act_clip is not None:
-            raise RotgraphError("--act-clip takes a ratio or `search`, not both")
-        if self.activations != "dynamic" or scheme.act_bits not in (4, 8):
-            raise RotgraphError(
-                f"--act-clip search sets the per-token quantizers of dynamic activations; scheme {self.scheme} "
-                f"with {self.activations} activations has none"
-            )
-        if self.fmt in ORT_FORMATS and scheme.act_bits == 8 and scheme.weight_bits < 16:
-            raise RotgraphError(
-                f"--act-clip search: in the {self.fmt} format 8-bit activations are quantized by "
-                "onnxruntime's MatMulNBits, which has no clip ratio"
-            )
-
-    def _check_asymmetric(self, scheme: Scheme) -> None:
-        if self.activations != "dynamic" or scheme.act_bits == 16:
-            raise RotgraphError(
-                "--act-asymmetric sets the grid of dynamic per-token activations (static ones: --act-symmetric)"
-            )
-        if self.fmt in ORT_FORMATS and scheme.act_bits == 8 and scheme.weight_bits < 16:
-            raise RotgraphError(
-                f"--act-asymmetric: in the {self.fmt} format 8-bit activations are quantized by onnxruntime's "
-                "MatMulNBits, which has its own grid"
-            )
-
-    def _check_kv_cache(self, scheme: Scheme) -> None:
-        if self.kv_cache not in KV_CACHES:
-            raise RotgraphError(f"KV cache {self.kv_cache!r}: expected one of {', '.join(KV_CACHES)}")
-        if self.kv_cache == "auto" or scheme.kv_bits is None:
-            return
-        if self.kv_cache == "onnxruntime" and (self.fmt not in ORT_FORMATS or not self.fused_attention):
-            raise RotgraphError(
-                "--kv-cache onnxruntime lives inside GroupQueryAttention: it needs --format ort or genai "
-                "without --eager-attention"
-            )
-        if self.kv_cache == "rotgraph" and self.fmt == "genai":
-            raise RotgraphError("onnxruntime-genai holds only GroupQueryAttention's cache: use --kv-cache onnxruntime")
-
-    @property
-    def wants_out_hadamard(self) -> bool:
-        """Whether the rotation inserts the online Hadamard before o_proj (`out_hadamard`, or by default
-        with 4-bit activations)."""
-        if self.rotation == "none" or not self.online:
-            return False
-        return self.out_hadamard if self.out_hadamard is not None else Scheme.parse(self.scheme).act_bits == 4
-
-    @property
-    def gqa_cache(self) -> bool:
-        """Whether the KV cache is kept quantized inside onnxruntime's GroupQueryAttention."""
-        if Scheme.parse(self.scheme).kv_bits is None or self.fmt not in ORT_FORMATS or not self.fused_attention:
-            return False
-        if self.kv_cache == "auto":
-            return self.fmt == "genai" or Scheme.parse(self.scheme).kv_bits == 8
-        return self.kv_cache == "onnxruntime"
-
-    def _check_standard(self, scheme: Scheme) -> None:
-        """Refuse static activations and opsets the format or the scheme cannot have."""
-        if self.activations not in ("static", "dynamic"):
-            raise RotgraphError(f"activations {self.activations!r}: expected static or dynamic")
-        StaticSpec(8, self.act_symmetric, self.calibration)  # refuses an unknown calibration method
-        if self.wide_ratio is not None:
-            if self.activations != "static" or not self.wide_ratio > 1.0:
-                raise RotgraphError(f"--wide-ratio {self.wide_ratio}: a ratio > 1, for static activations")
-            if self.opset is not None and self.opset < INT4_OPSET:
-                raise RotgraphError(f"--wide-ratio: 16-bit Q/DQ needs --opset {INT4_OPSET} or more, not {self.opset}")
-        if self.fmt != "qdq" and (self.activations == "static" or self.opset is not None):
-            raise RotgraphError(f"static activations and --opset are for the qdq format, not {self.fmt}")
-        if self.opset is None:
-            return
-        check_opset(self.opset)
-        static = self.activations == "static"
-        bits = {"weights": scheme.weight_bits}
-        if static:  # dynamic quantizers compute in float: only their storage has bits
-            bits |= {"activations": scheme.act_bits, "KV cache": scheme.kv_bits or 16}
-        four = [what for what, b in bits.items() if b == 4]
-        if self.opset < INT4_OPSET and four:
-            raise RotgraphError(
-                f"opset {self.opset} has no 4-bit types (INT4 arrives in opset {INT4_OPSET}): 4-bit "
-                f"{' and '.join(four)} need --opset {INT4_OPSET} or more, or an 8-bit scheme"
-            )
-        if self.opset < INT4_OPSET and self.group and scheme.weight_bits < 16:
-            raise RotgraphError(
-                f"opset {self.opset}: block-wise weight scales (--group {self.group}) need opset {INT4_OPSET}; "
-                "pass --group 0 (per channel)"
-            )
-        if self.opset < REDUCE_AXES_INPUT_OPSET and scheme.kv_bits == 4 and not static:
-            raise RotgraphError(f"opset {self.opset}: the dynamic 4-bit KV cache packs codes with opset-18 bit ops")
 
 
 @dataclass(frozen=True)
@@ -293,18 +82,7 @@ def calibration_tokens(model_path: Path, options: QuantOptions) -> np.ndarray:
 
     tok = io.find_tokenizer(model_path)
     if tok is None:
-        used = [
-            n
-            for n, on in (
-                ("GPTQ", options.weights == "gptq"),
-                ("SmoothQuant", options.smooth is not None),
-                ("static activations", options.activations == "static"),
-                ("the onnxruntime KV cache", options.gqa_cache),
-                ("--center-keys", options.center_keys),
-                ("--center-activations", options.center_activations),
-            )
-            if on
-        ]
+        used = options.calibration_uses
         hint = " (or --activations dynamic)" if used == ["static activations"] else ""
         raise RotgraphError(f"calibration ({', '.join(used)}) needs tokenizer.json beside {model_path}{hint}")
     text = load_text("calibration", options.text)
@@ -573,81 +351,75 @@ def quantize_model(
     return dict(data.hessians) if options.weights == "gptq" else None
 
 
-@dataclass(frozen=True)
-class Agreement:
-    """How the quantized model's next-token distributions compare with the float model's."""
-
-    kl: float  # mean KL(float || quantized) over positions, nats
-    top1: float  # fraction of positions with the same argmax
-    unrelated_kl: float  # mean KL(float at t || float at another position): what knowing nothing scores
-
-    def __str__(self) -> str:
-        return f"KL to float {self.kl:.4f} nats (unrelated positions: {self.unrelated_kl:.4f}), top-1 {self.top1:.3f}"
-
-
-def agreement(reference: np.ndarray, logits: np.ndarray) -> Agreement:
-    """Compare logits [windows, seq, vocab] of a quantized model with the float model's."""
-    p = log_softmax(reference)
-    q = log_softmax(logits)
-    kl = float((np.exp(p) * (p - q)).sum(-1).mean())
-    shifted = np.roll(p, p.shape[1] // 2, axis=1)  # each position against one half a window away
-    unrelated = float((np.exp(p) * (p - shifted)).sum(-1).mean())
-    top1 = float((p.argmax(-1) == q.argmax(-1)).mean())
-    return Agreement(kl, top1, unrelated)
-
-
-def check_against_float(input_path: Path, output: Path, tokens: np.ndarray) -> Agreement:
-    """Run the float input and the quantized output on `tokens`; refuse an output whose logits are not
-    finite or that tracks the float model no better than the float model tracks itself at unrelated
-    positions (a broken output, e.g. misplaced scales)."""
-    reference, logits = validation_logits(input_path, output, tokens)  # with a left-padded row if it takes one
-    if not np.isfinite(logits).all():
-        raise ValidationError("the quantized model produces non-finite logits; nothing written")
-    found = agreement(reference, logits)
-    if not found.kl < found.unrelated_kl:
-        raise ValidationError(f"the quantized model is broken: {found}; nothing written")
-    return found
-
-
 def quantize(
-    input_path: Path, output: Path, options: QuantOptions = QuantOptions(), validate: bool = True
+    input_path: Path,
+    output: Path,
+    config: QuantConfig | QuantOptions | None = None,
+    validate: bool = True,
+    keep_failed: bool = False,
 ) -> QuantReport:
-    """Quantize the model at `input_path` into `output` (atomically: nothing appears unless it is done
-    and validated). Scratch files (weights computed in memory, quantized tensors spilled as they are
-    produced, so memory stays at the working set of one weight) live in the output's staging folder.
-    With `validate`, onnxruntime runs the float input and the result on validation text (loading both
-    whole) and a broken result is refused with the figures (`check_against_float`)."""
-    if options.fmt == "genai" and output.suffix != ".onnx":
-        from rotgraph.genai import quantize_folder
+    """Quantize the model at `input_path` into `output` (a .onnx file, or with the genai format a folder),
+    atomically: nothing appears unless it is done and validated.
 
-        return quantize_folder(input_path, output, options, validate)
+    `config`: a `QuantConfig` (None: the `best` recipe), whose `auto` fields are resolved for this model
+    (`rotgraph.config.resolve`; a note is logged where the best choice needs calibration text it lacks) and
+    recorded in the output's metadata and in `OUT.rotgraph.json` beside it; or an already flat
+    `QuantOptions`, used as it is. With `validate`, onnxruntime runs the float input and the result on
+    validation text (`rotgraph.validation`): a broken result, or one far below its scheme's floors, is
+    refused (`keep_failed`: written with a warning)."""
+    if isinstance(config, QuantOptions):
+        options, record = config, None
+    else:
+        resolved, notes = resolve(config or QuantConfig(), io.find_tokenizer(input_path) is not None)
+        for note in notes:
+            logger.warning("%s", note)
+        options, record = to_options(resolved), recorded(resolved)
+    if options.fmt == "genai" and output.suffix != ".onnx":
+        if output.exists() and not output.is_dir():
+            raise RotgraphError(f"--format genai writes a folder: {output} is a file")
+        io.require_files([input_path])
+        context = options.context_length or genai.context_length(input_path)
+        options = dataclasses.replace(options, context_length=context)
+        report = _quantize_file(input_path, output / genai.MODEL_FILE, options, record, validate, keep_failed)
+        genai.write_folder(output / genai.MODEL_FILE, input_path, context)
+        return dataclasses.replace(report, output=output)
+    return _quantize_file(input_path, output, options, record, validate, keep_failed)
+
+
+def _quantize_file(
+    input_path: Path,
+    output: Path,
+    options: QuantOptions,
+    record: dict[str, object] | None,
+    validate: bool,
+    keep_failed: bool,
+) -> QuantReport:
+    """Scratch files (weights computed in memory, quantized tensors spilled as they are produced, so memory
+    stays at the working set of one weight) live in the output's staging folder."""
     start = time.perf_counter()
     io.check_output_path([input_path], output)
     model = io.load_model(input_path)
     check_inputs(model)
-    needs_text = (
-        options.weights == "gptq"
-        or options.smooth is not None
-        or options.activations == "static"
-        or options.gqa_cache
-        or options.act_clip_search
-        or options.center_keys
-        or options.center_activations
-    )
-    calibration = calibration_tokens(input_path, options) if needs_text else None
+    calibration = calibration_tokens(input_path, options) if options.calibration_uses else None
     found = None
     with io.staged_output(output) as staged:
         scratch = staged.parent / "scratch"
         scratch.mkdir()
         try:
             quantize_model(model, options, calibration, scratch=scratch)
+            if record is not None:
+                model.metadata_props[RECIPE_KEY] = json.dumps(record, sort_keys=True)
+                staged.with_name(output.stem + CONFIG_SUFFIX).write_text(json.dumps(record, indent=2) + "\n")
             io.save_model(model, staged)
         finally:
             shutil.rmtree(scratch, ignore_errors=True)
         io.copy_companions(input_path, staged, output)
         if validate:
+            real_text = io.find_tokenizer(input_path) is not None
             tokens = validation_tokens(input_path, _vocab_size(model), VALIDATION_WINDOWS * VALIDATION_SEQ_LEN)
-            found = check_against_float(input_path, staged, tokens.reshape(VALIDATION_WINDOWS, VALIDATION_SEQ_LEN))
+            tokens = tokens.reshape(VALIDATION_WINDOWS, VALIDATION_SEQ_LEN)
+            floor = FLOORS[Scheme.parse(options.scheme).act_bits]
+            found = check_against_float(input_path, staged, tokens, floor, real_text, keep_failed)
             logger.info("validation: %s", found)
     return QuantReport(output, time.perf_counter() - start, options, found)
 

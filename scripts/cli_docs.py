@@ -144,12 +144,36 @@ def render(parser: argparse.ArgumentParser) -> str:
     return "\n".join(lines).rstrip("\n") + "\n"
 
 
+def render_config() -> str:
+    """The quantization configuration's fields and recipes (`rotgraph.config`), for `quantize --set`/`--config`."""
+    from rotgraph import config
+
+    lines = [
+        "## Quantization configuration",
+        "",
+        "Every field of `rotgraph quantize`'s configuration, as `--set KEY=VALUE` (repeatable) or in a `--config` "
+        "file (TOML tables or JSON objects named by section; a `recipe` key starts from that preset). `auto` is "
+        "resolved per scheme and format to the best measured recipe; each output records the resolved "
+        "configuration in `OUT.rotgraph.json`, which `--config` reads back to reproduce it.",
+        "",
+    ]
+    lines += [
+        f"- `{key}` ({kind}; default `{default}`): {text}"
+        for key, (kind, default, text) in config.describe_fields().items()
+    ]
+    lines += ["", "Recipes (`--recipe NAME`, `rotgraph recipes`):", ""]
+    for name, recipe in config.RECIPES.items():
+        sets = ", ".join(f"`{k}={v}`" for k, v in recipe.values.items()) or "nothing (every `auto` field resolved)"
+        lines.append(f"- `{name}`: {recipe.description}. Measured: {recipe.measured}. Sets {sets}.")
+    return "\n".join(lines).replace("*", "\\*") + "\n"
+
+
 def current() -> str:
     """The page for rotgraph's parser as it is now."""
     sys.path.insert(0, str(ROOT))
     from rotgraph.cli import parser
 
-    return render(parser())
+    return render(parser()) + "\n" + render_config()
 
 
 def main(argv: Sequence[str] | None = None) -> int:

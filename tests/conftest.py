@@ -49,17 +49,28 @@ def edited_export(tmp_path: Path, model_type: str, seed: int, edit: Callable[[ob
 
 
 def kl_without_and_with(path: Path, tmp_path: Path, scheme: str, flag: str) -> tuple[float, float]:
-    """Mean KL to `path`'s float logits (2 x 256 seeded tokens) of `rotgraph quantize --scheme SCHEME`
-    (dynamic activations, 2 calibration windows) without and with `flag`."""
+    """Mean KL to `path`'s float logits (2 x 256 seeded tokens) of `rotgraph quantize --scheme SCHEME --recipe
+    plain` (dynamic activations, 2 calibration windows) without and with `--set FLAG`."""
     from rotgraph.cli import main
 
     ids = np.random.default_rng(11).integers(0, 384, size=(2, 256))
     reference = ort_logits(path, ids)
     errors = []
-    for name, extra in (("without", []), ("with", [flag])):
+    for name, extra in (("without", []), ("with", ["--set", flag])):
         out = tmp_path / name / "model.onnx"
-        argv = ["quantize", str(path), "-o", str(out), "--scheme", scheme, "--activations", "dynamic"]
-        assert main([*argv, "--calibration-windows", "2", *extra]) == 0
+        argv = [
+            "quantize",
+            str(path),
+            "-o",
+            str(out),
+            "--scheme",
+            scheme,
+            "--recipe",
+            "plain",
+            "--activations",
+            "dynamic",
+        ]
+        assert main([*argv, "--set", "calibration.windows=2", *extra]) == 0
         errors.append(mean_kl(reference, ort_logits(out, ids)))
     return errors[0], errors[1]
 

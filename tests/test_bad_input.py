@@ -168,13 +168,16 @@ def test_export_into_the_source_folder(tiny, tmp_path, capsys) -> None:
 @pytest.mark.parametrize(
     ("argv", "message"),
     [
-        (["quantize", "--act-clip", "1.5"], "expected a ratio in (0, 1]"),
-        (["quantize", "--act-clip", "tight"], "expected a ratio such as 0.8, or `search`"),
-        (["quantize", "--act-clip", "search", "--scheme", "w4a16"], "has none"),
-        (["quantize", "--act-clip", "search", "--scheme", "w8a8", "--activations", "static"], "has none"),
+        (["quantize", "--set", "activations.clip=1.5", "--group", "16"], "expected a ratio in (0, 1]"),
+        (["quantize", "--set", "activations.clip=tight"], "expected a ratio such as 0.8, or `search`"),
+        (["quantize", "--set", "activations.clip=search", "--scheme", "w4a16"], "has none"),
+        (["quantize", "--set", "activations.clip=search", "--scheme", "w8a8", "--activations", "static"], "has none"),
         (["learn", "--act-clip", "0", "--objective", "output-error"], "expected a ratio in (0, 1]"),
-        (["quantize", "--act-asymmetric", "--scheme", "w4a4"], "static ones: --act-symmetric"),
-        (["quantize", "--out-hadamard", "on", "--rotation", "none"], "comes with a rotation"),
+        (
+            ["quantize", "--set", "activations.asymmetric=true", "--scheme", "w4a4", "--activations", "static"],
+            "static ones",
+        ),
+        (["quantize", "--set", "rotation.out_hadamard=true", "--rotation", "none"], "comes with a rotation"),
         (["learn", "--out-hadamard"], "only the output-error objective"),
         (["learn", "--act-asymmetric", "--scheme", "w4a16"], "keeps activations float"),
     ],

@@ -83,7 +83,7 @@ def test_centered_inputs_quantize_better_when_tokens_share_a_direction(tmp_path)
         table.add_(3.0 * table.std() * torch.randn(table.shape[1], generator=torch.Generator().manual_seed(0)))
 
     path = edited_export(tmp_path, "llama", 7, shared_direction)
-    plain, centered = kl_without_and_with(path, tmp_path, "w16a4", "--center-activations")
+    plain, centered = kl_without_and_with(path, tmp_path, "w16a4", "activations.center=true")
     assert centered < 0.8 * plain, (plain, centered)  # 3.6e-5 -> 1.2e-6 when written
 
 
@@ -92,8 +92,17 @@ def test_quantized_graphs_keep_one_shift_per_input_and_agree_across_formats(tiny
     """w4a4kv4 with GPTQ and the clip search over centered inputs; in the ort format the shifts survive
     its passes and the graph computes what the qdq one does."""
     _, plain = tiny("llama")
-    argv = ["--scheme", "w4a4kv4", "--group", "16", "--activations", "dynamic", "--center-activations"]
-    argv += ["--weights", "gptq", "--act-clip", "search", "--calibration-windows", "2"]
+    argv = ["--scheme", "w4a4kv4", "--group", "16", "--activations", "dynamic", "--set", "activations.center=true"]
+    argv += [
+        "--weights",
+        "gptq",
+        "--set",
+        "activations.clip=search",
+        "--set",
+        "calibration.windows=2",
+        "--recipe",
+        "plain",
+    ]
     outs = {f: tmp_path / f / "model.onnx" for f in ("qdq", fmt)}
     for f, out in outs.items():
         assert main(["quantize", str(plain), "-o", str(out), *argv, "--format", f]) == 0

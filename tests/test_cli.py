@@ -184,10 +184,19 @@ def test_quantize_smooth_calibrates_on_the_given_text(model_dir, tmp_path, capsy
     text.write_text(SAMPLE_TEXT * 60, encoding="utf-8")
     before = digest(model_dir)
     outs = {}
-    for name, extra in (("plain", []), ("smooth", ["--smooth", "--alpha", "0.7"])):
+    for name, extra in (("plain", []), ("smooth", ["--set", "activations.smooth=0.7"])):
         outs[name] = tmp_path / name / "q.onnx"
-        argv = ["quantize", str(model_dir / "model.onnx"), "-o", str(outs[name]), "--scheme", "w8a8"]
-        argv += ["--rotation", "none", "--group", "16", "--text", str(text), "--calibration-windows", "1", *extra]
+        argv = [
+            "quantize",
+            str(model_dir / "model.onnx"),
+            "-o",
+            str(outs[name]),
+            "--scheme",
+            "w8a8",
+            "--recipe",
+            "plain",
+        ]
+        argv += ["--rotation", "none", "--group", "16", "--text", str(text), "--set", "calibration.windows=1", *extra]
         argv += ["--activations", "dynamic"]  # per token: static per-tensor scales are far coarser without rotation
         assert main(argv) == 0, capsys.readouterr().err
     assert digest(model_dir) == before
@@ -202,7 +211,7 @@ def test_quantize_smooth_calibrates_on_the_given_text(model_dir, tmp_path, capsy
 @pytest.mark.parametrize(
     "extra,message",
     [
-        (["--smooth", "--alpha", "1.5"], "alpha must be in [0, 1]"),
+        (["--set", "activations.smooth=1.5"], "alpha must be in [0, 1]"),
         (["--scheme", "w3a8"], "scheme 'w3a8'"),
         (["--group", "-1"], "group must be >= 0"),
     ],
@@ -218,7 +227,7 @@ def test_quantize_refuses_bad_options_before_any_work(model_dir, tmp_path, capsy
 def test_quantize_smooth_without_tokenizer(model_dir, tmp_path, capsys) -> None:
     (model_dir / "tokenizer.json").unlink()
     out = tmp_path / "q.onnx"
-    assert main(["quantize", str(model_dir / "model.onnx"), "-o", str(out), "--smooth"]) == 1
+    assert main(["quantize", str(model_dir / "model.onnx"), "-o", str(out), "--set", "activations.smooth=0.5"]) == 1
     assert "tokenizer" in capsys.readouterr().err and not out.exists()
 
 

@@ -64,7 +64,18 @@ def test_a_rotated_builder_folder_runs_in_genai_with_the_same_tokens(source: Pat
 
 def test_a_quantized_builder_folder_runs_in_genai(source: Path, tmp_path: Path) -> None:
     out = tmp_path / "w4a16" / "model.onnx"
-    args = ["quantize", str(source / "model.onnx"), "-o", str(out), "--scheme", "w4a16", "--format", "ort"]
+    args = [
+        "quantize",
+        str(source / "model.onnx"),
+        "-o",
+        str(out),
+        "--scheme",
+        "w4a16",
+        "--format",
+        "ort",
+        "--recipe",
+        "plain",
+    ]
     assert main([*args, "--group", "16"]) == 0
     assert len(greedy(out.parent, [5, 17, 200, 31], 8)) == 8
 

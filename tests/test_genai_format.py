@@ -178,7 +178,20 @@ def test_a_quantized_folder_with_hadamards_runs_with_and_without_the_kernel_libr
         folder = tmp_path / f"kernels-{kernels}"
         assert (
             main(
-                ["quantize", str(source), "-o", str(folder), "--format", "genai", "--scheme", "w4a16", "--group", "16"]
+                [
+                    "quantize",
+                    str(source),
+                    "-o",
+                    str(folder),
+                    "--format",
+                    "genai",
+                    "--scheme",
+                    "w4a16",
+                    "--group",
+                    "16",
+                    "--recipe",
+                    "plain",
+                ]
             )
             == 0
         )

@@ -123,8 +123,21 @@ def test_a_genai_folder_with_a_quantized_cache_runs_in_genai(tiny, tmp_path: Pat
 
     _, source = tiny("llama", "dynamo", with_past=True)
     folder = tmp_path / scheme
-    args = ["quantize", str(source), "-o", str(folder), "--format", "genai", "--scheme", scheme, "--group", "16"]
-    assert main([*args, "--calibration-windows", "2"]) == 0
+    args = [
+        "quantize",
+        str(source),
+        "-o",
+        str(folder),
+        "--format",
+        "genai",
+        "--scheme",
+        scheme,
+        "--group",
+        "16",
+        "--recipe",
+        "plain",
+    ]
+    assert main([*args, "--set", "calibration.windows=2"]) == 0
     config = json.loads((folder / io.GENAI_CONFIG).read_text())
     assert config["model"]["decoder"]["head_size"] == 16  # the real head size, not the packed int4 width
     assert config["search"]["past_present_share_buffer"]  # RoPE's positions come from the mask, not the cache
@@ -200,8 +213,21 @@ def test_a_builder_graph_gets_the_cache_inside_its_attention(tmp_path: Path) -> 
 
     source = Path(__file__).parent / "fixtures" / "genai-llama-fp32" / "model.onnx"
     folder = tmp_path / "kv4"
-    args = ["quantize", str(source), "-o", str(folder), "--format", "genai", "--scheme", "w4a8kv4", "--group", "16"]
-    assert main([*args, "--calibration-windows", "2"]) == 0
+    args = [
+        "quantize",
+        str(source),
+        "-o",
+        str(folder),
+        "--format",
+        "genai",
+        "--scheme",
+        "w4a8kv4",
+        "--group",
+        "16",
+        "--recipe",
+        "plain",
+    ]
+    assert main([*args, "--set", "calibration.windows=2"]) == 0
     graph = io.load_model(folder / "model.onnx").graph
     caches = [v for v in graph.inputs if v.dtype == ir.DataType.UINT8]
     assert len(caches) == 4 and all(v.shape is not None and v.shape[-1] == 8 for v in caches)  # head_dim 16

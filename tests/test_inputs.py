@@ -459,7 +459,25 @@ def test_every_command_feeds_the_masked_graph(masked, tmp_path, capsys) -> None:
     folder, path = masked
     rotated, quantized = tmp_path / "r" / "m.onnx", tmp_path / "q" / "m.onnx"
     assert main(["rotate", str(path), "-o", str(rotated)]) == 0, capsys.readouterr().err
-    assert main(["quantize", str(path), "-o", str(quantized), "--scheme", "w4a8", "--group", "16"]) == 0
+    assert (
+        main(
+            [
+                "quantize",
+                str(path),
+                "-o",
+                str(quantized),
+                "--scheme",
+                "w4a8",
+                "--group",
+                "16",
+                "--recipe",
+                "plain",
+                "--activations",
+                "static",
+            ]
+        )
+        == 0
+    )
     assert main(["eval", str(path), str(rotated), "--windows", "2", "--seq-len", "16"]) == 0, capsys.readouterr().err
     assert main(["inspect", str(path), "--windows", "1", "--seq-len", "16"]) == 0, capsys.readouterr().err
     runs = [generate(p, "The quick brown fox", 8, optimization="disable") for p in (path, rotated)]

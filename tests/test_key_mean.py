@@ -66,7 +66,7 @@ def test_centered_keys_quantize_better_when_keys_share_a_large_component(tmp_pat
             layer.self_attn.k_proj.bias.add_(10.0)
 
     path = edited_export(tmp_path, "qwen2", 5, biased_keys)
-    plain, centered = kl_without_and_with(path, tmp_path, "w16a16kv4", "--center-keys")
+    plain, centered = kl_without_and_with(path, tmp_path, "w16a16kv4", "kv_cache.center_keys=true")
     assert centered < 0.8 * plain, (plain, centered)  # 0.69 when written
 
 
@@ -76,8 +76,19 @@ def test_a_cached_graph_stores_centered_keys_and_decodes_as_without_cache(tiny, 
 
     _, past = tiny("llama", with_past=True)
     _, plain = tiny("llama")
-    argv = ["--scheme", "w4a8kv4", "--group", "16", "--activations", "dynamic", "--center-keys", "--format", fmt]
-    argv += ["--calibration-windows", "2"]
+    argv = [
+        "--scheme",
+        "w4a8kv4",
+        "--group",
+        "16",
+        "--activations",
+        "dynamic",
+        "--set",
+        "kv_cache.center_keys=true",
+        "--format",
+        fmt,
+    ]
+    argv += ["--set", "calibration.windows=2", "--recipe", "plain"]
     cached, fake = tmp_path / "cached" / "model.onnx", tmp_path / "fake" / "model.onnx"
     assert main(["quantize", str(past), "-o", str(cached), *argv]) == 0
     assert main(["quantize", str(plain), "-o", str(fake), *argv]) == 0

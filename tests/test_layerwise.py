@@ -73,9 +73,23 @@ def test_layerwise_learner_is_orthogonal_exact_and_beats_hadamard(tiny, tokens, 
     kl = {}
     for name, extra in (("quarot", []), ("learned", ["--rotation", "spinquant", "--rotations", str(learned)])):
         out = tmp_path / f"q-{name}" / "model.onnx"
-        argv = ["quantize", str(path), "-o", str(out), "--scheme", "w4a4kv4", "--group", "16", "--no-validate"]
+        argv = [
+            "quantize",
+            str(path),
+            "-o",
+            str(out),
+            "--scheme",
+            "w4a4kv4",
+            "--group",
+            "16",
+            "--no-validate",
+            "--recipe",
+            "plain",
+            "--activations",
+            "static",
+        ]
         # the learners model R3/R4, not the Hadamard before o_proj that quantize adds at 4-bit activations
-        assert main([*argv, "--out-hadamard", "off", *extra]) == 0
+        assert main([*argv, "--set", "rotation.out_hadamard=false", *extra]) == 0
         kl[name] = mean_kl(reference, ort_logits(out, tokens))
     assert kl["learned"] < kl["quarot"], kl  # on the planted-outlier model, at 4-bit activations and KV
 
@@ -358,8 +372,29 @@ def test_spinquant_with_float_weights_then_gptq(tiny, tokens, tmp_path) -> None:
         ("learned", ["--rotation", "spinquant", "--rotations", str(rotations)]),
     ):
         out = tmp_path / name / "model.onnx"
-        argv = ["quantize", str(path), "-o", str(out), "--scheme", "w4a4kv4", "--group", "16", "--weights", "gptq"]
-        argv += ["--calibration-windows", "2", "--text", str(text), "--activations", "dynamic", *extra]  # as learned
+        argv = [
+            "quantize",
+            str(path),
+            "-o",
+            str(out),
+            "--scheme",
+            "w4a4kv4",
+            "--group",
+            "16",
+            "--weights",
+            "gptq",
+            "--recipe",
+            "plain",
+        ]
+        argv += [
+            "--set",
+            "calibration.windows=2",
+            "--text",
+            str(text),
+            "--activations",
+            "dynamic",
+            *extra,
+        ]  # as learned
         assert main(argv) == 0
         kl[name] = mean_kl(reference, ort_logits(out, tokens))
     assert kl["learned"] < kl["none"], kl

@@ -245,11 +245,31 @@ def test_learned_rotations_fold_into_an_equivalent_float_graph_and_quantize(tiny
     np.testing.assert_allclose(ort_logits(rotated, tokens), reference, atol=1e-4 * np.abs(reference).max())
     # The end-to-end learner does not model the Hadamard before o_proj that quantize adds at 4-bit
     # activations (on this random model it costs QuaRot's rotation too), so quantize as it learned.
-    spin += ["--out-hadamard", "off"]
-    assert main(["quantize", str(path), "-o", str(quantized), "--scheme", "w4a4kv4", "--group", "16", *spin]) == 0
+    spin += ["--set", "rotation.out_hadamard=false"]
+    plain_recipe = ["--recipe", "plain", "--activations", "static"]  # quantize's defaults when this was written
+    assert (
+        main(
+            ["quantize", str(path), "-o", str(quantized), "--scheme", "w4a4kv4", "--group", "16", *plain_recipe, *spin]
+        )
+        == 0
+    )
     plain = tmp_path / "plain" / "model.onnx"
     assert (
-        main(["quantize", str(path), "-o", str(plain), "--scheme", "w4a4kv4", "--group", "16", "--rotation", "none"])
+        main(
+            [
+                "quantize",
+                str(path),
+                "-o",
+                str(plain),
+                "--scheme",
+                "w4a4kv4",
+                "--group",
+                "16",
+                *plain_recipe,
+                "--rotation",
+                "none",
+            ]
+        )
         == 0
     )
     # Rotated (here by learned matrices) beats unrotated at 4-bit activations on the planted outliers.

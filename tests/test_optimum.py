@@ -54,7 +54,7 @@ def test_a_quantized_cache_is_stored_and_rotation_pays_at_4_bits(tmp_path, token
     kl = {}
     for rotation in ("none", "quarot"):
         out = tmp_path / rotation / "model.onnx"
-        args = ["quantize", str(SOURCE), "-o", str(out), "--scheme", "w4a4kv4", "--group", "16"]
+        args = ["quantize", str(SOURCE), "-o", str(out), "--scheme", "w4a4kv4", "--group", "16", "--recipe", "plain"]
         args += ["--activations", "dynamic"]  # per token, the cache stored as codes (static: Q/DQ values)
         assert main([*args, "--rotation", rotation]) == 0, capsys.readouterr().err
         assert any(c.name.endswith("_scale") for c in make_session(out).roles.caches)
@@ -91,7 +91,18 @@ def test_onnxruntime_optimized_graph_rotates_and_quantizes(ort_optimized, tmp_pa
     kl = {}
     for rotation in ("none", "quarot"):
         out = tmp_path / f"kv4-{rotation}" / "model.onnx"
-        args = ["quantize", str(ort_optimized), "-o", str(out), "--scheme", "w4a4kv4", "--group", "16"]
+        args = [
+            "quantize",
+            str(ort_optimized),
+            "-o",
+            str(out),
+            "--scheme",
+            "w4a4kv4",
+            "--group",
+            "16",
+            "--recipe",
+            "plain",
+        ]
         args += ["--activations", "dynamic"]  # rotgraph's ops: standard ONNX refuses com.microsoft RotaryEmbedding
         assert main([*args, "--rotation", rotation]) == 0, capsys.readouterr().err
         kl[rotation] = mean_kl(reference, logits(out, tokens))

@@ -128,16 +128,3 @@ def test_full_range_uses_every_code_and_never_raises_the_error() -> None:
     assert (np.take_along_axis(exact.codes.reshape(64, 3, 32), at, -1) == -8).all()
     extreme = np.take_along_axis(w.reshape(64, 3, 32), at, -1)
     np.testing.assert_allclose(np.take_along_axis(exact.dequantize().reshape(64, 3, 32), at, -1), extreme, rtol=1e-12)
-
-
-def test_a_recipe_stands_for_its_flags_and_explicit_flags_override_it() -> None:
-    from rotgraph.cli import RECIPES, expand_recipes, parser, quant_options
-
-    def options(*argv: str) -> QuantOptions:
-        return quant_options(parser().parse_args(expand_recipes(["quantize", "m.onnx", "-o", "out", *argv])))
-
-    for name, flags in RECIPES.items():
-        assert options("--recipe", name) == options(*flags.split())
-        assert options("--head-bits", "8", f"--recipe={name}").head_bits == 8
-    with pytest.raises(SystemExit):
-        options("--recipe", "no-such-recipe")

@@ -328,7 +328,7 @@ def test_bad_options_are_refused(options: dict, message: str) -> None:
 
 def test_cli_refuses_bad_opset_before_reading_the_model(tmp_path, capsys) -> None:
     """The input does not exist: the opset is what is named, so nothing was read."""
-    for extra in (["--opset", "16"], ["--scheme", "w4a8", "--opset", "20"]):
+    for extra in (["--set", "output.opset=16"], ["--scheme", "w4a8", "--set", "output.opset=20"]):
         assert main(["quantize", str(tmp_path / "absent.onnx"), "-o", str(tmp_path / "o.onnx"), *extra]) == 1
         err = capsys.readouterr().err
         assert "opset" in err and "absent" not in err, err
@@ -337,7 +337,10 @@ def test_cli_refuses_bad_opset_before_reading_the_model(tmp_path, capsys) -> Non
 def test_cli_passes_wide_ratio_and_refuses_a_bad_one_before_reading_the_model(tmp_path, capsys) -> None:
     """--wide-ratio reaches QuantOptions: a ratio <= 1 and dynamic activations are named, and the absent
     input is not (nothing was read)."""
-    for extra in (["--wide-ratio", "0.5"], ["--wide-ratio", "16", "--activations", "dynamic"]):
+    for extra in (
+        ["--set", "activations.wide_ratio=0.5"],
+        ["--set", "activations.wide_ratio=16", "--activations", "dynamic"],
+    ):
         assert main(["quantize", str(tmp_path / "absent.onnx"), "-o", str(tmp_path / "o.onnx"), *extra]) == 1
         err = capsys.readouterr().err
         assert "wide-ratio" in err and "absent" not in err, err
