@@ -41,7 +41,7 @@ def build_kernels() -> str | None:
     # The script's own messages start with its name; the last one says what failed.
     lines = [line.strip() for line in done.stderr.splitlines() if line.strip()]
     named = [line for line in lines if line.startswith("build_kernels.sh:")]
-    return (named or lines or [f"scripts/build_kernels.sh exited with status {done.returncode}"])[-1]
+    return (named or lines or [f"scripts/build_kernels.sh exited with status {done.returncode}"])[-1].rstrip(".")
 
 
 class BuildPyWithKernels(build_py):
