@@ -1,7 +1,9 @@
 #!/usr/bin/env bash
 # Build rotgraph's custom onnxruntime kernels: build/kernels/librotgraph_ops.so and, beside it,
 # librotgraph_ops.json, which records what the library was built for (rotgraph.kernels reads it and only
-# registers the library on a CPU that has every instruction-set extension it lists).
+# registers the library on a CPU that has every instruction-set extension it lists). scripts/setup.sh runs
+# it, and so does building the package (setup.py: `pip install .`, a wheel), which copies both files into
+# rotgraph/kernels/ of the installed package.
 #
 # A custom-op library needs onnxruntime's C API headers, which no PyPI wheel ships; Debian packages them
 # as libonnxruntime-dev. This fetches that .deb from the Debian archive this machine's apt already uses
@@ -108,6 +110,10 @@ EOF
   mv "$tmp/root/usr/include/onnxruntime" "$HEADERS"
 }
 
+if ! "$CXX" --version >/dev/null 2>&1; then  # before fetching headers that it could not compile against
+  echo "build_kernels.sh: no working C++ compiler (CXX=$CXX); install g++ or set CXX" >&2
+  exit 1
+fi
 if [ -n "${ROTGRAPH_ORT_INCLUDE:-}" ] && [ ! -f "$HEADERS/onnxruntime_c_api.h" ]; then
   echo "build_kernels.sh: ROTGRAPH_ORT_INCLUDE=$HEADERS holds no onnxruntime_c_api.h" >&2
   exit 1

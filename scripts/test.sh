@@ -6,9 +6,9 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 bash scripts/setup.sh
 export HF_HUB_OFFLINE=1
-.venv/bin/ruff check rotgraph tests benchmarks examples
-.venv/bin/ruff format --check rotgraph tests benchmarks examples
-.venv/bin/mypy rotgraph
+.venv/bin/ruff check rotgraph tests benchmarks examples setup.py
+.venv/bin/ruff format --check rotgraph tests benchmarks examples setup.py
+.venv/bin/mypy rotgraph setup.py
 # The e2e exporter tests (tests/test_e2e_exporters.py) run optimum-onnx and the onnxruntime-genai builder from
 # pinned venvs under build/fixture-venvs/ (their pins conflict with the project's): made here from the
 # package registries (a no-op when current) unless the e2e tests are deselected.

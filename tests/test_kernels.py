@@ -222,16 +222,62 @@ def copy_library(tmp_path: Path, record: dict | None, content: bytes | None = No
     return copy
 
 
-def test_the_library_lives_outside_the_package_with_its_build_record() -> None:
+def test_the_library_is_the_package_copy_or_the_source_tree_build_with_its_build_record() -> None:
+    # An installed package (setup.py's build) holds its own; a source tree, and so an editable install,
+    # uses build/kernels/ (tests/test_install.py checks an installed wheel).
     library = kernels.library_path()
-    assert library is not None and library.parent.name == "kernels" and library.parent.parent.name == "build"
-    assert not list(Path(kernels.__file__).parent.glob("*.so"))
+    expected = kernels.BUILD_LIBRARY if kernels.IN_SOURCE_TREE else kernels.PACKAGE_LIBRARY
+    assert library is not None and library == expected
+    if kernels.IN_SOURCE_TREE:
+        assert not list(Path(kernels.__file__).parent.glob("*.so"))
     record = json.loads(kernels.build_record(library).read_text())
     assert record["machine"] == platform.machine()
     assert "-ffp-contract=off" in record["cxxflags"].split()
     if os.environ.get("ROTGRAPH_KERNEL_NATIVE") != "1" and platform.machine() == "x86_64":
         assert "-march=x86-64-v2" in record["cxxflags"].split()
         assert "avx2" not in record["cpu_flags"] and "sse4_2" in record["cpu_flags"]
+
+
+def test_the_package_copy_comes_first_then_the_source_tree_then_the_environment_overrides_both(
+    tmp_path, monkeypatch
+) -> None:
+    package, build = tmp_path / "pkg" / "librotgraph_ops.so", tmp_path / "build" / "librotgraph_ops.so"
+    monkeypatch.setattr(kernels, "PACKAGE_LIBRARY", package)
+    monkeypatch.setattr(kernels, "BUILD_LIBRARY", build)
+    monkeypatch.setattr(kernels, "IN_SOURCE_TREE", True)
+    monkeypatch.delenv("ROTGRAPH_KERNELS_LIBRARY", raising=False)
+    assert kernels.library_path() is None and kernels.configured_library() == build
+    for library in (build, package):
+        library.parent.mkdir()
+        library.write_bytes(b"")
+        assert kernels.library_path() == library  # the package's, once it has one
+    monkeypatch.setenv("ROTGRAPH_KERNELS_LIBRARY", str(tmp_path / "other.so"))
+    assert kernels.library_path() is None and kernels.configured_library() == tmp_path / "other.so"
+    monkeypatch.delenv("ROTGRAPH_KERNELS_LIBRARY")
+    monkeypatch.setattr(kernels, "IN_SOURCE_TREE", False)  # an installed package never looks beside it
+    package.unlink()
+    assert kernels.library_path() is None and kernels.configured_library() == package
+
+
+def test_an_install_that_could_not_build_the_library_says_why_once(tmp_path, monkeypatch, caplog) -> None:
+    monkeypatch.setattr(kernels, "PACKAGE_LIBRARY", tmp_path / "librotgraph_ops.so")
+    monkeypatch.setattr(kernels, "NOT_BUILT", tmp_path / "NOT_BUILT")
+    monkeypatch.setattr(kernels, "IN_SOURCE_TREE", False)
+    monkeypatch.setattr(kernels, "_warned", set())
+    monkeypatch.delenv("ROTGRAPH_KERNELS_LIBRARY", raising=False)
+    (tmp_path / "NOT_BUILT").write_text("build_kernels.sh: no working C++ compiler (CXX=/bin/false)\n")
+    path = fake_quant_file(tmp_path, ActSpec(4), [4, 32])
+    plain = graph_model([float_input("x", [4, 32])])  # no rotgraph ops: nothing is lost, nothing said
+    plain.graph.outputs.append(plain.graph.inputs[0])
+    io.save_model(plain, tmp_path / "plain.onnx")
+    with caplog.at_level(logging.WARNING, logger="rotgraph.kernels"):
+        assert not kernels.register(ort.SessionOptions(), tmp_path / "plain.onnx", None)
+        assert not kernels.register(ort.SessionOptions(), path, None)
+        assert not kernels.register(ort.SessionOptions(), path, None)
+    (warning,) = [r.getMessage() for r in caplog.records if r.levelno == logging.WARNING]
+    assert "not built when rotgraph was installed" in warning and "CXX=/bin/false" in warning
+    with pytest.raises(RotgraphError, match="no working C"):
+        kernels.register(ort.SessionOptions(), path, True)
 
 
 def test_a_library_built_for_another_cpu_is_not_loaded(tmp_path, monkeypatch, caplog) -> None:

@@ -7,9 +7,11 @@ inlining the function bodies. The kernels read their configuration from node att
 writes beside each overload; a model written before those attributes existed runs on the function bodies,
 and so does a model whose rotgraph ops work on other values than float32 (the kernels are float32 only).
 
-The library is built outside the package, in build/kernels/ of the source tree (an editable install finds
-it there); ROTGRAPH_KERNELS_LIBRARY names another one, ROTGRAPH_KERNELS=0 hides it. Beside it the build
-writes librotgraph_ops.json, the machine and the CPU extensions (as /proc/cpuinfo names them) the library
+Building the package (`pip install .`, a wheel; see setup.py) runs scripts/build_kernels.sh and installs the
+library in this folder, where it is looked for first; the script alone builds it in build/kernels/ of the
+source tree, where an editable install finds it. ROTGRAPH_KERNELS_LIBRARY names another one (before
+both), ROTGRAPH_KERNELS=0 hides it. An install that could not build it leaves NOT_BUILT here, saying why,
+and models then run on the function bodies with one warning. Beside the library the build writes librotgraph_ops.json, the machine and the CPU extensions (as /proc/cpuinfo names them) the library
 was compiled for; the library is only registered on a CPU that has them all, checked without loading it
 (loading code built for another CPU could already execute an instruction this one does not have).
 """
@@ -32,8 +34,17 @@ from rotgraph.errors import RotgraphError
 
 log = logging.getLogger(__name__)
 
-LIBRARY = Path(__file__).resolve().parents[2] / "build" / "kernels" / "librotgraph_ops.so"
-BUILD_HINT = "build it with `bash scripts/build_kernels.sh` (scripts/setup.sh does)"
+PACKAGE_LIBRARY = Path(__file__).resolve().parent / "librotgraph_ops.so"  # installed by setup.py's build
+NOT_BUILT = PACKAGE_LIBRARY.with_name("NOT_BUILT")  # setup.py's reason, where the install could not build it
+_SOURCE_TREE = Path(__file__).resolve().parents[2]
+BUILD_LIBRARY = _SOURCE_TREE / "build" / "kernels" / "librotgraph_ops.so"  # scripts/build_kernels.sh
+IN_SOURCE_TREE = (_SOURCE_TREE / "scripts" / "build_kernels.sh").is_file()  # a checkout or an editable install
+BUILD_HINT = (
+    "build it with `bash scripts/build_kernels.sh` (scripts/setup.sh does)"
+    if IN_SOURCE_TREE
+    else "reinstall rotgraph where g++ and Debian's onnxruntime headers (or ROTGRAPH_ORT_INCLUDE) are at hand; "
+    "`pip install -v` shows the build"
+)
 LIBRARY_ENV, SWITCH_ENV = "ROTGRAPH_KERNELS_LIBRARY", "ROTGRAPH_KERNELS"
 CPUINFO = Path("/proc/cpuinfo")
 # The attribute each op's kernel cannot do without (Hadamard: `a`, unless n is a power of two).
@@ -43,8 +54,11 @@ _warned: set[str] = set()
 
 
 def configured_library() -> Path:
-    """Where the library is looked for: ROTGRAPH_KERNELS_LIBRARY, else build/kernels/ of the source tree."""
-    return Path(os.environ[LIBRARY_ENV]) if os.environ.get(LIBRARY_ENV) else LIBRARY
+    """Where the library is looked for: ROTGRAPH_KERNELS_LIBRARY; else this package's folder (a pip install),
+    then build/kernels/ of the source tree (a checkout, an editable install)."""
+    if os.environ.get(LIBRARY_ENV):
+        return Path(os.environ[LIBRARY_ENV])
+    return PACKAGE_LIBRARY if PACKAGE_LIBRARY.is_file() or not IN_SOURCE_TREE else BUILD_LIBRARY
 
 
 def library_path() -> Path | None:
@@ -184,12 +198,13 @@ def register(options: ort.SessionOptions, path: Path, kernels: bool | None) -> b
     if kernels is False:
         return False
     library = library_path()
-    if library is None:
-        if os.environ.get(SWITCH_ENV, "1") == "0":
-            return _refuse(kernels, f"{SWITCH_ENV}=0 hides them")
-        if kernels:
-            raise RotgraphError(f"rotgraph's kernels are not built ({configured_library()} is missing): {BUILD_HINT}")
-        return False
+    if library is None:  # a warning only where the install could not build it and this model has the ops
+        warn = (
+            kernels is None
+            and _install_failed()
+            and bool(_rotgraph_nodes(onnx.load(str(path), load_external_data=False)))
+        )
+        return _refuse(kernels, hidden_or_missing(), warn=warn)
     reason = unsupported_reason(library)
     if reason is not None:
         return _refuse(kernels, reason, warn=True)
@@ -200,10 +215,18 @@ def register(options: ort.SessionOptions, path: Path, kernels: bool | None) -> b
     return True
 
 
+def _install_failed() -> bool:
+    """The installed package holds setup.py's NOT_BUILT, and neither the switch nor the environment's
+    library is in play."""
+    return os.environ.get(SWITCH_ENV, "1") != "0" and not os.environ.get(LIBRARY_ENV) and NOT_BUILT.is_file()
+
+
 def hidden_or_missing() -> str:
-    """Why library_path() found no library: the switch, or no build."""
+    """Why library_path() found no library: the switch, an install that could not build it, or no build."""
     if os.environ.get(SWITCH_ENV, "1") == "0":
         return f"{SWITCH_ENV}=0 hides them"
+    if _install_failed():
+        return f"not built when rotgraph was installed ({NOT_BUILT.read_text().strip()}): {BUILD_HINT}"
     return f"not built ({configured_library()} is missing): {BUILD_HINT}"
 
 
