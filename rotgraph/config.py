@@ -76,7 +76,9 @@ class Activations:
         "kernels on edge compilers), else dynamic",
         flag="--activations",
     )
-    clip: float | str = _field(AUTO, "dynamic: a clip ratio, or `search` per input; auto: search at 4 bits")
+    clip: float | str | None = _field(
+        AUTO, "dynamic: a clip ratio, or `search` per input; None: 0.9 at 4 bits, 1 at 8; auto: search at 4 bits"
+    )
     asymmetric: bool | str = _field(AUTO, "dynamic: per-token min/max grid with a zero point; auto: at 4 bits")
     center: bool | str = _field(AUTO, "dynamic: each projection input's mean moved into a bias; auto: at 4 bits")
     smooth: float | None = _field(None, "SmoothQuant migration strength alpha; None: off")
@@ -214,7 +216,8 @@ def flags() -> dict[str, tuple[str, typing.Callable[[str], Any], str]]:
     for key, meta in _metadata().items():
         if meta.get("flag"):
             options = typing.get_args(types[key]) or (types[key],)
-            parse: typing.Callable[[str], Any] = str if str in options else int if int in options else parse_value
+            kinds = {t for t in options if t is not type(None)}
+            parse: typing.Callable[[str], Any] = str if kinds == {str} else int if kinds == {int} else parse_value
             out[key] = (meta["flag"], parse, meta["help"])
     return out
 

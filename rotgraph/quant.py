@@ -46,7 +46,9 @@ class WeightSpec:
     def groups(self, cols: int) -> int:
         g = self.group_size or cols
         if cols % g:
-            raise RotgraphError(f"group size {g} does not divide the input size {cols}")
+            raise RotgraphError(
+                f"group size {g} does not divide the input size {cols}: pass a group that does (--group)"
+            )
         return cols // g
 
 
