@@ -1,4 +1,4 @@
-"""Fused attention ops for `rotgraph.torch_graph`: onnxruntime's com.microsoft GroupQueryAttention,
+"""Fused attention ops for `rotgraph.learning.torch_graph`: onnxruntime's com.microsoft GroupQueryAttention,
 MultiHeadAttention and RotaryEmbedding, and ONNX's Attention (opset 23), in torch.
 
 These let `rotgraph learn` back-propagate through graphs that keep attention fused (the onnxruntime-genai
