@@ -160,6 +160,15 @@ def _load_checkpoint(path: Path, options_json: str, objective: Objective, stages
     return state["step"], meta["losses"]
 
 
+def _stage_at(stages: list[Stage], step: int) -> tuple[Stage, int]:
+    """The stage that global step `step` belongs to, and the step's index within the stage."""
+    for stage in stages:
+        if step < stage.steps:
+            return stage, step
+        step -= stage.steps
+    raise IndexError("step past the last stage")
+
+
 def train(
     objective: Objective,
     *,
@@ -180,11 +189,10 @@ def train(
 
     `options_json` (the run's options) is stored in each checkpoint, and a checkpoint written with
     other options is refused on `resume`. Raises if a rotation drifted from orthogonal."""
-    rotations = CayleySGD(objective.rotation_parameters(), lr=lr, momentum=momentum)
-    stages = [Stage(objective.rotation_loss, rotations, steps, lr), *objective.later_stages(steps)]
+    cayley = CayleySGD(objective.rotation_parameters(), lr=lr, momentum=momentum)
+    stages = [Stage(objective.rotation_loss, cayley, steps, lr), *objective.later_stages(steps)]
     total = sum(stage.steps for stage in stages)
     first, losses = _load_checkpoint(checkpoint, options_json, objective, stages) if resume else (0, [])
-    ends = np.cumsum([stage.steps for stage in stages])
     bar = tqdm(
         range(first, total),
         desc=description,
@@ -195,8 +203,7 @@ def train(
     )
     try:
         for step in bar:
-            index = int(np.searchsorted(ends, step, side="right"))
-            stage, at = stages[index], step - (int(ends[index - 1]) if index else 0)
+            stage, at = _stage_at(stages, step)
             optimizer = stage.optimizer
             if stage.lr is not None:  # cosine decay to 0 over the stage
                 for group in optimizer.param_groups:
@@ -214,13 +221,8 @@ def train(
         if rank == 0 and checkpoint.is_file():
             logger.warning("interrupted: %s holds the last checkpoint; rerun with --resume to continue", checkpoint)
         raise
-    err = max_orthogonality_error(objective)
+    err = max(orthogonality_error(r) for r in objective.rotations().values())
     if not err <= ORTHOGONALITY_TOLERANCE:
         raise RotgraphError(f"learned rotations drifted from orthogonal (max |R^T R - I| = {err:.2g}); nothing written")
     logger.info("max |R^T R - I| over the learned rotations: %.2g", err)
     return losses, err
-
-
-def max_orthogonality_error(objective: Objective) -> float:
-    """max |R^T R - I| over the objective's rotations."""
-    return max(orthogonality_error(r) for r in objective.rotations().values())
