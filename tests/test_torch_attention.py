@@ -1,5 +1,5 @@
-"""The torch evaluator on fused-attention graphs (rotgraph.learning.torch_attention), against onnxruntime with its
-optimizations off, and `rotgraph learn` on graphs as exporters leave them (KV cache inputs, mask,
+"""The torch evaluator on fused-attention graphs (rotgraph.learning.torch_attention), against onnxruntime
+with its optimizations off, and `rotgraph learn` on graphs as exporters leave them (KV cache inputs, mask,
 positions, fused attention)."""
 
 from __future__ import annotations
