@@ -262,9 +262,9 @@ if which == "torch":
         net(input_ids=ids, labels=ids).loss.backward()
 else:
     from rotgraph import io
-    from rotgraph.learn import RotatedNetwork, learning_graph
+    from rotgraph.learning.end_to_end import RotatedNetwork, learning_graph
     from rotgraph.quantize import Scheme
-    from rotgraph.stiefel import CayleySGD
+    from rotgraph.learning.stiefel import CayleySGD
     m = io.load_model(model)
     scheme = Scheme.parse(which.split(":")[0])
     learning_graph(m, scheme)

@@ -12,8 +12,8 @@ from conftest import mean_kl, ort_logits
 from rotgraph import io
 from rotgraph.cli import main
 from rotgraph.errors import RotgraphError
-from rotgraph.layerwise import LayerwiseObjective
 from rotgraph.learn import LearnOptions, learn
+from rotgraph.learning.layerwise import LayerwiseObjective
 from rotgraph.passes.rotate_heads import head_rotations
 from rotgraph.passes.rotate_residual import residual_rotation
 from rotgraph.passes.scale_channels import ScaleChannelsPass
@@ -96,8 +96,8 @@ def test_layerwise_learner_is_orthogonal_exact_and_beats_hadamard(tiny, tokens, 
 
 def test_kurtosis_objective_decreases_under_cayley_sgd(tiny) -> None:
     """The layer-wise loss along the learner's own steps, recomputed from the returned rotations."""
-    from rotgraph.layerwise import collect
-    from rotgraph.stiefel import CayleySGD
+    from rotgraph.learning.layerwise import collect
+    from rotgraph.learning.stiefel import CayleySGD
 
     _, path = tiny("qwen2", "dynamo")
     import tempfile
@@ -145,8 +145,9 @@ def test_output_error_objective_is_the_quantized_layers_error_and_decreases(tiny
     (64 wide here: a Sylvester matrix built in the test). `center`: each quantized input's mean subtracted
     before its quantizer and added back through the float weight."""
     from rotgraph.fakequant import ActSpec
-    from rotgraph.layerwise import Quantizers, collect
-    from rotgraph.stiefel import CayleySGD
+    from rotgraph.learning.layerwise import collect
+    from rotgraph.learning.quantizers import Quantizers
+    from rotgraph.learning.stiefel import CayleySGD
 
     # grouped-query attention: O reads each KV head 3 (2) times
     config = {"hidden_size": 64, "num_attention_heads": 4, "num_key_value_heads": 2} if deployed else {}
@@ -207,7 +208,8 @@ def test_scales_learn_against_the_scaled_layers_output_error(tiny) -> None:
     error of the scaled quantized layers (activations divided by s, weight rows multiplied, O's rows per
     query head under GQA); Adam on log s lowers it from s = 1."""
     from rotgraph.fakequant import ActSpec
-    from rotgraph.layerwise import Quantizers, collect
+    from rotgraph.learning.layerwise import collect
+    from rotgraph.learning.quantizers import Quantizers
 
     _, path = tiny("qwen2", "dynamo")
     import tempfile

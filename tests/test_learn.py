@@ -17,15 +17,17 @@ from rotgraph import io
 from rotgraph.cli import main
 from rotgraph.errors import RotgraphError
 from rotgraph.fakequant import ActSpec
-from rotgraph.learn import LearnOptions, RotatedNetwork, learn, learning_graph
+from rotgraph.learn import LearnOptions, learn
+from rotgraph.learning.end_to_end import RotatedNetwork, learning_graph
+from rotgraph.learning.quantizers import fake_quant
+from rotgraph.learning.stiefel import CayleySGD, orthogonality_error
+from rotgraph.learning.torch_graph import TorchGraph
 from rotgraph.passes.quantize_kv import QuantizeKVCachePass
 from rotgraph.passes.rotate_residual import residual_rotation
 from rotgraph.pipeline import RotateOptions, canonicalize, rotate_model, run_passes
 from rotgraph.quantize import Scheme
 from rotgraph.rotations import load_rotations, save_rotations
-from rotgraph.stiefel import CayleySGD, orthogonality_error
 from rotgraph.testing import SAMPLE_TEXT
-from rotgraph.torch_graph import TorchGraph, fake_quant
 
 
 @pytest.mark.parametrize("model_type,exporter", [("llama", "dynamo"), ("qwen2", "dynamo"), ("llama", "torchscript")])
@@ -294,7 +296,7 @@ def test_rotation_files_that_do_not_fit_the_model_are_refused(tiny, tmp_path, ca
 
 def test_weight_fake_quant_is_rotgraphs_rtn_grid() -> None:
     """The learning quantizer is the final RTN quantizer without the clipping search."""
-    from rotgraph.learn import weight_fake_quant
+    from rotgraph.learning.quantizers import weight_fake_quant
     from rotgraph.quant import WeightSpec, quantize_rtn
 
     w = np.random.default_rng(2).normal(size=(64, 24))  # [in, out]
@@ -373,7 +375,7 @@ def test_r1_on_the_activations_computes_the_same_step(tiny, model_type) -> None:
 
 def test_keep_products_learns_the_same_rotations(tiny, tmp_path, monkeypatch) -> None:
     """`--keep-products` changes what the checkpointed segments store, not what they compute."""
-    from rotgraph import torch_graph
+    from rotgraph.learning import torch_graph
 
     _, path = tiny("llama", "dynamo")
     ids = np.random.default_rng(7).integers(0, 384, size=(4, 32))
@@ -397,7 +399,7 @@ def test_keep_products_learns_the_same_rotations(tiny, tmp_path, monkeypatch) ->
 def test_compiled_weight_quantizer_computes_the_eager_one() -> None:
     """`learn --compile`: the compiled RTN fake quantizer gives the eager one's values and gradients on two
     weight shapes (one compiled graph for both), straight-through gradients included."""
-    from rotgraph.learn import WeightQuantizer, weight_fake_quant
+    from rotgraph.learning.quantizers import WeightQuantizer, weight_fake_quant
 
     compiled = WeightQuantizer(True)
     rng = np.random.default_rng(4)
@@ -415,7 +417,7 @@ def test_compiled_weight_quantizer_computes_the_eager_one() -> None:
 
 
 def test_a_failing_compiler_falls_back_to_the_eager_quantizer(monkeypatch, caplog) -> None:
-    from rotgraph.learn import WeightQuantizer, weight_fake_quant
+    from rotgraph.learning.quantizers import WeightQuantizer, weight_fake_quant
 
     def broken(fn, **kwargs):  # type: ignore[no-untyped-def]
         def run(*args):  # type: ignore[no-untyped-def]

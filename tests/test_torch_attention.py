@@ -1,5 +1,5 @@
-"""The torch evaluator on fused-attention graphs (rotgraph.torch_attention), against onnxruntime with its
-optimizations off, and `rotgraph learn` on graphs as exporters leave them (KV cache inputs, mask,
+"""The torch evaluator on fused-attention graphs (rotgraph.learning.torch_attention), against onnxruntime
+with its optimizations off, and `rotgraph learn` on graphs as exporters leave them (KV cache inputs, mask,
 positions, fused attention)."""
 
 from __future__ import annotations
@@ -15,13 +15,14 @@ from rotgraph import io
 from rotgraph.evaluate import make_session
 from rotgraph.export import export
 from rotgraph.inputs import input_roles
-from rotgraph.learn import LearnOptions, RotatedNetwork, learn, learning_graph
+from rotgraph.learn import LearnOptions, learn
+from rotgraph.learning.end_to_end import RotatedNetwork, learning_graph
+from rotgraph.learning.torch_graph import TorchGraph
 from rotgraph.passes.split_rotary import SplitRotaryPass
 from rotgraph.pipeline import foldable_form_passes, run_passes
 from rotgraph.quantize import Scheme
 from rotgraph.rotations import load_rotations
 from rotgraph.testing import make_tiny_model
-from rotgraph.torch_graph import TorchGraph
 
 FIXTURES = Path(__file__).parent / "fixtures"
 

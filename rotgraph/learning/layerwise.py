@@ -14,7 +14,7 @@ quantized vector y: per token across the hidden channels for R1, per token and K
 head_dim for R2 (the quantizers' groups). A per-token absmax quantizer's step is set by max |y|; a
 heavy tail (large kurtosis) makes that step large against the typical value. Kurtosis is scale-free,
 so every token counts alike, whatever its norm. Rotations start from QuaRot's seeded Hadamards and
-follow Cayley SGD (`rotgraph.stiefel`), so they stay orthogonal and fold like QuaRot's.
+follow Cayley SGD (`rotgraph.learning.loop`), so they stay orthogonal and fold like QuaRot's.
 
 Objective "output-error" (after DartQuant's and OSTQuant's point that the quantized layer's output,
 not a proxy statistic, is what matters): the relative squared error ||Q(x R) Q(R^T W) - x W||^2 /
@@ -38,9 +38,7 @@ output error as the rotations', with x / s quantized and s W's rows.
 from __future__ import annotations
 
 import dataclasses
-import json
 import logging
-import os
 import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -48,58 +46,23 @@ from pathlib import Path
 import numpy as np
 import onnx_ir as ir
 import torch
-from tqdm import tqdm
 
 from rotgraph import io
 from rotgraph.errors import RotgraphError
-from rotgraph.fakequant import ActSpec
+from rotgraph.learning.loop import Rotations, Stage
+from rotgraph.learning.quantizers import Quantizers, fake_quant
 from rotgraph.online import factors_for
-from rotgraph.passes.rotate_heads import head_rotations
-from rotgraph.passes.rotate_residual import residual_rotation
 from rotgraph.pipeline import foldable_form_passes, run_passes
 from rotgraph.probe import probe
 from rotgraph.rotations import Scales, scale_name
-from rotgraph.stiefel import CayleySGD
 from rotgraph.structure import Attention, ModelDescription, discover, distinct, r2_pairs
-from rotgraph.torch_graph import fake_quant
 from rotgraph.weights import read_float64
 
 logger = logging.getLogger(__name__)
 
 OBJECTIVES = ("kurtosis", "output-error")
 OUTPUT_COLUMNS = 256  # output-error: output columns drawn per layer and step
-
-
-@dataclass(frozen=True)
-class Quantizers:
-    """The scheme's quantizers as the output-error objective applies them (None / 16: float)."""
-
-    act: ActSpec | None
-    kv: ActSpec | None
-    weight_bits: int
-    group: int
-    # the orthonormal Hadamard [n, n] of the online transform before o_proj (`InsertOutHadamardPass`), or None
-    out_hadamard: torch.Tensor | None = None
-
-    def weights(self, w: torch.Tensor) -> torch.Tensor:
-        """RTN of `w` [in, out] in groups along its input rows, as `rotgraph quantize` groups them."""
-        from rotgraph.learn import weight_fake_quant  # learn imports this module lazily
-
-        return w if self.weight_bits >= 16 else weight_fake_quant(w, self.weight_bits, self.group, 0)
-
-    def activations(self, x: torch.Tensor) -> torch.Tensor:
-        return x if self.act is None else fake_quant(x, self.act)
-
-    def o_projection(self, z: torch.Tensor, w: torch.Tensor, center: bool = False) -> torch.Tensor:
-        """O's quantized output for its input rows `z` and weight `w` [heads * d, out]; with the online
-        Hadamard H before o_proj, O reads z H through H^T w; with `center`, the rows' mean is subtracted
-        before the quantizer and added back through the float weight (`quantize --center-activations`)."""
-        mean = z.mean(0) if center else None
-        x, wx = (z, w) if mean is None else (z - mean, w)
-        if self.out_hadamard is not None:
-            x, wx = x @ self.out_hadamard, self.out_hadamard.T @ wx
-        out = self.activations(x) @ self.weights(wx)
-        return out if mean is None else out + mean @ w
+SCALE_LR = 0.05  # scaling: Adam's learning rate on log s
 
 
 def relative_error(y_hat: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
@@ -182,7 +145,7 @@ def collect(
     return desc, layers
 
 
-class LayerwiseObjective(torch.nn.Module):
+class LayerwiseObjective(Rotations):
     """R1, the R2s and (optionally) the log-scales, with the objectives of the module doc."""
 
     def __init__(
@@ -195,25 +158,20 @@ class LayerwiseObjective(torch.nn.Module):
         quantizers: Quantizers | None = None,
         center: bool = False,
     ) -> None:
-        super().__init__()
         if objective not in OBJECTIVES:
             raise RotgraphError(f"objective {objective!r}: expected one of {', '.join(OBJECTIVES)}")
         if objective == "output-error" and quantizers is None:
             raise RotgraphError("the output-error objective needs the scheme's quantizers")
         if center and (objective != "output-error" or scaling):
             raise RotgraphError("centered inputs are modelled by the output-error objective, without scaling")
+        pairs = r2_pairs(desc)
+        super().__init__(desc.hidden_size, pairs[0].head_dim, len(layers), seed)
         self.objective, self.quantizers, self.seed = objective, quantizers, seed
         # output-error: each quantized input's mean (over the sampled rows) is subtracted before its
         # quantizer and added back through the float weight, as `quantize --center-activations` does
         self.means = [{site: getattr(x, site).mean(0) for site in ("attn", "mlp")} for x in layers] if center else None
         self.layers = layers
-        pairs = r2_pairs(desc)
         self.heads = [(p.num_heads, p.num_kv_heads, p.head_dim) for p in pairs]
-        d = pairs[0].head_dim
-        self.r1 = torch.nn.Parameter(torch.from_numpy(residual_rotation(desc.hidden_size, seed)[0]))
-        self.r2 = torch.nn.ParameterList(
-            torch.nn.Parameter(torch.from_numpy(h)) for h, _ in head_rotations(d, len(layers), seed)
-        )
         self.log_s = torch.nn.ParameterDict()
         if scaling:
             for i, x in enumerate(layers):
@@ -221,6 +179,12 @@ class LayerwiseObjective(torch.nn.Module):
                 self.log_s[f"mlp{i}"] = torch.nn.Parameter(torch.zeros(x.mlp.shape[1], dtype=torch.float64))
                 self.log_s[f"v{i}"] = torch.nn.Parameter(torch.zeros(x.v.shape[1] * x.v.shape[2], dtype=torch.float64))
         self._rotated: list[dict[str, torch.Tensor]] | None = None
+
+    def later_stages(self, steps: int) -> list[Stage]:
+        """With scaling, `steps` Adam steps on the log-scales against `scale_loss`, the rotations fixed."""
+        if not len(self.log_s):
+            return []
+        return [Stage(self.scale_loss, torch.optim.Adam(self.log_s.parameters(), lr=SCALE_LR), steps)]
 
     def rotation_loss(self, step: int = 0) -> torch.Tensor:
         """The objective of R1 and the R2s (the module doc); `step` draws output-error's columns."""
@@ -351,11 +315,6 @@ class LayerwiseObjective(torch.nn.Module):
                 total = total + (act + weight) / (3 * len(sites))
         return total
 
-    def rotations(self) -> dict[str, torch.Tensor]:
-        named = {"R1": self.r1.detach().clone()}
-        named.update({f"R2.{i}": r.detach().clone() for i, r in enumerate(self.r2)})
-        return named
-
     def scales(self) -> Scales:
         out: Scales = {}
         for i in range(len(self.layers)):
@@ -365,112 +324,31 @@ class LayerwiseObjective(torch.nn.Module):
         return out
 
 
-@dataclass(frozen=True)
-class LayerwiseResult:
-    rotations: dict[str, torch.Tensor]
-    scales: Scales
-    losses: list[float]
-    kurtosis_start: float
-    kurtosis_end: float
-    scale_losses: list[float]
-
-
-def _checkpoint(
-    path: Path,
-    step: int,
-    losses: list[float],
-    options_json: str,
-    obj: LayerwiseObjective,
-    optimizers: list[torch.optim.Optimizer],
-) -> None:
-    state = {
-        "step": step,
-        "meta": json.dumps({"losses": losses, "options": json.loads(options_json)}),
-        "objective": obj.state_dict(),
-        "optimizers": [o.state_dict() for o in optimizers],
-    }
-    tmp = path.with_name(f".{path.name}.tmp")
-    torch.save(state, tmp)
-    os.replace(tmp, path)
-
-
-def learn_layerwise(
+def layerwise_objective(
     model_path: Path,
     token_windows: np.ndarray,
     *,
-    steps: int,
-    lr: float,
     site_tokens: int,
     seed: int,
     scaling: bool,
-    checkpoint: Path,
-    objective: str = "kurtosis",
-    quantizers: Quantizers | None = None,
+    objective: str,
+    quantizers: Quantizers | None,
     out_hadamard: bool = False,
     center: bool = False,
-    checkpoint_every: int,
-    options_json: str,
-    resume: bool = False,
-    progress: bool = True,
-) -> LayerwiseResult:
-    """Learn R1/R2 against `objective` (`steps` Cayley SGD steps, lr with cosine decay; output-error
-    needs the scheme's `quantizers`, with `out_hadamard` O's online Hadamard added to them, with `center` the
-    inputs centered as `quantize --center-activations` does) and, with `scaling`, then the scales
-    (`steps` Adam steps) on activations collected from the model at `model_path`; checkpoints every
-    `checkpoint_every` steps into `checkpoint`, which `resume` continues from."""
+    scratch: Path,
+) -> LayerwiseObjective:
+    """The objective on activations collected from the model at `model_path` (`collect`, in a temporary
+    folder under `scratch`); output-error needs the scheme's `quantizers`, with `out_hadamard` O's online
+    Hadamard added to them, with `center` the inputs centered as `quantize --center-activations` does."""
     model = io.load_model(model_path)
-    with tempfile.TemporaryDirectory(prefix=".rotgraph-learn.", dir=checkpoint.parent) as scratch:
-        desc, layers = collect(model, token_windows, site_tokens, seed, Path(scratch))
+    with tempfile.TemporaryDirectory(prefix=".rotgraph-learn.", dir=scratch) as folder:
+        desc, layers = collect(model, token_windows, site_tokens, seed, Path(folder))
     del model
     if out_hadamard and quantizers is not None:  # the transform `InsertOutHadamardPass` inserts, as a matrix
         n = desc.blocks[0].attention.o.shape[0]
         h = factors_for(n, "the Hadamard before o_proj").apply(np.eye(n))
         quantizers = dataclasses.replace(quantizers, out_hadamard=torch.from_numpy(h.astype(np.float32)))
-    obj = LayerwiseObjective(desc, layers, seed, scaling, objective, quantizers, center)
-    rot_opt = CayleySGD([obj.r1, *obj.r2], lr=lr, momentum=0.0)
-    optimizers: list[torch.optim.Optimizer] = [rot_opt]
-    if scaling:
-        optimizers.append(torch.optim.Adam(obj.log_s.parameters(), lr=0.05))
-    total = steps * (2 if scaling else 1)
-    first, losses = 0, []
-    if resume and checkpoint.is_file():
-        state = torch.load(checkpoint, weights_only=True)
-        meta = json.loads(state["meta"])
-        if meta["options"] != json.loads(options_json):
-            raise RotgraphError(f"{checkpoint} was written with other options: {meta['options']}")
-        obj.load_state_dict(state["objective"])
-        for opt, saved in zip(optimizers, state["optimizers"], strict=True):
-            opt.load_state_dict(saved)
-        first, losses = state["step"], meta["losses"]
-        logger.info("resuming from step %d", first)
-    elif resume:
-        raise RotgraphError(f"nothing to resume: {checkpoint} does not exist")
-    with torch.no_grad():
-        start_kurtosis = float(obj.kurtosis_loss())
-    bar = tqdm(
-        range(first, total), desc="learn (layer-wise)", unit="step", disable=not progress, initial=first, total=total
-    )
-    for step in bar:
-        if step < steps:
-            for group in rot_opt.param_groups:
-                group["lr"] = lr * 0.5 * (1 + float(np.cos(np.pi * step / steps)))
-            rot_opt.zero_grad()
-            loss = obj.rotation_loss(step)
-            loss.backward()
-            rot_opt.step()
-        else:
-            optimizers[1].zero_grad()
-            loss = obj.scale_loss(step)
-            loss.backward()
-            optimizers[1].step()
-        losses.append(float(loss.detach()))
-        bar.set_postfix(loss=f"{losses[-1]:.4f}")
-        done = step + 1
-        if done % checkpoint_every == 0 and done < total:
-            _checkpoint(checkpoint, done, losses, options_json, obj, optimizers)
-    with torch.no_grad():
-        end_kurtosis = float(obj.kurtosis_loss())
-    return LayerwiseResult(obj.rotations(), obj.scales(), losses[:steps], start_kurtosis, end_kurtosis, losses[steps:])
+    return LayerwiseObjective(desc, layers, seed, scaling, objective, quantizers, center)
 
 
 def scale_tensors(scales: Scales) -> dict[str, torch.Tensor]:

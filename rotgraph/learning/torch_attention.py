@@ -1,5 +1,5 @@
-"""Fused attention ops for `rotgraph.torch_graph`: onnxruntime's com.microsoft GroupQueryAttention,
-MultiHeadAttention and RotaryEmbedding, and ONNX's Attention (opset 23), in torch.
+"""Fused attention ops for `rotgraph.learning.torch_graph`: onnxruntime's com.microsoft
+GroupQueryAttention, MultiHeadAttention and RotaryEmbedding, and ONNX's Attention (opset 23), in torch.
 
 These let `rotgraph learn` back-propagate through graphs that keep attention fused (the onnxruntime-genai
 builder's, onnxscript's and onnxruntime's fusions, torch's opset-23 export). They follow the operator
