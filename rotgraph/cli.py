@@ -82,11 +82,11 @@ def cmd_learn(args: argparse.Namespace) -> None:
 def quant_config(args: argparse.Namespace) -> QuantConfig:
     """The configuration of parsed `quantize` arguments: the recipe (default `best`), then the --config
     file, then the flags given, then each --set, each over the last."""
-    from rotgraph import config
+    from rotgraph import config, recipes
 
-    base = config.preset(args.recipe)
+    base = recipes.preset(args.recipe)
     if args.config:
-        base = config.load(Path(args.config), base)
+        base = recipes.load(Path(args.config), base)
     flags = {key: getattr(args, key) for key in config.flags() if getattr(args, key, None) is not None}
     return base.with_values(flags).with_values(config.parse_assignments(args.set or []))
 
@@ -111,13 +111,13 @@ def cmd_quantize(args: argparse.Namespace) -> None:
 
 
 def cmd_recipes(args: argparse.Namespace) -> None:
-    from rotgraph import config
+    from rotgraph import config, recipes
 
     if args.fields:
         for key, (kind, default, help_text) in config.describe_fields().items():
             print(f"{key} ({kind}, default {default!r}): {help_text}")
         return
-    for name, recipe in config.RECIPES.items():
+    for name, recipe in recipes.RECIPES.items():
         print(f"{name}: {recipe.description}\n  measured: {recipe.measured}")
         values = ", ".join(f"{k}={v}" for k, v in recipe.values.items())
         print(f"  sets: {values or '(nothing: every auto field resolved)'}")
@@ -299,7 +299,8 @@ def parser() -> argparse.ArgumentParser:
     r.add_argument(
         "--tolerance",
         type=float,
-        help="max |logit difference| accepted (default: 1e-3 for float32 logits, 5e-2 for float16)",
+        help="max |logit difference| accepted (default: the larger of 1e-3 and 2e-4 x max |logit| for float32 logits; "
+        "5e-2 and 4e-3 x max |logit| for float16): rounding grows with the logits' scale",
     )
     r.set_defaults(func=cmd_rotate)
 

@@ -249,5 +249,11 @@ def validation_logits(
 
 def max_logit_difference(reference: Path, candidate: Path, tokens: np.ndarray) -> float:
     """max |logits(candidate) - logits(reference)| over `validation_logits`."""
+    return logit_difference(reference, candidate, tokens)[0]
+
+
+def logit_difference(reference: Path, candidate: Path, tokens: np.ndarray) -> tuple[float, float]:
+    """max |logits(candidate) - logits(reference)| and the scale of the reference's logits (max |logit|)
+    over `validation_logits`."""
     a, b = validation_logits(reference, candidate, tokens)
-    return float(np.abs(a.astype(np.float64) - b).max())
+    return float(np.abs(a.astype(np.float64) - b).max()), float(np.abs(a).max())

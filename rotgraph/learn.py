@@ -26,8 +26,9 @@ from rotgraph.learning.end_to_end import EndToEndObjective, RotatedNetwork, lear
 from rotgraph.learning.layerwise import LayerwiseObjective, layerwise_objective, scale_tensors
 from rotgraph.learning.loop import Objective, distributed, train
 from rotgraph.learning.quantizers import Quantizers
-from rotgraph.quantize import Scheme, activation_spec, kv_spec
+from rotgraph.options import Scheme
 from rotgraph.rotations import save_rotations
+from rotgraph.stages import activation_spec, kv_spec
 
 logger = logging.getLogger(__name__)
 

@@ -20,8 +20,9 @@ import numpy as np
 
 from rotgraph import io
 from rotgraph.errors import RotgraphError
+from rotgraph.options import Scheme
 from rotgraph.quant import WeightSpec, quantize_rtn
-from rotgraph.quantize import Scheme, activation_spec
+from rotgraph.stages import activation_spec
 from rotgraph.stats import ActivationStats, activation_stats
 from rotgraph.weights import read_float64
 

@@ -146,7 +146,7 @@ def render(parser: argparse.ArgumentParser) -> str:
 
 def render_config() -> str:
     """The quantization configuration's fields and recipes (`rotgraph.config`), for `quantize --set`/`--config`."""
-    from rotgraph import config
+    from rotgraph import config, recipes
 
     lines = [
         "## Quantization configuration",
@@ -162,7 +162,7 @@ def render_config() -> str:
         for key, (kind, default, text) in config.describe_fields().items()
     ]
     lines += ["", "Recipes (`--recipe NAME`, `rotgraph recipes`):", ""]
-    for name, recipe in config.RECIPES.items():
+    for name, recipe in recipes.RECIPES.items():
         sets = ", ".join(f"`{k}={v}`" for k, v in recipe.values.items()) or "nothing (every `auto` field resolved)"
         lines.append(f"- `{name}`: {recipe.description}. Measured: {recipe.measured}. Sets {sets}.")
     return "\n".join(lines).replace("*", "\\*") + "\n"

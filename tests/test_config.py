@@ -11,10 +11,11 @@ import numpy as np
 import onnx
 import pytest
 
-from rotgraph import config
+from rotgraph import config, recipes
 from rotgraph.cli import main, parser
-from rotgraph.config import QuantConfig, resolve, to_options
+from rotgraph.config import QuantConfig, to_options
 from rotgraph.errors import RotgraphError
+from rotgraph.recipes import resolve
 from rotgraph.validation import FLOORS, agreement, far_below
 
 SCHEMES = ["w4a16", "w4a8", "w4a4", "w4a4kv4", "w4a8kv4", "w8a8", "w8a8kv8", "w16a4kv4"]
@@ -42,7 +43,7 @@ def test_round_trip_and_refusals(tmp_path: Path) -> None:
         config.parse_assignments(["weights.nope=1"])
     toml = tmp_path / "c.toml"
     toml.write_text('recipe = "int4"\nscheme = "w4a16"\n[weights]\ndamp = 0.05\n')
-    loaded = config.load(toml)
+    loaded = recipes.load(toml)
     assert (loaded.scheme, loaded.weights.damp, loaded.weights.group, loaded.weights.method) == (
         "w4a16",
         0.05,
@@ -51,7 +52,7 @@ def test_round_trip_and_refusals(tmp_path: Path) -> None:
     )
     (tmp_path / "bad.toml").write_text("[weights\n")
     with pytest.raises(RotgraphError, match="not valid TOML"):
-        config.load(tmp_path / "bad.toml")
+        recipes.load(tmp_path / "bad.toml")
 
 
 @pytest.mark.parametrize(("scheme", "fmt", "has_text"), itertools.product(SCHEMES, FORMATS, [True, False]))
@@ -116,7 +117,7 @@ def test_a_recipe_is_its_values_and_flags_and_sets_override_it(tmp_path: Path) -
     def config_of(*argv: str) -> QuantConfig:
         return quant_config(parser().parse_args(["quantize", "m.onnx", "-o", "out", *argv]))
 
-    for name, recipe in config.RECIPES.items():
+    for name, recipe in recipes.RECIPES.items():
         c = config_of("--recipe", name)
         assert all(config.flatten(c)[key] == value for key, value in recipe.values.items())
         assert config_of("--recipe", name, "--set", "weights.head_bits=4").weights.head_bits == 4

@@ -15,13 +15,14 @@ from rotgraph import io
 from rotgraph.cli import main
 from rotgraph.evaluate import make_session
 from rotgraph.generate import Decoder
+from rotgraph.options import QuantOptions
 from rotgraph.passes.pack_gate_up import PackGateUpPass
 from rotgraph.passes.pack_qkv import PackQKVPass
 from rotgraph.passes.restore_ort_norms import RestoreOrtNormsPass
 from rotgraph.passes.rotary_attention import RotaryIntoAttentionPass
 from rotgraph.passes.shared_kv_buffer import SharedKVBufferPass
 from rotgraph.pipeline import run_passes
-from rotgraph.quantize import QuantOptions, quantize_stages
+from rotgraph.stages import quantize_stages
 
 PROMPT = np.array([[5, 17, 200, 31, 7, 64, 3]])
 STEPS = [9, 250, 42, 1]

@@ -16,9 +16,10 @@ from rotgraph import io
 from rotgraph.calibrate import Calibration
 from rotgraph.cli import main
 from rotgraph.errors import RotgraphError
+from rotgraph.options import QuantOptions
 from rotgraph.passes.gqa_kv_cache import CacheScales, GqaQuantizedCachePass, cache_attentions, mse_scales
 from rotgraph.pipeline import run_passes
-from rotgraph.quantize import QuantOptions, quantize_stages
+from rotgraph.stages import quantize_stages
 
 STAGE = "KV cache inside GroupQueryAttention"
 RNG = np.random.default_rng(0)

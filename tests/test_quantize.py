@@ -16,10 +16,12 @@ from rotgraph.calibrate import CLIP_GRID, Calibration, best_clip
 from rotgraph.constants import ROTATION_KEY
 from rotgraph.errors import RotgraphError, ValidationError
 from rotgraph.fakequant import ActSpec, insert_fake_quant
+from rotgraph.options import QuantOptions, Scheme
 from rotgraph.passes import UntieEmbeddingPass
 from rotgraph.pipeline import canonical_form_passes, canonicalize, run_passes
 from rotgraph.quant import WeightSpec, quantize_rtn
-from rotgraph.quantize import QuantOptions, Scheme, quantize_model, quantize_stages
+from rotgraph.quantize import quantize_model
+from rotgraph.stages import quantize_stages
 from rotgraph.structure import before_fake_quant, discover, is_hadamard
 from rotgraph.weights import read_float64, rewrite_initializer
 

@@ -13,11 +13,13 @@ from conftest import ort_logits
 
 from rotgraph import io
 from rotgraph.errors import RotgraphError
+from rotgraph.options import QuantOptions
 from rotgraph.passes.rotate_residual import residual_rotation
 from rotgraph.passes.untie_embedding import embedding_map
 from rotgraph.pipeline import canonicalize, rotate_model
 from rotgraph.quant import WeightSpec, quantize_rtn
-from rotgraph.quantize import QuantOptions, quantize_model, rotate_options
+from rotgraph.quantize import quantize_model
+from rotgraph.stages import rotate_options
 from rotgraph.structure import discover
 from rotgraph.weights import read_float64, rewrite_initializer
 

@@ -75,7 +75,7 @@ def test_report_refuses_a_folder_that_is_not_a_report(models, tmp_path) -> None:
 
 def test_outlier_numbers_are_the_embedding_rows(models, tmp_path) -> None:
     """Layer 0's residual input is the embedding of the tokens: its per-channel max is known directly."""
-    from rotgraph.quantize import Scheme
+    from rotgraph.options import Scheme
     from rotgraph.report import measure
 
     model, rotated = models
