@@ -246,8 +246,9 @@ def cmd_inspect(args: argparse.Namespace) -> None:
 def cmd_describe(args: argparse.Namespace) -> None:
     from rotgraph import io
     from rotgraph.pipeline import canonicalize
+    from rotgraph.structure.summary import summary
 
-    print(canonicalize(io.load_model(args.model)).summary())
+    print(summary(canonicalize(io.load_model(args.model))))
 
 
 def cmd_demo(args: argparse.Namespace) -> None:
