@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import ast
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -30,6 +31,14 @@ def test_every_exported_name_resolves_and_is_documented() -> None:
         assert f"`{name}`" in doc, f"{name} is exported but not listed in the package docstring"
         assert name in dir(rotgraph)
     assert rotgraph.rotate.__module__ == "rotgraph.pipeline"
+
+
+def test_commands_the_docstring_names_exist() -> None:
+    from rotgraph.cli import parser
+
+    commands = parser()._subparsers._group_actions[0].choices  # type: ignore[union-attr]
+    named = set(re.findall(r"`rotgraph (\w+)", rotgraph.__doc__ or ""))
+    assert named and named <= set(commands), f"the package docstring names no such command: {named - set(commands)}"
 
 
 def test_unknown_attributes_and_submodules_behave_as_usual() -> None:
