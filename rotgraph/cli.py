@@ -3,13 +3,16 @@
 from __future__ import annotations
 
 import argparse
+import contextlib
 import dataclasses
 import json
 import logging
+import os
 import sys
 import tempfile
 import traceback
-from collections.abc import Sequence
+import warnings
+from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, TypeVar
 
@@ -597,6 +600,48 @@ def _error_line(error: BaseException) -> str:
     return f"{type(error).__name__}: {text} (unexpected: run with -v for the traceback)"
 
 
+# Without -v, rotgraph prints only its own lines: other libraries' warnings, log records and progress bars
+# are hidden. torch, transformers and tqdm read these variables when first imported (a value the user set
+# wins; TQDM_DISABLE only changes tqdm's default, and rotgraph's own bars pass `disable=`); loggers of
+# libraries already imported get a level for the command's duration.
+_QUIET_ENV = {
+    "TORCH_LOGS": "-all",
+    "TRANSFORMERS_VERBOSITY": "error",
+    "TRANSFORMERS_NO_ADVISORY_WARNINGS": "1",
+    "HF_HUB_DISABLE_PROGRESS_BARS": "1",
+    "TQDM_DISABLE": "1",
+}
+_QUIET_LOGGERS = ("", "torch", "transformers", "huggingface_hub", "onnxscript", "onnx_ir", "onnx")
+
+
+@contextlib.contextmanager
+def _library_output(verbose: bool) -> Iterator[None]:
+    """Show other libraries' warnings (Python `warnings` as log records) and messages only with -v; restore
+    the process's settings afterwards (main() also runs inside tests)."""
+    if verbose:
+        logging.captureWarnings(True)
+        try:
+            yield
+        finally:
+            logging.captureWarnings(False)
+        return
+    env = {name: os.environ.get(name) for name in _QUIET_ENV}
+    levels = {name: logging.getLogger(name).level for name in _QUIET_LOGGERS}
+    os.environ.update({name: value for name, value in _QUIET_ENV.items() if env[name] is None})
+    for name in _QUIET_LOGGERS:
+        logging.getLogger(name).setLevel(logging.ERROR)
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            yield
+    finally:
+        for name, value in env.items():
+            if value is None:
+                os.environ.pop(name, None)
+        for name, level in levels.items():
+            logging.getLogger(name).setLevel(level)
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     """Run the command line; every failure is one `rotgraph: error:` line and exit status 1 (with -v the
     traceback of an unexpected error is printed first)."""
@@ -604,7 +649,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     logging.basicConfig(format="rotgraph: %(message)s", level=logging.WARNING)
     logger.setLevel(logging.DEBUG if args.verbose else logging.INFO)
     try:
-        args.func(args)
+        with _library_output(args.verbose):
+            args.func(args)
     except KeyboardInterrupt:
         print("rotgraph: interrupted", file=sys.stderr)
         return 130
