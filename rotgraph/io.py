@@ -26,6 +26,9 @@ def load_model(path: str | os.PathLike[str]) -> ir.Model:
         model = ir.load(p)
     except Exception as e:  # onnx raises DecodeError, RuntimeError, ... for corrupt files
         raise RotgraphError(f"{p}: not a readable ONNX model ({type(e).__name__}: {e})") from None
+    if len(model.graph) == 0 or not model.graph.outputs:
+        missing = "no nodes" if len(model.graph) == 0 else "no outputs"
+        raise RotgraphError(f"{p}: the graph has {missing}: not a language model (input_ids -> logits)")
     _check_external_data(p, model)
     return model
 

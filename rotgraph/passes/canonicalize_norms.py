@@ -10,6 +10,8 @@ from onnxscript import version_converter
 from onnxscript.rewriter import _ir_utils, pattern
 from onnxscript.rewriter.rules.fusion import _rms_normalization
 
+from rotgraph.errors import RotgraphError
+
 logger = logging.getLogger(__name__)
 
 RMS_OPSET = 23
@@ -91,9 +93,16 @@ class CanonicalizeNormsPass(ir.passes.InPlacePass):
 
     def call(self, model: ir.Model) -> ir.passes.PassResult:
         modified = False
-        if model.opset_imports.get("", 1) < RMS_OPSET:
+        found = model.opset_imports.get("")
+        if found is None or found < RMS_OPSET:
             version_converter.convert_version(model, RMS_OPSET, fallback=True)
             modified = True
+            if model.opset_imports.get("", 1) < RMS_OPSET:  # the converter logs why and leaves the model as it was
+                raise RotgraphError(
+                    f"the graph imports ONNX opset {found if found is not None else '(none)'}: rotgraph needs "
+                    f"opset {RMS_OPSET} (RMSNormalization) and could not convert the graph to it; export the "
+                    "model at opset 18 or later (with -v the converter says what it could not convert)"
+                )
         lifted = common_passes.LiftConstantsToInitializersPass(lift_all_constants=True, size_limit=16)(model)
         modified |= lifted.modified
         modified |= _remove_noop_casts(model.graph) > 0
