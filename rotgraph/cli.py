@@ -642,6 +642,26 @@ def _library_output(verbose: bool) -> Iterator[None]:
             logging.getLogger(name).setLevel(level)
 
 
+def _check_input_models(args: argparse.Namespace) -> None:
+    """Read the ONNX models the command line names first in a child process (`io.check_loads`), so that a
+    malformed one that crashes onnx or onnxruntime is an error line; onnxruntime only where the command
+    runs its input there (not `describe`, not `rotate --no-validate`)."""
+    from rotgraph import io
+
+    names = [getattr(args, a, None) for a in ("input", "rotated")] + list(getattr(args, "models", None) or [])
+    if args.command != "export":
+        names.append(getattr(args, "model", None))
+    paths = [Path(n) for n in names if n is not None]
+    if any(p.is_dir() for p in paths):
+        from rotgraph.genai import model_in
+
+        paths = [model_in(p) for p in paths]
+    onnxruntime = args.command != "describe" and not (args.command == "rotate" and args.no_validate)
+    for path in paths:
+        if path.is_file():
+            io.check_loads(path, onnxruntime)
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     """Run the command line; every failure is one `rotgraph: error:` line and exit status 1 (with -v the
     traceback of an unexpected error is printed first)."""
@@ -650,6 +670,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     logger.setLevel(logging.DEBUG if args.verbose else logging.INFO)
     try:
         with _library_output(args.verbose):
+            _check_input_models(args)
             args.func(args)
     except KeyboardInterrupt:
         print("rotgraph: interrupted", file=sys.stderr)
