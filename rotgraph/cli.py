@@ -590,12 +590,15 @@ def parser() -> argparse.ArgumentParser:
 
 def _error_line(error: BaseException) -> str:
     """One line saying what failed: a rotgraph error as it is, anything else with its type, and the
-    rotgraph error inside a pass failure rather than the pass manager's wrapper."""
+    rotgraph error inside a pass failure rather than the pass manager's wrapper (failing that, the first
+    cause: a pass's precondition rather than "An error occurred at step 0")."""
     cause: BaseException | None = error
     while cause is not None and not isinstance(cause, RotgraphError):
         cause = cause.__cause__
     if cause is not None:
         return str(cause)
+    while error.__cause__ is not None:
+        error = error.__cause__
     text = " ".join(str(error).split()) or "(no message)"
     return f"{type(error).__name__}: {text} (unexpected: run with -v for the traceback)"
 

@@ -317,3 +317,17 @@ def test_staging_folders_of_killed_runs_are_removed(tmp_path) -> None:
         assert (staged.parent / io.STAGE_OWNER).read_text(encoding="utf-8").split() == [host, str(os.getpid())]
     left = sorted(p.name for p in out.parent.iterdir())
     assert left == [".model.onnx.far", ".model.onnx.foreign", ".model.onnx.live", "model.onnx"], left
+
+
+def test_an_unexpected_error_names_its_first_cause() -> None:
+    """A pass manager's wrapper ("An error occurred at step 0") is not the reason: the line names the first cause."""
+    from rotgraph.cli import _error_line
+
+    try:
+        try:
+            raise KeyError("the real reason")
+        except KeyError as e:
+            raise RuntimeError("An error occurred at step 0") from e
+    except RuntimeError as e:
+        line = _error_line(e)
+    assert line.startswith("KeyError: 'the real reason' (unexpected"), line
