@@ -227,6 +227,10 @@ def malformed(kind: str, folder: Path, model_dir: Path) -> Path:
         embedding_graph(path, outputs=False)
     elif kind == "opset 7":  # Expand came in opset 8: onnx cannot convert the graph to opset 23
         embedding_graph(path, opset=7)
+    elif kind == "no ONNX opset":
+        model = onnx.load(embedding_graph(path))
+        model.opset_import[0].domain = "com.example"
+        onnx.save(model, path)
     else:  # a projection weight that is not 2-D: q_proj of the tiny Llama as a vector
         model = io.load_model(model_dir / "model.onnx")
         weight = next(n.inputs[1] for n in model.graph if n.op_type == "MatMul" and n.inputs[1].is_initializer())
@@ -243,7 +247,8 @@ MALFORMED = {
     "not ONNX": "not a readable ONNX model",
     "empty graph": "the graph has no nodes",
     "no outputs": "the graph has no outputs",
-    "opset 7": "imports ONNX opset 7: rotgraph needs opset 23",
+    "opset 7": "imports ONNX opset 7: rotgraph needs opset 23 (RMSNormalization) and could not convert the graph",
+    "no ONNX opset": "the graph imports no ONNX opset (only ['com.example']): rotgraph needs opset 23",
     "1-D weight": "of shape (2304,): a projection's weight must be 2-D",
 }
 
