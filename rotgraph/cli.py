@@ -302,7 +302,9 @@ def parser() -> argparse.ArgumentParser:
         description="Rotate ONNX language models so they quantize well (QuaRot as compiler passes), "
         "quantize and evaluate them.",
     )
-    p.add_argument("-v", "--verbose", action="store_true", help="debug logging")
+    p.add_argument(
+        "-v", "--verbose", action="store_true", help="debug logging, and other libraries' warnings and progress bars"
+    )
     sub = p.add_subparsers(dest="command", required=True)
 
     e = sub.add_parser("export", help="export a causal LM to ONNX (default: SmolLM2-135M-Instruct)")
