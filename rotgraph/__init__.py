@@ -4,17 +4,18 @@ The Python API mirrors the command line. `import rotgraph` is light (onnx_ir and
 that need onnxruntime or torch are imported from their modules when first used.
 
 Exported by `rotgraph` itself (`__all__`):
-- `discover`, `ModelDescription`: structure discovery (`rotgraph inspect`);
+- `discover`, `ModelDescription`: structure discovery (what `rotgraph describe` prints);
 - `canonicalize`, `rotate`, `rotate_model`, `RotateOptions`, `RotateReport`: the float rotation
   pipeline (`rotgraph rotate`), from `rotgraph.pipeline`;
 - `quantize_model`, `QuantOptions`: quantization of a loaded model, from `rotgraph.quantize`;
-- `activation_stats`: `rotgraph stats`, from `rotgraph.stats`;
-- `write_report`: `rotgraph report`, from `rotgraph.report`;
+- `activation_stats`: the outlier table of `rotgraph inspect`, from `rotgraph.stats`;
+- `write_report`: the report folder of `rotgraph inspect -o DIR`, from `rotgraph.report`;
 - `RotgraphError`, `StructureError`, `ValidationError`: the errors rotgraph raises.
 
-The other commands' functions share their module's name and are reached through it:
-`rotgraph.export.export`, `rotgraph.quantize.quantize`, `rotgraph.learn.learn`,
-`rotgraph.evaluate.evaluate`, `rotgraph.generate.generate`.
+The other commands' functions are reached through their modules: `rotgraph export` is
+`rotgraph.export.export`, `quantize` `rotgraph.quantize.quantize`, `learn` `rotgraph.learn.learn`, `eval`
+`rotgraph.evaluate.evaluate`, `generate` `rotgraph.generate.generate`; `describe` prints
+`rotgraph.structure.summary.summary` of the canonicalized model, and `demo` runs export, rotate and eval.
 """
 
 from __future__ import annotations

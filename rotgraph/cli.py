@@ -3,13 +3,16 @@
 from __future__ import annotations
 
 import argparse
+import contextlib
 import dataclasses
 import json
 import logging
+import os
 import sys
 import tempfile
 import traceback
-from collections.abc import Sequence
+import warnings
+from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, TypeVar
 
@@ -211,8 +214,9 @@ def cmd_inspect(args: argparse.Namespace) -> None:
 def cmd_describe(args: argparse.Namespace) -> None:
     from rotgraph import io
     from rotgraph.pipeline import canonicalize
+    from rotgraph.structure.summary import summary
 
-    print(canonicalize(io.load_model(args.model)).summary())
+    print(summary(canonicalize(io.load_model(args.model))))
 
 
 def cmd_demo(args: argparse.Namespace) -> None:
@@ -272,7 +276,9 @@ def parser() -> argparse.ArgumentParser:
         description="Rotate ONNX language models so they quantize well (QuaRot as compiler passes), "
         "quantize and evaluate them.",
     )
-    p.add_argument("-v", "--verbose", action="store_true", help="debug logging")
+    p.add_argument(
+        "-v", "--verbose", action="store_true", help="debug logging, and other libraries' warnings and progress bars"
+    )
     sub = p.add_subparsers(dest="command", required=True)
 
     e = sub.add_parser("export", help="export a causal LM to ONNX (default: SmolLM2-135M-Instruct)")
@@ -469,14 +475,79 @@ def parser() -> argparse.ArgumentParser:
 
 def _error_line(error: BaseException) -> str:
     """One line saying what failed: a rotgraph error as it is, anything else with its type, and the
-    rotgraph error inside a pass failure rather than the pass manager's wrapper."""
+    rotgraph error inside a pass failure rather than the pass manager's wrapper (failing that, the first
+    cause: a pass's precondition rather than "An error occurred at step 0")."""
     cause: BaseException | None = error
     while cause is not None and not isinstance(cause, RotgraphError):
         cause = cause.__cause__
     if cause is not None:
         return str(cause)
+    while error.__cause__ is not None:
+        error = error.__cause__
     text = " ".join(str(error).split()) or "(no message)"
     return f"{type(error).__name__}: {text} (unexpected: run with -v for the traceback)"
+
+
+# Without -v, rotgraph prints only its own lines: other libraries' warnings, log records and progress bars
+# are hidden. torch, transformers and tqdm read these variables when first imported (a value the user set
+# wins; TQDM_DISABLE only changes tqdm's default, and rotgraph's own bars pass `disable=`); loggers of
+# libraries already imported get a level for the command's duration.
+_QUIET_ENV = {
+    "TORCH_LOGS": "-all",
+    "TRANSFORMERS_VERBOSITY": "error",
+    "TRANSFORMERS_NO_ADVISORY_WARNINGS": "1",
+    "HF_HUB_DISABLE_PROGRESS_BARS": "1",
+    "TQDM_DISABLE": "1",
+}
+_QUIET_LOGGERS = ("", "torch", "transformers", "huggingface_hub", "onnxscript", "onnx_ir", "onnx")
+
+
+@contextlib.contextmanager
+def _library_output(verbose: bool) -> Iterator[None]:
+    """Show other libraries' warnings (Python `warnings` as log records) and messages only with -v; restore
+    the process's settings afterwards (main() also runs inside tests)."""
+    if verbose:
+        logging.captureWarnings(True)
+        try:
+            yield
+        finally:
+            logging.captureWarnings(False)
+        return
+    env = {name: os.environ.get(name) for name in _QUIET_ENV}
+    levels = {name: logging.getLogger(name).level for name in _QUIET_LOGGERS}
+    os.environ.update({name: value for name, value in _QUIET_ENV.items() if env[name] is None})
+    for name in _QUIET_LOGGERS:
+        logging.getLogger(name).setLevel(logging.ERROR)
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            yield
+    finally:
+        for name, value in env.items():
+            if value is None:
+                os.environ.pop(name, None)
+        for name, level in levels.items():
+            logging.getLogger(name).setLevel(level)
+
+
+def _check_input_models(args: argparse.Namespace) -> None:
+    """Read the ONNX models the command line names first in a child process (`io.check_loads`), so that a
+    malformed one that crashes onnx or onnxruntime is an error line; onnxruntime only where the command
+    runs its input there (not `describe`, not `rotate --no-validate`)."""
+    from rotgraph import io
+
+    names = [getattr(args, a, None) for a in ("input", "rotated")] + list(getattr(args, "models", None) or [])
+    if args.command != "export":
+        names.append(getattr(args, "model", None))
+    paths = [Path(n) for n in names if n is not None]
+    if any(p.is_dir() for p in paths):
+        from rotgraph.genai import model_in
+
+        paths = [model_in(p) for p in paths]
+    onnxruntime = args.command != "describe" and not (args.command == "rotate" and args.no_validate)
+    for path in paths:
+        if path.is_file():
+            io.check_loads(path, onnxruntime)
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -486,7 +557,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     logging.basicConfig(format="rotgraph: %(message)s", level=logging.WARNING)
     logger.setLevel(logging.DEBUG if args.verbose else logging.INFO)
     try:
-        args.func(args)
+        with _library_output(args.verbose):
+            _check_input_models(args)
+            args.func(args)
     except KeyboardInterrupt:
         print("rotgraph: interrupted", file=sys.stderr)
         return 130

@@ -3,9 +3,15 @@
 from __future__ import annotations
 
 import contextlib
+import glob
 import json
+import logging
 import os
 import shutil
+import signal
+import socket
+import subprocess
+import sys
 import tempfile
 from collections.abc import Iterator
 from pathlib import Path
@@ -15,6 +21,7 @@ import onnx_ir as ir
 from rotgraph.errors import RotgraphError
 
 TOKENIZER_FILE = "tokenizer.json"
+logger = logging.getLogger(__name__)
 
 
 def load_model(path: str | os.PathLike[str]) -> ir.Model:
@@ -26,8 +33,58 @@ def load_model(path: str | os.PathLike[str]) -> ir.Model:
         model = ir.load(p)
     except Exception as e:  # onnx raises DecodeError, RuntimeError, ... for corrupt files
         raise RotgraphError(f"{p}: not a readable ONNX model ({type(e).__name__}: {e})") from None
+    if len(model.graph) == 0 or not model.graph.outputs:
+        missing = "no nodes" if len(model.graph) == 0 else "no outputs"
+        raise RotgraphError(f"{p}: the graph has {missing}: not a language model (input_ids -> logits)")
     _check_external_data(p, model)
     return model
+
+
+# Run by `check_loads` in a child process: what rotgraph does first with an input model that can crash
+# the process (C++ code reading a malformed graph). It prints each stage before it; errors are ignored
+# here (the parent reports them with their context), only a crash counts.
+_LOAD_CHECK = """
+import sys
+path, stages = sys.argv[1], sys.argv[2:]
+try:
+    print("onnx's shape inference", flush=True)
+    import onnx
+    onnx.shape_inference.infer_shapes(onnx.load(path, load_external_data=False), strict_mode=False, data_prop=True)
+except Exception:
+    pass
+if "onnxruntime" in stages:
+    print("onnxruntime", flush=True)
+    import onnxruntime as ort
+    options = ort.SessionOptions()
+    options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
+    options.log_severity_level = 4
+    try:
+        ort.InferenceSession(path, options, providers=["CPUExecutionProvider"])
+    except Exception:
+        pass
+"""
+
+
+def check_loads(path: Path, onnxruntime: bool = True) -> None:
+    """Read the model at `path` first in a child process, as rotgraph will: onnx's shape inference on the
+    graph (no weights loaded) and, with `onnxruntime`, an onnxruntime session (which loads the weights once
+    more). Some malformed graphs crash these (a GatherND with batch_dims -999 segfaults both): that becomes
+    a RotgraphError instead of a dead process. Anything short of a crash is left to the real load."""
+    done = subprocess.run(
+        [sys.executable, "-c", _LOAD_CHECK, str(path), *(["onnxruntime"] if onnxruntime else [])],
+        capture_output=True,
+        text=True,
+    )
+    if done.returncode >= 0:
+        return
+    stage = (done.stdout.strip().splitlines() or ["onnx"])[-1]
+    try:
+        how = signal.Signals(-done.returncode).name
+    except ValueError:
+        how = f"signal {-done.returncode}"
+    raise RotgraphError(
+        f"{path}: {stage} crashed ({how}) reading this model: the graph is malformed, rotgraph does not load it"
+    )
 
 
 def _check_external_data(path: Path, model: ir.Model) -> None:
@@ -81,19 +138,57 @@ def check_output_path(inputs: list[Path], output: Path) -> None:
         raise RotgraphError(f"output {output} must end in .onnx")
 
 
+# In a staging folder: "HOST PID" of the run writing there, so that a later run can tell a folder that a
+# killed run left behind (its process is gone) from one that a running process still writes.
+STAGE_OWNER = ".rotgraph-owner"
+
+
 @contextlib.contextmanager
 def staged_output(output: Path) -> Iterator[Path]:
     """Yield a path in a private folder beside `output`; on success move what was written there into
-    place (external data first, the .onnx last), on failure remove it all. Nothing half-written remains."""
+    place (external data first, the .onnx last), on failure remove it all. Nothing half-written remains;
+    the folders a killed run left for the same output are removed first (`remove_stale_stages`)."""
     output.parent.mkdir(parents=True, exist_ok=True)
+    remove_stale_stages(output)
     stage = Path(tempfile.mkdtemp(prefix=f".{output.name}.", dir=output.parent))
     try:
+        (stage / STAGE_OWNER).write_text(f"{socket.gethostname()} {os.getpid()}\n", encoding="utf-8")
         yield stage / output.name
-        files = sorted(stage.iterdir(), key=lambda f: f.name == output.name)
+        files = sorted((f for f in stage.iterdir() if f.name != STAGE_OWNER), key=lambda f: f.name == output.name)
         for f in files:
             os.replace(f, output.parent / f.name)
     finally:
         shutil.rmtree(stage, ignore_errors=True)
+
+
+def remove_stale_stages(output: Path) -> list[Path]:
+    """Remove the staging folders of `output` (`.NAME.*` beside it) whose owner file names a process on
+    this host that no longer runs; folders without one (not rotgraph's, or from an older version), of
+    other hosts or of live processes are left alone. Returns the folders removed."""
+    if os.name != "posix":  # os.kill(pid, 0) only probes a process on POSIX
+        return []
+    removed = []
+    for stage in output.parent.glob(f".{glob.escape(output.name)}.*"):
+        try:
+            host, pid = (stage / STAGE_OWNER).read_text(encoding="utf-8").split()
+            if not stage.is_dir() or host != socket.gethostname() or _running(int(pid)):
+                continue
+        except (OSError, ValueError):
+            continue
+        shutil.rmtree(stage, ignore_errors=True)
+        logger.info("removed %s, left by an interrupted run (process %s)", stage, pid)
+        removed.append(stage)
+    return removed
+
+
+def _running(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except OSError:  # PermissionError: it runs as another user
+        return True
+    return True
 
 
 def save_model(model: ir.Model, path: Path) -> None:

@@ -35,6 +35,7 @@ from rotgraph.passes.scale_channels import ScaleChannelsPass
 from rotgraph.rotations import load_rotations, load_scales
 from rotgraph.structure import ModelDescription, discover
 from rotgraph.structure.discover import check_supported
+from rotgraph.structure.summary import summary
 
 logger = logging.getLogger(__name__)
 
@@ -201,7 +202,7 @@ def rotate(input_path: Path, output: Path, options: RotateOptions = RotateOption
                     f"rotated model differs from the input by max |logit diff| {diff:.3g} > tolerance "
                     f"{tolerance:.3g}; nothing written"
                 )
-    return RotateReport(output, diff, tolerance, time.perf_counter() - start, desc.summary())
+    return RotateReport(output, diff, tolerance, time.perf_counter() - start, summary(desc))
 
 
 # A rotation's rounding error in the logits, by their dtype: an absolute floor and a fraction of the logits'

@@ -2,12 +2,18 @@
 
 from __future__ import annotations
 
+import os
 import shutil
+import socket
+import subprocess
+import sys
 from pathlib import Path
 
 import numpy as np
+import onnx
 import onnx_ir as ir
 import pytest
+from onnx import TensorProto, helper, numpy_helper
 
 from rotgraph import io
 from rotgraph.cli import main
@@ -186,3 +192,150 @@ def test_bad_activation_clip(model_dir, tmp_path, capsys, argv: list[str], messa
     command, *rest = argv
     out = tmp_path / "o" / ("q.onnx" if command == "quantize" else "r.safetensors")
     fails_cleanly([command, str(model_dir / "model.onnx"), "-o", str(out), *rest], capsys, message, tmp_path / "o")
+
+
+def save_graph(path: Path, nodes: list, inputs: list, outputs: list, initializers: list = (), opset: int = 17) -> Path:  # type: ignore[assignment]
+    """A graph built node by node, saved at IR version 10 (onnxruntime 1.31+ rejects onnx 1.23's default, 14)."""
+    graph = helper.make_graph(nodes, "g", inputs, outputs, initializer=list(initializers))
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", opset)], ir_version=10)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    onnx.save(model, path)
+    return path
+
+
+def embedding_graph(path: Path, outputs: bool = True, opset: int = 17) -> Path:
+    """input_ids -> Gather(table) -> Expand(to its own shape) -> MatMul -> logits: no decoder, but well formed."""
+    rng = np.random.default_rng(0)
+    table = numpy_helper.from_array(rng.standard_normal((32, 16)).astype(np.float32), "table")
+    w = numpy_helper.from_array(rng.standard_normal((16, 32)).astype(np.float32), "w")
+    nodes = [
+        helper.make_node("Gather", ["table", "input_ids"], ["h"]),
+        helper.make_node("Shape", ["h"], ["shape"]),
+        helper.make_node("Expand", ["h", "shape"], ["e"]),
+        helper.make_node("MatMul", ["e", "w"], ["logits"]),
+    ]
+    ids = helper.make_tensor_value_info("input_ids", TensorProto.INT64, [1, "seq"])
+    logits = helper.make_tensor_value_info("logits", TensorProto.FLOAT, [1, "seq", 32])
+    return save_graph(path, nodes, [ids], [logits] if outputs else [], [table, w], opset)
+
+
+def malformed(kind: str, folder: Path, model_dir: Path) -> Path:
+    path = folder / "model.onnx"
+    if kind == "not ONNX":
+        path.parent.mkdir(parents=True)
+        path.write_text("this is a text file\n", encoding="utf-8")
+    elif kind == "empty graph":
+        save_graph(path, [], [], [])
+    elif kind == "no outputs":
+        embedding_graph(path, outputs=False)
+    elif kind == "opset 7":  # Expand came in opset 8: onnx cannot convert the graph to opset 23
+        embedding_graph(path, opset=7)
+    elif kind == "no ONNX opset":
+        model = onnx.load(embedding_graph(path))
+        model.opset_import[0].domain = "com.example"
+        onnx.save(model, path)
+    else:  # a projection weight that is not 2-D: q_proj of the tiny Llama as a vector
+        model = io.load_model(model_dir / "model.onnx")
+        weight = next(n.inputs[1] for n in model.graph if n.op_type == "MatMul" and n.inputs[1].is_initializer())
+        assert weight is not None and weight.const_value is not None
+        vector = weight.const_value.numpy().reshape(-1)
+        weight.const_value = ir.Tensor(vector, name=weight.name)
+        weight.shape = ir.Shape(vector.shape)
+        path.parent.mkdir(parents=True)
+        io.save_model(model, path)
+    return path
+
+
+MALFORMED = {
+    "not ONNX": "not a readable ONNX model",
+    "empty graph": "the graph has no nodes",
+    "no outputs": "the graph has no outputs",
+    "opset 7": "imports ONNX opset 7: rotgraph needs opset 23 (RMSNormalization) and could not convert the graph",
+    "no ONNX opset": "the graph imports no ONNX opset (only ['com.example']): rotgraph needs opset 23",
+    "1-D weight": "of shape (2304,): a projection's weight must be 2-D",
+}
+
+
+@pytest.mark.parametrize("kind", list(MALFORMED))
+@pytest.mark.parametrize("command", ["describe", "rotate", "quantize"])
+def test_malformed_models(model_dir, tmp_path, capsys, kind: str, command: str) -> None:
+    """Each is one error line saying what is wrong (no IndexError, ValueError or PassError as the cause)."""
+    path = malformed(kind, tmp_path / "bad", model_dir)
+    out = tmp_path / "o" / "out.onnx"
+    argv = {
+        "describe": ["describe", str(path)],
+        "rotate": ["rotate", str(path), "-o", str(out)],
+        "quantize": [
+            "quantize",
+            str(path),
+            "-o",
+            str(out),
+            "--no-validate",
+            "--activations",
+            "dynamic",
+            "--group",
+            "16",
+        ],
+    }[command]
+    fails_cleanly(argv, capsys, MALFORMED[kind], tmp_path / "o")
+
+
+def test_a_graph_that_crashes_onnx_is_one_error_line(tmp_path) -> None:
+    """A GatherND with batch_dims -999 segfaults onnx's shape inference and onnxruntime's session: rotgraph
+    reads an input in a child process first, so the user sees one error line, and exit status 1."""
+    x = helper.make_tensor_value_info("x", TensorProto.FLOAT, [2, 3, 4])
+    i = helper.make_tensor_value_info("i", TensorProto.INT64, [2, 1])
+    y = helper.make_tensor_value_info("y", TensorProto.FLOAT, ["a", "b"])
+    node = helper.make_node("GatherND", ["x", "i"], ["y"], batch_dims=-999)
+    path = save_graph(tmp_path / "bad" / "model.onnx", [node], [x, i], [y])
+    out = tmp_path / "o" / "r.onnx"
+    for argv in (["describe", str(path)], ["rotate", str(path), "-o", str(out)], ["eval", str(path)]):
+        done = subprocess.run(
+            [sys.executable, "-m", "rotgraph.cli", *argv],
+            capture_output=True,
+            text=True,
+            timeout=300,
+            cwd=Path(__file__).resolve().parents[1],
+        )
+        assert done.returncode == 1, done.stderr
+        assert done.stderr.count("\n") == 1 and "Traceback" not in done.stderr, done.stderr
+        assert done.stderr.startswith(f"rotgraph: error: {path}: onnx's shape inference crashed (SIGSEGV)"), done.stderr
+        assert not out.parent.exists()
+
+
+def test_staging_folders_of_killed_runs_are_removed(tmp_path) -> None:
+    """A run writing OUT removes the `.OUT.*` staging folders whose owner process is gone (here on this
+    host), and keeps those of live processes, of other hosts and folders that are not rotgraph's."""
+    out = tmp_path / "o" / "model.onnx"
+    gone = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True)
+    host = socket.gethostname()
+    owners = {
+        "dead": f"{host} {gone.stdout.strip()}",
+        "live": f"{host} {os.getpid()}",
+        "far": f"elsewhere {gone.stdout.strip()}",
+    }
+    for name, owner in [*owners.items(), ("foreign", None)]:
+        stage = out.parent / f".{out.name}.{name}"
+        stage.mkdir(parents=True)
+        (stage / "model.onnx.data").write_bytes(b"partial")
+        if owner is not None:
+            (stage / io.STAGE_OWNER).write_text(owner, encoding="utf-8")
+    with io.staged_output(out) as staged:
+        staged.write_bytes(b"model")
+        assert (staged.parent / io.STAGE_OWNER).read_text(encoding="utf-8").split() == [host, str(os.getpid())]
+    left = sorted(p.name for p in out.parent.iterdir())
+    assert left == [".model.onnx.far", ".model.onnx.foreign", ".model.onnx.live", "model.onnx"], left
+
+
+def test_an_unexpected_error_names_its_first_cause() -> None:
+    """A pass manager's wrapper ("An error occurred at step 0") is not the reason: the line names the first cause."""
+    from rotgraph.cli import _error_line
+
+    try:
+        try:
+            raise KeyError("the real reason")
+        except KeyError as e:
+            raise RuntimeError("An error occurred at step 0") from e
+    except RuntimeError as e:
+        line = _error_line(e)
+    assert line.startswith("KeyError: 'the real reason' (unexpected"), line

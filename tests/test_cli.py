@@ -247,3 +247,39 @@ def test_an_unexpected_error_is_one_line_and_exit_status_1(model_dir, tmp_path, 
     assert ("Traceback" in done.stderr) == verbose
     if not verbose:
         assert len([line for line in lines if "error" in line]) == 1, done.stderr
+
+
+@pytest.mark.parametrize("verbose", [False, True])
+def test_other_libraries_output_only_with_verbose(tmp_path, verbose: bool) -> None:
+    """Without -v a command prints rotgraph's lines only: no Python warnings, no other library's log
+    records or progress bars (torch's exporter, transformers, tqdm); -v shows them."""
+    import subprocess
+    import sys
+    import textwrap
+
+    code = textwrap.dedent(
+        """
+        import logging, sys, warnings
+        from rotgraph import cli
+
+        def noisy(args):
+            warnings.warn("a library's FutureWarning", FutureWarning)
+            logging.getLogger("onnxscript.optimizer").warning("a library's log record")
+            from tqdm import tqdm
+            list(tqdm(range(3), desc="a library's bar"))
+            logging.getLogger("rotgraph.pipeline").info("rotgraph's line")
+
+        cli.cmd_describe = noisy
+        sys.exit(cli.main(sys.argv[1:]))
+        """
+    )
+    argv = [*(["-v"] if verbose else []), "describe", str(tmp_path / "model.onnx")]
+    root = Path(__file__).resolve().parents[1]
+    done = subprocess.run([sys.executable, "-c", code, *argv], capture_output=True, text=True, timeout=120, cwd=root)
+    assert done.returncode == 0, done.stderr
+    if verbose:
+        assert all(s in done.stderr for s in ("FutureWarning", "a library's log record", "a library's bar")), (
+            done.stderr
+        )
+    else:
+        assert done.stderr == "rotgraph: rotgraph's line\n"

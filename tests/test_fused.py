@@ -21,6 +21,7 @@ from rotgraph.constants import R3_KEY, ROTATION_KEY
 from rotgraph.errors import StructureError
 from rotgraph.passes import InsertQKHadamardPass
 from rotgraph.pipeline import RotateOptions, canonicalize, foldable_form_passes, rotate_model, run_passes
+from rotgraph.structure.summary import summary
 
 ATOL = 2e-5
 FIXTURES = Path(__file__).parent / "fixtures"
@@ -74,7 +75,7 @@ def test_multi_head_attention_from_onnxscript_rotates_exactly(
     model = io.load_model(path)
     assert op_counts(model)["MultiHeadAttention"] == 2 and op_counts(model)["SkipSimplifiedLayerNormalization"] == 4
     desc = canonicalize(model)
-    assert "fused com.microsoft MultiHeadAttention (separate Q/K/V MatMuls, RoPE outside)" in desc.summary()
+    assert "fused com.microsoft MultiHeadAttention (separate Q/K/V MatMuls, RoPE outside)" in summary(desc)
     assert all(b.attention.fused is not None and b.attention.q_rope is not None for b in desc.blocks)
     assert (desc.blocks[0].attention.key_cache is not None) == with_past
     model = io.load_model(path)
@@ -127,8 +128,8 @@ def test_genai_builder_graph_rotates_exactly(name: str, tokens, tmp_path) -> Non
     assert a.packed and a.rope_inside and a.q_rope is None
     assert (a.q.columns, a.k.columns, a.v.columns) == ((0, 64), (64, 96), (96, 128))
     assert (a.num_heads, a.num_kv_heads, a.head_dim) == (4, 2, 16) and desc.lm_head_tied
-    assert "fused com.microsoft GroupQueryAttention (packed QKV MatMul, RoPE inside)" in desc.summary()
-    assert "KV cache: inside 2 fused GroupQueryAttention nodes" in desc.summary()
+    assert "fused com.microsoft GroupQueryAttention (packed QKV MatMul, RoPE inside)" in summary(desc)
+    assert "KV cache: inside 2 fused GroupQueryAttention nodes" in summary(desc)
     model = io.load_model(path)
     rotate_model(model, RotateOptions(seed=4))
     counts = op_counts(model)
@@ -269,7 +270,7 @@ def test_group_query_attention_with_rope_outside_rotates_exactly(tiny, tokens, t
     options = QuantOptions("w16a16", rotation="none", fmt="ort", deployment_fusion=False)  # RoPE stays outside
     quantize(path, source, options, validate=False)
     desc = canonicalize(io.load_model(source))
-    assert "fused com.microsoft GroupQueryAttention (separate Q/K/V MatMuls, RoPE outside)" in desc.summary()
+    assert "fused com.microsoft GroupQueryAttention (separate Q/K/V MatMuls, RoPE outside)" in summary(desc)
     model = io.load_model(source)
     rotate_model(model, RotateOptions(seed=8))
     assert op_counts(model)["GroupQueryAttention"] == 2 and op_counts(model)["Hadamard"] == 2 * 2 + 2

@@ -25,6 +25,7 @@ from rotgraph.generate import generate
 from rotgraph.inputs import InputRoles, UnknownInputError, input_roles, left_padded, read_roles, right_padded
 from rotgraph.pipeline import RotateOptions, rotate_model
 from rotgraph.quantize import QuantOptions, quantize_model
+from rotgraph.structure.summary import summary
 from rotgraph.testing import make_tiny_model
 
 FIXTURES = Path(__file__).parent / "fixtures"
@@ -379,7 +380,7 @@ def test_onnx_attention_graphs_rotate_exactly(tmp_path) -> None:
     for source in (path, inside):
         model = io.load_model(source)
         desc = rotate_model(model, RotateOptions(seed=3))
-        assert "fused ai.onnx Attention (separate Q/K/V MatMuls, RoPE outside)" in desc.summary()
+        assert "fused ai.onnx Attention (separate Q/K/V MatMuls, RoPE outside)" in summary(desc)
         counts = Counter(n.op_type for n in model.graph)
         assert counts["Attention"] == 2 and counts["Hadamard"] == 2 * (2 + 1)  # R3 on Q and K, R4
         rotated = tmp_path / f"rotated-{source.parent.name}.onnx"

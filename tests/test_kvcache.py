@@ -20,6 +20,7 @@ from rotgraph.kvcache import CacheSpec, add_functions, dequantize_node, quantize
 from rotgraph.pipeline import RotateOptions, canonicalize, rotate_model
 from rotgraph.quantize import QuantOptions, quantize_model
 from rotgraph.structure import discover
+from rotgraph.structure.summary import summary
 
 
 def session(path: Path) -> ort.InferenceSession:
@@ -123,8 +124,8 @@ def test_quantized_cache_is_stored_as_codes_and_equals_fake_quant(tiny, tokens, 
     stored = codes.nbytes + scales.nbytes + zeros.nbytes
     float_bytes = 2 * 1 * seq * 16 * 4
     assert stored / float_bytes == pytest.approx((16 * kv_bits / 8 + 5) / 64)
-    summary = discover(io.load_model(cached)).summary()
-    assert "integer codes" in summary
+    text = summary(discover(io.load_model(cached)))
+    assert "integer codes" in text
 
 
 def test_quantizing_a_quantized_cache_again_is_refused(tiny, tmp_path) -> None:

@@ -8,6 +8,7 @@ from rotgraph import io
 from rotgraph.errors import StructureError
 from rotgraph.pipeline import canonicalize
 from rotgraph.structure import discover, r1_readers, r1_writers, r2_pairs, rotate_head_columns, rotate_head_rows
+from rotgraph.structure.summary import summary
 
 
 @pytest.mark.parametrize("exporter", ["dynamo", "torchscript"])
@@ -91,7 +92,7 @@ def test_layernorm_model_is_rejected(tiny) -> None:
 
 def test_summary_names_what_was_found(tiny) -> None:
     _, path = tiny("qwen2", "dynamo")
-    text = canonicalize(io.load_model(path)).summary()
+    text = summary(canonicalize(io.load_model(path)))
     assert "2 blocks" in text and "grouped-query" in text and "biases: yes" in text
 
 

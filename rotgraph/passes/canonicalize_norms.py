@@ -10,6 +10,8 @@ from onnxscript import version_converter
 from onnxscript.rewriter import _ir_utils, pattern
 from onnxscript.rewriter.rules.fusion import _rms_normalization
 
+from rotgraph.errors import RotgraphError
+
 logger = logging.getLogger(__name__)
 
 RMS_OPSET = 23
@@ -80,6 +82,49 @@ def _remove_noop_casts(graph: ir.Graph) -> int:
     return removed
 
 
+class _Reasons(logging.Handler):
+    """The exceptions a logger reports (the version converter logs why it left a model unconverted)."""
+
+    def __init__(self) -> None:
+        super().__init__(logging.WARNING)
+        self.reasons: list[str] = []
+
+    def emit(self, record: logging.LogRecord) -> None:
+        if record.exc_info and record.exc_info[1] is not None:
+            self.reasons.append(" ".join(str(record.exc_info[1]).split()))
+
+
+def _convert_version(model: ir.Model) -> None:
+    """Raise the default opset to RMS_OPSET, or fail with a RotgraphError naming the opset found and why
+    the conversion failed (onnxscript's converter handles opset 18 on; it hands older graphs to onnx's)."""
+    found = model.opset_imports.get("")
+    if found is None:
+        raise RotgraphError(
+            f"the graph imports no ONNX opset (only {sorted(model.opset_imports)}): rotgraph needs opset {RMS_OPSET}"
+        )
+    converter_log = logging.getLogger(version_converter.__name__)
+    reasons, level, propagate = _Reasons(), converter_log.level, converter_log.propagate
+    converter_log.propagate = converter_log.isEnabledFor(logging.WARNING)  # shown as before; caught here
+    converter_log.setLevel(logging.WARNING)
+    converter_log.addHandler(reasons)
+    try:
+        version_converter.convert_version(model, RMS_OPSET, fallback=True)
+        converted = model.opset_imports.get("", 1) >= RMS_OPSET
+    except Exception as e:  # onnxscript's converter raises on a graph it cannot read
+        reasons.reasons.append(f"{type(e).__name__}: {' '.join(str(e).split())}")
+        converted = False
+    finally:
+        converter_log.removeHandler(reasons)
+        converter_log.setLevel(level)
+        converter_log.propagate = propagate
+    if not converted:
+        why = reasons.reasons[-1] if reasons.reasons else "no reason given"
+        raise RotgraphError(
+            f"the graph imports ONNX opset {found}: rotgraph needs opset {RMS_OPSET} (RMSNormalization) and "
+            f"could not convert the graph to it ({why}); export the model at opset 18 or later"
+        )
+
+
 class CanonicalizeNormsPass(ir.passes.InPlacePass):
     """Raise the default opset to 23 and fuse every decomposed RMSNorm into RMSNormalization.
 
@@ -92,7 +137,7 @@ class CanonicalizeNormsPass(ir.passes.InPlacePass):
     def call(self, model: ir.Model) -> ir.passes.PassResult:
         modified = False
         if model.opset_imports.get("", 1) < RMS_OPSET:
-            version_converter.convert_version(model, RMS_OPSET, fallback=True)
+            _convert_version(model)
             modified = True
         lifted = common_passes.LiftConstantsToInitializersPass(lift_all_constants=True, size_limit=16)(model)
         modified |= lifted.modified

@@ -13,7 +13,7 @@ Every mismatch raises `StructureError` saying what was expected and where.
 
 Modules: `model` (the description's dataclasses), `match` (graph-walking matchers), `attention`
 (attention, RoPE, KV cache, head layout), `discover` (the walk), `folds` (where R1 and R2 fold),
-`summary` (the text `rotgraph inspect` prints).
+`summary` (the text `rotgraph describe` prints; it reads `model`, which does not import it).
 """
 
 from rotgraph.structure.discover import check_supported, discover

@@ -177,6 +177,12 @@ def reader_linears(norm: Norm, where: str) -> list[Linear]:
     linears = []
     for node in through_rotgraph_ops(out):
         lin = as_linear(node)
+        weight = node.inputs[1] if node.op_type == "MatMul" and len(node.inputs) == 2 else None
+        if lin is None and weight is not None and weight.const_value is not None and len(weight.const_value.shape) != 2:
+            raise StructureError(
+                f"{where}: MatMul node {node.name!r} multiplies by the weight {weight.name!r} of shape "
+                f"{tuple(weight.const_value.shape)}: a projection's weight must be 2-D (in x out)"
+            )
         if lin is None or before_rotgraph_ops(lin.input) is not out:
             raise StructureError(
                 f"{where}: the RMSNorm output {out.name!r} feeds {node.op_type} node {node.name!r}; "

@@ -6,8 +6,6 @@ from dataclasses import dataclass, replace
 
 import onnx_ir as ir
 
-from rotgraph.structure.summary import summary
-
 
 def static_shape(value: ir.Value) -> tuple[int, ...]:
     """Shape of an initializer, or of the codes behind a quantized weight; () when unknown."""
@@ -247,7 +245,3 @@ class ModelDescription:
 
     def norms(self) -> list[Norm]:
         return [n for b in self.blocks for n in (b.attn_norm, b.mlp_norm)] + [self.final_norm]
-
-    def summary(self) -> str:
-        """What was found, one line per part."""
-        return summary(self)

@@ -1,13 +1,12 @@
-"""The text `rotgraph inspect` prints: what discovery found and which Hadamard sizes the model needs."""
+"""The text `rotgraph describe` prints: what discovery found and which Hadamard sizes the model needs.
+
+Imports go one way: this module reads the description (`rotgraph.structure.model`), which knows nothing of it.
+"""
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING
-
 from rotgraph.hadamard import hadamard_factors
-
-if TYPE_CHECKING:
-    from rotgraph.structure.model import ModelDescription
+from rotgraph.structure.model import ModelDescription
 
 
 def summary(desc: ModelDescription) -> str:
