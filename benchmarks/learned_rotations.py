@@ -263,7 +263,7 @@ if which == "torch":
 else:
     from rotgraph import io
     from rotgraph.learning.end_to_end import RotatedNetwork, learning_graph
-    from rotgraph.quantize import Scheme
+    from rotgraph.options import Scheme
     from rotgraph.learning.stiefel import CayleySGD
     m = io.load_model(model)
     scheme = Scheme.parse(which.split(":")[0])
