@@ -12,7 +12,7 @@ graph: `rotgraph describe`; `rotgraph rotate` (wall time, its own validation inc
 text: prefill of its first seq_len - 1 tokens, and one decode step of its last token fed with each graph's
 own present cache; `rotgraph quantize --scheme w4a8 --format ort` (wall time); the perplexity of the source
 and the w4a8 graph on the same windows. The builder's graph gets a second row: the same steps on it with
-RoPE moved out of GroupQueryAttention by `rotgraph.passes.split_rotary` (run in this process; its time in
+RoPE moved out of GroupQueryAttention by `rotgraph.passes.canonical.split_rotary` (run in this process; its time in
 the export column), so that `rotate` puts R3 in every layer; exactness is against the builder's graph. A failing step leaves its error line in the row. Prints a markdown
 table. With --reuse, the Hugging Face folder and the exports already in the work folder are kept (their
 export times are the ones recorded when they were made).
@@ -217,7 +217,7 @@ def benchmark(source: Source, hf: Path, out: Path, tokens: np.ndarray, reuse: bo
 def split_rotary(model: Path, out: Path) -> Path:
     """`model` with RoPE moved out of GroupQueryAttention (no command runs the pass yet), in its folder's form."""
     from rotgraph import io
-    from rotgraph.passes.split_rotary import SplitRotaryPass
+    from rotgraph.passes.canonical.split_rotary import SplitRotaryPass
 
     shutil.rmtree(out.parent, ignore_errors=True)
     shutil.copytree(model.parent, out.parent, ignore=shutil.ignore_patterns("*.onnx", "*.onnx.data", "split"))

@@ -34,40 +34,67 @@ import make_exporter_fixtures as fixtures  # noqa: E402
 
 from rotgraph import io  # noqa: E402
 from rotgraph.calibrate import Site  # noqa: E402
-from rotgraph.cli import parser, quant_options  # noqa: E402
+from rotgraph.cli import parser  # noqa: E402
+from rotgraph.commands import quant_config  # noqa: E402
+from rotgraph.config import to_options  # noqa: E402
 from rotgraph.evaluate import evaluate, windows  # noqa: E402
-from rotgraph.quantize import QuantOptions, calibration_tokens, quantize_model  # noqa: E402
+from rotgraph.options import QuantOptions  # noqa: E402
+from rotgraph.quantize import calibration_tokens, quantize_model  # noqa: E402
+from rotgraph.recipes import resolve  # noqa: E402
 from rotgraph.text import load_text  # noqa: E402
 from rotgraph.tokenize import encode  # noqa: E402
 
 BUILDER = ("-m", "onnxruntime_genai.models.builder", "-e", "cpu")
 BUILDER_INT4 = ("-p", "int4", "--extra_options", "int4_accuracy_level=4", "int4_block_size=32")
 
-# name, `rotgraph quantize` flags (on top of --format ort)
+# name, `rotgraph quantize` flags (on top of --format ort --recipe plain: the defaults these rows were measured with)
 CANDIDATES = (  # in the order they are built (a GPTQ build takes minutes on a busy machine)
-    ("RTN, builder-like", "--scheme w4a8 --rotation none --head-bits 4 --shared-head"),
-    ("QuaRot + RTN", "--scheme w4a8 --head-bits 4 --shared-head"),
-    ("QuaRot + GPTQ", "--scheme w4a8 --weights gptq --head-bits 4 --shared-head"),
-    ("GPTQ", "--scheme w4a8 --rotation none --weights gptq --head-bits 4 --shared-head"),
-    ("QuaRot + GPTQ g64, 8-bit head", "--scheme w4a8 --weights gptq --group 64 --head-bits 8 --shared-head"),
-    ("QuaRot + GPTQ, full range", "--scheme w4a8 --weights gptq --full-range --head-bits 4 --shared-head"),
+    ("RTN, builder-like", "--scheme w4a8 --rotation none --set weights.head_bits=4 --set weights.shared_head=true"),
+    ("QuaRot + RTN", "--scheme w4a8 --set weights.head_bits=4 --set weights.shared_head=true"),
+    ("QuaRot + GPTQ", "--scheme w4a8 --weights gptq --set weights.head_bits=4 --set weights.shared_head=true"),
+    ("GPTQ", "--scheme w4a8 --rotation none --weights gptq --set weights.head_bits=4 --set weights.shared_head=true"),
+    (
+        "QuaRot + GPTQ g64, 8-bit head",
+        "--scheme w4a8 --weights gptq --group 64 --set weights.head_bits=8 --set weights.shared_head=true",
+    ),
+    (
+        "QuaRot + GPTQ, full range",
+        "--scheme w4a8 --weights gptq --set weights.full_range=true --set weights.head_bits=4 --set weights.shared_head=true",
+    ),
     (
         "QuaRot + GPTQ g64, full range, 8-bit head",
-        "--scheme w4a8 --weights gptq --full-range --group 64 --head-bits 8 --shared-head",
+        "--scheme w4a8 --weights gptq --set weights.full_range=true --group 64 --set weights.head_bits=8 --set weights.shared_head=true",
     ),
-    ("RTN, full range", "--scheme w4a8 --rotation none --full-range --head-bits 4 --shared-head"),
+    (
+        "RTN, full range",
+        "--scheme w4a8 --rotation none --set weights.full_range=true --set weights.head_bits=4 --set weights.shared_head=true",
+    ),
     ("QuaRot + RTN, 8-bit untied head (old default)", "--scheme w4a8"),
-    ("QuaRot + GPTQ, asymmetric", "--scheme w4a8 --weights gptq --asymmetric --head-bits 4 --shared-head"),
-    ("RTN, asymmetric", "--scheme w4a8 --rotation none --asymmetric --head-bits 4 --shared-head"),
-    ("QuaRot + GPTQ w4a16", "--scheme w4a16 --weights gptq --head-bits 4 --shared-head"),
-    ("QuaRot + GPTQ, 8-bit head", "--scheme w4a8 --weights gptq --head-bits 8 --shared-head"),
-    ("GPTQ, full range", "--scheme w4a8 --rotation none --weights gptq --full-range --head-bits 4 --shared-head"),
+    (
+        "QuaRot + GPTQ, asymmetric",
+        "--scheme w4a8 --weights gptq --set weights.symmetric=false --set weights.head_bits=4 --set weights.shared_head=true",
+    ),
+    (
+        "RTN, asymmetric",
+        "--scheme w4a8 --rotation none --set weights.symmetric=false --set weights.head_bits=4 --set weights.shared_head=true",
+    ),
+    ("QuaRot + GPTQ w4a16", "--scheme w4a16 --weights gptq --set weights.head_bits=4 --set weights.shared_head=true"),
+    (
+        "QuaRot + GPTQ, 8-bit head",
+        "--scheme w4a8 --weights gptq --set weights.head_bits=8 --set weights.shared_head=true",
+    ),
+    (
+        "GPTQ, full range",
+        "--scheme w4a8 --rotation none --weights gptq --set weights.full_range=true --set weights.head_bits=4 --set weights.shared_head=true",
+    ),
 )
 
 
 def options_of(flags: str) -> QuantOptions:
-    """The QuantOptions `rotgraph quantize IN -o OUT --format ort FLAGS` runs with."""
-    return quant_options(parser().parse_args(["quantize", "IN", "-o", "OUT", "--format", "ort", *shlex.split(flags)]))
+    """The QuantOptions `rotgraph quantize IN -o OUT --format ort --recipe plain FLAGS` runs with (a model
+    with calibration text)."""
+    argv = ["quantize", "IN", "-o", "OUT", "--format", "ort", "--recipe", "plain", *shlex.split(flags)]
+    return to_options(resolve(quant_config(parser().parse_args(argv)), True)[0])
 
 
 def builder(hf: Path, out: Path, precision: tuple[str, ...], reuse: bool) -> Path:

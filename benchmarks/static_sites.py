@@ -24,7 +24,7 @@ import numpy as np
 from rotgraph import io
 from rotgraph.calibrate import Site
 from rotgraph.evaluate import evaluate, windows
-from rotgraph.passes.static_activations import StaticSpec, insert_qdq, static_sites
+from rotgraph.passes.quantization.static_activations import StaticSpec, insert_qdq, static_sites
 from rotgraph.probe import probe
 from rotgraph.quantize import QuantOptions, calibration_tokens, quantize_model
 from rotgraph.text import load_text

@@ -16,7 +16,7 @@ is (no canonical form needed, so quantized and fused graphs are read too), never
 - **position ids**: an integer input whose data (not only its shape) reaches RoPE: a Cos or Sin node,
   or the positions operand of RotaryEmbedding or GroupQueryAttention; not one that reaches
   GroupQueryAttention's seqlens_k, which is the mask even where RoPE positions are computed from it
-  (`rotgraph.passes.split_rotary`).
+  (`rotgraph.passes.canonical.split_rotary`).
 - **attention mask**: an integer input of rank 2 whose data reaches an attention's mask: what enters
   a Softmax other than through the score MatMul (Q K^T), i.e. the additive or Where mask, or a fused
   attention's mask operands (seqlens_k, total_sequence_length, attention_bias, key_padding_mask).

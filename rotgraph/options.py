@@ -12,8 +12,8 @@ import re
 from dataclasses import dataclass
 
 from rotgraph.errors import RotgraphError
-from rotgraph.passes.standard_ops import INT4_OPSET, REDUCE_AXES_INPUT_OPSET, check_opset
-from rotgraph.passes.static_activations import StaticSpec
+from rotgraph.passes.qdq.standard_ops import INT4_OPSET, REDUCE_AXES_INPUT_OPSET, check_opset
+from rotgraph.passes.quantization.static_activations import StaticSpec
 
 ORT_FORMATS = ("ort", "genai")  # onnxruntime's own ops (genai: an onnxruntime-genai folder)
 KV_CACHES = ("auto", "onnxruntime", "rotgraph")

@@ -30,8 +30,8 @@ from rotgraph.passes import (
     SplitFusedProjectionsPass,
     UntieEmbeddingPass,
 )
-from rotgraph.passes.restore_ort_norms import RestoreOrtNormsPass
-from rotgraph.passes.scale_channels import ScaleChannelsPass
+from rotgraph.passes.ort.restore_ort_norms import RestoreOrtNormsPass
+from rotgraph.passes.rotation.scale_channels import ScaleChannelsPass
 from rotgraph.rotations import load_rotations, load_scales
 from rotgraph.structure import ModelDescription, discover
 from rotgraph.structure.discover import check_supported

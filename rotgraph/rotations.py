@@ -1,6 +1,6 @@
 """Rotation files: the R1 and per-layer R2 matrices that `rotgraph learn` writes and the rotation
 passes fold (safetensors, float64, with rotgraph's metadata), and optionally learned per-channel
-scales (`S.<site>.<layer>`, folded by `rotgraph.passes.scale_channels` after the rotations)."""
+scales (`S.<site>.<layer>`, folded by `rotgraph.passes.rotation.scale_channels` after the rotations)."""
 
 from __future__ import annotations
 

@@ -20,25 +20,25 @@ from rotgraph.errors import RotgraphError
 from rotgraph.fakequant import ActSpec
 from rotgraph.options import DEFAULT_CONTEXT_LENGTH, ORT_FORMATS, QuantOptions, Scheme
 from rotgraph.passes import UntieEmbeddingPass
-from rotgraph.passes.center_activations import CenterActivationsPass
-from rotgraph.passes.gqa_kv_cache import CacheScales, CalibrateGqaCachePass, GqaQuantizedCachePass
-from rotgraph.passes.group_query_attention import FindFusableAttentionPass, GroupQueryAttentionPass
-from rotgraph.passes.key_mean import SubtractKeyMeanPass
-from rotgraph.passes.pack_gate_up import PackGateUpPass
-from rotgraph.passes.pack_qkv import PackQKVPass
-from rotgraph.passes.pack_rotary_qkv import PackRotaryQKVPass
-from rotgraph.passes.quantize_activations import QuantizeActivationsPass
-from rotgraph.passes.quantize_kv import QuantizeKVCachePass
-from rotgraph.passes.quantize_weights import QuantizeWeightsPass
-from rotgraph.passes.restore_ort_norms import RestoreOrtNormsPass
-from rotgraph.passes.rotary_attention import RotaryIntoAttentionPass
-from rotgraph.passes.rotary_embedding import RotaryEmbeddingPass
-from rotgraph.passes.rotary_hadamard import RotaryHadamardPass
-from rotgraph.passes.shared_kv_buffer import SharedKVBufferPass
-from rotgraph.passes.smooth import SmoothQuantPass
-from rotgraph.passes.split_rotary import SplitRotaryPass
-from rotgraph.passes.standard_ops import StandardOpsPass
-from rotgraph.passes.static_activations import (
+from rotgraph.passes.calibration.center_activations import CenterActivationsPass
+from rotgraph.passes.calibration.key_mean import SubtractKeyMeanPass
+from rotgraph.passes.calibration.smooth import SmoothQuantPass
+from rotgraph.passes.canonical.split_rotary import SplitRotaryPass
+from rotgraph.passes.ort.gqa_kv_cache import CacheScales, CalibrateGqaCachePass, GqaQuantizedCachePass
+from rotgraph.passes.ort.group_query_attention import FindFusableAttentionPass, GroupQueryAttentionPass
+from rotgraph.passes.ort.pack_gate_up import PackGateUpPass
+from rotgraph.passes.ort.pack_qkv import PackQKVPass
+from rotgraph.passes.ort.pack_rotary_qkv import PackRotaryQKVPass
+from rotgraph.passes.ort.restore_ort_norms import RestoreOrtNormsPass
+from rotgraph.passes.ort.rotary_attention import RotaryIntoAttentionPass
+from rotgraph.passes.ort.rotary_embedding import RotaryEmbeddingPass
+from rotgraph.passes.ort.rotary_hadamard import RotaryHadamardPass
+from rotgraph.passes.ort.shared_kv_buffer import SharedKVBufferPass
+from rotgraph.passes.qdq.standard_ops import StandardOpsPass
+from rotgraph.passes.quantization.quantize_activations import QuantizeActivationsPass
+from rotgraph.passes.quantization.quantize_kv import QuantizeKVCachePass
+from rotgraph.passes.quantization.quantize_weights import QuantizeWeightsPass
+from rotgraph.passes.quantization.static_activations import (
     CalibrateActivationsPass,
     Ranges,
     Spreads,

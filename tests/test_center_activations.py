@@ -14,7 +14,7 @@ from transformers import AutoModelForCausalLM
 from rotgraph import io
 from rotgraph.cli import main
 from rotgraph.errors import RotgraphError, StructureError
-from rotgraph.passes.center_activations import CenterActivationsPass
+from rotgraph.passes.calibration.center_activations import CenterActivationsPass
 from rotgraph.pipeline import canonicalize
 from rotgraph.quantize import QuantOptions
 from rotgraph.structure import discover, is_constant_shift
@@ -130,7 +130,7 @@ def test_biased_gate_and_up_pack_into_one_projection(tiny, tokens, tmp_path) -> 
     MLP computes what the two projections did."""
     from onnx_ir.passes.common import RemoveUnusedNodesPass
 
-    from rotgraph.passes.pack_gate_up import PackGateUpPass
+    from rotgraph.passes.ort.pack_gate_up import PackGateUpPass
     from rotgraph.quantize import quantize_model
 
     _, path = tiny("llama")

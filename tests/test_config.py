@@ -112,7 +112,7 @@ def test_the_best_recipes_are_the_measured_ones() -> None:
 
 
 def test_a_recipe_is_its_values_and_flags_and_sets_override_it(tmp_path: Path) -> None:
-    from rotgraph.cli import quant_config
+    from rotgraph.commands import quant_config
 
     def config_of(*argv: str) -> QuantConfig:
         return quant_config(parser().parse_args(["quantize", "m.onnx", "-o", "out", *argv]))

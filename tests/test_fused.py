@@ -156,7 +156,7 @@ def test_rope_moved_out_of_the_builder_attention_is_exact_and_takes_r3(name: str
     way."""
     from test_inputs import check_padding
 
-    from rotgraph.passes.split_rotary import SplitRotaryPass
+    from rotgraph.passes.canonical.split_rotary import SplitRotaryPass
 
     path = FIXTURES / f"genai-{name}-fp32" / "model.onnx"
     model = io.load_model(path)
@@ -185,7 +185,7 @@ def test_kv_cache_quantization_on_the_builder_graph_after_rope_moved_out(tokens,
     keeps its float cache: 4 projection inputs and K and V per layer), and rotation beats none against the
     Hugging Face model."""
     from rotgraph.evaluate import make_session, run_logits
-    from rotgraph.passes.split_rotary import SplitRotaryPass
+    from rotgraph.passes.canonical.split_rotary import SplitRotaryPass
     from rotgraph.quantize import QuantOptions, quantize_model
 
     path = FIXTURES / "genai-llama-fp32" / "model.onnx"

@@ -85,7 +85,7 @@ def test_rope_moved_out_and_r3_run_in_genai_with_the_same_logits(source: Path, t
     onnxruntime-genai's own loop (shared past/present buffer, positions from its mask) every step's logits
     equal the builder graph's."""
     from rotgraph import io
-    from rotgraph.passes.split_rotary import SplitRotaryPass
+    from rotgraph.passes.canonical.split_rotary import SplitRotaryPass
     from rotgraph.pipeline import RotateOptions, rotate_model
 
     out = tmp_path / "r3"

@@ -16,11 +16,11 @@ from rotgraph.cli import main
 from rotgraph.evaluate import make_session
 from rotgraph.generate import Decoder
 from rotgraph.options import QuantOptions
-from rotgraph.passes.pack_gate_up import PackGateUpPass
-from rotgraph.passes.pack_qkv import PackQKVPass
-from rotgraph.passes.restore_ort_norms import RestoreOrtNormsPass
-from rotgraph.passes.rotary_attention import RotaryIntoAttentionPass
-from rotgraph.passes.shared_kv_buffer import SharedKVBufferPass
+from rotgraph.passes.ort.pack_gate_up import PackGateUpPass
+from rotgraph.passes.ort.pack_qkv import PackQKVPass
+from rotgraph.passes.ort.restore_ort_norms import RestoreOrtNormsPass
+from rotgraph.passes.ort.rotary_attention import RotaryIntoAttentionPass
+from rotgraph.passes.ort.shared_kv_buffer import SharedKVBufferPass
 from rotgraph.pipeline import run_passes
 from rotgraph.stages import quantize_stages
 

@@ -17,7 +17,7 @@ from rotgraph.calibrate import Calibration
 from rotgraph.cli import main
 from rotgraph.errors import RotgraphError
 from rotgraph.options import QuantOptions
-from rotgraph.passes.gqa_kv_cache import CacheScales, GqaQuantizedCachePass, cache_attentions, mse_scales
+from rotgraph.passes.ort.gqa_kv_cache import CacheScales, GqaQuantizedCachePass, cache_attentions, mse_scales
 from rotgraph.pipeline import run_passes
 from rotgraph.stages import quantize_stages
 
@@ -154,10 +154,10 @@ def test_a_genai_folder_with_a_quantized_cache_runs_in_genai(tiny, tmp_path: Pat
 def test_rope_before_the_hadamard_becomes_rotary_embedding(tiny, tmp_path: Path) -> None:
     from test_genai_format import op_count, step_logits
 
-    from rotgraph.passes.pack_rotary_qkv import PackRotaryQKVPass
-    from rotgraph.passes.rotary_embedding import RotaryEmbeddingPass
-    from rotgraph.passes.rotary_hadamard import RotaryHadamardPass
-    from rotgraph.passes.shared_kv_buffer import SharedKVBufferPass
+    from rotgraph.passes.ort.pack_rotary_qkv import PackRotaryQKVPass
+    from rotgraph.passes.ort.rotary_embedding import RotaryEmbeddingPass
+    from rotgraph.passes.ort.rotary_hadamard import RotaryHadamardPass
+    from rotgraph.passes.ort.shared_kv_buffer import SharedKVBufferPass
 
     _, source = tiny("llama", "dynamo", with_past=True)
     options = QuantOptions(scheme="w4a8kv8", fmt="ort", group=16, kv_cache="onnxruntime", deployment_fusion=False)

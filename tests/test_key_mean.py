@@ -13,7 +13,7 @@ from transformers import AutoModelForCausalLM
 from rotgraph import io
 from rotgraph.cli import main
 from rotgraph.errors import RotgraphError, StructureError
-from rotgraph.passes.key_mean import SubtractKeyMeanPass
+from rotgraph.passes.calibration.key_mean import SubtractKeyMeanPass
 from rotgraph.pipeline import canonicalize
 from rotgraph.quantize import QuantOptions
 from rotgraph.structure import discover, is_constant_shift

@@ -132,7 +132,7 @@ def test_quantizing_a_quantized_cache_again_is_refused(tiny, tmp_path) -> None:
     _, past = tiny("llama", with_past=True)
     model = io.load_model(past)
     quantize_model(model, QuantOptions(scheme="w16a16kv4"))
-    from rotgraph.passes.quantize_kv import QuantizeKVCachePass
+    from rotgraph.passes.quantization.quantize_kv import QuantizeKVCachePass
 
     with pytest.raises(Exception, match="already quantized"):
         QuantizeKVCachePass(ActSpec(4, False, 0, 0.95))(model)

@@ -14,9 +14,9 @@ from rotgraph.cli import main
 from rotgraph.errors import RotgraphError
 from rotgraph.learn import LearnOptions, learn
 from rotgraph.learning.layerwise import LayerwiseObjective
-from rotgraph.passes.rotate_heads import head_rotations
-from rotgraph.passes.rotate_residual import residual_rotation
-from rotgraph.passes.scale_channels import ScaleChannelsPass
+from rotgraph.passes.rotation.rotate_heads import head_rotations
+from rotgraph.passes.rotation.rotate_residual import residual_rotation
+from rotgraph.passes.rotation.scale_channels import ScaleChannelsPass
 from rotgraph.pipeline import RotateOptions, rotate_model, run_passes
 from rotgraph.probe import probe
 from rotgraph.rotations import load_rotations, load_scales, save_rotations

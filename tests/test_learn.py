@@ -23,8 +23,8 @@ from rotgraph.learning.quantizers import fake_quant
 from rotgraph.learning.stiefel import CayleySGD, orthogonality_error
 from rotgraph.learning.torch_graph import TorchGraph
 from rotgraph.options import Scheme
-from rotgraph.passes.quantize_kv import QuantizeKVCachePass
-from rotgraph.passes.rotate_residual import residual_rotation
+from rotgraph.passes.quantization.quantize_kv import QuantizeKVCachePass
+from rotgraph.passes.rotation.rotate_residual import residual_rotation
 from rotgraph.pipeline import RotateOptions, canonicalize, rotate_model, run_passes
 from rotgraph.rotations import load_rotations, save_rotations
 from rotgraph.testing import SAMPLE_TEXT

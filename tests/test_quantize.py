@@ -264,7 +264,7 @@ def test_out_hadamard_is_asked_for_or_refused(tiny) -> None:
 def test_quantize_refuses_a_broken_output_with_the_figures(tiny, tmp_path, monkeypatch) -> None:
     """A quantizer whose scales are off by the grid size (amax instead of amax / qmax) gives finite logits;
     the validation against the float model must refuse it and write nothing. The correct one passes."""
-    import rotgraph.passes.quantize_weights as qw
+    import rotgraph.passes.quantization.quantize_weights as qw
     from rotgraph.quant import QuantizedWeight
     from rotgraph.quantize import quantize
 

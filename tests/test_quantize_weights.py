@@ -14,8 +14,8 @@ from conftest import ort_logits
 from rotgraph import io
 from rotgraph.errors import RotgraphError
 from rotgraph.options import QuantOptions
-from rotgraph.passes.rotate_residual import residual_rotation
-from rotgraph.passes.untie_embedding import embedding_map
+from rotgraph.passes.canonical.untie_embedding import embedding_map
+from rotgraph.passes.rotation.rotate_residual import residual_rotation
 from rotgraph.pipeline import canonicalize, rotate_model
 from rotgraph.quant import WeightSpec, quantize_rtn
 from rotgraph.quantize import quantize_model

@@ -15,7 +15,7 @@ from rotgraph import io
 from rotgraph.constants import MS_DOMAIN
 from rotgraph.hadamard import hadamard_factors
 from rotgraph.online import insert_hadamard
-from rotgraph.passes.rotary_hadamard import RotaryHadamardPass, rotary_hadamard
+from rotgraph.passes.ort.rotary_hadamard import RotaryHadamardPass, rotary_hadamard
 from rotgraph.pipeline import run_passes
 
 BATCH, SEQ, MAX_POSITION = 2, 3, 16

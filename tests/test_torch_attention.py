@@ -19,7 +19,7 @@ from rotgraph.learn import LearnOptions, learn
 from rotgraph.learning.end_to_end import RotatedNetwork, learning_graph
 from rotgraph.learning.torch_graph import TorchGraph
 from rotgraph.options import Scheme
-from rotgraph.passes.split_rotary import SplitRotaryPass
+from rotgraph.passes.canonical.split_rotary import SplitRotaryPass
 from rotgraph.pipeline import foldable_form_passes, run_passes
 from rotgraph.rotations import load_rotations
 from rotgraph.testing import make_tiny_model

@@ -29,7 +29,7 @@ from rotgraph.learning.quantizers import WeightQuantizer
 from rotgraph.learning.torch_graph import Override, TorchGraph
 from rotgraph.options import Scheme
 from rotgraph.passes import InsertDownHadamardPass, InsertQKHadamardPass
-from rotgraph.passes.split_rotary import SplitRotaryPass
+from rotgraph.passes.canonical.split_rotary import SplitRotaryPass
 from rotgraph.pipeline import foldable_form_passes, run_passes
 from rotgraph.stages import activation_passes
 from rotgraph.structure import (

@@ -28,7 +28,7 @@ keeps a step at a few GFLOP however wide the MLP is.
 
 Scaling (`scaling`, after OSTQuant's scaling matrices): with the rotations learned, positive
 per-channel scales s per site (each norm's output, V's output) divide the activations and multiply
-the weight rows that read them (folded exactly: `rotgraph.passes.scale_channels`). Learned by Adam on
+the weight rows that read them (folded exactly: `rotgraph.passes.rotation.scale_channels`). Learned by Adam on
 log s against the rotations' objective: "kurtosis", that of the scaled activations plus that of the
 scaled weights along their quantization axis (each output column's input rows), so the outliers are
 split between the two sides instead of all being pushed into the weights; "output-error", the same

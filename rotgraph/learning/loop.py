@@ -29,8 +29,8 @@ from tqdm import tqdm
 
 from rotgraph.errors import RotgraphError
 from rotgraph.learning.stiefel import CayleySGD, orthogonality_error
-from rotgraph.passes.rotate_heads import head_rotations
-from rotgraph.passes.rotate_residual import residual_rotation
+from rotgraph.passes.rotation.rotate_heads import head_rotations
+from rotgraph.passes.rotation.rotate_residual import residual_rotation
 from rotgraph.rotations import ORTHOGONALITY_TOLERANCE
 
 logger = logging.getLogger(__name__)

@@ -10,7 +10,7 @@ import onnx_ir as ir
 
 from rotgraph.constants import KEY_MEAN_KEY
 from rotgraph.errors import StructureError
-from rotgraph.passes.quantize_kv import cached_keys
+from rotgraph.passes.quantization.quantize_kv import cached_keys
 from rotgraph.probe import probe
 from rotgraph.structure import discover
 

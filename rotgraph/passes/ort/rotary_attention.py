@@ -11,7 +11,7 @@ import numpy as np
 import onnx_ir as ir
 from onnx_ir.passes.common import RemoveUnusedNodesPass
 
-from rotgraph.passes.group_query_attention import MS_DOMAIN, flat_heads, rebuild_attention
+from rotgraph.passes.ort.group_query_attention import MS_DOMAIN, flat_heads, rebuild_attention
 
 logger = logging.getLogger(__name__)
 T = TypeVar("T")

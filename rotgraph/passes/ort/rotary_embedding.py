@@ -9,8 +9,8 @@ import onnx_ir as ir
 from onnx_ir.passes.common import RemoveUnusedNodesPass
 
 from rotgraph.online import FunctionBuilder
-from rotgraph.passes.group_query_attention import MS_DOMAIN, flat_heads
-from rotgraph.passes.rotary_attention import (
+from rotgraph.passes.ort.group_query_attention import MS_DOMAIN, flat_heads
+from rotgraph.passes.ort.rotary_attention import (
     Rope,
     RopeTables,
     flat_input,

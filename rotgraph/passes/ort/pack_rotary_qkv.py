@@ -9,8 +9,8 @@ from onnx_ir.passes.common import RemoveUnusedNodesPass
 
 from rotgraph.constants import ROTGRAPH_DOMAIN
 from rotgraph.hadamard import hadamard_factors
-from rotgraph.passes.pack_qkv import pack_projections, projection, same_kind, unpacked_attentions
-from rotgraph.passes.rotary_hadamard import OP, rotary_hadamard
+from rotgraph.passes.ort.pack_qkv import pack_projections, projection, same_kind, unpacked_attentions
+from rotgraph.passes.ort.rotary_hadamard import OP, rotary_hadamard
 
 logger = logging.getLogger(__name__)
 

@@ -10,7 +10,7 @@ import onnx_ir as ir
 
 from rotgraph.constants import ACTIVATION_MEAN_KEY
 from rotgraph.errors import StructureError
-from rotgraph.passes.pack_qkv import new_initializer
+from rotgraph.passes.ort.pack_qkv import new_initializer
 from rotgraph.probe import probe
 from rotgraph.structure import Linear, discover
 from rotgraph.structure.model import distinct

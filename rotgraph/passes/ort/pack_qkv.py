@@ -9,7 +9,7 @@ import numpy as np
 import onnx_ir as ir
 from onnx_ir.passes.common import RemoveUnusedNodesPass
 
-from rotgraph.passes.group_query_attention import MS_DOMAIN
+from rotgraph.passes.ort.group_query_attention import MS_DOMAIN
 from rotgraph.structure.match import is_rotgraph_op
 
 logger = logging.getLogger(__name__)

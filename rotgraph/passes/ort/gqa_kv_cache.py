@@ -29,7 +29,7 @@ import onnx_ir as ir
 
 from rotgraph import grid
 from rotgraph.errors import RotgraphError, StructureError
-from rotgraph.passes.group_query_attention import MS_DOMAIN
+from rotgraph.passes.ort.group_query_attention import MS_DOMAIN
 from rotgraph.probe import probe
 from rotgraph.weights import new_initializer
 

@@ -12,7 +12,7 @@ import onnx_ir as ir
 from rotgraph import grid
 from rotgraph.calibrate import ROLE_SITES, block_linears
 from rotgraph.errors import RotgraphError
-from rotgraph.passes.untie_embedding import embedding_map
+from rotgraph.passes.canonical.untie_embedding import embedding_map
 from rotgraph.quant import QuantizedWeight, WeightSpec, gptq, quantize_rtn
 from rotgraph.structure import Linear, ModelDescription, discover, is_quantized_weight, transposed_initializer
 from rotgraph.weights import SpillFile, new_initializer, read_float64

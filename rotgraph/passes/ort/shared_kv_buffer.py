@@ -10,7 +10,7 @@ from onnx_ir.passes.common import RemoveUnusedNodesPass
 
 from rotgraph.inputs import input_roles
 from rotgraph.online import FunctionBuilder
-from rotgraph.passes.group_query_attention import MS_DOMAIN
+from rotgraph.passes.ort.group_query_attention import MS_DOMAIN
 
 logger = logging.getLogger(__name__)
 

@@ -7,7 +7,7 @@ import logging
 import onnx_ir as ir
 from onnx_ir.passes.common import RemoveUnusedNodesPass
 
-from rotgraph.passes.pack_qkv import Projection, pack_projections, projection, same_kind
+from rotgraph.passes.ort.pack_qkv import Projection, pack_projections, projection, same_kind
 
 logger = logging.getLogger(__name__)
 

@@ -1,0 +1,1 @@
+"""Canonical form: rewrites that give every exporter's graph the one form the other passes read (RMSNormalization at opset 23, onnxruntime's fused ops expanded, fused projections split, tied lm_head untied, RoPE out of fused attention)."""

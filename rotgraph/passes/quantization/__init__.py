@@ -1,0 +1,1 @@
+"""Quantization: per-token activation and KV-cache quantizers, static activation Q/DQ, and the weights (RTN, GPTQ)."""

@@ -1,0 +1,1 @@
+"""The float rotation (QuaRot/SpinQuant): norm scales fused, R1 and R2 folded into the weights, the online Hadamards R3, R4 and before o_proj, learned channel scales. Each leaves the network's function unchanged."""
