@@ -21,6 +21,7 @@ from rotgraph.config import CONFIG_SUFFIX, QuantConfig, recorded, to_options
 from rotgraph.constants import QUANTIZATION_KEY, RECIPE_KEY, ROTATION_KEY
 from rotgraph.errors import RotgraphError
 from rotgraph.evaluate import windows
+from rotgraph.inputs import input_roles
 from rotgraph.options import QuantOptions, Scheme
 from rotgraph.pipeline import (
     check_inputs,
@@ -112,8 +113,8 @@ def quantize(
         options, record = config, None
     else:
         resolved, notes = resolve(config or QuantConfig(), io.find_tokenizer(input_path) is not None)
-        for note in notes:
-            logger.warning("%s", note)
+        if notes:
+            logger.warning("no calibration text (tokenizer.json beside %s): %s left out", input_path, ", ".join(notes))
         options, record = to_options(resolved), recorded(resolved)
     if options.fmt == "genai" and output.suffix != ".onnx":
         if output.exists() and not output.is_dir():
@@ -141,6 +142,11 @@ def _quantize_file(
     io.check_output_path([input_path], output)
     model = io.load_model(input_path)
     check_inputs(model)
+    if options.fmt == "genai" and output.name == genai.MODEL_FILE and not input_roles(model).caches:
+        raise RotgraphError(
+            f"{input_path} has no KV-cache inputs, and onnxruntime-genai decodes with one: export the model with "
+            "`rotgraph export --with-past` (or give a graph with past key/value inputs)"
+        )
     calibration = calibration_tokens(input_path, options) if options.calibration_uses else None
     found = None
     with io.staged_output(output) as staged:

@@ -128,8 +128,8 @@ def preset(name: str | None) -> QuantConfig:
 def resolve(config: QuantConfig, has_text: bool) -> tuple[QuantConfig, list[str]]:
     """Fill every `auto` field with the best measured choice for the scheme and format (benchmarks/RESULTS.md,
     "Defaults"). `has_text`: whether calibration text can be tokenized (a tokenizer beside the model);
-    where the best choice needs it and it is missing, the choice that needs none is made and a note says so.
-    Returns the resolved configuration and those notes."""
+    where the best choice needs it and it is missing, the choice that needs none is made. Returns the
+    resolved configuration and what was left out for want of text."""
     s = Scheme.parse(config.scheme)
     fmt = config.output.format
     notes: list[str] = []
@@ -141,7 +141,7 @@ def resolve(config: QuantConfig, has_text: bool) -> tuple[QuantConfig, list[str]
         if value != AUTO:
             return value
         if needs_text and not has_text and best != plain:
-            notes.append(f"{what}: needs calibration text (tokenizer.json beside the model), left out")
+            notes.append(what)
             return plain
         return best
 

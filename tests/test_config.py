@@ -178,3 +178,18 @@ def test_the_floors_refuse_what_is_far_below_and_spare_what_says_nothing() -> No
     unpredictable = agreement(reference, rng.normal(0, 4, reference.shape), rng.integers(0, vocab, (1, 64)))
     assert unpredictable.float_ppl is not None and unpredictable.float_ppl > vocab**0.5
     assert far_below(unpredictable, FLOORS[4], vocab) == []  # a model that does not predict the text
+
+
+def test_without_calibration_text_the_best_recipe_says_what_it_leaves_out_in_one_line(
+    model_dir, tmp_path, capsys
+) -> None:
+    (model_dir / "tokenizer.json").unlink()
+    out = tmp_path / "q" / "model.onnx"
+    assert (
+        main(["quantize", str(model_dir / "model.onnx"), "-o", str(out), "--scheme", "w4a4kv4", "--group", "16"]) == 0
+    )
+    lines = [line for line in capsys.readouterr().err.splitlines() if "calibration text" in line]
+    assert len(lines) == 1 and "GPTQ" in lines[0] and "activation clip search" in lines[0], lines
+    resolved = json.loads(out.with_name("model.rotgraph.json").read_text())["config"]
+    assert resolved["weights"]["method"] == "rtn" and resolved["activations"]["clip"] is None
+    assert resolved["activations"]["asymmetric"] is True  # needs no text: kept

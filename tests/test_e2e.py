@@ -139,3 +139,22 @@ def test_decoding_with_a_kv_cache(exported_with_past: Path) -> None:
     kernel_logits = run_logits(make_session(rotated, "disable", kernels=True), text)
     function_logits = run_logits(make_session(rotated, "disable", kernels=False), text)
     np.testing.assert_allclose(kernel_logits, function_logits, rtol=0, atol=1e-3)
+
+
+def test_a_result_far_below_its_scheme_is_refused_with_the_figure_that_failed(exported: Path, tmp_path: Path) -> None:
+    """Static per-tensor 4-bit activations with RTN weights (what `--scheme w4a4kv4` gave in qdq before the
+    defaults were the best recipe): top-1 agreement ~0.05. The broken-model rule (KL below the unrelated
+    positions') lets it through; the scheme's floors refuse it, and --keep-failed writes it with a warning."""
+    from rotgraph.cli import main
+    from rotgraph.errors import ValidationError
+    from rotgraph.quantize import quantize
+    from rotgraph.recipes import preset
+
+    config = preset("plain").with_values({"scheme": "w4a4kv4", "activations.mode": "static", "calibration.windows": 4})
+    out = tmp_path / "static-w4a4kv4" / "model.onnx"
+    with pytest.raises(ValidationError, match=r"far below .*top-1 0\.\d+ < 0\.35") as refused:
+        quantize(exported, out, config)
+    assert "KL" in str(refused.value) and not out.exists()
+    argv = ["quantize", str(exported), "-o", str(out), "--recipe", "plain", "--scheme", "w4a4kv4"]
+    assert main([*argv, "--activations", "static", "--set", "calibration.windows=4", "--keep-failed"]) == 0
+    assert out.is_file()

@@ -22,7 +22,8 @@ from rotgraph.errors import RotgraphError
 from rotgraph.evaluate import Session, make_session, max_logit_difference, run_logits
 from rotgraph.export import cache_names
 from rotgraph.generate import generate
-from rotgraph.inputs import InputRoles, UnknownInputError, input_roles, left_padded, read_roles, right_padded
+from rotgraph.inputs import InputRoles, UnknownInputError, input_roles, read_roles
+from rotgraph.padding import left_padded, right_padded
 from rotgraph.pipeline import RotateOptions, rotate_model
 from rotgraph.quantize import QuantOptions, quantize_model
 from rotgraph.structure.summary import summary
