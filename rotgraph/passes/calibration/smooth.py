@@ -130,4 +130,4 @@ class SmoothQuantPass(ir.passes.InPlacePass):
             skipped_down,
             skipped_o,
         )
-        return ir.passes.PassResult(model, True)
+        return ir.passes.PassResult(model, sites > 0)

@@ -149,7 +149,7 @@ class GqaQuantizedCachePass(ir.passes.InPlacePass):
                 assert cache is not None
                 self._retype(cache, width // node.attributes.get_int("kv_num_heads", 1))
         logger.info("KV cache: %d-bit codes inside %d GroupQueryAttention nodes", self.bits, len(nodes))
-        return ir.passes.PassResult(model, True)
+        return ir.passes.PassResult(model, bool(nodes))
 
     def _retype(self, cache: ir.Value, head_dim: int) -> None:
         """Code type, and the last axis as stored: head_dim (int8) or head_dim / 2 (int4, packed)."""

@@ -44,4 +44,4 @@ class QuantizeActivationsPass(ir.passes.InPlacePass):
                 insert_fake_quant(model, lin.input, spec)
                 count += 1
         logger.info("per-token %d-bit activation quantization on %d inputs", self.spec.bits, count)
-        return ir.passes.PassResult(model, True)
+        return ir.passes.PassResult(model, count > 0)

@@ -385,4 +385,4 @@ class QuantizeWeightsPass(ir.passes.InPlacePass):
                 spill.spill(model.graph)
             logger.info("quantized the embedding and lm_head (rtn, %d bits)", self.head_spec.bits)
         logger.info("quantized %d projection weights (%s, %d bits)", count, self.method, self.spec.bits)
-        return ir.passes.PassResult(model, True)
+        return ir.passes.PassResult(model, count > 0 or self.head_spec is not None)

@@ -322,4 +322,4 @@ class StaticActivationsPass(ir.passes.InPlacePass):
         logger.info("static %d-bit activation quantization on %d sites", self.spec.bits, len(sites))
         if widened:
             logger.info("16-bit static activations (spread > %g): %s", self.wide, ", ".join(widened))
-        return ir.passes.PassResult(model, True)
+        return ir.passes.PassResult(model, bool(sites))
