@@ -94,3 +94,25 @@ def test_every_result_names_its_producer() -> None:
     results = {f.name for f in dataclasses.fields(Calibration)} - {"tokens"}
     assert set(PRODUCERS) == results
     assert all(getattr(Calibration(), name) is None for name in results)  # None until produced
+
+
+def test_gptq_statistics_handed_back_are_reused_without_calibration(tiny) -> None:
+    """`quantize_model` returns the Hessians its calibration stage produced; given them back (no tokens),
+    the calibration stage is left out and the weights come out the same."""
+    from rotgraph.quantize import QuantOptions, quantize_model
+
+    _, path = tiny("llama", "dynamo")
+    options = QuantOptions(scheme="w4a16", weights="gptq", group=16, rotation="none")
+    first = io.load_model(path)
+    hessians = quantize_model(first, options, np.random.default_rng(5).integers(0, 384, size=(2, 32)))
+    assert hessians is not None and len(hessians) == 4 * 2  # four input sites in each of two blocks
+    again = io.load_model(path)
+    returned = quantize_model(again, options, hessians=hessians)
+    assert returned is not None and returned.keys() == hessians.keys()
+    codes = [name for name in first.graph.initializers if name.endswith(".codes")]
+    roles = ("q", "k", "v", "o", "gate", "up", "down")
+    assert {f"layers.{block}.{role}.codes" for block in (0, 1) for role in roles} <= set(codes)
+    for name in codes:
+        ours, theirs = first.graph.initializers[name].const_value, again.graph.initializers[name].const_value
+        assert ours is not None and theirs is not None
+        np.testing.assert_array_equal(ours.numpy(), theirs.numpy())
