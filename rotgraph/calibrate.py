@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Callable
-from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
@@ -22,12 +21,12 @@ from rotgraph import grid
 from rotgraph.errors import RotgraphError
 from rotgraph.fakequant import ActSpec
 from rotgraph.probe import probe
+from rotgraph.results import Calibration, Site
 from rotgraph.structure import Block, Linear, ModelDescription, discover, distinct
 from rotgraph.weights import read_float64
 
 logger = logging.getLogger(__name__)
 
-Site = tuple[int, str]
 ROLE_SITES = {
     "q": "qkv",
     "k": "qkv",
@@ -54,16 +53,6 @@ def projection_inputs(desc: ModelDescription) -> dict[Site, Linear]:
         for role, lin in block_linears(block):
             sites.setdefault((block.index, ROLE_SITES[role]), lin)
     return sites
-
-
-@dataclass
-class Calibration:
-    """Calibration windows and what the calibration stages measured on them; later stages read it."""
-
-    tokens: np.ndarray  # [windows, seq_len]
-    absmax: dict[Site, np.ndarray] = field(default_factory=dict)  # max |x| per channel, float64
-    hessians: dict[Site, np.ndarray] = field(default_factory=dict)  # X^T X / tokens, float64
-    clips: dict[Site, float] = field(default_factory=dict)  # per-token activation quantizer's clip ratio
 
 
 def _accumulate(
@@ -155,7 +144,7 @@ def activation_clips(
 class CalibratePass(ir.passes.InPlacePass):
     """The calibration stage: measure `statistic` ("absmax" for SmoothQuant, "hessian" for GPTQ, "clip"
     for the clip ratios of the per-token activation quantizer `spec`) of every projection input on
-    `calibration.tokens` and store it in `calibration`, keyed by site.
+    `calibration.tokens` and set its field (`absmax`, `hessians` or `clips`), keyed by site.
 
     Rewrites nothing: the graph is unchanged; in-memory weights may move into `scratch` (computed once,
     see `rotgraph.probe.materialize`), which is why the result reports no modification.
@@ -172,16 +161,12 @@ class CalibratePass(ir.passes.InPlacePass):
         self.calibration, self.statistic, self.scratch, self.spec = calibration, statistic, scratch, spec
 
     def call(self, model: ir.Model) -> ir.passes.PassResult:
-        # Filled in place: the stages after this one hold these very dicts.
         if self.statistic == "absmax":
-            self.calibration.absmax.clear()
-            self.calibration.absmax.update(input_absmax(model, self.calibration.tokens, self.scratch))
+            self.calibration.absmax = input_absmax(model, self.calibration.tokens, self.scratch)
         elif self.statistic == "clip":
             assert self.spec is not None
-            self.calibration.clips.clear()
             tokens = self.calibration.tokens[:CLIP_WINDOWS]
-            self.calibration.clips.update(activation_clips(model, tokens, self.spec, self.scratch))
+            self.calibration.clips = activation_clips(model, tokens, self.spec, self.scratch)
         else:
-            self.calibration.hessians.clear()
-            self.calibration.hessians.update(input_hessians(model, self.calibration.tokens, self.scratch))
+            self.calibration.hessians = input_hessians(model, self.calibration.tokens, self.scratch)
         return ir.passes.PassResult(model, False)

@@ -66,15 +66,20 @@ class RotateReport:
 
 
 def run_passes(model: ir.Model, passes: list[ir.passes.PassBase]) -> None:
-    """Run `passes` with a PassManager; a rotgraph error inside a pass surfaces as itself."""
+    """Run `passes` with a PassManager; a rotgraph error inside a pass surfaces as itself, and so does a
+    pass's unmet precondition (e.g. a result it reads that no earlier pass produced) otherwise."""
     try:
         ir.passes.PassManager(passes)(model)
     except ir.passes.PassError as e:
+        chain: list[BaseException] = []
         cause: BaseException | None = e
-        while cause is not None and not isinstance(cause, RotgraphError):
+        while cause is not None:
+            chain.append(cause)
             cause = cause.__cause__
-        if cause is not None:
-            raise cause from None
+        for kind in (RotgraphError, ir.passes.PreconditionError):
+            found = next((c for c in chain if isinstance(c, kind)), None)
+            if found is not None:
+                raise found from None
         raise
 
 

@@ -79,9 +79,9 @@ def quantize_model(
     """
     if ROTATION_KEY in model.metadata_props and options.rotation != "none":
         raise RotgraphError(f"model is already rotated ({model.metadata_props[ROTATION_KEY]})")
-    data = Calibration(calibration if calibration is not None else np.zeros((0, 0), np.int64))
+    data = Calibration() if calibration is None else Calibration(calibration)
     if hessians is not None:
-        data.hessians.update(hessians)
+        data.hessians = dict(hessians)
     stages = quantize_stages(
         options, data if calibration is not None or hessians else None, scratch, calibrated=hessians is not None
     )
@@ -90,7 +90,7 @@ def quantize_model(
     if options.rotation != "none":
         model.metadata_props[ROTATION_KEY] = rotation_metadata(rotate_options(options), model)
     model.metadata_props[QUANTIZATION_KEY] = json.dumps(asdict(options))
-    return dict(data.hessians) if options.weights == "gptq" else None
+    return dict(data.hessians) if options.weights == "gptq" and data.hessians is not None else None
 
 
 def quantize(

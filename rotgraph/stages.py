@@ -8,14 +8,13 @@ passes it runs. `rotgraph.quantize` runs them on a model.
 from __future__ import annotations
 
 import dataclasses
-from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
 
 import onnx_ir as ir
 from onnx_ir.passes.common import RemoveUnusedNodesPass
 
-from rotgraph.calibrate import CLIP_WINDOWS, CalibratePass, Calibration, Site
+from rotgraph.calibrate import CLIP_WINDOWS, CalibratePass, Calibration
 from rotgraph.errors import RotgraphError
 from rotgraph.fakequant import ActSpec
 from rotgraph.options import DEFAULT_CONTEXT_LENGTH, ORT_FORMATS, QuantOptions, Scheme
@@ -24,7 +23,7 @@ from rotgraph.passes.calibration.center_activations import CenterActivationsPass
 from rotgraph.passes.calibration.key_mean import SubtractKeyMeanPass
 from rotgraph.passes.calibration.smooth import SmoothQuantPass
 from rotgraph.passes.canonical.split_rotary import SplitRotaryPass
-from rotgraph.passes.ort.gqa_kv_cache import CacheScales, CalibrateGqaCachePass, GqaQuantizedCachePass
+from rotgraph.passes.ort.gqa_kv_cache import CalibrateGqaCachePass, GqaQuantizedCachePass
 from rotgraph.passes.ort.group_query_attention import FindFusableAttentionPass, GroupQueryAttentionPass
 from rotgraph.passes.ort.pack_gate_up import PackGateUpPass
 from rotgraph.passes.ort.pack_qkv import PackQKVPass
@@ -38,20 +37,13 @@ from rotgraph.passes.qdq.standard_ops import StandardOpsPass
 from rotgraph.passes.quantization.quantize_activations import QuantizeActivationsPass
 from rotgraph.passes.quantization.quantize_kv import QuantizeKVCachePass
 from rotgraph.passes.quantization.quantize_weights import QuantizeWeightsPass
-from rotgraph.passes.quantization.static_activations import (
-    CalibrateActivationsPass,
-    Ranges,
-    Spreads,
-    StaticActivationsPass,
-    StaticSpec,
-)
+from rotgraph.passes.quantization.static_activations import CalibrateActivationsPass, StaticActivationsPass, StaticSpec
 from rotgraph.pipeline import (
     RotateOptions,
     canonical_form_passes,
     rotation_passes,
 )
 from rotgraph.quant import WeightSpec
-from rotgraph.structure import Attention
 
 
 def activation_spec(scheme: Scheme, act_clip: float | None = None, symmetric: bool = True) -> ActSpec | None:
@@ -70,17 +62,18 @@ def activation_passes(
     kv_clip: float | None = None,
     skip_int8: bool = False,
     store_cache: bool = True,
-    clips: Mapping[Site, float] | None = None,
+    searched: Calibration | None = None,
     act_symmetric: bool = True,
 ) -> list[ir.passes.PassBase]:
     """The FakeQuant passes of `scheme`: per-token activations (symmetric unless `act_symmetric` is off,
-    clip 0.9 at 4 bits unless given, or per input from `clips`; none at 8 bits with `skip_int8`, where the runtime's int8 kernels
-    quantize) and the KV cache (asymmetric per token and head, clip 0.95 at 4 bits unless given; stored
-    as codes where the graph has cache inputs, unless `store_cache` is off)."""
+    clip 0.9 at 4 bits unless given, or per input from `searched.clips`, the clip search's result; none
+    at 8 bits with `skip_int8`, where the runtime's int8 kernels quantize) and the KV cache (asymmetric
+    per token and head, clip 0.95 at 4 bits unless given; stored as codes where the graph has cache
+    inputs, unless `store_cache` is off)."""
     passes: list[ir.passes.PassBase] = []
     act = activation_spec(scheme, act_clip, act_symmetric)
     if act is not None and (act.bits == 4 or not skip_int8):
-        passes.append(QuantizeActivationsPass(act, clips))
+        passes.append(QuantizeActivationsPass(act, searched))
     kv = kv_spec(scheme, kv_clip)
     if kv is not None:
         passes.append(QuantizeKVCachePass(kv, store=store_cache))
@@ -133,12 +126,15 @@ def quantize_stages(
     """The declared pipeline of `quantize` for `options`, in order: rotation (or the canonical form),
     calibration and SmoothQuant, activations and KV cache, weights, and the format's own rewrites.
 
-    `calibration` holds the calibration windows and receives what the calibration stages measure; with
-    `calibrated`, it already holds the GPTQ statistics (an earlier run on the same model) and that stage
-    is left out. `scratch` is where weights computed in memory go (see `rotgraph.probe`) and where
-    quantized tensors are spilled as they are produced; None keeps everything in memory.
+    `calibration` holds the calibration windows and receives what the calibration stages measure (None:
+    no calibration text; the stages get an empty `Calibration` for what they find); with `calibrated`, it
+    already holds the GPTQ statistics (an earlier run on the same model) and that stage is left out.
+    Passes hand each other results only through that one object, and a reader's `requires` refuses to
+    run before its producer. `scratch` is where weights computed in memory go (see `rotgraph.probe`) and
+    where quantized tensors are spilled as they are produced; None keeps everything in memory.
     """
     scheme = Scheme.parse(options.scheme)
+    results = calibration if calibration is not None else Calibration()
     stages: list[Stage] = []
     if scheme.kv_bits is not None:  # the cache quantizer (and R3) need the keys after RoPE, outside the op
         stages.append(Stage("RoPE out of fused attention", (SplitRotaryPass(),)))
@@ -152,7 +148,7 @@ def quantize_stages(
     if options.smooth is not None:
         assert calibration is not None
         stages.append(Stage("calibration (activation ranges)", (CalibratePass(calibration, "absmax", scratch),)))
-        stages.append(Stage("SmoothQuant", (SmoothQuantPass(calibration.absmax, options.smooth),)))
+        stages.append(Stage("SmoothQuant", (SmoothQuantPass(calibration, options.smooth),)))
     if options.center_activations:  # before GPTQ and the clip search, which then see centered inputs
         if calibration is None:
             raise RotgraphError("--center-activations needs calibration tokens")
@@ -166,17 +162,16 @@ def quantize_stages(
     ort_int8 = options.fmt in ORT_FORMATS and scheme.act_bits <= 8 and scheme.weight_bits < 16
     gqa_cache = options.gqa_cache
     fused = options.fmt in ORT_FORMATS and options.fused_attention and (scheme.kv_bits is None or gqa_cache)
-    attentions: list[Attention] = []
     if fused:  # found before the weights change form (discovery reads MatMul projections)
-        stages.append(Stage("find attention to fuse", (FindFusableAttentionPass(attentions),)))
+        stages.append(Stage("find attention to fuse", (FindFusableAttentionPass(results),)))
     static = options.activations == "static"
     act_scheme = dataclasses.replace(scheme, kv_bits=None) if gqa_cache else scheme  # the op quantizes its cache
-    clips = None
+    searched = None
     if options.act_clip_search:  # after SmoothQuant, which changes the inputs; the weights are still float
         assert calibration is not None
         spec = activation_spec(scheme, symmetric=not options.act_asymmetric)
         stages.append(Stage("calibration (activation clip)", (CalibratePass(calibration, "clip", scratch, spec),)))
-        clips = calibration.clips
+        searched = calibration
     act = (
         []
         if static
@@ -185,7 +180,7 @@ def quantize_stages(
             options.act_clip,
             options.kv_clip,
             skip_int8=ort_int8,
-            clips=clips,
+            searched=searched,
             act_symmetric=not options.act_asymmetric,
         )
     )
@@ -208,7 +203,7 @@ def quantize_stages(
                 scheme.weight_bits, options.symmetric_weights, options.group or None, full_range=options.full_range
             ),
             options.weights,
-            calibration.hessians if calibration is not None and options.weights == "gptq" else None,
+            calibration if options.weights == "gptq" else None,
             options.damp,
             options.act_order,
             head_spec,
@@ -220,7 +215,7 @@ def quantize_stages(
         untie = head_spec is not None and not options.shared_head
         stages.append(Stage("weights", (UntieEmbeddingPass(), weights) if untie else (weights,)))
     if fused:
-        stages.append(Stage("onnxruntime format", (GroupQueryAttentionPass(attentions),)))
+        stages.append(Stage("onnxruntime format", (GroupQueryAttentionPass(results),)))
     if fused and options.deployment_fusion:
         lean: tuple[ir.passes.PassBase, ...] = (
             RotaryIntoAttentionPass(options.context_length or DEFAULT_CONTEXT_LENGTH),
@@ -234,13 +229,12 @@ def quantize_stages(
         assert scheme.kv_bits is not None
         if calibration is None:
             raise RotgraphError("a quantized GroupQueryAttention cache needs calibration tokens")
-        found: list[CacheScales] = []
         stages.append(
             Stage(
                 "KV cache inside GroupQueryAttention",
                 (
-                    CalibrateGqaCachePass(found, calibration.tokens, scheme.kv_bits, scratch),
-                    GqaQuantizedCachePass(found, scheme.kv_bits),
+                    CalibrateGqaCachePass(calibration, scheme.kv_bits, scratch),
+                    GqaQuantizedCachePass(calibration, scheme.kv_bits),
                 ),
             )
         )
@@ -274,9 +268,7 @@ def static_activation_passes(
         raise RotgraphError("static activation scales need calibration tokens")
     spec = StaticSpec(scheme.act_bits, options.act_symmetric, options.calibration)
     kv = StaticSpec(scheme.kv_bits, False, options.calibration) if scheme.kv_bits is not None else None
-    ranges: Ranges = {}
-    spreads: Spreads = {}
     return [
-        CalibrateActivationsPass(ranges, calibration.tokens, spec, kv is not None, scratch, spreads),
-        StaticActivationsPass(ranges, spec, kv, options.wide_ratio, spreads),
+        CalibrateActivationsPass(calibration, spec, kv is not None, scratch, spreads=True),
+        StaticActivationsPass(calibration, spec, kv, options.wide_ratio),
     ]

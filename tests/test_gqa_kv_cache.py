@@ -25,12 +25,13 @@ STAGE = "KV cache inside GroupQueryAttention"
 RNG = np.random.default_rng(0)
 
 
-def float_cache_and_scales(source: Path, scheme: str, work: Path) -> tuple[Path, ir.Model, list[CacheScales]]:
+def float_cache_and_scales(source: Path, scheme: str, work: Path) -> tuple[Path, ir.Model, CacheScales]:
     """(the ort pipeline up to the cache stage, saved; the same run through it and the rest; the scales
     it calibrated)."""
     options = QuantOptions(scheme=scheme, fmt="ort", group=16, kv_cache="onnxruntime")
     tokens = RNG.integers(0, 300, size=(2, 48))
-    stages = quantize_stages(options, Calibration(tokens))
+    calibration = Calibration(tokens)
+    stages = quantize_stages(options, calibration)
     at = [s.name for s in stages].index(STAGE)
     model = io.load_model(source)
     run_passes(model, [p for s in stages[:at] for p in s.passes])
@@ -39,8 +40,8 @@ def float_cache_and_scales(source: Path, scheme: str, work: Path) -> tuple[Path,
     io.save_model(model, before)
     model = io.load_model(before)
     run_passes(model, [p for s in stages[at:] for p in s.passes])
-    found = stages[at].passes[1].found  # type: ignore[attr-defined]
-    return before, model, found
+    assert calibration.cache_scales is not None
+    return before, model, calibration.cache_scales
 
 
 def with_qdq(model: ir.Model, scales: CacheScales, bits: int) -> ir.Model:
@@ -72,7 +73,7 @@ def test_the_quantized_cache_computes_a_per_channel_fake_quantization(tiny, tmp_
     _, source = tiny("llama", "dynamo", with_past=True)
     before, quantized, found = float_cache_and_scales(source, scheme, tmp_path)
     bits = int(scheme[-1])
-    reference = with_qdq(io.load_model(before), found[0], bits)
+    reference = with_qdq(io.load_model(before), found, bits)
     paths = {}
     for name, model in (("quantized", quantized), ("reference", reference)):
         paths[name] = tmp_path / name / "model.onnx"
@@ -105,8 +106,8 @@ def test_the_pass_refuses_rope_inside_and_missing_scales(tiny) -> None:
     run_passes(model, [p for s in quantize_stages(options) for p in s.passes])
     with pytest.raises(RotgraphError, match="RoPE inside"):
         cache_attentions(model)
-    with pytest.raises(RotgraphError, match="not calibrated"):
-        run_passes(model, [GqaQuantizedCachePass([], 8)])
+    with pytest.raises(ir.passes.PreconditionError, match=r"needs the KV cache scales .* from CalibrateGqaCachePass"):
+        run_passes(model, [GqaQuantizedCachePass(Calibration(), 8)])
 
 
 def test_bad_kv_cache_options_are_refused_before_any_work() -> None:

@@ -203,6 +203,7 @@ def test_ort_format_fuses_attention_into_group_query_attention(
 
 
 def test_attention_fusion_refuses_an_unexpected_pattern(tiny) -> None:
+    from rotgraph.calibrate import Calibration
     from rotgraph.errors import StructureError
     from rotgraph.passes import GroupQueryAttentionPass
     from rotgraph.pipeline import run_passes
@@ -214,4 +215,4 @@ def test_attention_fusion_refuses_an_unexpected_pattern(tiny) -> None:
     scale.outputs[0].replace_all_uses_with(attentions[1].scores.outputs[0])
     model.graph.remove(scale, safe=True)
     with pytest.raises(StructureError, match=r"layer 1 attention: expected .* read by one Mul, found Add"):
-        run_passes(model, [GroupQueryAttentionPass(attentions)])
+        run_passes(model, [GroupQueryAttentionPass(Calibration(attentions=tuple(attentions)))])

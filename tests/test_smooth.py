@@ -8,7 +8,7 @@ import pytest
 from conftest import ort_logits, torch_logits
 
 from rotgraph import io
-from rotgraph.calibrate import projection_inputs
+from rotgraph.calibrate import Calibration, projection_inputs
 from rotgraph.constants import SMOOTHQUANT_KEY
 from rotgraph.passes import SmoothQuantPass
 from rotgraph.pipeline import RotateOptions, canonicalize, rotate_model, run_passes
@@ -49,7 +49,7 @@ def smoothed(path, tokens, tmp_path, alpha: float, rotate: bool):
     before = tmp_path / "before.onnx"
     io.save_model(model, before)
     act_max = probe_absmax(before, tokens)
-    run_passes(model, [SmoothQuantPass(act_max, alpha)])
+    run_passes(model, [SmoothQuantPass(Calibration(absmax=act_max), alpha)])
     out = tmp_path / "smoothed.onnx"
     io.save_model(model, out)
     return model, act_max, out
@@ -97,7 +97,7 @@ def test_down_site_is_skipped_behind_the_online_hadamard(tiny, tokens, tmp_path)
     down = [read_float64(b.mlp.down.weight) for b in discover(model).blocks]
     before = tmp_path / "before.onnx"
     io.save_model(model, before)
-    run_passes(model, [SmoothQuantPass(probe_absmax(before, tokens), 0.5)])
+    run_passes(model, [SmoothQuantPass(Calibration(absmax=probe_absmax(before, tokens)), 0.5)])
     for block, old in zip(discover(model).blocks, down, strict=True):
         np.testing.assert_array_equal(read_float64(block.mlp.down.weight), old)
 
@@ -113,7 +113,7 @@ def test_value_output_site_is_skipped_behind_the_o_hadamard(tiny, tokens, tmp_pa
     ]
     before = tmp_path / "before.onnx"
     io.save_model(model, before)
-    run_passes(model, [SmoothQuantPass(probe_absmax(before, tokens), 0.5)])
+    run_passes(model, [SmoothQuantPass(Calibration(absmax=probe_absmax(before, tokens)), 0.5)])
     for block, (v, o) in zip(discover(model).blocks, value_output, strict=True):
         np.testing.assert_array_equal(read_float64(block.attention.o.weight), o)
         ratio = read_float64(block.attention.v.weight) / v  # the norm site scales V's rows, nothing its columns
@@ -126,11 +126,11 @@ def test_value_output_site_is_skipped_behind_the_o_hadamard(tiny, tokens, tmp_pa
 def test_bad_alpha_and_missing_ranges_are_refused(tiny) -> None:
     _, path = tiny("llama", "dynamo")
     with pytest.raises(Exception, match="alpha"):
-        SmoothQuantPass({}, 1.5)
+        SmoothQuantPass(Calibration(), 1.5)
     model = io.load_model(path)
     canonicalize(model)
     with pytest.raises(Exception, match="no calibrated activation range"):
-        run_passes(model, [SmoothQuantPass({}, 0.5)])
+        run_passes(model, [SmoothQuantPass(Calibration(absmax={}), 0.5)])
 
 
 def test_quantize_with_smoothing(tiny, tokens, tmp_path) -> None:

@@ -72,7 +72,7 @@ class CenterActivationsPass(ir.passes.InPlacePass):
             f"{len(self.token_windows)} windows of {self.token_windows.shape[1]} tokens"
         )
         logger.info("activation means subtracted at %d projection inputs", len(sites))
-        return ir.passes.PassResult(model, True)
+        return ir.passes.PassResult(model, bool(sites))
 
 
 def _width(value: ir.Value) -> int:

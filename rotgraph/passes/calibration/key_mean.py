@@ -62,7 +62,7 @@ class SubtractKeyMeanPass(ir.passes.InPlacePass):
         logger.info(
             "key means subtracted in %d blocks (%d windows of %d tokens)", len(blocks), len(self.token_windows), seq
         )
-        return ir.passes.PassResult(model, True)
+        return ir.passes.PassResult(model, bool(blocks))
 
 
 def _sequence_axis(value: ir.Value, shape: tuple[int, ...], seq: int) -> int:

@@ -5,13 +5,13 @@ from __future__ import annotations
 import functools
 import json
 import logging
-from collections.abc import Mapping
 
 import numpy as np
 import onnx_ir as ir
 
 from rotgraph.constants import SMOOTHQUANT_KEY
 from rotgraph.errors import RotgraphError, StructureError
+from rotgraph.results import Calibration, Site
 from rotgraph.structure import Linear, Norm, discover, distinct, is_rotgraph_op
 from rotgraph.weights import read_float64, rewrite_initializer, scale_rows
 
@@ -38,6 +38,12 @@ def _divide_columns(w: np.ndarray, s: np.ndarray, columns: tuple[int, int] | Non
     return out
 
 
+def _input_max(act_max: dict[Site, np.ndarray], block: int, site: str) -> np.ndarray:
+    if (block, site) not in act_max:
+        raise StructureError(f"block {block}: no calibrated activation range for the {site!r} projection input")
+    return act_max[block, site]
+
+
 def _row_max(linears: list[Linear]) -> np.ndarray:
     return np.max([np.abs(read_float64(lin.weight)).max(axis=1) for lin in linears], axis=0)
 
@@ -54,23 +60,21 @@ class SmoothQuantPass(ir.passes.InPlacePass):
       up. Skipped when an online Hadamard (R4) sits before down: its input is then the Hadamard's
       output, which no foldable scale reaches.
 
-    `act_max` holds max |x| per channel of each projection input, keyed by structural site (block index,
-    "qkv" | "o" | "gate_up" | "down": `rotgraph.calibrate`), measured on this model as it is now; it may be
-    filled by an earlier calibration stage after this pass is constructed. s follows SmoothQuant with migration strength `alpha`. Guarantees:
-    exact in real arithmetic (float64, one rounding per rewritten tensor).
+    Requires `calibration.absmax` (`CalibratePass('absmax')`): max |x| per channel of each projection
+    input, keyed by structural site (block index, "qkv" | "o" | "gate_up" | "down"), measured on this
+    model as it is now. s follows SmoothQuant with migration strength `alpha`. Guarantees: exact in real
+    arithmetic (float64, one rounding per rewritten tensor).
     """
 
-    def __init__(self, act_max: Mapping[tuple[int, str], np.ndarray], alpha: float = 0.5) -> None:
+    def __init__(self, calibration: Calibration, alpha: float = 0.5) -> None:
         super().__init__()
         if not 0.0 <= alpha <= 1.0:
             raise RotgraphError(f"SmoothQuant alpha must be in [0, 1], got {alpha}")
-        self.act_max = act_max
+        self.calibration = calibration
         self.alpha = alpha
 
-    def _input_max(self, block: int, site: str) -> np.ndarray:
-        if (block, site) not in self.act_max:
-            raise StructureError(f"block {block}: no calibrated activation range for the {site!r} projection input")
-        return self.act_max[block, site]
+    def requires(self, model: ir.Model) -> None:
+        self.calibration.need(self.calibration.absmax, "absmax", self)
 
     def _smooth_norm(self, norm: Norm, readers: list[Linear], act_max: np.ndarray) -> None:
         s = smoothing_scales(act_max, _row_max(readers), self.alpha)
@@ -102,24 +106,27 @@ class SmoothQuantPass(ir.passes.InPlacePass):
         rewrite_initializer(down.weight, functools.partial(scale_rows, s=s))
 
     def call(self, model: ir.Model) -> ir.passes.PassResult:
+        act_max = self.calibration.need(self.calibration.absmax, "absmax", self)
         desc = discover(model)
         sites = 0
         skipped_down = skipped_o = 0
         for block in desc.blocks:
             a, m = block.attention, block.mlp
             i = block.index
-            self._smooth_norm(block.attn_norm, distinct([a.q, a.k, a.v]), self._input_max(i, "qkv"))
+            self._smooth_norm(block.attn_norm, distinct([a.q, a.k, a.v]), _input_max(act_max, i, "qkv"))
             if is_rotgraph_op(a.o.input.producer()):  # an online Hadamard mixes the heads O reads
                 skipped_o += 1
             else:
-                self._smooth_value_output(a.v, a.o, self._input_max(i, "o"), a.num_heads, a.num_kv_heads, a.head_dim)
+                self._smooth_value_output(
+                    a.v, a.o, _input_max(act_max, i, "o"), a.num_heads, a.num_kv_heads, a.head_dim
+                )
                 sites += 1
-            self._smooth_norm(block.mlp_norm, [m.gate, m.up], self._input_max(i, "gate_up"))
+            self._smooth_norm(block.mlp_norm, [m.gate, m.up], _input_max(act_max, i, "gate_up"))
             sites += 2
             if is_rotgraph_op(m.down.input.producer()):
                 skipped_down += 1
             else:
-                self._smooth_up_down(m.up, m.down, self._input_max(i, "down"))
+                self._smooth_up_down(m.up, m.down, _input_max(act_max, i, "down"))
                 sites += 1
         model.metadata_props[SMOOTHQUANT_KEY] = json.dumps({"alpha": self.alpha, "sites": sites})
         logger.info(
@@ -130,4 +137,4 @@ class SmoothQuantPass(ir.passes.InPlacePass):
             skipped_down,
             skipped_o,
         )
-        return ir.passes.PassResult(model, True)
+        return ir.passes.PassResult(model, sites > 0)

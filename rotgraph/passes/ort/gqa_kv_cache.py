@@ -21,7 +21,6 @@ onnxruntime's and TensorRT's calibrators), over `grid.qmax(bits, symmetric=True)
 from __future__ import annotations
 
 import logging
-from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -31,6 +30,7 @@ from rotgraph import grid
 from rotgraph.errors import RotgraphError, StructureError
 from rotgraph.passes.ort.group_query_attention import MS_DOMAIN
 from rotgraph.probe import probe
+from rotgraph.results import CacheScales, Calibration
 from rotgraph.weights import new_initializer
 
 logger = logging.getLogger(__name__)
@@ -39,14 +39,6 @@ CANDIDATES = np.linspace(0.5, 1.0, 21)  # clipping thresholds, as fractions of t
 _KEY, _VALUE, _PAST_KEY, _PAST_VALUE = 1, 2, 3, 4
 _K_SCALE, _V_SCALE = 12, 13
 _CODE_TYPE = {8: ir.DataType.INT8, 4: ir.DataType.UINT8}
-
-
-@dataclass(frozen=True)
-class CacheScales:
-    """Per layer (graph order of the attention nodes): the key and the value scales, [kv_heads * head_dim]."""
-
-    keys: list[np.ndarray]
-    values: list[np.ndarray]
 
 
 def cache_attentions(model: ir.Model) -> list[ir.Node]:
@@ -92,44 +84,45 @@ def mse_scales(samples: np.ndarray, bits: int) -> np.ndarray:
 
 class CalibrateGqaCachePass(ir.passes.InPlacePass):
     """Measure the keys and values every GroupQueryAttention stores (its key and value inputs) on
-    `tokens` and put per-channel `bits`-bit scales (`mse_scales`) into `found` (filled in place: the
-    next stage holds this object). Rewrites nothing; weights may move into `scratch`."""
+    `calibration.tokens` and set `calibration.cache_scales` to their per-channel `bits`-bit scales
+    (`mse_scales`). Rewrites nothing; weights may move into `scratch`."""
 
-    def __init__(self, found: list[CacheScales], tokens: np.ndarray, bits: int, scratch: Path | None = None) -> None:
+    def __init__(self, calibration: Calibration, bits: int, scratch: Path | None = None) -> None:
         super().__init__()
-        self.found, self.tokens, self.bits, self.scratch = found, tokens, bits, scratch
+        self.calibration, self.bits, self.scratch = calibration, bits, scratch
 
     def call(self, model: ir.Model) -> ir.passes.PassResult:
-        if self.tokens.size == 0:
+        tokens = self.calibration.tokens
+        if tokens.size == 0:
             raise RotgraphError("a quantized GroupQueryAttention cache needs calibration tokens")
         nodes = cache_attentions(model)
         values = [v for n in nodes for v in (n.inputs[_KEY], n.inputs[_VALUE]) if v is not None]
-        probed = probe(model, values, self.tokens, scratch=self.scratch, optimization="basic", what="calibrate (KV)")
+        probed = probe(model, values, tokens, scratch=self.scratch, optimization="basic", what="calibrate (KV)")
         runs = [[np.asarray(x).reshape(-1, x.shape[-1]) for x in window] for window in probed]
         scales = [mse_scales(np.concatenate([run[i] for run in runs]), self.bits) for i in range(len(values))]
-        self.found.clear()
-        self.found.append(CacheScales(scales[0::2], scales[1::2]))
+        self.calibration.cache_scales = CacheScales(scales[0::2], scales[1::2])
         logger.info("KV cache: %d-bit per-channel scales of %d layers on %d windows", self.bits, len(nodes), len(runs))
         return ir.passes.PassResult(model, False)
 
 
 class GqaQuantizedCachePass(ir.passes.InPlacePass):
     """Make every GroupQueryAttention keep its cache as `bits`-bit codes with the static per-channel
-    scales in `found[0]`: quantization attributes, `k_scale`/`v_scale` initializers (inputs 12 and 13),
+    scales of `calibration.cache_scales` (`CalibrateGqaCachePass`, required): quantization attributes, `k_scale`/`v_scale` initializers (inputs 12 and 13),
     and the past/present cache values retyped (int8 codes [.., head_dim], or int4 packed into uint8
     [.., head_dim / 2]). Attention then reads the dequantized cache: the graph computes the float
     graph's function with keys and values fake-quantized per channel by those scales."""
 
-    def __init__(self, found: list[CacheScales], bits: int) -> None:
+    def __init__(self, calibration: Calibration, bits: int) -> None:
         super().__init__()
         if bits not in _CODE_TYPE:
             raise RotgraphError(f"GroupQueryAttention keeps an 8- or 4-bit cache, not {bits}-bit")
-        self.found, self.bits = found, bits
+        self.calibration, self.bits = calibration, bits
+
+    def requires(self, model: ir.Model) -> None:
+        self.calibration.need(self.calibration.cache_scales, "cache_scales", self)
 
     def call(self, model: ir.Model) -> ir.passes.PassResult:
-        if len(self.found) != 1:
-            raise RotgraphError("the KV cache scales were not calibrated")
-        scales = self.found[0]
+        scales = self.calibration.need(self.calibration.cache_scales, "cache_scales", self)
         nodes = cache_attentions(model)
         if len(scales.keys) != len(nodes):
             raise RotgraphError(f"{len(scales.keys)} layers of cache scales for {len(nodes)} attention nodes")
@@ -149,7 +142,7 @@ class GqaQuantizedCachePass(ir.passes.InPlacePass):
                 assert cache is not None
                 self._retype(cache, width // node.attributes.get_int("kv_num_heads", 1))
         logger.info("KV cache: %d-bit codes inside %d GroupQueryAttention nodes", self.bits, len(nodes))
-        return ir.passes.PassResult(model, True)
+        return ir.passes.PassResult(model, bool(nodes))
 
     def _retype(self, cache: ir.Value, head_dim: int) -> None:
         """Code type, and the last axis as stored: head_dim (int8) or head_dim / 2 (int4, packed)."""

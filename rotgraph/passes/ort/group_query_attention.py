@@ -14,6 +14,7 @@ from rotgraph.constants import MS_DOMAIN
 from rotgraph.errors import StructureError
 from rotgraph.inputs import input_roles, reached_by_data
 from rotgraph.online import FunctionBuilder
+from rotgraph.results import Calibration
 from rotgraph.structure import Attention, discover
 
 logger = logging.getLogger(__name__)
@@ -96,18 +97,18 @@ def _nan_guard(probabilities: ir.Value) -> ir.Value:
 
 
 class FindFusableAttentionPass(ir.passes.InPlacePass):
-    """Record, in the list `into`, the attentions that `GroupQueryAttentionPass` will fuse: all of them when
-    every layer has a float KV cache without a sliding window, else none (a graph without a cache, or
-    one stored as codes, keeps its eager attention). It runs before the weights are quantized, while
+    """Set `calibration.attentions` to the attentions that `GroupQueryAttentionPass` will fuse: all of them
+    when every layer has a float KV cache without a sliding window, else none (a graph without a cache,
+    or one stored as codes, keeps its eager attention). It runs before the weights are quantized, while
     discovery still sees the projection MatMuls; it changes nothing.
     """
 
-    def __init__(self, into: list[Attention]) -> None:
+    def __init__(self, calibration: Calibration) -> None:
         super().__init__()
-        self.into = into
+        self.calibration = calibration
 
     def call(self, model: ir.Model) -> ir.passes.PassResult:
-        self.into.clear()
+        self.calibration.attentions = ()
         attentions = [block.attention for block in discover(model).blocks]
         caches = [c for a in attentions for c in (a.key_cache, a.value_cache)]
         if any(a.fused is not None for a in attentions):
@@ -117,7 +118,7 @@ class FindFusableAttentionPass(ir.passes.InPlacePass):
         elif any(c is not None and c.window for c in caches):
             logger.info("sliding-window KV cache: attention stays eager (GroupQueryAttention fusion not applied)")
         else:
-            self.into.extend(attentions)
+            self.calibration.attentions = tuple(attentions)
         return ir.passes.PassResult(model, False)
 
 
@@ -148,16 +149,20 @@ class GroupQueryAttentionPass(ir.passes.InPlacePass):
     behind a sliding window are refused: GroupQueryAttention would change their layout.
     """
 
-    def __init__(self, attentions: Sequence[Attention]) -> None:
+    def __init__(self, calibration: Calibration) -> None:
         super().__init__()
-        self.attentions = attentions  # may be filled by FindFusableAttentionPass after construction
+        self.calibration = calibration
+
+    def requires(self, model: ir.Model) -> None:
+        self.calibration.need(self.calibration.attentions, "attentions", self)
 
     def call(self, model: ir.Model) -> ir.passes.PassResult:
-        if not self.attentions:
+        attentions = self.calibration.need(self.calibration.attentions, "attentions", self)
+        if not attentions:
             return ir.passes.PassResult(model, False)
         graph = model.graph
         cores = []
-        for index, attention in enumerate(self.attentions):
+        for index, attention in enumerate(attentions):
             for cache in (attention.key_cache, attention.value_cache):
                 if cache is None or cache.quantized or cache.window:
                     raise StructureError(
@@ -168,7 +173,7 @@ class GroupQueryAttentionPass(ir.passes.InPlacePass):
         model.opset_imports.setdefault(MS_DOMAIN, 1)
         ids_name = input_roles(model).input_ids
         ids = next(v for v in graph.inputs if v.name == ids_name)
-        seqlens, total = self._lengths(graph, self.attentions[0], ids)
+        seqlens, total = self._lengths(graph, attentions[0], ids)
         for core in cores:
             self._fuse(graph, core, seqlens, total)
         RemoveUnusedNodesPass()(model)  # the eager attention, the caches' Concats and the mask

@@ -71,15 +71,17 @@ def _decompose_rms_norm(graph: ir.Graph, node: ir.Node, opset: int) -> None:
     graph.remove(node, safe=True)
 
 
-def _axes_to_attribute(node: ir.Node) -> None:
-    """Reduce*(x, axes) with a constant axes input -> Reduce*(x) with an axes attribute (opset < 18)."""
+def _axes_to_attribute(node: ir.Node) -> bool:
+    """Reduce*(x, axes) with a constant axes input -> Reduce*(x) with an axes attribute (opset < 18);
+    whether there was such an input."""
     if len(node.inputs) < 2 or node.inputs[1] is None:
-        return
+        return False
     axes = ir.convenience.get_const_tensor(node.inputs[1])
     if axes is None:
         raise RotgraphError(f"{node.op_type} {node.name!r}: axes are computed at run time; opset 17 needs constants")
     node.attributes["axes"] = ir.AttrInt64s("axes", [int(a) for a in axes.numpy().reshape(-1)])
     node.resize_inputs(1)
+    return True
 
 
 class StandardOpsPass(ir.passes.InPlacePass):
@@ -103,55 +105,61 @@ class StandardOpsPass(ir.passes.InPlacePass):
         self.opset = opset
 
     def call(self, model: ir.Model) -> ir.passes.PassResult:
-        InlinePass()(model)
-        RemoveUnusedFunctionsPass()(model)
+        modified = InlinePass()(model).modified
+        modified |= RemoveUnusedFunctionsPass()(model).modified
         graph = model.graph
         foreign = sorted({f"{n.domain}.{n.op_type}" for n in graph if n.domain not in ("", "ai.onnx")})
         if foreign:
             raise RotgraphError(
                 f"standard ONNX was asked for, but the graph holds non-standard ops: {', '.join(foreign)}"
             )
-        decomposed = 0
+        decomposed = moved = 0
         for node in list(graph):
             if node.op_type == "RMSNormalization" and self.opset < RMS_NORM_OPSET:
                 _decompose_rms_norm(graph, node, self.opset)
                 decomposed += 1
             elif node.op_type in _REDUCE_OPS and self.opset < REDUCE_AXES_INPUT_OPSET:
-                _axes_to_attribute(node)
+                moved += _axes_to_attribute(node)
         if self.opset < INT4_OPSET:
-            self._refuse_int4(graph)
+            modified |= self._refuse_int4(graph)
+        imports = dict(model.opset_imports)
         model.opset_imports[""] = self.opset
         RemoveUnusedOpsetsPass()(model)
         model.opset_imports[""] = self.opset
-        ShapeInferencePass(strict_mode=False)(model)  # graph outputs need shapes (the stored KV cache's)
+        # graph outputs need shapes (the stored KV cache's)
+        modified |= ShapeInferencePass(strict_mode=False)(model).modified
         missing = sorted({n.op_type for n in graph if not onnx.defs.has(n.op_type, self.opset, "")})
         if missing:
             raise RotgraphError(f"opset {self.opset} does not define {', '.join(missing)}: ask for a higher --opset")
         logger.info("standard ONNX at opset %d (%d RMSNorms decomposed)", self.opset, decomposed)
-        return ir.passes.PassResult(model, True)
+        modified |= bool(decomposed or moved) or dict(model.opset_imports) != imports
+        return ir.passes.PassResult(model, modified)
 
-    def _refuse_int4(self, graph: ir.Graph) -> None:
+    def _refuse_int4(self, graph: ir.Graph) -> bool:
+        """Refuse 4-bit codes and block-wise scales; whether a one-block scale was rewritten per channel."""
+        rewritten = False
         for node in graph:
             if node.op_type not in ("QuantizeLinear", "DequantizeLinear"):
                 continue
             if "block_size" in node.attributes:
-                _one_block_per_channel(node)
+                rewritten |= _one_block_per_channel(node)
             types = [v.dtype for v in (*node.inputs, *node.outputs) if v is not None]
             if any(t in _INT4 for t in types) or "block_size" in node.attributes:
                 raise RotgraphError(
                     f"{node.op_type} {node.name!r}: 4-bit codes and block-wise scales need opset {INT4_OPSET}, "
                     f"not {self.opset} (use 8 bits per channel: --scheme w8.. --group 0)"
                 )
+        return rewritten
 
 
-def _one_block_per_channel(node: ir.Node) -> None:
+def _one_block_per_channel(node: ir.Node) -> bool:
     """A 2-D block-wise DequantizeLinear whose one block spans its axis (scales [1, n] or [n, 1]) is
-    per-channel along the other axis: rewrite it so (1-D scales and zero points, no block_size)."""
+    per-channel along the other axis: rewrite it so (1-D scales and zero points, no block_size); whether it was."""
     axis = node.attributes.get_int("axis", 1)
     scale = node.inputs[1]
     tensor = ir.convenience.get_const_tensor(scale) if scale is not None else None
     if tensor is None or len(tensor.shape) != 2 or tensor.shape[axis] != 1:
-        return
+        return False
     for i in (1, 2):
         value = node.inputs[i] if len(node.inputs) > i else None
         if value is None or value.const_value is None:
@@ -161,3 +169,4 @@ def _one_block_per_channel(node: ir.Node) -> None:
         value.shape = ir.Shape(list(flat.shape))
     node.attributes["axis"] = ir.AttrInt64("axis", 1 - axis % 2)
     del node.attributes["block_size"]
+    return True

@@ -36,7 +36,7 @@ class QuantizeKVCachePass(ir.passes.InPlacePass):
 
     def call(self, model: ir.Model) -> ir.passes.PassResult:
         desc = discover(model)
-        stored = 0
+        stored = faked = 0
         for block in desc.blocks:
             a = block.attention
             if a.fused is not None and a.rope_inside:
@@ -56,13 +56,14 @@ class QuantizeKVCachePass(ir.passes.InPlacePass):
                 continue
             for value in (cached_keys(a), a.v_cache):
                 insert_fake_quant(model, value, self.spec)
+            faked += 1
         logger.info(
             "KV cache: %d-bit keys and values in %d blocks (%d stored quantized)",
             self.spec.bits,
             len(desc.blocks),
             stored,
         )
-        return ir.passes.PassResult(model, True)
+        return ir.passes.PassResult(model, stored + faked > 0)
 
 
 def cached_keys(attention: Attention) -> ir.Value:

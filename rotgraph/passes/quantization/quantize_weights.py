@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import logging
-from collections.abc import Mapping
 from pathlib import Path
 
 import numpy as np
@@ -14,6 +13,7 @@ from rotgraph.calibrate import ROLE_SITES, block_linears
 from rotgraph.errors import RotgraphError
 from rotgraph.passes.canonical.untie_embedding import embedding_map
 from rotgraph.quant import QuantizedWeight, WeightSpec, gptq, quantize_rtn
+from rotgraph.results import Calibration
 from rotgraph.structure import Linear, ModelDescription, discover, is_quantized_weight, transposed_initializer
 from rotgraph.weights import SpillFile, new_initializer, read_float64
 
@@ -300,10 +300,9 @@ class QuantizeWeightsPass(ir.passes.InPlacePass):
     quantized copy of the embedding table (`emit_shared_head`): directly when the graph ties them, through
     a float hidden x hidden map M before lm_head (`embedding_map`) when a rotation untied them.
 
-    Methods: "rtn" (round to nearest, clipping ratio searched per group) or "gptq" (needs `hessians`,
-    X^T X of each projection's input keyed by structural site: block index and "qkv" | "o" | "gate_up" |
-    "down", see `rotgraph.calibrate`; it may be filled by an earlier calibration stage after this pass is
-    constructed). Codes are INT4/UINT4/INT8/UINT8,
+    Methods: "rtn" (round to nearest, clipping ratio searched per group) or "gptq" (requires
+    `calibration.hessians`, X^T X of each projection's input keyed by structural site: block index and
+    "qkv" | "o" | "gate_up" | "down", from `CalibratePass('hessian')`). Codes are INT4/UINT4/INT8/UINT8,
     per output channel (axis=1) or block-wise along the input axis (opset 21 block_size). Guarantees:
     the dequantized weights equal the quantizer's output exactly; the graph is standard ONNX.
     """
@@ -312,7 +311,7 @@ class QuantizeWeightsPass(ir.passes.InPlacePass):
         self,
         spec: WeightSpec,
         method: str = "rtn",
-        hessians: Mapping[tuple[int, str], np.ndarray] | None = None,
+        calibration: Calibration | None = None,
         damp: float = 0.01,
         act_order: bool = False,
         head_spec: WeightSpec | None = None,
@@ -325,17 +324,26 @@ class QuantizeWeightsPass(ir.passes.InPlacePass):
         self.spill_dir = spill_dir
         if method not in ("rtn", "gptq"):
             raise RotgraphError(f"unknown weight quantizer {method!r} (rtn, gptq)")
-        if method == "gptq" and hessians is None:
+        if method == "gptq" and calibration is None:
             raise RotgraphError("GPTQ needs calibration Hessians")
         if fmt not in ("qdq", "ort"):
             raise RotgraphError(f"unknown format {fmt!r} (qdq, ort)")
-        self.spec, self.method, self.hessians, self.damp, self.act_order = spec, method, hessians, damp, act_order
+        self.spec, self.method, self.calibration, self.damp, self.act_order = spec, method, calibration, damp, act_order
         self.head_spec, self.fmt, self.accuracy_level = head_spec, fmt, accuracy_level
         if shared_head and head_spec is None:
             raise RotgraphError("a shared (tied) embedding and lm_head needs them quantized (head bits 4 or 8)")
         self.shared_head = shared_head
 
+    def requires(self, model: ir.Model) -> None:
+        if self.method == "gptq":
+            assert self.calibration is not None  # the constructor refuses gptq without it
+            self.calibration.need(self.calibration.hessians, "hessians", self)
+
     def call(self, model: ir.Model) -> ir.passes.PassResult:
+        hessians = None
+        if self.method == "gptq":
+            assert self.calibration is not None  # the constructor refuses gptq without it
+            hessians = self.calibration.need(self.calibration.hessians, "hessians", self)
         desc = discover(model)
         spill = SpillFile(self.spill_dir) if self.spill_dir is not None else None
         count = 0
@@ -344,9 +352,8 @@ class QuantizeWeightsPass(ir.passes.InPlacePass):
                 if is_quantized_weight(lin.weight):
                     raise RotgraphError(f"block {block.index} {role}: the weight is already quantized")
                 wt = read_float64(lin.weight).T
-                if self.method == "gptq":
-                    assert self.hessians is not None
-                    h = self.hessians.get((block.index, ROLE_SITES[role]))
+                if hessians is not None:
+                    h = hessians.get((block.index, ROLE_SITES[role]))
                     if h is None:
                         raise RotgraphError(f"block {block.index} {role}: no calibration Hessian for its input")
                     q = gptq(wt, h, self.spec, damp=self.damp, act_order=self.act_order)
@@ -385,4 +392,4 @@ class QuantizeWeightsPass(ir.passes.InPlacePass):
                 spill.spill(model.graph)
             logger.info("quantized the embedding and lm_head (rtn, %d bits)", self.head_spec.bits)
         logger.info("quantized %d projection weights (%s, %d bits)", count, self.method, self.spec.bits)
-        return ir.passes.PassResult(model, True)
+        return ir.passes.PassResult(model, count > 0 or self.head_spec is not None)

@@ -1,8 +1,9 @@
 """Static activation quantization: QuantizeLinear/DequantizeLinear pairs with calibrated constant scales.
 
 Two passes share one table of sites (`static_sites`): `CalibrateActivationsPass` measures the range of
-each site on calibration windows (one probe run through onnxruntime, `rotgraph.probe`), and
-`StaticActivationsPass` inserts a Q/DQ pair per site with the scale and zero point of that range.
+each site on calibration windows (one probe run through onnxruntime, `rotgraph.probe`) into
+`Calibration.ranges`, and `StaticActivationsPass` inserts a Q/DQ pair per site with the scale and zero
+point of that range.
 
 Sites are keyed by structure, as `rotgraph.calibrate` keys them: (block, "qkv" | "o" | "gate_up" |
 "down") for the projection inputs (after any online Hadamard, so the rotated values are measured and
@@ -51,9 +52,10 @@ import numpy as np
 import onnx_ir as ir
 
 from rotgraph import grid
-from rotgraph.calibrate import Site, projection_inputs
+from rotgraph.calibrate import projection_inputs
 from rotgraph.errors import RotgraphError, StructureError
 from rotgraph.probe import probe
+from rotgraph.results import Calibration, Ranges, Site, Spreads, TokenSpread
 from rotgraph.structure import discover, is_hadamard
 from rotgraph.weights import new_initializer
 
@@ -118,26 +120,7 @@ def static_sites(model: ir.Model, kv: bool) -> dict[Site, ir.Value]:
     return sites
 
 
-Ranges = dict[Site, tuple[np.ndarray, np.ndarray]]  # (lo, hi): scalars, or one per KV head
 HEAD_AXIS = 1  # keys and values are [batch, kv_heads, seq, head_dim]: a range per head
-
-
-@dataclass(frozen=True)
-class TokenSpread:
-    """A projection input over the calibration tokens: its minmax range and the median over tokens of
-    each token's max |x| (the range that the bulk of the tokens needs)."""
-
-    lo: float
-    hi: float
-    median_token: float
-
-    @property
-    def spread(self) -> float:
-        """max |x| over the median token's max |x|: how much of a per-tensor range the bulk leaves unused."""
-        return max(-self.lo, self.hi) / max(self.median_token, grid.EPS)
-
-
-Spreads = dict[Site, TokenSpread]
 
 
 def _pieces(name: str, x: np.ndarray, per_head: bool) -> dict[str, np.ndarray]:
@@ -212,30 +195,31 @@ def measure_ranges(
 
 
 class CalibrateActivationsPass(ir.passes.InPlacePass):
-    """Measure the range of every static site (`static_sites`) on `tokens` and store it in `ranges`
-    (filled in place: later stages hold this very dict). Rewrites nothing; in-memory weights may move
-    into `scratch` (see `rotgraph.probe.materialize`). With `spreads`, also fills it with every
-    projection input's `TokenSpread` (what `StaticActivationsPass(wide=...)` chooses 16-bit sites by)."""
+    """Measure the range of every static site (`static_sites`) on `calibration.tokens` and set
+    `calibration.ranges`. Rewrites nothing; in-memory weights may move into `scratch` (see
+    `rotgraph.probe.materialize`). With `spreads`, also sets `calibration.spreads`: every projection
+    input's `TokenSpread` (what `StaticActivationsPass(wide=...)` chooses 16-bit sites by)."""
 
     def __init__(
         self,
-        ranges: Ranges,
-        tokens: np.ndarray,
+        calibration: Calibration,
         spec: StaticSpec,
         kv: bool,
         scratch: Path | None = None,
-        spreads: Spreads | None = None,
+        spreads: bool = False,
     ) -> None:
         super().__init__()
-        self.ranges, self.tokens, self.spec, self.kv, self.scratch = ranges, tokens, spec, kv, scratch
-        self.spreads = spreads
+        self.calibration, self.spec, self.kv, self.scratch, self.spreads = calibration, spec, kv, scratch, spreads
 
     def call(self, model: ir.Model) -> ir.passes.PassResult:
-        if self.tokens.size == 0:
+        tokens = self.calibration.tokens
+        if tokens.size == 0:
             raise RotgraphError("static activation scales need calibration tokens")
-        self.ranges.clear()
         sites = static_sites(model, self.kv)
-        self.ranges.update(measure_ranges(model, sites, self.tokens, self.spec, self.scratch, self.spreads))
+        spreads: Spreads | None = {} if self.spreads else None
+        self.calibration.ranges = measure_ranges(model, sites, tokens, self.spec, self.scratch, spreads)
+        if spreads is not None:
+            self.calibration.spreads = spreads
         return ir.passes.PassResult(model, False)
 
 
@@ -277,43 +261,48 @@ class StaticActivationsPass(ir.passes.InPlacePass):
     projection input (`spec`, per tensor) and, with `kv_spec`, on the keys and values the cache stores
     (per KV head).
 
-    `ranges` holds each site's calibrated range (`CalibrateActivationsPass`; it may be filled after
-    this pass is constructed). Guarantees: each site is quantized once, with the scale of its own
-    range; lm_head's input stays float; every inserted op is standard ONNX (int4 and int16 codes need
-    opset 21).
+    Requires `calibration.ranges`, each site's calibrated range (`CalibrateActivationsPass`).
+    Guarantees: each site is quantized once, with the scale of its own range; lm_head's input stays
+    float; every inserted op is standard ONNX (int4 and int16 codes need opset 21).
 
-    `wide` (a ratio > 1, with `spreads` from the same calibration): a projection input whose
-    `TokenSpread.spread` exceeds it gets 16-bit codes (same symmetry) over its full minmax range
+    `wide` (a ratio > 1; requires `calibration.spreads` from the same calibration): a projection input
+    whose `TokenSpread.spread` exceeds it gets 16-bit codes (same symmetry) over its full minmax range
     instead of `spec` (see the module docstring: massive activations).
     """
 
     def __init__(
         self,
-        ranges: Ranges,
+        calibration: Calibration,
         spec: StaticSpec,
         kv_spec: StaticSpec | None = None,
         wide: float | None = None,
-        spreads: Spreads | None = None,
     ) -> None:
         super().__init__()
-        if wide is not None and (spreads is None or not wide > 1.0):
-            raise RotgraphError(f"wide sites need a spread ratio > 1 ({wide}) and the calibrated spreads")
-        self.ranges, self.spec, self.kv_spec, self.wide, self.spreads = ranges, spec, kv_spec, wide, spreads
+        if wide is not None and not wide > 1.0:
+            raise RotgraphError(f"wide sites need a spread ratio > 1 ({wide})")
+        self.calibration, self.spec, self.kv_spec, self.wide = calibration, spec, kv_spec, wide
+
+    def requires(self, model: ir.Model) -> None:
+        self.calibration.need(self.calibration.ranges, "ranges", self)
+        if self.wide is not None:
+            self.calibration.need(self.calibration.spreads, "spreads", self)
 
     def call(self, model: ir.Model) -> ir.passes.PassResult:
+        ranges = self.calibration.need(self.calibration.ranges, "ranges", self)
+        spreads = self.calibration.need(self.calibration.spreads, "spreads", self) if self.wide is not None else None
         sites = static_sites(model, self.kv_spec is not None)
         wide_spec = StaticSpec(16, self.spec.symmetric)
         widened = []
         for site, value in sites.items():
-            if site not in self.ranges:
+            if site not in ranges:
                 raise RotgraphError(f"block {site[0]} {site[1]}: no calibrated range (run CalibrateActivationsPass)")
             spec = self.kv_spec if site[1] in ("k", "v") and self.kv_spec is not None else self.spec
-            lo, hi = self.ranges[site]
+            lo, hi = ranges[site]
             if self.wide is not None and site[1] not in ("k", "v"):
-                assert self.spreads is not None
-                if site not in self.spreads:
+                assert spreads is not None
+                if site not in spreads:
                     raise RotgraphError(f"block {site[0]} {site[1]}: no calibrated spread (CalibrateActivationsPass)")
-                found = self.spreads[site]
+                found = spreads[site]
                 if found.spread > self.wide:
                     spec, lo, hi = wide_spec, np.asarray(found.lo), np.asarray(found.hi)
                     widened.append(f"{site[0]}/{site[1]} (spread {found.spread:.0f})")
@@ -322,4 +311,4 @@ class StaticActivationsPass(ir.passes.InPlacePass):
         logger.info("static %d-bit activation quantization on %d sites", self.spec.bits, len(sites))
         if widened:
             logger.info("16-bit static activations (spread > %g): %s", self.wide, ", ".join(widened))
-        return ir.passes.PassResult(model, True)
+        return ir.passes.PassResult(model, bool(sites))

@@ -28,4 +28,4 @@ class InsertDownHadamardPass(ir.passes.InPlacePass):
         n = desc.blocks[0].mlp.down.shape[0]
         model.metadata_props[R4_KEY] = f"hadamard n{n}"
         logger.info("R4: online Hadamard before down_proj in %d blocks (n=%d)", len(desc.blocks), n)
-        return ir.passes.PassResult(model, True)
+        return ir.passes.PassResult(model, True)  # discover finds at least one block (or raises): each got its Hadamard

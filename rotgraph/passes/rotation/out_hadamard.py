@@ -30,4 +30,4 @@ class InsertOutHadamardPass(ir.passes.InPlacePass):
         n = desc.blocks[0].attention.o.shape[0]
         model.metadata_props[OUT_HADAMARD_KEY] = f"hadamard n{n}"
         logger.info("online Hadamard before o_proj in %d blocks (n=%d)", len(desc.blocks), n)
-        return ir.passes.PassResult(model, True)
+        return ir.passes.PassResult(model, True)  # discover finds at least one block (or raises): each got its Hadamard

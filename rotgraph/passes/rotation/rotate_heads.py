@@ -68,4 +68,4 @@ class RotateHeadsPass(ir.passes.InPlacePass):
             rewrite_initializer(pair.o.weight, functools.partial(rotate_head_rows, h=h))
         model.metadata_props[R2_KEY] = json.dumps({"kind": sorted(kinds), "seed": self.seed})
         logger.info("R2: rotated V/O of %d layers (head_dim %d)", len(pairs), d)
-        return ir.passes.PassResult(model, True)
+        return ir.passes.PassResult(model, bool(pairs))

@@ -69,4 +69,4 @@ class RotateResidualPass(ir.passes.InPlacePass):
         logger.info(
             "R1 (%s, %d): %d readers, %d writers and the embedding rotated", kind, n, len(readers), len(writers)
         )
-        return ir.passes.PassResult(model, True)
+        return ir.passes.PassResult(model, True)  # the embedding table is always rotated (discover finds it or raises)
