@@ -12,8 +12,13 @@ import re
 from dataclasses import dataclass
 
 from rotgraph.errors import RotgraphError
-from rotgraph.passes.qdq.standard_ops import INT4_OPSET, REDUCE_AXES_INPUT_OPSET, check_opset
-from rotgraph.passes.quantization.static_activations import StaticSpec
+
+# The opsets of standard ONNX rotgraph writes (`--format qdq`, output.opset), and what arrives when.
+MIN_OPSET, MAX_OPSET = 17, 23
+RMS_NORM_OPSET = 23  # RMSNormalization
+INT4_OPSET = 21  # INT4/UINT4 tensors, QuantizeLinear/DequantizeLinear block_size
+REDUCE_AXES_INPUT_OPSET = 18  # Reduce* take axes as an input (ReduceSum since 13)
+STATIC_RANGES = ("minmax", "percentile", "entropy")  # how static activation ranges are calibrated
 
 ORT_FORMATS = ("ort", "genai")  # onnxruntime's own ops (genai: an onnxruntime-genai folder)
 KV_CACHES = ("auto", "onnxruntime", "rotgraph")
@@ -217,7 +222,8 @@ class QuantOptions:
         """Refuse static activations and opsets the format or the scheme cannot have."""
         if self.activations not in ("static", "dynamic"):
             raise RotgraphError(f"activations {self.activations!r}: expected static or dynamic")
-        StaticSpec(8, self.act_symmetric, self.calibration)  # refuses an unknown calibration method
+        if self.calibration not in STATIC_RANGES:
+            raise RotgraphError(f"calibration method {self.calibration!r}: expected one of {', '.join(STATIC_RANGES)}")
         if self.wide_ratio is not None:
             if self.activations != "static" or not self.wide_ratio > 1.0:
                 raise RotgraphError(f"--wide-ratio {self.wide_ratio}: a ratio > 1, for static activations")
@@ -259,3 +265,9 @@ def kv_store(scheme: Scheme, fmt: str, fused_attention: bool) -> str:
 def gqa_cache(scheme: Scheme, fmt: str, fused_attention: bool, store: str) -> bool:
     """Whether a kv scheme's cache is kept as codes inside onnxruntime's GroupQueryAttention."""
     return scheme.kv_bits is not None and fmt in ORT_FORMATS and fused_attention and store == "onnxruntime"
+
+
+def check_opset(opset: int) -> None:
+    """Refuse an opset rotgraph cannot write, before any work."""
+    if not MIN_OPSET <= opset <= MAX_OPSET:
+        raise RotgraphError(f"--opset {opset}: rotgraph writes standard ONNX at opsets {MIN_OPSET} to {MAX_OPSET}")

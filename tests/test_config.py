@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import itertools
 import json
+import logging
 from pathlib import Path
 
 import numpy as np
@@ -181,14 +182,16 @@ def test_the_floors_refuse_what_is_far_below_and_spare_what_says_nothing() -> No
 
 
 def test_without_calibration_text_the_best_recipe_says_what_it_leaves_out_in_one_line(
-    model_dir, tmp_path, capsys
+    model_dir, tmp_path, caplog
 ) -> None:
     (model_dir / "tokenizer.json").unlink()
     out = tmp_path / "q" / "model.onnx"
-    assert (
-        main(["quantize", str(model_dir / "model.onnx"), "-o", str(out), "--scheme", "w4a4kv4", "--group", "16"]) == 0
-    )
-    lines = [line for line in capsys.readouterr().err.splitlines() if "calibration text" in line]
+    with caplog.at_level(logging.WARNING, logger="rotgraph"):
+        assert (
+            main(["quantize", str(model_dir / "model.onnx"), "-o", str(out), "--scheme", "w4a4kv4", "--group", "16"])
+            == 0
+        )
+    lines = [r.getMessage() for r in caplog.records if "calibration text" in r.getMessage()]
     assert len(lines) == 1 and "GPTQ" in lines[0] and "activation clip search" in lines[0], lines
     resolved = json.loads(out.with_name("model.rotgraph.json").read_text())["config"]
     assert resolved["weights"]["method"] == "rtn" and resolved["activations"]["clip"] is None

@@ -11,13 +11,10 @@ from onnx_ir.passes.common import InlinePass, RemoveUnusedFunctionsPass, RemoveU
 
 from rotgraph.errors import RotgraphError
 from rotgraph.online import FunctionBuilder
+from rotgraph.options import INT4_OPSET, MAX_OPSET, REDUCE_AXES_INPUT_OPSET, RMS_NORM_OPSET, check_opset
 
 logger = logging.getLogger(__name__)
 
-MIN_OPSET, MAX_OPSET = 17, 23
-RMS_NORM_OPSET = 23  # RMSNormalization
-INT4_OPSET = 21  # INT4/UINT4 tensors, QuantizeLinear/DequantizeLinear block_size
-REDUCE_AXES_INPUT_OPSET = 18  # Reduce* take axes as an input (ReduceSum since 13)
 _REDUCE_OPS = (
     "ReduceMean",
     "ReduceMax",
@@ -30,12 +27,6 @@ _REDUCE_OPS = (
     "ReduceSumSquare",
 )
 _INT4 = (ir.DataType.INT4, ir.DataType.UINT4)
-
-
-def check_opset(opset: int) -> None:
-    """Refuse an opset rotgraph cannot write, before any work."""
-    if not MIN_OPSET <= opset <= MAX_OPSET:
-        raise RotgraphError(f"--opset {opset}: rotgraph writes standard ONNX at opsets {MIN_OPSET} to {MAX_OPSET}")
 
 
 def _decompose_rms_norm(graph: ir.Graph, node: ir.Node, opset: int) -> None:

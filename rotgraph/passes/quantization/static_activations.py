@@ -54,6 +54,7 @@ import onnx_ir as ir
 from rotgraph import grid
 from rotgraph.calibrate import projection_inputs
 from rotgraph.errors import RotgraphError, StructureError
+from rotgraph.options import STATIC_RANGES as METHODS
 from rotgraph.probe import probe
 from rotgraph.results import Calibration, Ranges, Site, Spreads, TokenSpread
 from rotgraph.structure import discover, is_hadamard
@@ -61,7 +62,6 @@ from rotgraph.weights import new_initializer
 
 logger = logging.getLogger(__name__)
 
-METHODS = ("minmax", "percentile", "entropy")
 # onnxruntime's calibrater defaults (PercentileCalibrater, EntropyCalibrater)
 _HISTOGRAM = {
     "percentile": {"num_bins": 2048, "num_quantized_bins": 128, "percentile": 99.999},
