@@ -80,7 +80,8 @@ def test_rotation_rescues_4bit_activations(exported: Path, eval_windows: np.ndar
     paths = []
     for rotation in ("none", "quarot"):
         out = exported.parent / f"w4a4kv4-{rotation}.onnx"
-        quantize(exported, out, QuantOptions(scheme="w4a4kv4", rotation=rotation))
+        # unrotated, it is far below the scheme's validation floors (top-1 ~0.05): kept to compare
+        quantize(exported, out, QuantOptions(scheme="w4a4kv4", rotation=rotation), keep_failed=rotation == "none")
         paths.append(out)
     _, plain, rotated = evaluate([exported, *paths], eval_windows[:4], progress=False)
     # The claim QuaRot exists for. Measured 2026-11-30: 76.5 rotated vs 4879 unrotated (ratio 0.016; the
