@@ -156,11 +156,12 @@ def _quantize_file(
             quantize_model(model, options, calibration, scratch=scratch)
             if record is not None:
                 model.metadata_props[RECIPE_KEY] = json.dumps(record, sort_keys=True)
-                staged.with_name(output.stem + CONFIG_SUFFIX).write_text(json.dumps(record, indent=2) + "\n")
             io.save_model(model, staged)
         finally:
             shutil.rmtree(scratch, ignore_errors=True)
         io.copy_companions(input_path, staged, output)
+        if record is not None:  # after the companions: a source's own record must not replace it
+            staged.with_name(output.stem + CONFIG_SUFFIX).write_text(json.dumps(record, indent=2) + "\n")
         if validate:
             real_text = io.find_tokenizer(input_path) is not None
             tokens = validation_tokens(input_path, _vocab_size(model), VALIDATION_WINDOWS * VALIDATION_SEQ_LEN)
