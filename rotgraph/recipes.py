@@ -18,7 +18,7 @@ from typing import Any
 
 from rotgraph.config import AUTO, QuantConfig
 from rotgraph.errors import RotgraphError
-from rotgraph.options import ORT_FORMATS, Scheme, gqa_cache, kv_store
+from rotgraph.options import INT4_OPSET, MAX_OPSET, ORT_FORMATS, Scheme, gqa_cache, kv_store
 
 
 def load(path: Path, base: QuantConfig | None = None) -> QuantConfig:
@@ -150,7 +150,7 @@ def resolve(config: QuantConfig, has_text: bool) -> tuple[QuantConfig, list[str]
     static_best = fmt == "qdq" and s.weight_bits == 8 and s.act_bits == 8
     mode = want(a.mode, "static" if static_best else "dynamic", "dynamic", True, "static activation scales")
     dynamic4 = mode == "dynamic" and s.act_bits == 4
-    opset = o.opset if o.opset != AUTO else (23 if fmt == "qdq" and mode == "static" else None)
+    opset = o.opset if o.opset != AUTO else (MAX_OPSET if fmt == "qdq" and mode == "static" else None)
     four_weights = s.weight_bits == 4
     method = want(w.method, "gptq" if four_weights else "rtn", "rtn", True, "GPTQ")
     # int4 weights (RESULTS, "Weight recipes"): full-range groups of 64 and one shared 8-bit table, except in
@@ -163,7 +163,7 @@ def resolve(config: QuantConfig, has_text: bool) -> tuple[QuantConfig, list[str]
     clip = want(a.clip, "search" if dynamic4 and search_ok else None, None, True, "the activation clip search")
     asymmetric = a.asymmetric if a.asymmetric != AUTO else (dynamic4 and search_ok)
     center = want(a.center, dynamic4, False, True, "centering the projection inputs")
-    wide_opset = not isinstance(opset, int) or opset >= 21  # 16-bit Q/DQ arrive in opset 21
+    wide_opset = not isinstance(opset, int) or opset >= INT4_OPSET  # with INT4, INT16 Q/DQ
     wide = a.wide_ratio if a.wide_ratio != AUTO else (16.0 if mode == "static" and wide_opset else None)
     store = kv.store if kv.store != AUTO else kv_store(s, fmt, o.fused_attention)
     rotgraph_cache = s.kv_bits is not None and not gqa_cache(s, fmt, o.fused_attention, store)
