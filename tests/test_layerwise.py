@@ -86,7 +86,7 @@ def test_layerwise_learner_is_orthogonal_exact_and_beats_hadamard(tiny, tokens, 
             "--recipe",
             "plain",
             "--activations",
-            "static",
+            "dynamic",  # the per-token quantizers the learners learn against
         ]
         # the learners model R3/R4, not the Hadamard before o_proj that quantize adds at 4-bit activations
         assert main([*argv, "--set", "rotation.out_hadamard=false", *extra]) == 0
