@@ -187,9 +187,9 @@ class QuantOptions:
     def wants_out_hadamard(self) -> bool:
         """Whether the rotation inserts the online Hadamard before o_proj (`out_hadamard`, or by default
         with 4-bit activations)."""
-        if self.rotation == "none" or not self.online:
-            return False
-        return self.out_hadamard if self.out_hadamard is not None else Scheme.parse(self.scheme).act_bits == 4
+        if self.out_hadamard is None:
+            return default_out_hadamard(self.rotation, self.online, Scheme.parse(self.scheme))
+        return self.out_hadamard and self.rotation != "none" and self.online
 
     @property
     def calibration_uses(self) -> list[str]:
@@ -271,3 +271,9 @@ def check_opset(opset: int) -> None:
     """Refuse an opset rotgraph cannot write, before any work."""
     if not MIN_OPSET <= opset <= MAX_OPSET:
         raise RotgraphError(f"--opset {opset}: rotgraph writes standard ONNX at opsets {MIN_OPSET} to {MAX_OPSET}")
+
+
+def default_out_hadamard(rotation: str, online: bool, scheme: Scheme) -> bool:
+    """Whether a rotation gets the online Hadamard before o_proj by default: with online Hadamards at 4-bit
+    activations (benchmarks/RESULTS.md, "Online Hadamard before o_proj, and asymmetric per-token activations")."""
+    return rotation != "none" and online and scheme.act_bits == 4

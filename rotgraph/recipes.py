@@ -18,7 +18,7 @@ from typing import Any
 
 from rotgraph.config import AUTO, QuantConfig
 from rotgraph.errors import RotgraphError
-from rotgraph.options import INT4_OPSET, MAX_OPSET, ORT_FORMATS, Scheme, gqa_cache, kv_store
+from rotgraph.options import INT4_OPSET, MAX_OPSET, ORT_FORMATS, Scheme, default_out_hadamard, gqa_cache, kv_store
 
 
 def load(path: Path, base: QuantConfig | None = None) -> QuantConfig:
@@ -168,7 +168,7 @@ def resolve(config: QuantConfig, has_text: bool) -> tuple[QuantConfig, list[str]
     store = kv.store if kv.store != AUTO else kv_store(s, fmt, o.fused_attention)
     rotgraph_cache = s.kv_bits is not None and not gqa_cache(s, fmt, o.fused_attention, store)
     center_keys = want(kv.center_keys, rotgraph_cache and s.act_bits == 4, False, True, "centering the keys")
-    out_hadamard = r.out_hadamard if r.out_hadamard != AUTO else (r.kind != "none" and r.online and s.act_bits == 4)
+    out_hadamard = r.out_hadamard if r.out_hadamard != AUTO else default_out_hadamard(r.kind, r.online, s)
     resolved = dataclasses.replace(
         config,
         rotation=dataclasses.replace(r, out_hadamard=out_hadamard),
