@@ -1,6 +1,7 @@
 """What `rotgraph quantize MODEL -o OUT --scheme S [--format F]` gives with no other option.
 
     .venv/bin/python benchmarks/defaults.py [--workdir build/bench-defaults] [--windows 16] [--only w4a8/qdq ...]
+        [--set KEY=VALUE --tag NAME]
 
 Exports the default model (SmolLM2-135M-Instruct, with a KV cache) once, then runs the command line itself for each
 scheme and format below, with no option but the scheme and the format (the `best` recipe: every `auto`
@@ -37,6 +38,7 @@ ROWS = [
 # What the resolved recipe is summarized by in the table.
 SHOWN = (
     "weights.method",
+    "weights.sequential",
     "weights.group",
     "weights.full_range",
     "weights.shared_head",
@@ -63,6 +65,8 @@ def main() -> None:
     ap.add_argument("--seq-len", type=int, default=512)
     ap.add_argument("--only", nargs="*", help="rows as SCHEME/FORMAT, e.g. w4a8/qdq")
     ap.add_argument("--reuse", action="store_true", help="keep outputs that exist (their build time is not measured)")
+    ap.add_argument("--set", action="append", default=[], help="a configuration field for every row (KEY=VALUE)")
+    ap.add_argument("--tag", default="", help="appended to the output names (rows made with --set)")
     args = ap.parse_args()
     work = Path(args.workdir)
     model = work / "export" / "model.onnx"
@@ -72,10 +76,13 @@ def main() -> None:
     rows = [r for r in ROWS if not args.only or f"{r[0]}/{r[1]}" in args.only]
     built = []
     for scheme, fmt in rows:
-        out = work / f"{scheme}-{fmt}" if fmt == "genai" else work / f"{scheme}-{fmt}.onnx"
+        name = f"{scheme}-{fmt}{'-' + args.tag if args.tag else ''}"
+        out = work / name if fmt == "genai" else work / f"{name}.onnx"
         seconds, rss = None, None
         if not (args.reuse and out.exists()):
-            result = measured([*rotgraph, "quantize", str(model), "-o", str(out), "--scheme", scheme, "--format", fmt])
+            sets = [a for value in args.set for a in ("--set", value)]
+            argv = [*rotgraph, "quantize", str(model), "-o", str(out), "--scheme", scheme, "--format", fmt, *sets]
+            result = measured(argv)
             seconds, rss = result["seconds"], result["peak_rss_mb"]
             print(f"{scheme} {fmt}: {seconds:.0f} s, {rss:.0f} MB; {result['out'].strip().splitlines()[0]}", flush=True)
         path = out / MODEL_FILE if fmt == "genai" else out
@@ -84,7 +91,8 @@ def main() -> None:
     results = evaluate([model] + [b[2] for b in built], tokens, progress=False)
     base = results[0].perplexity
     print(
-        f"\n### `rotgraph quantize MODEL -o OUT --scheme S --format F` ({args.windows} windows x {args.seq_len} tokens)\n"
+        f"\n### `rotgraph quantize MODEL -o OUT --scheme S --format F{''.join(' --set ' + v for v in args.set)}` "
+        f"({args.windows} windows x {args.seq_len} tokens)\n"
     )
     print(
         "| scheme | format | perplexity | x float | KL to float | top-1 | size MB | build s | peak RSS MB | resolved recipe |"

@@ -20,9 +20,10 @@ import onnx_ir as ir
 from rotgraph import grid
 from rotgraph.errors import RotgraphError
 from rotgraph.fakequant import ActSpec
-from rotgraph.probe import probe
+from rotgraph.probe import BlockRunner, probe
 from rotgraph.results import Calibration, Site
-from rotgraph.structure import Block, Linear, ModelDescription, discover, distinct
+from rotgraph.segments import boundaries
+from rotgraph.structure import Block, Linear, ModelDescription, before_fake_quant, discover, distinct
 from rotgraph.weights import read_float64
 
 logger = logging.getLogger(__name__)
@@ -56,16 +57,22 @@ def projection_inputs(desc: ModelDescription) -> dict[Site, Linear]:
 
 
 def _accumulate(
-    model: ir.Model, token_windows: np.ndarray, add: Callable[[Site, np.ndarray], None], scratch: Path | None, what: str
+    model: ir.Model,
+    token_windows: np.ndarray,
+    add: Callable[[Site, int, np.ndarray], None],
+    scratch: Path | None,
+    what: str,
 ) -> int:
+    """Call `add(site, window, rows)` with each projection input site's rows [tokens, channels] on each
+    window (each site's windows in order; sites may interleave); returns the tokens seen per site."""
     sites = projection_inputs(discover(model))
     keys = list(sites)
     tokens = 0
     values = [sites[k].input for k in keys]
-    for outs in probe(model, values, token_windows, scratch=scratch, optimization="basic", what=what, progress=True):
-        for key, x in zip(keys, outs, strict=True):
-            add(key, np.asarray(x, dtype=np.float32).reshape(-1, x.shape[-1]))
-        tokens += int(np.prod(outs[0].shape[:-1]))
+    for p in probe(model, values, token_windows, scratch=scratch, optimization="basic", what=what, progress=True):
+        x = p.array
+        add(keys[p.value], p.window, np.asarray(x, dtype=np.float32).reshape(-1, x.shape[-1]))
+        tokens += int(np.prod(x.shape[:-1])) if p.value == 0 else 0
     logger.info("%s: %d projection inputs on %d tokens", what, len(keys), tokens)
     return tokens
 
@@ -74,7 +81,7 @@ def input_hessians(model: ir.Model, token_windows: np.ndarray, scratch: Path | N
     """X^T X / tokens (float64) of each projection input site over all windows."""
     sums: dict[Site, np.ndarray] = {}
 
-    def add(site: Site, x: np.ndarray) -> None:
+    def add(site: Site, window: int, x: np.ndarray) -> None:
         h = (x.T @ x).astype(np.float64)  # float32 per window, float64 across windows
         sums[site] = sums[site] + h if site in sums else h
 
@@ -86,12 +93,62 @@ def input_absmax(model: ir.Model, token_windows: np.ndarray, scratch: Path | Non
     """max |x| per channel (float64) of each projection input site over all windows."""
     maxima: dict[Site, np.ndarray] = {}
 
-    def add(site: Site, x: np.ndarray) -> None:
+    def add(site: Site, window: int, x: np.ndarray) -> None:
         m = np.abs(x).max(axis=0).astype(np.float64)
         maxima[site] = np.maximum(maxima[site], m) if site in maxima else m
 
     _accumulate(model, token_windows, add, scratch, "calibrate (activation ranges)")
     return maxima
+
+
+class BlockHessians:
+    """X^T X / tokens (float64) of one block's projection inputs at a time, the model run block by block
+    (`rotgraph.probe.BlockRunner`), so GPTQ holds one block's Hessians, never the whole model's.
+
+    `sequential` (GPTQ's sequential mode): each block's inputs come from the earlier blocks as the graph
+    has them when the block runs, i.e. with their quantized weights (`QuantizeWeightsPass` calls `done`
+    after each block) and activation quantizers; otherwise from the blocks as they are at `start`.
+    A projection's input is read before its own activation quantizer (as `input_hessians` reads it,
+    before any is inserted). The sums are accumulated as `input_hessians` does (float32 per window,
+    float64 across windows).
+    """
+
+    def __init__(self, tokens: np.ndarray, scratch: Path | None, sequential: bool) -> None:
+        self.tokens, self.scratch, self.sequential = tokens, scratch, sequential
+        self.runner: BlockRunner | None = None
+
+    def start(self, model: ir.Model, desc: ModelDescription) -> None:
+        """Cut `model` (before any weight changes form) and run its embedding."""
+        if len(self.tokens) == 0:
+            raise RotgraphError("GPTQ needs calibration tokens")
+        self.runner = BlockRunner(model, boundaries(desc), self.tokens, self.scratch)
+        for _ in self.runner.run([], advance=True):
+            pass
+
+    def hessians(self, block: Block) -> dict[Site, np.ndarray]:
+        """The Hessians of `block`'s input sites (the blocks before it have run)."""
+        if self.runner is None or self.runner.segment != block.index + 1:
+            raise RotgraphError(f"block {block.index}: the blocks before it have not run (call start, then done)")
+        sites: dict[Site, ir.Value] = {}
+        for role, lin in block_linears(block):
+            sites.setdefault((block.index, ROLE_SITES[role]), before_fake_quant(lin.input))
+        keys = list(sites)
+        sums: dict[Site, np.ndarray] = {}
+        tokens = 0
+        for p in self.runner.run([sites[k] for k in keys], advance=not self.sequential):
+            x = np.asarray(p.array, dtype=np.float32).reshape(-1, p.array.shape[-1])
+            h = (x.T @ x).astype(np.float64)
+            key = keys[p.value]
+            sums[key] = sums[key] + h if key in sums else h
+            tokens += len(x) if p.value == 0 else 0
+        return {key: h / tokens for key, h in sums.items()}
+
+    def done(self, block: Block) -> None:
+        """`block` has its final weights: in sequential mode, run it to feed the next block."""
+        if self.sequential:
+            assert self.runner is not None
+            for _ in self.runner.run([], advance=True):
+                pass
 
 
 CLIP_GRID = tuple(round(0.5 + 0.05 * i, 2) for i in range(11))  # clip ratios searched, 0.50 ... 1.00
@@ -126,14 +183,21 @@ def activation_clips(
             readers.setdefault((block.index, ROLE_SITES[role]), []).append(lin)
     rng = np.random.default_rng([seed, 17])
     per_window = -(-CLIP_ROWS // len(token_windows))
+    rows_per_window = token_windows.shape[1]  # one window per run: [1, seq, channels] -> seq rows
+    picks = {  # drawn window by window, site by site, whatever order the probe runs in
+        (w, site): rng.choice(rows_per_window, min(per_window, rows_per_window), replace=False)
+        for w in range(len(token_windows))
+        for site in projection_inputs(desc)
+    }
     rows: dict[Site, list[np.ndarray]] = {}
 
-    def add(site: Site, x: np.ndarray) -> None:
-        rows.setdefault(site, []).append(x[rng.choice(len(x), min(per_window, len(x)), replace=False)])
+    def add(site: Site, window: int, x: np.ndarray) -> None:
+        rows.setdefault(site, []).append(x[picks[window, site]])
 
     _accumulate(model, token_windows, add, scratch, "calibrate (activation clip)")
     clips: dict[Site, float] = {}
-    for site, parts in rows.items():
+    for site in projection_inputs(desc):  # the columns are drawn in site order
+        parts = rows[site]
         w = np.concatenate([read_float64(lin.weight) for lin in distinct(readers[site])], axis=1)
         w = w[:, rng.choice(w.shape[1], min(CLIP_COLUMNS, w.shape[1]), replace=False)]
         clips[site] = best_clip(np.concatenate(parts)[:CLIP_ROWS], w.astype(np.float32), spec)

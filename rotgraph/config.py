@@ -63,6 +63,11 @@ class Weights:
     )
     damp: float = _field(0.01, "GPTQ damping, fraction of the mean Hessian diagonal")
     act_order: bool = _field(True, "GPTQ: columns in order of decreasing Hessian diagonal")
+    sequential: bool = _field(
+        False,
+        "GPTQ block by block, each block's Hessians from the blocks before it as quantized (GPTQ's sequential "
+        "mode; one block's Hessians in memory at a time)",
+    )
 
 
 @dataclass(frozen=True)
@@ -341,6 +346,7 @@ def to_options(config: QuantConfig) -> QuantOptions:
         fused_attention=o.fused_attention,
         damp=w.damp,
         act_order=w.act_order,
+        gptq_sequential=w.sequential,
         calibration_windows=c.windows,
         calibration_seq_len=c.seq_len,
         text=c.text,

@@ -71,6 +71,7 @@ class QuantOptions:
     fused_attention: bool = True  # ort format, float KV cache: onnxruntime's GroupQueryAttention
     damp: float = 0.01
     act_order: bool = True
+    gptq_sequential: bool = False  # GPTQ block by block on the earlier blocks' quantized outputs
     calibration_windows: int = 32
     calibration_seq_len: int = 512
     text: str | None = None
@@ -104,6 +105,8 @@ class QuantOptions:
         """Refuse bad options before any model is loaded or calibrated."""
         if Scheme.parse(self.scheme).weight_bits == 16 and self.weights == "gptq":
             raise RotgraphError(f"scheme {self.scheme} keeps weights float: GPTQ has nothing to quantize")
+        if self.gptq_sequential and self.weights != "gptq":
+            raise RotgraphError("sequential GPTQ (weights.sequential) needs GPTQ weights (weights.method=gptq)")
         for field, value, allowed in (
             ("rotation", self.rotation, ("none", "quarot", "spinquant")),
             ("weights", self.weights, ("rtn", "gptq")),

@@ -1,12 +1,17 @@
 """Run a model over token windows with chosen intermediate values as extra outputs.
 
 The one mechanism behind every statistic rotgraph measures inside a model: calibration (X^T X for
-GPTQ, per-channel maxima for SmoothQuant) and `inspect`'s outlier statistics. No copy of the model is
-saved for it: the graph (with the extra outputs) is serialized in memory and onnxruntime reads the
-weights from the external-data file they already live in. Weights that exist only in memory (lazy
-rewrites: rotated, smoothed, fused) are first written once into a scratch file in a folder the
-caller owns (beside the output, inside its staging folder), and the model is pointed at that file:
-every later probe, pass and the final save read them from there, so each rotation is computed once.
+GPTQ, per-channel maxima for SmoothQuant, clip ratios, means, static ranges, KV-cache scales) and
+`inspect`'s outlier statistics. No copy of the model is saved for it: the graph (with the extra outputs)
+is serialized in memory and onnxruntime reads the weights from the external-data file they already live
+in. Weights that exist only in memory (lazy rewrites: rotated, smoothed, fused) are first written once
+into a scratch file in a folder the caller owns (beside the output, inside its staging folder), and the
+model is pointed at that file: every later probe, pass and the final save read them from there, so each
+rotation is computed once.
+
+A model whose weights are large runs block by block (`rotgraph.segments`): onnxruntime holds one
+block's weights at a time and the residual stream between blocks for every window, so the memory a
+probe needs does not grow with depth.
 """
 
 from __future__ import annotations
@@ -14,13 +19,16 @@ from __future__ import annotations
 import logging
 import os
 from collections.abc import Iterator, Sequence
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
+import onnx
 import onnx_ir as ir
 from tqdm import tqdm
 
 from rotgraph.errors import RotgraphError
+from rotgraph.segments import boundaries, extract, segment_of
 from rotgraph.weights import SpillFile
 
 logger = logging.getLogger(__name__)
@@ -30,6 +38,8 @@ INLINE_LIMIT = 64 << 20
 # Tensors from this size on are materialized into scratch (smaller ones, such as the shape constants
 # onnxruntime must read while it infers shapes, stay inline).
 MATERIALIZE_BYTES = 1024
+# Models whose weights take more than this are probed block by block (`rotgraph.segments`).
+BLOCKWISE_BYTES = 2 << 30
 
 
 def _external_folders(model: ir.Model) -> set[str]:
@@ -57,8 +67,8 @@ def materialize(model: ir.Model, scratch: Path) -> int:
     return written
 
 
-def serialized(model: ir.Model, scratch: Path | None) -> tuple[bytes, Path | None]:
-    """The model as bytes plus the folder its external data lies in. With `scratch`, weights held in
+def serialized(model: ir.Model, scratch: Path | None) -> tuple[onnx.ModelProto, Path | None]:
+    """The model as a proto plus the folder its external data lies in. With `scratch`, weights held in
     memory are materialized there first (so they are computed once); without it they are serialized
     inline, up to INLINE_LIMIT bytes."""
     folders = _external_folders(model)
@@ -70,9 +80,21 @@ def serialized(model: ir.Model, scratch: Path | None) -> tuple[bytes, Path | Non
             )
         materialize(model, scratch)
         folders = _external_folders(model)
-    proto = ir.serde.serialize_model(model)
-    data = proto.SerializeToString()
-    return data, Path(next(iter(folders))) if folders else None
+    return ir.serde.serialize_model(model), Path(next(iter(folders))) if folders else None
+
+
+def weight_bytes(model: ir.Model) -> int:
+    """Bytes of the model's initializers (what onnxruntime holds to run it whole)."""
+    return sum(t.nbytes for v in model.graph.initializers.values() if (t := v.const_value) is not None)
+
+
+@dataclass(frozen=True)
+class Probed:
+    """`array`: the probed value number `value` (its index in the values asked for) on window `window`."""
+
+    value: int
+    window: int
+    array: np.ndarray
 
 
 def probe(
@@ -84,22 +106,147 @@ def probe(
     optimization: str = "disable",
     what: str = "probe",
     progress: bool = False,
-) -> Iterator[list[np.ndarray]]:
-    """For each window of `token_windows` [n, seq], the arrays of `values` (in order) computed by
-    onnxruntime on that window. The model is left as it was (its extra outputs are removed again);
-    only its weights may have moved into `scratch` (see `materialize`)."""
+    blockwise: bool | None = None,
+) -> Iterator[Probed]:
+    """Each of `values` on each window of `token_windows` [n, seq], computed by onnxruntime.
+
+    Every value comes on the windows in their order; how values interleave is not fixed (window by
+    window when the model runs whole, block by block otherwise), so readers accumulate per value.
+    `blockwise`: run the model one segment at a time (`rotgraph.segments`: one block's weights loaded
+    at a time, the residual stream between blocks held for all windows); None does so when the weights
+    take more than `BLOCKWISE_BYTES` and structure discovery can cut the graph (a lowered graph, such as
+    the onnxruntime-genai format's, runs whole, with a warning). Both ways give the same arrays (a test). The model is left as it
+    was; only its weights may have moved into `scratch` (see `materialize`)."""
+    names = [v.name or "" for v in values]
+    if any(not name for name in names) or len(set(names)) != len(set(map(id, values))):
+        raise RotgraphError(f"probed values need distinct names, got {names}")
+    cuts = None
+    if blockwise or (blockwise is None and weight_bytes(model) > BLOCKWISE_BYTES):
+        from rotgraph.structure import discover
+
+        try:
+            cuts = boundaries(discover(model))
+        except RotgraphError as e:
+            if blockwise:
+                raise
+            logger.warning(
+                "%s runs the whole model (%.1f GB of weights): it cannot be cut into blocks (%s)",
+                what,
+                weight_bytes(model) / 1e9,
+                e,
+            )
+    if cuts is None:
+        yield from _whole(model, values, token_windows, scratch, optimization, what, progress)
+    else:
+        yield from _by_block(model, cuts, values, token_windows, scratch, optimization, what, progress)
+
+
+def _whole(
+    model: ir.Model,
+    values: Sequence[ir.Value],
+    token_windows: np.ndarray,
+    scratch: Path | None,
+    optimization: str,
+    what: str,
+    progress: bool,
+) -> Iterator[Probed]:
     from rotgraph.evaluate import make_session, model_feeds
 
     added = [v for v in dict.fromkeys(values) if v not in model.graph.outputs]
     model.graph.outputs.extend(added)
     try:
-        data, folder = serialized(model, scratch)
+        proto, folder = serialized(model, scratch)
     finally:
         for v in added:
             model.graph.outputs.remove(v)
     names = [v.name or "" for v in values]
-    if any(not name for name in names) or len(set(names)) != len(set(map(id, values))):
-        raise RotgraphError(f"probed values need distinct names, got {names}")
-    session = make_session(data, optimization, kernels=False, external_data_folder=folder)
-    for window in tqdm(token_windows, desc=what, unit="window", disable=not progress, leave=False):
-        yield [np.asarray(x) for x in session.run(names, model_feeds(session, window[None, :]))]
+    session = make_session(proto.SerializeToString(), optimization, kernels=False, external_data_folder=folder)
+    for w, window in enumerate(tqdm(token_windows, desc=what, unit="window", disable=not progress, leave=False)):
+        for i, x in enumerate(session.run(names, model_feeds(session, window[None, :]))):
+            yield Probed(i, w, np.asarray(x))
+
+
+def _by_block(
+    model: ir.Model,
+    cuts: list[ir.Value],
+    values: Sequence[ir.Value],
+    token_windows: np.ndarray,
+    scratch: Path | None,
+    optimization: str,
+    what: str,
+    progress: bool,
+) -> Iterator[Probed]:
+    """Segment by segment (`rotgraph.segments`), each over all windows, up to the last one asked for."""
+    computed_in = segment_of(model.graph, cuts)
+    where = [computed_in.get(id(v)) for v in values]
+    if None in where:
+        raise RotgraphError(
+            f"probed values {[v.name for v, k in zip(values, where, strict=True) if k is None]} are not computed "
+            "by the graph's nodes"
+        )
+    last = max(k for k in where if k is not None)
+    runner = BlockRunner(model, cuts, token_windows, scratch, optimization)
+    bar = tqdm(total=(last + 1) * len(token_windows), desc=what, unit="window", disable=not progress, leave=False)
+    for k in range(last + 1):
+        wanted = [i for i, seg in enumerate(where) if seg == k]
+        for p in runner.run([values[i] for i in wanted], advance=k < last):
+            yield Probed(wanted[p.value], p.window, p.array)
+            bar.update(p.value == 0)
+        if not wanted:
+            bar.update(len(token_windows))
+    bar.close()
+
+
+class BlockRunner:
+    """Runs a model one segment at a time (`rotgraph.segments`: the embedding, each block, the head) over
+    token windows, holding the residual stream that enters the next segment for every window.
+
+    Each `run` serializes the model as it is then, so a caller may change the segments not run yet, or
+    the one it runs again (sequential GPTQ quantizes a block, then runs it quantized to feed the next).
+    `cuts` are the boundaries (`segments.boundaries`) found before any such change.
+    """
+
+    def __init__(
+        self,
+        model: ir.Model,
+        cuts: Sequence[ir.Value],
+        token_windows: np.ndarray,
+        scratch: Path | None,
+        optimization: str = "basic",
+    ) -> None:
+        from rotgraph.inputs import input_roles
+
+        self.model, self.cuts, self.token_windows = model, list(cuts), token_windows
+        self.scratch, self.optimization = scratch, optimization
+        self.roles = input_roles(model)
+        self.segment = 0  # the next segment `run` runs
+        self.residual: list[np.ndarray] = []  # what enters it, per window
+
+    def run(self, values: Sequence[ir.Value], advance: bool = True) -> Iterator[Probed]:
+        """`values` (computed in the current segment) on every window; with `advance`, the segment's output
+        becomes the next segment's input once every window has run (so a partly consumed run advances
+        nothing); without it the same segment runs again next time."""
+        from rotgraph.evaluate import make_session
+
+        k = self.segment
+        if advance and k >= len(self.cuts):
+            raise RotgraphError("the head is the last segment: nothing follows it")
+        cut_out = [self.cuts[k]] if advance else []
+        proto, folder = serialized(self.model, self.scratch)
+        segment = extract(self.model, proto, k, self.cuts[k - 1] if k else None, [*cut_out, *values])
+        del proto
+        session = make_session(segment.model, self.optimization, kernels=False, external_data_folder=folder)
+        names = [v.name or "" for v in (*cut_out, *values)]
+        following: list[np.ndarray] = []
+        for w, window in enumerate(self.token_windows):
+            feeds = self.roles.feeds(window[None, :])
+            feeds = {name: feeds[name] for name in segment.inputs}
+            if segment.cut_in is not None:
+                feeds[segment.cut_in] = self.residual[w]
+            outs = session.run(names, feeds)
+            if advance:
+                following.append(np.asarray(outs[0]))
+            for i, x in enumerate(outs[len(cut_out) :]):
+                yield Probed(i, w, np.asarray(x))
+        if advance:
+            self.residual, self.segment = following, k + 1

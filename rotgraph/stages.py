@@ -14,7 +14,7 @@ from pathlib import Path
 import onnx_ir as ir
 from onnx_ir.passes.common import RemoveUnusedNodesPass
 
-from rotgraph.calibrate import CLIP_WINDOWS, CalibratePass, Calibration
+from rotgraph.calibrate import CLIP_WINDOWS, BlockHessians, CalibratePass, Calibration
 from rotgraph.errors import RotgraphError
 from rotgraph.fakequant import ActSpec
 from rotgraph.options import DEFAULT_CONTEXT_LENGTH, ORT_FORMATS, QuantOptions, Scheme
@@ -142,8 +142,9 @@ def quantize_stages(
         stages.append(Stage("rotation", tuple(rotation_passes(rotate_options(options)))))
     else:
         stages.append(Stage("canonical form", tuple(canonical_form_passes())))
-    needs_gptq = options.weights == "gptq" and not calibrated
-    if (options.smooth is not None or needs_gptq or options.act_clip_search) and calibration is None:
+    needs_gptq = options.weights == "gptq" and not calibrated and not options.gptq_sequential
+    gptq_text = needs_gptq or (options.weights == "gptq" and options.gptq_sequential)
+    if (options.smooth is not None or gptq_text or options.act_clip_search) and calibration is None:
         raise RotgraphError("SmoothQuant, GPTQ and the activation clip search need calibration tokens")
     if options.smooth is not None:
         assert calibration is not None
@@ -211,6 +212,11 @@ def quantize_stages(
             accuracy_level=4 if ort_int8 else 0,
             spill_dir=scratch,
             shared_head=options.shared_head,
+            block_hessians=(
+                BlockHessians(calibration.tokens, scratch, sequential=True)
+                if options.weights == "gptq" and options.gptq_sequential and calibration is not None
+                else None
+            ),
         )
         untie = head_spec is not None and not options.shared_head
         stages.append(Stage("weights", (UntieEmbeddingPass(), weights) if untie else (weights,)))

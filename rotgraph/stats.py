@@ -81,9 +81,8 @@ def activation_stats(
     desc = canonicalize(model)
     values = [v for block in desc.blocks for v in (block.residual_in, block.mlp.down_input)]
     acc = [_Accumulator(act) for _ in values]
-    for outs in probe(model, values, token_windows, scratch=scratch, what="statistics"):
-        for a, out in zip(acc, outs, strict=True):
-            a.add(out)
+    for p in probe(model, values, token_windows, scratch=scratch, what="statistics"):
+        acc[p.value].add(p.array)
     stats = []
     for i in range(len(desc.blocks)):
         res, down = acc[2 * i], acc[2 * i + 1]

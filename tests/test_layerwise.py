@@ -43,10 +43,9 @@ def _norm_output_kurtosis(path: Path, tokens: np.ndarray) -> float:
     desc = discover(model)
     values = [v for b in desc.blocks for v in (b.attention.q.input, b.mlp.gate.input)]
     ks = []
-    for outs in probe(model, values, tokens):
-        for x in outs:
-            y = np.asarray(x, np.float64).reshape(-1, x.shape[-1])
-            ks.append(((y**4).mean(-1) / (y**2).mean(-1) ** 2).mean())
+    for p in probe(model, values, tokens):
+        y = np.asarray(p.array, np.float64).reshape(-1, p.array.shape[-1])
+        ks.append(((y**4).mean(-1) / (y**2).mean(-1) ** 2).mean())
     return float(np.mean(ks))
 
 

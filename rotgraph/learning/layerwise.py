@@ -121,14 +121,11 @@ def collect(
     values = [v for b in desc.blocks for v in (b.attention.q.input, b.mlp.gate.input)]
     per_window = -(-site_tokens // len(token_windows))
     rng = np.random.default_rng([seed, 5])
+    rows = token_windows.shape[1]  # one window per run: [1, seq, channels] -> seq rows
+    picks = [np.sort(rng.choice(rows, size=min(per_window, rows), replace=False)) for _ in token_windows]
     parts: list[list[np.ndarray]] = [[] for _ in values]
-    for outs in probe(
-        model, values, token_windows, scratch=scratch, optimization="basic", what="collect", progress=True
-    ):
-        rows = outs[0].reshape(-1, outs[0].shape[-1]).shape[0]
-        pick = np.sort(rng.choice(rows, size=min(per_window, rows), replace=False))
-        for acc, x in zip(parts, outs, strict=True):
-            acc.append(np.asarray(x, dtype=np.float32).reshape(rows, -1)[pick])
+    for p in probe(model, values, token_windows, scratch=scratch, optimization="basic", what="collect", progress=True):
+        parts[p.value].append(np.asarray(p.array, dtype=np.float32).reshape(rows, -1)[picks[p.window]])
     layers = []
     for i, block in enumerate(desc.blocks):
         attn = np.concatenate(parts[2 * i])[:site_tokens]

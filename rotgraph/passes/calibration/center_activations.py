@@ -60,12 +60,11 @@ class CenterActivationsPass(ir.passes.InPlacePass):
         values = [value for _, value, _ in sites]
         sums = [np.zeros(_width(value), np.float64) for value in values]
         count = 0
-        for outs in probe(
+        for p in probe(
             model, values, self.token_windows, scratch=self.scratch, what="calibrate (activation means)", progress=True
         ):
-            for i, x in enumerate(outs):
-                sums[i] += np.asarray(x, dtype=np.float64).reshape(-1, sums[i].size).sum(axis=0)
-            count += int(np.prod(outs[0].shape[:-1]))
+            sums[p.value] += np.asarray(p.array, dtype=np.float64).reshape(-1, sums[p.value].size).sum(axis=0)
+            count += int(np.prod(p.array.shape[:-1])) if p.value == 0 else 0
         for (name, value, readers), total in zip(sites, sums, strict=True):
             _center(model, value, total / count, readers, name)
         model.metadata_props[ACTIVATION_MEAN_KEY] = (

@@ -42,21 +42,16 @@ class SubtractKeyMeanPass(ir.passes.InPlacePass):
         blocks = discover(model).blocks
         keys = [cached_keys(b.attention) for b in blocks]
         seq = self.token_windows.shape[1]
-        sums: list[np.ndarray] = []
+        sums: dict[int, np.ndarray] = {}
         count = 0
-        windows = probe(
+        for p in probe(
             model, keys, self.token_windows, scratch=self.scratch, what="calibrate (key means)", progress=True
-        )
-        for outs in windows:
-            for i, (value, x) in enumerate(zip(keys, outs, strict=True)):
-                axes = (0, _sequence_axis(value, x.shape, seq))
-                s = np.asarray(x, dtype=np.float64).sum(axis=axes, keepdims=True)
-                if i == len(sums):
-                    sums.append(s)
-                else:
-                    sums[i] += s
-            count += outs[0].shape[0] * seq
-        for block, value, total in zip(blocks, keys, sums, strict=True):
+        ):
+            axes = (0, _sequence_axis(keys[p.value], p.array.shape, seq))
+            s = np.asarray(p.array, dtype=np.float64).sum(axis=axes, keepdims=True)
+            sums[p.value] = sums[p.value] + s if p.value in sums else s
+            count += p.array.shape[0] * seq if p.value == 0 else 0
+        for block, value, total in zip(blocks, keys, (sums[i] for i in range(len(keys))), strict=True):
             _subtract(model, value, (total / count).astype(np.float32), f"block{block.index}.key_mean")
         model.metadata_props[KEY_MEAN_KEY] = f"{len(self.token_windows)} windows of {seq} tokens"
         logger.info(

@@ -97,11 +97,14 @@ class CalibrateGqaCachePass(ir.passes.InPlacePass):
             raise RotgraphError("a quantized GroupQueryAttention cache needs calibration tokens")
         nodes = cache_attentions(model)
         values = [v for n in nodes for v in (n.inputs[_KEY], n.inputs[_VALUE]) if v is not None]
-        probed = probe(model, values, tokens, scratch=self.scratch, optimization="basic", what="calibrate (KV)")
-        runs = [[np.asarray(x).reshape(-1, x.shape[-1]) for x in window] for window in probed]
-        scales = [mse_scales(np.concatenate([run[i] for run in runs]), self.bits) for i in range(len(values))]
+        rows: list[list[np.ndarray]] = [[] for _ in values]
+        for p in probe(model, values, tokens, scratch=self.scratch, optimization="basic", what="calibrate (KV)"):
+            rows[p.value].append(np.asarray(p.array).reshape(-1, p.array.shape[-1]))
+        scales = [mse_scales(np.concatenate(parts), self.bits) for parts in rows]
         self.calibration.cache_scales = CacheScales(scales[0::2], scales[1::2])
-        logger.info("KV cache: %d-bit per-channel scales of %d layers on %d windows", self.bits, len(nodes), len(runs))
+        logger.info(
+            "KV cache: %d-bit per-channel scales of %d layers on %d windows", self.bits, len(nodes), len(tokens)
+        )
         return ir.passes.PassResult(model, False)
 
 

@@ -7,9 +7,10 @@ from pathlib import Path
 
 import numpy as np
 import onnx_ir as ir
+from tqdm import tqdm
 
 from rotgraph import grid
-from rotgraph.calibrate import ROLE_SITES, block_linears
+from rotgraph.calibrate import ROLE_SITES, BlockHessians, block_linears
 from rotgraph.errors import RotgraphError
 from rotgraph.passes.canonical.untie_embedding import embedding_map
 from rotgraph.quant import QuantizedWeight, WeightSpec, gptq, quantize_rtn
@@ -319,12 +320,14 @@ class QuantizeWeightsPass(ir.passes.InPlacePass):
         accuracy_level: int = 0,
         spill_dir: Path | None = None,
         shared_head: bool = False,
+        block_hessians: BlockHessians | None = None,
     ) -> None:
         super().__init__()
+        self.block_hessians = block_hessians
         self.spill_dir = spill_dir
         if method not in ("rtn", "gptq"):
             raise RotgraphError(f"unknown weight quantizer {method!r} (rtn, gptq)")
-        if method == "gptq" and calibration is None:
+        if method == "gptq" and calibration is None and block_hessians is None:
             raise RotgraphError("GPTQ needs calibration Hessians")
         if fmt not in ("qdq", "ort"):
             raise RotgraphError(f"unknown format {fmt!r} (qdq, ort)")
@@ -335,19 +338,24 @@ class QuantizeWeightsPass(ir.passes.InPlacePass):
         self.shared_head = shared_head
 
     def requires(self, model: ir.Model) -> None:
-        if self.method == "gptq":
+        if self.method == "gptq" and self.block_hessians is None:
             assert self.calibration is not None  # the constructor refuses gptq without it
             self.calibration.need(self.calibration.hessians, "hessians", self)
 
     def call(self, model: ir.Model) -> ir.passes.PassResult:
         hessians = None
-        if self.method == "gptq":
+        desc = discover(model)
+        if self.method == "gptq" and self.block_hessians is not None:
+            self.block_hessians.start(model, desc)
+        elif self.method == "gptq":
             assert self.calibration is not None  # the constructor refuses gptq without it
             hessians = self.calibration.need(self.calibration.hessians, "hessians", self)
-        desc = discover(model)
         spill = SpillFile(self.spill_dir) if self.spill_dir is not None else None
         count = 0
-        for block in desc.blocks:
+        blocks = tqdm(desc.blocks, desc="weights", unit="block", disable=self.block_hessians is None, leave=False)
+        for block in blocks:
+            if self.method == "gptq" and self.block_hessians is not None:
+                hessians = self.block_hessians.hessians(block)
             for role, lin in block_linears(block):
                 if is_quantized_weight(lin.weight):
                     raise RotgraphError(f"block {block.index} {role}: the weight is already quantized")
@@ -366,6 +374,8 @@ class QuantizeWeightsPass(ir.passes.InPlacePass):
                 if spill is not None:
                     spill.spill(model.graph)
                 count += 1
+            if self.method == "gptq" and self.block_hessians is not None:
+                self.block_hessians.done(block)
         if self.head_spec is not None and self.shared_head:
             rows = embedding_rows(desc)
             mix = None if desc.lm_head_tied else embedding_map(rows, read_float64(desc.lm_head.weight))

@@ -151,13 +151,14 @@ def measure_ranges(
     extremes: dict[Site, tuple[float, float]] = {}  # minmax, whatever the method
 
     def windows() -> Iterator[dict[str, np.ndarray]]:
-        for outs in outputs:
-            for key, x, head in zip(keys, outs, per_head, strict=True):
-                if spreads is not None and not head:
-                    token_max.setdefault(key, []).append(np.abs(x).reshape(-1, x.shape[-1]).max(axis=-1))
-                    lo, hi = extremes.get(key, (np.inf, -np.inf))
-                    extremes[key] = (min(lo, float(x.min())), max(hi, float(x.max())))
-            yield {p: a for n, x, h in zip(names, outs, per_head, strict=True) for p, a in _pieces(n, x, h).items()}
+        """One site on one window at a time (the pieces of its heads for keys and values)."""
+        for p in outputs:
+            key, x, head = keys[p.value], p.array, per_head[p.value]
+            if spreads is not None and not head:
+                token_max.setdefault(key, []).append(np.abs(x).reshape(-1, x.shape[-1]).max(axis=-1))
+                lo, hi = extremes.get(key, (np.inf, -np.inf))
+                extremes[key] = (min(lo, float(x.min())), max(hi, float(x.max())))
+            yield _pieces(names[p.value], x, head)
 
     pieces = windows()
     found: dict[str, tuple[float, float]] = {}

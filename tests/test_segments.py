@@ -1,0 +1,122 @@
+"""Block-by-block execution: a model cut into segments (embedding, each block, head) gives the same
+probed values and the same quantized output as the model run whole, and each segment holds only its own
+block's weights."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import onnx_ir as ir
+import pytest
+
+from rotgraph import io, probe
+from rotgraph.cli import main
+from rotgraph.pipeline import canonicalize
+from rotgraph.segments import boundaries, extract
+
+
+def _probed(model, values, tokens, blockwise: bool) -> dict[tuple[int, int], np.ndarray]:
+    return {(p.value, p.window): p.array for p in probe.probe(model, values, tokens, blockwise=blockwise)}
+
+
+@pytest.mark.parametrize(("exporter", "with_past"), [("dynamo", True), ("torchscript", False)])
+def test_block_by_block_probes_equal_the_whole_model(tiny, tokens, exporter: str, with_past: bool) -> None:
+    _, path = tiny("llama", exporter, with_past=with_past)
+    model = io.load_model(path)
+    desc = canonicalize(model)
+    values = [desc.blocks[-1].mlp.down.input, desc.blocks[0].residual_in]  # out of order on purpose
+    for block in desc.blocks:
+        a = block.attention
+        values += [a.q.input, a.o.input, block.mlp.gate.input, block.residual_out]
+        values += [v for v in (a.k_rope, a.v_cache) if v is not None]
+    values.append(model.graph.outputs[0])  # the logits, in the head
+    whole = _probed(model, values, tokens, blockwise=False)
+    by_block = _probed(model, values, tokens, blockwise=True)
+    assert set(whole) == set(by_block) == {(i, w) for i in range(len(values)) for w in range(len(tokens))}
+    for key, x in whole.items():
+        np.testing.assert_array_equal(by_block[key], x, err_msg=f"{values[key[0]].name} on window {key[1]}")
+
+
+def test_each_segment_holds_only_its_own_blocks_weights(tiny) -> None:
+    _, path = tiny("llama", "dynamo")
+    model = io.load_model(path)
+    desc = canonicalize(model)
+    proto = ir.serde.serialize_model(model)  # node for node as the loaded (canonicalized) model
+    cuts = boundaries(desc)
+    seen: set[str] = set()
+    large = {name for name, v in model.graph.initializers.items() if v.const_value and v.const_value.size >= 256}
+    for k, block in enumerate(desc.blocks, start=1):
+        segment = extract(model, proto, k, cuts[k - 1], [cuts[k]])
+        a, m = block.attention, block.mlp
+        own = {lin.weight.name for lin in (a.q, a.k, a.v, a.o, m.gate, m.up, m.down)}
+        assert segment.initializers & large == own, f"block {block.index}"
+        seen |= own
+        assert segment.cut_in == cuts[k - 1].name
+    head = extract(model, proto, len(cuts), cuts[-1], [model.graph.outputs[0]])
+    (lm_head,) = head.initializers & large  # the lm_head's (the graph may transpose it on the way)
+    assert lm_head not in seen and lm_head in {desc.lm_head.weight.name, desc.lm_head.weight.producer().inputs[0].name}
+
+
+@pytest.mark.parametrize(
+    ("scheme", "fmt", "extra"),
+    [
+        ("w4a4kv4", "qdq", []),  # GPTQ, the clip search, centered inputs and keys: every dynamic calibration
+        ("w8a8", "qdq", []),  # static ranges
+        ("w4a4kv4", "genai", []),  # onnxruntime-genai's quantized cache, calibrated on the lowered graph
+    ],
+)
+def test_quantize_block_by_block_writes_the_same_bytes(
+    tiny, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, scheme: str, fmt: str, extra: list[str]
+) -> None:
+    _, source = tiny("llama", "dynamo", with_past=True)
+    outputs = []
+    for name, limit in (("whole", probe.BLOCKWISE_BYTES), ("blocks", 0)):
+        monkeypatch.setattr(probe, "BLOCKWISE_BYTES", limit)
+        out = tmp_path / name / ("model" if fmt == "genai" else "model.onnx")
+        argv = ["quantize", str(source), "-o", str(out), "--scheme", scheme, "--format", fmt, "--group", "16"]
+        assert main([*argv, "--set", "calibration.windows=2", *extra]) == 0
+        outputs.append(out / "model.onnx" if fmt == "genai" else out)
+    whole, blocks = outputs
+    for a, b in ((whole, blocks), (Path(f"{whole}.data"), Path(f"{blocks}.data"))):
+        assert a.read_bytes() == b.read_bytes(), a.name
+
+
+def test_block_hessians_equal_the_whole_model_and_sequential_ones_read_the_quantized_blocks(
+    tiny, tokens, tmp_path: Path
+) -> None:
+    """Block by block on the float model: `input_hessians` exactly. Sequential: block 0 sees the float model,
+    and each block's Q/K/V input Hessian is the one the finished (quantized) model gives that input."""
+    from rotgraph.calibrate import BlockHessians, input_hessians
+    from rotgraph.passes.quantization.quantize_weights import QuantizeWeightsPass
+    from rotgraph.quant import WeightSpec
+    from rotgraph.structure import discover
+
+    _, path = tiny("llama", "dynamo")
+    model = io.load_model(path)
+    desc = canonicalize(model)
+    whole = input_hessians(model, tokens, tmp_path / "a")
+    float_blocks = BlockHessians(tokens, tmp_path / "b", sequential=False)
+    float_blocks.start(model, desc)
+    for block in desc.blocks:
+        for site, h in float_blocks.hessians(block).items():
+            np.testing.assert_array_equal(h, whole[site], err_msg=str(site))
+
+    seen: dict = {}
+
+    class Recorded(BlockHessians):
+        def hessians(self, block):  # type: ignore[no-untyped-def]
+            found = super().hessians(block)
+            seen.update(found)
+            return found
+
+    sequential = Recorded(tokens, tmp_path / "c", sequential=True)
+    QuantizeWeightsPass(WeightSpec(4, True, 16), "gptq", spill_dir=tmp_path / "c", block_hessians=sequential)(model)
+    for site in [s for s in whole if s[0] == 0]:
+        np.testing.assert_array_equal(seen[site], whole[site], err_msg=str(site))
+    final = input_hessians(model, tokens, tmp_path / "d")  # the quantized model's projection inputs
+    for block in discover(model).blocks:
+        site = (block.index, "qkv")
+        np.testing.assert_allclose(seen[site], final[site], rtol=1e-6, atol=1e-9, err_msg=str(site))
+        if block.index:
+            assert not np.allclose(seen[site], whole[site], rtol=1e-4), "the earlier blocks were not quantized"
