@@ -4,16 +4,21 @@ RotaryEmbedding, fused attention. The reference is the Hugging Face model."""
 from __future__ import annotations
 
 import collections
+import json
 from pathlib import Path
 
 import numpy as np
 import onnx_ir as ir
 import onnx_ir.passes.common as common_passes
+import onnxruntime as ort
 import pytest
 from conftest import ort_logits, torch_logits
 
 from rotgraph import io
 from rotgraph.cli import main
+from rotgraph.constants import MS_DOMAIN, ORT_NORMS_KEY
+from rotgraph.errors import StructureError
+from rotgraph.passes.canonical.expand_ort_ops import ExpandOrtFusedOpsPass
 from rotgraph.pipeline import RotateOptions, canonicalize, rotate_model
 from rotgraph.structure import discover
 
@@ -52,6 +57,108 @@ def test_onnxruntime_fused_norms_and_matmuls(tiny, tokens, tmp_path, with_past: 
     out = tmp_path / "rotated.onnx"
     io.save_model(model, out)
     np.testing.assert_allclose(ort_logits(out, tokens), torch_logits(folder, tokens), atol=ATOL)
+
+
+def typed(name: str, shape: list[int], array: np.ndarray | None = None) -> ir.Value:
+    value = ir.Value(name=name, type=ir.TensorType(ir.DataType.FLOAT), shape=ir.Shape(shape))
+    if array is not None:
+        value.const_value = ir.tensor(array, name=name)
+    return value
+
+
+def fused_graph(node: ir.Node, inputs: list[ir.Value], outputs: dict[int, str]) -> ir.Model:
+    """A model of one onnxruntime node, its outputs at `outputs` (index -> name) graph outputs."""
+    for index, name in outputs.items():
+        node.outputs[index].name, node.outputs[index].type = name, ir.TensorType(ir.DataType.FLOAT)
+    initializers = [v for v in node.inputs if v is not None and v.const_value is not None]
+    graph = ir.Graph(
+        inputs,
+        [node.outputs[i] for i in outputs],
+        nodes=[node],
+        initializers=initializers,
+        opset_imports={"": 23, "com.microsoft": 1},
+    )
+    return ir.Model(graph, ir_version=10)
+
+
+def run_disabled(model: ir.Model, path: Path, feeds: dict[str, np.ndarray]) -> list[np.ndarray]:
+    """Every graph output, by onnxruntime with all graph optimizations disabled."""
+    ir.save(model, path)
+    options = ort.SessionOptions()
+    options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
+    return ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"]).run(None, feeds)
+
+
+def skip_norm(outputs: dict[int, str], bias: bool = True) -> tuple[ir.Model, dict[str, np.ndarray]]:
+    rng = np.random.default_rng(3)
+    x, skip = typed("x", [2, 3, 8]), typed("skip", [2, 3, 8])
+    gamma = typed("gamma", [8], rng.uniform(0.5, 2.0, 8).astype(np.float32))
+    beta = typed("beta", [8], rng.normal(size=8).astype(np.float32))
+    node = ir.Node(
+        MS_DOMAIN,
+        "SkipSimplifiedLayerNormalization",
+        [x, skip, gamma, *([beta] if bias else [])],
+        [ir.AttrFloat32("epsilon", 1e-3)],
+        num_outputs=4,
+        name="layers.0.norm",
+    )
+    feeds = {"x": rng.normal(size=(2, 3, 8)).astype(np.float32), "skip": rng.normal(size=(2, 3, 8)).astype(np.float32)}
+    return fused_graph(node, [x, skip], outputs), feeds
+
+
+@pytest.mark.parametrize("bias", [False, True])
+def test_skip_norm_expands_to_what_onnxruntime_computes(tmp_path, bias: bool) -> None:
+    """SkipSimplifiedLayerNormalization with its residual sum read: Add [+ bias Add] + RMSNormalization, the
+    sum's Add taking over output 3 (and its name); the same two outputs as onnxruntime's fused kernel."""
+    model, feeds = skip_norm({0: "normalized", 3: "residual"}, bias)
+    reference = run_disabled(model, tmp_path / "fused.onnx", feeds)
+    assert ExpandOrtFusedOpsPass()(model).modified
+    assert [n.op_type for n in model.graph] == ["Add", *(["Add"] if bias else []), "RMSNormalization"]
+    assert [v.name for v in model.graph.outputs] == ["normalized", "residual"]
+    assert json.loads(model.metadata_props[ORT_NORMS_KEY]) == {"simplified": 0, "skip": 1}
+    for ours, theirs in zip(run_disabled(model, tmp_path / "expanded.onnx", feeds), reference, strict=True):
+        np.testing.assert_allclose(ours, theirs, rtol=1e-6, atol=1e-6)
+    assert ExpandOrtFusedOpsPass()(model).modified is False  # nothing left to expand
+
+
+@pytest.mark.parametrize("stat", [1, 2])
+def test_skip_norm_with_its_mean_or_inverse_std_read_is_refused_by_name(stat: int) -> None:
+    model, _ = skip_norm({0: "normalized", stat: "statistic"})
+    with pytest.raises(StructureError, match=r"SkipSimplifiedLayerNormalization node 'layers\.0\.norm': its mean"):
+        ExpandOrtFusedOpsPass()(model)
+
+
+def test_norm_over_another_axis_is_refused_by_name() -> None:
+    x, scale = typed("x", [2, 3, 8]), typed("scale", [3, 8], np.ones((3, 8), np.float32))
+    node = ir.Node("", "SimplifiedLayerNormalization", [x, scale], [ir.AttrInt64("axis", 1)], name="final_norm")
+    with pytest.raises(StructureError, match="LayerNormalization node 'final_norm': normalizes over a non-last"):
+        ExpandOrtFusedOpsPass()(fused_graph(node, [x], {0: "y"}))
+
+
+@pytest.mark.parametrize(("trans_b", "alpha"), [(1, 0.125), (0, 2.5), (1, 1.0)])
+def test_fused_matmul_expands_to_what_onnxruntime_computes(tmp_path, trans_b: int, alpha: float) -> None:
+    """FusedMatMul(A, B, transB, alpha) -> MatMul(A, Transpose(B)) * alpha: onnxruntime's fused kernel's
+    output; the output keeps its name."""
+    rng = np.random.default_rng(4)
+    a, b = typed("a", [2, 4, 3, 8]), typed("b", [2, 4, 5, 8] if trans_b else [2, 4, 8, 5])
+    attrs = [ir.AttrInt64("transB", trans_b), ir.AttrFloat32("alpha", alpha)]
+    model = fused_graph(ir.Node(MS_DOMAIN, "FusedMatMul", [a, b], attrs, name="scores"), [a, b], {0: "scores_out"})
+    feeds = {v.name: rng.normal(size=v.shape.numpy()).astype(np.float32) for v in (a, b)}  # type: ignore[union-attr]
+    reference = run_disabled(model, tmp_path / "fused.onnx", feeds)[0]
+    assert ExpandOrtFusedOpsPass()(model).modified
+    ops = [n.op_type for n in model.graph if n.op_type != "Constant"]
+    assert ops == ["Transpose"] * trans_b + ["MatMul"] + ["Mul"] * (alpha != 1.0)
+    assert model.graph.outputs[0].name == "scores_out" and ORT_NORMS_KEY not in model.metadata_props
+    expanded = run_disabled(model, tmp_path / "expanded.onnx", feeds)[0]
+    np.testing.assert_allclose(expanded, reference, rtol=1e-5, atol=1e-6)
+
+
+def test_fused_matmul_with_a_transposed_left_operand_stays() -> None:
+    a, b = typed("a", [8, 3]), typed("b", [8, 5])
+    node = ir.Node(MS_DOMAIN, "FusedMatMul", [a, b], [ir.AttrInt64("transA", 1)], name="kept")
+    model = fused_graph(node, [a, b], {0: "y"})
+    assert ExpandOrtFusedOpsPass()(model).modified is False
+    assert [n.op_type for n in model.graph] == ["FusedMatMul"]
 
 
 def test_opset23_rms_normalization_and_rotary_embedding(tiny, tokens, tmp_path) -> None:

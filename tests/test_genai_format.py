@@ -9,6 +9,8 @@ from pathlib import Path
 
 import numpy as np
 import onnx
+import onnx_ir as ir
+import onnxruntime as ort
 import pytest
 
 from rotgraph import io
@@ -81,6 +83,80 @@ def test_each_fusion_keeps_the_function(tiny, tmp_path: Path, model_type: str, s
     assert op_count(path, projections) == 4 * layers + 1  # QKV, O, gate-up, down; lm_head
     assert op_count(path, "Split") == layers
     assert op_count(base, projections) == 7 * layers + 1
+
+
+def swiglu(widths: tuple[int, int] = (6, 6), bias: bool = True, gate_readers: int = 0) -> ir.Model:
+    """y = SiLU(x Wg [+ bg]) * (x Wu [+ bu]) built node by node (the bias Adds with the constant first, the
+    product's operands swapped); with `gate_readers`, the gate is read by that many more nodes too."""
+    rng = np.random.default_rng(7)
+
+    def typed(name: str, shape: tuple[int, ...], constant: bool = False) -> ir.Value:
+        value = ir.Value(name=name, type=ir.TensorType(ir.DataType.FLOAT), shape=ir.Shape(shape))
+        if constant:
+            value.const_value = ir.tensor(rng.normal(size=shape).astype(np.float32), name=name)
+        return value
+
+    x, nodes, outputs = typed("x", (2, 3, 8)), [], {}
+    for role, width in zip(("gate", "up"), widths, strict=True):
+        nodes.append(ir.Node("", "MatMul", [x, typed(f"{role}.weight", (8, width), True)], name=f"{role}_proj"))
+        if bias:
+            nodes.append(ir.Node("", "Add", [typed(f"{role}.bias", (width,), True), nodes[-1].outputs[0]]))
+        outputs[role] = nodes[-1].outputs[0]
+        outputs[role].name = f"{role}_out"
+    sigmoid = ir.Node("", "Sigmoid", [outputs["gate"]], name="act_sigmoid")
+    silu = ir.Node("", "Mul", [sigmoid.outputs[0], outputs["gate"]], name="act_mul")
+    product = ir.Node("", "Mul", [outputs["up"], silu.outputs[0]], name="mlp_product")
+    for node, name in ((sigmoid, "sigmoid_out"), (silu, "silu_out"), (product, "y")):
+        node.outputs[0].name, node.outputs[0].type = name, ir.TensorType(ir.DataType.FLOAT)
+    nodes += [sigmoid, silu, product]
+    nodes += [ir.Node("", "Identity", [outputs["gate"]], name=f"reader_{i}") for i in range(gate_readers)]
+    constants = [v for n in nodes for v in n.inputs if v is not None and v.const_value is not None]
+    graph_outputs = [product.outputs[0], *(n.outputs[0] for n in nodes if n.op_type == "Identity")]
+    graph = ir.Graph([x], graph_outputs, nodes=nodes, initializers=constants, opset_imports={"": 23})
+    return ir.Model(graph, ir_version=10)
+
+
+def run_disabled(model: ir.Model, path: Path, x: np.ndarray) -> np.ndarray:
+    ir.save(model, path)
+    options = ort.SessionOptions()
+    options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
+    return np.asarray(ort.InferenceSession(str(path), options).run(["y"], {"x": x})[0])
+
+
+@pytest.mark.parametrize("bias", [False, True])
+def test_gate_up_packing_rule_on_a_swiglu(tmp_path: Path, bias: bool) -> None:
+    """PackGateUpPass's rule on one MLP: one MatMul on the gate and up weights side by side (+ their biases),
+    a Split feeding the SiLU and the product under their names; the same output; then nothing left to do."""
+    x = np.random.default_rng(8).normal(size=(2, 3, 8)).astype(np.float32)
+    model = swiglu(bias=bias)
+    reference = run_disabled(model, tmp_path / "apart.onnx", x)
+    assert PackGateUpPass()(model).modified is True
+    ops = [(n.op_type, n.name) for n in model.graph]
+    assert ops == [
+        ("MatMul", "gate_up_0"),
+        *([("Add", "gate_up_0_bias")] if bias else []),
+        ("Split", "gate_up_0_split"),
+        ("Sigmoid", "act_sigmoid"),
+        ("Mul", "act_mul"),
+        ("Mul", "mlp_product"),
+    ]
+    split = next(n for n in model.graph if n.op_type == "Split")
+    assert [v.name for v in split.outputs] == ["gate_out_packed", "up_out_packed"]
+    kept = [n.outputs[0].name for n in model.graph if n.name.startswith(("act_", "mlp_"))]
+    assert kept == ["sigmoid_out", "silu_out", "y"]
+    assert set(model.graph.initializers) == {"gate_up_0.weight", *(["gate_up_0.bias"] if bias else [])}
+    assert model.graph.outputs[0].name == "y" and model.graph.outputs[0].producer().name == "mlp_product"
+    np.testing.assert_array_equal(run_disabled(model, tmp_path / "packed.onnx", x), reference)
+    assert PackGateUpPass()(model).modified is False
+
+
+@pytest.mark.parametrize(("widths", "gate_readers"), [((6, 4), 0), ((6, 6), 1)])
+def test_gate_up_packing_leaves_what_it_cannot_pack(widths: tuple[int, int], gate_readers: int) -> None:
+    """Gate and up of different widths (a Split in halves cannot cut them), or a gate read elsewhere too."""
+    model = swiglu(widths, gate_readers=gate_readers)
+    before = [n.op_type for n in model.graph]
+    assert PackGateUpPass()(model).modified is False
+    assert [n.op_type for n in model.graph] == before
 
 
 def genai_run(folder: Path, ids: list[int], new: int) -> tuple[list[int], np.ndarray]:

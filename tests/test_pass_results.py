@@ -45,6 +45,28 @@ def test_standard_ops_reports_a_change_only_when_it_lowers_something() -> None:
     assert StandardOpsPass(17)(model).modified is False  # nothing left to lower
 
 
+def test_restored_norm_keeps_its_names_and_function(tmp_path) -> None:
+    """RestoreOrtNormsPass's rule: RMSNormalization -> SimplifiedLayerNormalization under the node's name,
+    its output keeping its name and type; onnxruntime computes the same; a second run changes nothing."""
+    import onnxruntime as ort
+
+    x = np.random.default_rng(1).normal(size=(2, 4)).astype(np.float32)
+    paths = [tmp_path / "rms.onnx", tmp_path / "simplified.onnx"]
+    model = norm_graph()
+    ir.save(model, paths[0])
+    assert RestoreOrtNormsPass(always=True)(model).modified is True
+    (node,) = model.graph
+    assert (node.op_type, node.domain, node.name) == ("SimplifiedLayerNormalization", "", "norm")
+    assert node.outputs[0] is model.graph.outputs[0] and node.outputs[0].name == "y"
+    assert node.outputs[0].dtype == ir.DataType.FLOAT and node.attributes.get_int("stash_type") == 1
+    ir.save(model, paths[1])
+    options = ort.SessionOptions()
+    options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
+    rms, simplified = (ort.InferenceSession(str(p), options).run(None, {"x": x})[0] for p in paths)
+    np.testing.assert_allclose(simplified, rms, rtol=1e-6)
+    assert RestoreOrtNormsPass(always=True)(model).modified is False  # no RMSNormalization left
+
+
 def test_passes_with_nothing_to_do_report_no_change(tiny) -> None:
     _, path = tiny("llama", "dynamo")
     model = io.load_model(path)

@@ -133,20 +133,32 @@ class PackQKVPass(ir.passes.InPlacePass):
         return ir.passes.PassResult(model, packed > 0)
 
 
-def pack_projections(graph: ir.Graph, projections: list[Projection], name: str) -> ir.Value:
-    """One projection computing `projections` side by side on the last axis (weights moved byte for
-    byte; biases concatenated), inserted before the first; returns its output."""
+@dataclass(frozen=True)
+class Packing:
+    """One projection computing several side by side on the last axis: its op, its attributes, its constant
+    inputs after x (an initializer name suffix and the projections' arrays concatenated, or None where the
+    input is absent) and the concatenated bias."""
+
+    domain: str
+    op_type: str
+    attributes: tuple[ir.Attr, ...]
+    constants: tuple[tuple[str, np.ndarray] | None, ...]
+    bias: np.ndarray | None
+
+
+def packing(projections: list[Projection]) -> Packing:
+    """The packed projection of `projections` (of one kind, `same_kind`): MatMul weights by columns,
+    MatMulNBits codes, scales and zero points by output channel (byte for byte), biases concatenated."""
     first = projections[0].node
-    x = first.inputs[0]
-    assert x is not None
+    attributes: tuple[ir.Attr, ...] = ()
     if first.op_type == "MatMul":
         weight = np.concatenate([_array(p.node.inputs[1]) for p in projections], axis=1)  # type: ignore[misc]
-        node = ir.Node(first.domain, "MatMul", [x, new_initializer(graph, f"{name}.weight", weight)], name=name)
+        constants: list[tuple[str, np.ndarray] | None] = [("weight", weight)]
     else:
-        inputs: list[ir.Value | None] = [x]
+        constants = []
         for index, what in ((1, "packed"), (2, "scales"), (3, "zero_points")):
             if index >= len(first.inputs) or first.inputs[index] is None:
-                inputs.append(None)
+                constants.append(None)
                 continue
             parts = []
             for p in projections:
@@ -157,25 +169,35 @@ def pack_projections(graph: ir.Graph, projections: list[Projection], name: str) 
             joined = np.concatenate(parts, axis=0)
             original = _array(first.inputs[index])
             assert original is not None
-            if original.ndim == 1:
-                joined = joined.reshape(-1)
-            inputs.append(new_initializer(graph, f"{name}.{what}", joined))
-        while inputs[-1] is None:
-            inputs.pop()
+            constants.append((what, joined.reshape(-1) if original.ndim == 1 else joined))
+        while constants[-1] is None:
+            constants.pop()
         attrs = {a.name: a for a in first.attributes.values()}
         attrs["N"] = ir.AttrInt64("N", sum(p.node.attributes.get_int("N", 0) for p in projections))
-        node = ir.Node(MS_DOMAIN, "MatMulNBits", inputs, list(attrs.values()), name=name)
-    out = node.outputs[0]
-    out.name = f"{name}_out"
-    graph.insert_before(first, node)
+        attributes = tuple(attrs.values())
+    bias = None
     if projections[0].bias is not None:
         biases = []
         for p in projections:
             assert p.bias is not None
-            constant = next(a for a in map(_array, p.bias.inputs) if a is not None)
-            biases.append(constant.reshape(-1))
-        bias = new_initializer(graph, f"{name}.bias", np.concatenate(biases))
-        add = ir.Node("", "Add", [out, bias], name=f"{name}_bias")
+            biases.append(next(a for a in map(_array, p.bias.inputs) if a is not None).reshape(-1))
+        bias = np.concatenate(biases)
+    return Packing(first.domain, first.op_type, attributes, tuple(constants), bias)
+
+
+def pack_projections(graph: ir.Graph, projections: list[Projection], name: str) -> ir.Value:
+    """One projection computing `projections` side by side on the last axis (`packing`), inserted before the
+    first; returns its output."""
+    first = projections[0].node
+    packed = packing(projections)
+    inputs = [first.inputs[0]]
+    inputs += [new_initializer(graph, f"{name}.{c[0]}", c[1]) if c is not None else None for c in packed.constants]
+    node = ir.Node(packed.domain, packed.op_type, inputs, packed.attributes, name=name)
+    out = node.outputs[0]
+    out.name = f"{name}_out"
+    graph.insert_before(first, node)
+    if packed.bias is not None:
+        add = ir.Node("", "Add", [out, new_initializer(graph, f"{name}.bias", packed.bias)], name=f"{name}_bias")
         graph.insert_after(node, add)
         out = add.outputs[0]
         out.name = f"{name}_biased"

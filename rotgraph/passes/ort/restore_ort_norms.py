@@ -6,14 +6,39 @@ import logging
 
 import onnx_ir as ir
 import onnx_ir.passes.common as common_passes
+from onnxscript.rewriter import pattern
 
 from rotgraph.constants import ORT_NORMS_KEY
 
 logger = logging.getLogger(__name__)
 
 
+class _SimplifiedNorm(pattern.RewriteRuleClassBase):
+    """RMSNormalization(x, w) -> SimplifiedLayerNormalization(x, w): the same axis and epsilon, in float32
+    (stash type 1). The node keeps its name and, as every rewrite does, its output keeps its name, type and
+    shape."""
+
+    def pattern(self, op, x, scale):  # type: ignore[no-untyped-def]
+        return op.RMSNormalization(x, scale, _allow_other_attributes=True, _outputs=["normalized"])
+
+    def rewrite(self, op, x, scale, normalized):  # type: ignore[no-untyped-def]
+        norm = normalized.producer()
+        # onnxruntime registers SimplifiedLayerNormalization in the default domain (its builder writes it so)
+        return op.SimplifiedLayerNormalization(
+            x,
+            scale,
+            axis=norm.attributes.get_int("axis", -1),
+            epsilon=norm.attributes.get_float("epsilon", 1e-5),
+            stash_type=1,
+            _name=norm.name,
+        )
+
+
+RULES = pattern.RewriteRuleSet([_SimplifiedNorm.rule()])
+
+
 class RestoreOrtNormsPass(ir.passes.InPlacePass):
-    """RMSNormalization -> SimplifiedLayerNormalization, and Add + SimplifiedLayerNormalization ->
+    """RMSNormalization -> SimplifiedLayerNormalization (a rewrite rule), and Add + SimplifiedLayerNormalization ->
     SkipSimplifiedLayerNormalization (onnxscript's onnxruntime fusion rule), in a graph whose input had
     those fused norms (`ExpandOrtFusedOpsPass` recorded them under `ORT_NORMS_KEY`); a graph that had none
     is left as it is.
@@ -35,26 +60,7 @@ class RestoreOrtNormsPass(ir.passes.InPlacePass):
             return ir.passes.PassResult(model, False)
         from onnxscript.rewriter.ort_fusions import skip_normalization
 
-        graph = model.graph
-        simplified = 0
-        for node in list(graph):
-            if node.op_type != "RMSNormalization" or node.domain not in ("", "ai.onnx"):
-                continue
-            attrs = [
-                ir.AttrInt64("axis", node.attributes.get_int("axis", -1)),
-                ir.AttrFloat32("epsilon", node.attributes.get_float("epsilon", 1e-5)),
-                ir.AttrInt64("stash_type", 1),
-            ]
-            # onnxruntime registers SimplifiedLayerNormalization in the default domain (its builder writes it so)
-            fused = ir.Node("", "SimplifiedLayerNormalization", list(node.inputs), attrs, name=node.name)
-            out, new = node.outputs[0], fused.outputs[0]
-            graph.insert_before(node, fused)
-            name = out.name
-            new.shape, new.type = out.shape, out.type
-            out.replace_all_uses_with(new, replace_graph_outputs=True)
-            graph.remove(node, safe=True)
-            new.name = name
-            simplified += 1
+        simplified = RULES.apply_to_model(model)
         common_passes.ShapeInferencePass(strict_mode=False)(model)  # the skip rule compares widths
         skipped = skip_normalization.fuse_skip_rms_normalization(model)
         model.metadata_props.pop(ORT_NORMS_KEY, None)
