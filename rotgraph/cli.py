@@ -154,24 +154,26 @@ def parser() -> argparse.ArgumentParser:
         "--act-clip",
         type=float,
         metavar="RATIO",
-        help="clip ratio of the per-token activation quantizer learned against (default: quantize's, 0.9 at "
-        "4 bits); learn with the ratio `quantize --act-clip` will use (e.g. a ratio `--act-clip search` picked)",
+        help="clip ratio of the per-token activation quantizer learned against (default: QuaRot's fixed 0.9 at "
+        "4 bits, 1 at 8); learn with the ratio quantize will use (`quantize --set activations.clip=RATIO`)",
     )
     lp.add_argument(
         "--act-asymmetric",
         action="store_true",
-        help="learn against the asymmetric per-token activation grid (`quantize --act-asymmetric`)",
+        help="learn against the asymmetric per-token activation grid (quantize's `activations.asymmetric`, on by "
+        "default at 4-bit activations); without it, the symmetric grid",
     )
     lp.add_argument(
         "--center-activations",
         action="store_true",
-        help="output-error: learn for inputs centered on their mean (`quantize --center-activations`)",
+        help="output-error: learn for inputs centered on their mean (quantize's `activations.center`, on by "
+        "default at 4-bit activations)",
     )
     lp.add_argument(
         "--out-hadamard",
         action="store_true",
-        help="output-error: O reads its input through the online Hadamard `quantize` inserts before o_proj at "
-        "4-bit activations",
+        help="output-error: O reads its input through the online Hadamard before o_proj (quantize's "
+        "`rotation.out_hadamard`, on by default at 4-bit activations)",
     )
     lp.add_argument(
         "--no-checkpointing",
@@ -238,7 +240,9 @@ def parser() -> argparse.ArgumentParser:
 
     rc = sub.add_parser("recipes", help="the named quantization recipes, what each is for and its measured result")
     rc.add_argument(
-        "--fields", action="store_true", help="list every configuration field instead (for --set / --config)"
+        "--fields",
+        action="store_true",
+        help="list every configuration field instead (what `quantize --set` and `quantize --config` take)",
     )
     rc.set_defaults(func=cmd_recipes)
 
