@@ -35,6 +35,18 @@ logger = logging.getLogger("rotgraph")
 T = TypeVar("T")
 
 
+class _DefaultsFormatter(argparse.HelpFormatter):
+    """--help with each option's default where it has a value and its help does not state one (docs/cli.md
+    lists defaults from the parser itself)."""
+
+    def _get_help_string(self, action: argparse.Action) -> str | None:
+        text = action.help or ""
+        unset = action.default is None or action.default is False or action.default == argparse.SUPPRESS
+        if action.option_strings and not unset and "(default" not in text:
+            text += " (default: %(default)s)"
+        return text
+
+
 def _kernel_option(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--kernels",
@@ -118,7 +130,16 @@ def parser() -> argparse.ArgumentParser:
     )
     r.set_defaults(func=cmd_rotate)
 
-    lp = sub.add_parser("learn", help="learn R1/R2 for a scheme with Cayley SGD (SpinQuant, or layer-wise)")
+    lp = sub.add_parser(
+        "learn",
+        help="learn R1/R2 for a scheme with Cayley SGD (SpinQuant, or layer-wise)",
+        description="Writes a rotations file for `rotgraph quantize --rotation learned --rotations FILE` (or "
+        "`rotate`). The objective fake-quantizes with the options below, not with quantize's recipe: at 4-bit "
+        "activations quantize's default searches clip ratios and uses asymmetric grids, centered inputs and the "
+        "Hadamard before o_proj, which learn models only where asked (--act-clip, --act-asymmetric; with the "
+        "output-error objective --center-activations, --out-hadamard).",
+        formatter_class=_DefaultsFormatter,
+    )
     lp.add_argument("input")
     lp.add_argument("-o", "--output", required=True, help="rotations file (.safetensors)")
     lp.add_argument(
@@ -154,24 +175,26 @@ def parser() -> argparse.ArgumentParser:
         "--act-clip",
         type=float,
         metavar="RATIO",
-        help="clip ratio of the per-token activation quantizer learned against (default: quantize's, 0.9 at "
-        "4 bits); learn with the ratio `quantize --act-clip` will use (e.g. a ratio `--act-clip search` picked)",
+        help="clip ratio of the per-token activation quantizer learned against (default: QuaRot's fixed 0.9 at "
+        "4 bits, 1 at 8); learn with the ratio quantize will use (`quantize --set activations.clip=RATIO`)",
     )
     lp.add_argument(
         "--act-asymmetric",
         action="store_true",
-        help="learn against the asymmetric per-token activation grid (`quantize --act-asymmetric`)",
+        help="learn against the asymmetric per-token activation grid (quantize's `activations.asymmetric`, on by "
+        "default at 4-bit activations); without it, the symmetric grid",
     )
     lp.add_argument(
         "--center-activations",
         action="store_true",
-        help="output-error: learn for inputs centered on their mean (`quantize --center-activations`)",
+        help="output-error: learn for inputs centered on their mean (quantize's `activations.center`, on by "
+        "default at 4-bit activations)",
     )
     lp.add_argument(
         "--out-hadamard",
         action="store_true",
-        help="output-error: O reads its input through the online Hadamard `quantize` inserts before o_proj at "
-        "4-bit activations",
+        help="output-error: O reads its input through the online Hadamard before o_proj (quantize's "
+        "`rotation.out_hadamard`, on by default at 4-bit activations)",
     )
     lp.add_argument(
         "--no-checkpointing",
@@ -191,15 +214,28 @@ def parser() -> argparse.ArgumentParser:
         help="end-to-end, quantized weights: torch.compile the weights' fake quantizer (needs a C++ compiler; "
         "runs eagerly with a warning where compiling fails)",
     )
-    lp.add_argument("--momentum", type=float, default=0.0)
+    lp.add_argument("--momentum", type=float, default=0.0, help="Cayley SGD momentum")
     lp.add_argument("--batch", type=int, default=4, help="windows per step, over all processes")
-    lp.add_argument("--seq-len", type=int, default=512)
+    lp.add_argument("--seq-len", type=int, default=512, help="tokens per window")
     lp.add_argument("--windows", type=int, default=32, help="calibration windows to draw batches from")
-    lp.add_argument("--group", type=int, default=32, help="weight group size of the fake quantizer; 0 = per channel")
-    lp.add_argument("--head-bits", type=int, choices=[8, 16], default=16, help="lm_head and embedding in the objective")
+    lp.add_argument(
+        "--group",
+        type=int,
+        default=32,
+        help="weight group size of the RTN fake quantizer, 0 per channel; learn with the group quantize will use "
+        "(its `--group`: by default 64 for 4-bit weights, 32 in qdq at 4-bit activations)",
+    )
+    lp.add_argument(
+        "--head-bits",
+        type=int,
+        choices=[8, 16],
+        default=16,
+        help="lm_head and embedding in the objective: 16 float, 8 fake-quantized to 8 bits (quantize's "
+        "`weights.head_bits`, 8 by default); float where the scheme keeps weights float",
+    )
     lp.add_argument("--seed", type=int, default=0, help="seed of the starting Hadamards and of the batch order")
     lp.add_argument("--no-online", action="store_true", help="learn for a graph without R3/R4")
-    lp.add_argument("--checkpoint-every", type=int, default=10)
+    lp.add_argument("--checkpoint-every", type=int, default=10, help="steps between writes of OUTPUT.ckpt")
     lp.add_argument("--resume", action="store_true", help="continue from OUTPUT.ckpt")
     lp.add_argument("--text", help="calibration text (default: the calibration split of the Wikipedia excerpt)")
     lp.set_defaults(func=cmd_learn)
@@ -238,7 +274,9 @@ def parser() -> argparse.ArgumentParser:
 
     rc = sub.add_parser("recipes", help="the named quantization recipes, what each is for and its measured result")
     rc.add_argument(
-        "--fields", action="store_true", help="list every configuration field instead (for --set / --config)"
+        "--fields",
+        action="store_true",
+        help="list every configuration field instead (what `quantize --set` and `quantize --config` take)",
     )
     rc.set_defaults(func=cmd_recipes)
 

@@ -309,6 +309,61 @@ def parse_assignments(items: list[str]) -> dict[str, Any]:
     return out
 
 
+# The configuration field each field of the flat plan (`QuantOptions`) comes from (`to_options`): messages
+# about the plan name the setting a user types (`setting`).
+OPTION_FIELDS: dict[str, str] = {
+    "scheme": "scheme",
+    "rotation": "rotation.kind",
+    "rotations": "rotation.rotations",
+    "online": "rotation.online",
+    "out_hadamard": "rotation.out_hadamard",
+    "seed": "rotation.seed",
+    "weights": "weights.method",
+    "group": "weights.group",
+    "symmetric_weights": "weights.symmetric",
+    "full_range": "weights.full_range",
+    "head_bits": "weights.head_bits",
+    "head_group": "weights.head_group",
+    "shared_head": "weights.shared_head",
+    "damp": "weights.damp",
+    "act_order": "weights.act_order",
+    "activations": "activations.mode",
+    "act_clip": "activations.clip",
+    "act_clip_search": "activations.clip",
+    "act_asymmetric": "activations.asymmetric",
+    "center_activations": "activations.center",
+    "smooth": "activations.smooth",
+    "act_symmetric": "activations.static_symmetric",
+    "calibration": "activations.static_ranges",
+    "wide_ratio": "activations.wide_ratio",
+    "kv_clip": "kv_cache.clip",
+    "kv_cache": "kv_cache.store",
+    "center_keys": "kv_cache.center_keys",
+    "calibration_windows": "calibration.windows",
+    "calibration_seq_len": "calibration.seq_len",
+    "text": "calibration.text",
+    "fmt": "output.format",
+    "opset": "output.opset",
+    "fused_attention": "output.fused_attention",
+    "deployment_fusion": "output.deployment_fusion",
+    "context_length": "output.context_length",
+}
+_PLAN_VALUES = {("rotation", "spinquant"): "learned", ("act_clip_search", True): "search"}  # plan -> config
+
+
+def setting(option: str, value: Any = dataclasses.MISSING) -> str:
+    """How a user sets the plan field `option` (a `QuantOptions` field) on the command line: its flag where
+    the configuration field has one (`--group 0`), else `--set section.field=value`. Without `value`: a
+    flag on (true) for a true/false field, else the field's name as a placeholder (`--set output.opset=OPSET`)."""
+    key = OPTION_FIELDS[option]
+    if value is dataclasses.MISSING:
+        value = True if typing.get_type_hints(QuantOptions)[option] is bool else key.split(".")[-1].upper()
+    value = _PLAN_VALUES.get((option, value), value)
+    text = str(value).lower() if isinstance(value, bool) or value is None else value
+    flag = _metadata()[key].get("flag")
+    return f"{flag} {text}" if flag else f"--set {key}={text}"
+
+
 def to_options(config: QuantConfig) -> QuantOptions:
     """The flat plan of a resolved configuration (refuses one with `auto` fields left); `QuantOptions`
     validates the combination."""

@@ -98,8 +98,8 @@ def load(source: ModelSource) -> tuple[Any, Any]:
         tokenizer = None  # a tokenizer object built from nothing: it encodes no text
     if tokenizer is None:
         logger.warning(
-            "%s has no tokenizer: exporting without tokenizer.json (validation uses seeded token ids; eval, "
-            "generate and calibration need --tokenizer or --text with a tokenizer)",
+            "%s has no tokenizer: exporting without tokenizer.json (validation uses seeded token ids; eval and "
+            "generate then need --tokenizer, and quantize's calibration a tokenizer.json beside the model)",
             source,
         )
     model.eval()

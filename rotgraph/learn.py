@@ -65,16 +65,16 @@ class LearnOptions:
     compile: bool = False  # end-to-end: torch.compile the weight fake quantizer (eager if compiling fails)
     # layer-wise objectives: activation rows sampled per site (x 2 per layer for R1); None: DEFAULT_SITE_TOKENS
     site_tokens: int | None = None
-    # the per-token activation quantizer's clip ratio (None: quantize's default, 0.9 at 4 bits); learn for
-    # the ratio you quantize with (`rotgraph quantize --act-clip`)
+    # the per-token activation quantizer's clip ratio (None: QuaRot's fixed clip, 0.9 at 4 bits); learn for
+    # the ratio you quantize with (`rotgraph quantize --set activations.clip=RATIO`)
     act_clip: float | None = None
-    # the per-token activation quantizer's grid: asymmetric as `rotgraph quantize --act-asymmetric` makes it
+    # the per-token activation quantizer's grid: asymmetric as `activations.asymmetric` makes it in `quantize`
     act_asymmetric: bool = False
     # output-error objective: O reads its input through the online Hadamard `rotgraph quantize` inserts
     # before o_proj at 4-bit activations (`--out-hadamard`)
     out_hadamard: bool = False
     # output-error objective: each quantized input centered on its mean, the mean added back through the
-    # float weights (`rotgraph quantize --center-activations`)
+    # float weights (`activations.center` in `rotgraph quantize`)
     center_activations: bool = False
 
     def __post_init__(self) -> None:

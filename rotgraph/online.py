@@ -30,7 +30,7 @@ def factors_for(n: int, what: str) -> HadamardFactors:
     if factors is None:
         raise StructureError(
             f"{what}: no Hadamard matrix of order {n} is known to rotgraph, so no online transform can be "
-            "inserted (rotate with --no-online)"
+            "inserted (`rotgraph rotate --no-online`, `rotgraph quantize --set rotation.online=false`)"
         )
     return factors
 

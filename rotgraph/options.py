@@ -13,7 +13,7 @@ from dataclasses import dataclass
 
 from rotgraph.errors import RotgraphError
 
-# The opsets of standard ONNX rotgraph writes (`--format qdq`, output.opset), and what arrives when.
+# The opsets of standard ONNX rotgraph writes (`--format qdq`, `output.opset`), and what arrives when.
 MIN_OPSET, MAX_OPSET = 17, 23
 RMS_NORM_OPSET = 23  # RMSNormalization
 INT4_OPSET = 21  # INT4/UINT4 tensors, QuantizeLinear/DequantizeLinear block_size
@@ -38,6 +38,14 @@ class Scheme:
         if m is None:
             raise RotgraphError(f"scheme {text!r}: expected w<4|8|16>a<4|8|16>[kv<4|8>], e.g. w4a8, w4a4kv4, w16a4kv4")
         return cls(int(m[1]), int(m[2]), int(m[3]) if m[3] else None)
+
+
+def setting(option: str, *value: object) -> str:
+    """How a user sets the plan field `option` on the command line (`rotgraph.config.setting`, which reads
+    the configuration's flags), for messages."""
+    from rotgraph.config import setting as config_setting  # config builds on this module
+
+    return config_setting(option, *value)
 
 
 @dataclass(frozen=True)
@@ -116,13 +124,17 @@ class QuantOptions:
             if value not in allowed:
                 raise RotgraphError(f"{field} {value!r}: expected one of {', '.join(map(str, allowed))}")
         if (self.rotation == "spinquant") != (self.rotations is not None):
-            raise RotgraphError("--rotation spinquant needs --rotations FILE, and --rotations needs spinquant")
+            learned, rotations = setting("rotation", "spinquant"), setting("rotations", "FILE")
+            raise RotgraphError(f"{learned} needs {rotations}, and {rotations} needs {learned}")
         if self.smooth is not None and not 0.0 <= self.smooth <= 1.0:
-            raise RotgraphError(f"SmoothQuant alpha must be in [0, 1], got {self.smooth}")
+            raise RotgraphError(f"SmoothQuant alpha must be in [0, 1], got {self.smooth} ({setting('smooth')})")
         if self.group < 0 or self.calibration_windows < 1:
             raise RotgraphError("group must be >= 0 (0: per channel) and calibration windows >= 1")
         if self.shared_head and self.head_bits == 16:
-            raise RotgraphError("a shared embedding and lm_head is quantized: pass --head-bits 4 or 8")
+            raise RotgraphError(
+                f"a shared embedding and lm_head ({setting('shared_head')}) is quantized: pass "
+                f"{setting('head_bits', 8)} (or 4), or {setting('shared_head', False)}"
+            )
         if self.head_group is not None and self.head_group < 0:
             raise RotgraphError("head group must be >= 0 (0: per channel)")
         self._check_standard(Scheme.parse(self.scheme))
@@ -131,16 +143,20 @@ class QuantOptions:
         if self.act_asymmetric:
             self._check_asymmetric(Scheme.parse(self.scheme))
         if self.out_hadamard and (self.rotation == "none" or not self.online):
-            raise RotgraphError("the online Hadamard before o_proj comes with a rotation's online Hadamards")
+            raise RotgraphError(
+                f"the online Hadamard before o_proj ({setting('out_hadamard')}) comes with a rotation's online "
+                f"Hadamards: it needs {setting('rotation', 'quarot')} or learned and {setting('online')}"
+            )
         if self.center_activations and (self.activations != "dynamic" or Scheme.parse(self.scheme).act_bits == 16):
             raise RotgraphError(
-                "--center-activations moves what the per-token activation quantizers read: it needs quantized "
+                f"{setting('center_activations')} moves what the per-token activation quantizers read: it needs quantized "
                 f"dynamic activations, not scheme {self.scheme} with {self.activations} activations"
             )
         if self.center_keys and (Scheme.parse(self.scheme).kv_bits is None or self.gqa_cache):
             raise RotgraphError(
-                "--center-keys moves the keys rotgraph's KV-cache quantizer reads: it needs a kv scheme and rotgraph's "
-                "cache (the qdq format, or ort with --kv-cache rotgraph, the default at kv4), not GroupQueryAttention's"
+                f"{setting('center_keys')} moves the keys rotgraph's KV-cache quantizer reads: it needs a kv scheme and "
+                f"rotgraph's cache (the qdq format, or ort with {setting('kv_cache', 'rotgraph')}, the default at kv4), "
+                "not GroupQueryAttention's"
             )
 
     def _check_clip(self, scheme: Scheme) -> None:
@@ -150,26 +166,27 @@ class QuantOptions:
         if not self.act_clip_search:
             return
         if self.act_clip is not None:
-            raise RotgraphError("--act-clip takes a ratio or `search`, not both")
+            raise RotgraphError(f"{setting('act_clip')} takes a ratio or `search`, not both")
         if self.activations != "dynamic" or scheme.act_bits not in (4, 8):
             raise RotgraphError(
-                f"--act-clip search sets the per-token quantizers of dynamic activations; scheme {self.scheme} "
+                f"{setting('act_clip_search')} sets the per-token quantizers of dynamic activations; scheme {self.scheme} "
                 f"with {self.activations} activations has none"
             )
         if self.fmt in ORT_FORMATS and scheme.act_bits == 8 and scheme.weight_bits < 16:
             raise RotgraphError(
-                f"--act-clip search: in the {self.fmt} format 8-bit activations are quantized by "
+                f"{setting('act_clip_search')}: in the {self.fmt} format 8-bit activations are quantized by "
                 "onnxruntime's MatMulNBits, which has no clip ratio"
             )
 
     def _check_asymmetric(self, scheme: Scheme) -> None:
         if self.activations != "dynamic" or scheme.act_bits == 16:
             raise RotgraphError(
-                "--act-asymmetric sets the grid of dynamic per-token activations (static ones: --act-symmetric)"
+                f"{setting('act_asymmetric')} sets the grid of dynamic per-token activations (static ones: "
+                f"{setting('act_symmetric')})"
             )
         if self.fmt in ORT_FORMATS and scheme.act_bits == 8 and scheme.weight_bits < 16:
             raise RotgraphError(
-                f"--act-asymmetric: in the {self.fmt} format 8-bit activations are quantized by onnxruntime's "
+                f"{setting('act_asymmetric')}: in the {self.fmt} format 8-bit activations are quantized by onnxruntime's "
                 "MatMulNBits, which has its own grid"
             )
 
@@ -180,11 +197,13 @@ class QuantOptions:
             return
         if self.kv_cache == "onnxruntime" and (self.fmt not in ORT_FORMATS or not self.fused_attention):
             raise RotgraphError(
-                "--kv-cache onnxruntime lives inside GroupQueryAttention: it needs --format ort or genai "
-                "without --eager-attention"
+                f"{setting('kv_cache', 'onnxruntime')} lives inside GroupQueryAttention: it needs --format ort or genai "
+                f"with onnxruntime's attention ({setting('fused_attention')})"
             )
         if self.kv_cache == "rotgraph" and self.fmt == "genai":
-            raise RotgraphError("onnxruntime-genai holds only GroupQueryAttention's cache: use --kv-cache onnxruntime")
+            raise RotgraphError(
+                f"onnxruntime-genai holds only GroupQueryAttention's cache: use {setting('kv_cache', 'onnxruntime')}"
+            )
 
     @property
     def wants_out_hadamard(self) -> bool:
@@ -229,11 +248,20 @@ class QuantOptions:
             raise RotgraphError(f"calibration method {self.calibration!r}: expected one of {', '.join(STATIC_RANGES)}")
         if self.wide_ratio is not None:
             if self.activations != "static" or not self.wide_ratio > 1.0:
-                raise RotgraphError(f"--wide-ratio {self.wide_ratio}: a ratio > 1, for static activations")
+                raise RotgraphError(
+                    f"{setting('wide_ratio', self.wide_ratio)}: a ratio > 1, for static activations "
+                    f"({setting('activations', 'static')})"
+                )
             if self.opset is not None and self.opset < INT4_OPSET:
-                raise RotgraphError(f"--wide-ratio: 16-bit Q/DQ needs --opset {INT4_OPSET} or more, not {self.opset}")
+                raise RotgraphError(
+                    f"{setting('wide_ratio', self.wide_ratio)}: 16-bit Q/DQ needs opset {INT4_OPSET} or more "
+                    f"({setting('opset', INT4_OPSET)}), not {self.opset}"
+                )
         if self.fmt != "qdq" and (self.activations == "static" or self.opset is not None):
-            raise RotgraphError(f"static activations and --opset are for the qdq format, not {self.fmt}")
+            raise RotgraphError(
+                f"static activations and {setting('opset')} are for the qdq format ({setting('fmt', 'qdq')}), not "
+                f"{self.fmt}"
+            )
         if self.opset is None:
             return
         check_opset(self.opset)
@@ -245,12 +273,12 @@ class QuantOptions:
         if self.opset < INT4_OPSET and four:
             raise RotgraphError(
                 f"opset {self.opset} has no 4-bit types (INT4 arrives in opset {INT4_OPSET}): 4-bit "
-                f"{' and '.join(four)} need --opset {INT4_OPSET} or more, or an 8-bit scheme"
+                f"{' and '.join(four)} need {setting('opset', INT4_OPSET)} or more, or an 8-bit scheme"
             )
         if self.opset < INT4_OPSET and self.group and scheme.weight_bits < 16:
             raise RotgraphError(
-                f"opset {self.opset}: block-wise weight scales (--group {self.group}) need opset {INT4_OPSET}; "
-                "pass --group 0 (per channel)"
+                f"opset {self.opset}: block-wise weight scales ({setting('group', self.group)}) need opset "
+                f"{INT4_OPSET}; pass {setting('group', 0)} (per channel)"
             )
         if self.opset < REDUCE_AXES_INPUT_OPSET and scheme.kv_bits == 4 and not static:
             raise RotgraphError(f"opset {self.opset}: the dynamic 4-bit KV cache packs codes with opset-18 bit ops")
@@ -273,7 +301,9 @@ def gqa_cache(scheme: Scheme, fmt: str, fused_attention: bool, store: str) -> bo
 def check_opset(opset: int) -> None:
     """Refuse an opset rotgraph cannot write, before any work."""
     if not MIN_OPSET <= opset <= MAX_OPSET:
-        raise RotgraphError(f"--opset {opset}: rotgraph writes standard ONNX at opsets {MIN_OPSET} to {MAX_OPSET}")
+        raise RotgraphError(
+            f"{setting('opset', opset)}: rotgraph writes standard ONNX at opsets {MIN_OPSET} to {MAX_OPSET}"
+        )
 
 
 def default_out_hadamard(rotation: str, online: bool, scheme: Scheme) -> bool:

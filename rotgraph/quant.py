@@ -18,6 +18,7 @@ import numpy as np
 
 from rotgraph import grid
 from rotgraph.errors import RotgraphError
+from rotgraph.options import setting
 
 
 @dataclass(frozen=True)
@@ -47,7 +48,7 @@ class WeightSpec:
         g = self.group_size or cols
         if cols % g:
             raise RotgraphError(
-                f"group size {g} does not divide the input size {cols}: pass a group that does (--group)"
+                f"group size {g} does not divide the input size {cols}: pass a group that does ({setting('group')})"
             )
         return cols // g
 
@@ -159,7 +160,7 @@ def gptq(
     try:
         u = np.linalg.cholesky(np.linalg.inv(h)).T  # upper Cholesky factor of H^-1
     except np.linalg.LinAlgError:
-        raise RotgraphError("GPTQ: the Hessian is not positive definite; raise --damp") from None
+        raise RotgraphError(f"GPTQ: the Hessian is not positive definite; raise {setting('damp')}") from None
     codes = np.zeros((rows, cols))
     group_of = perm // g
     for i1 in range(0, cols, block):

@@ -17,7 +17,7 @@ from onnx_ir.passes.common import RemoveUnusedNodesPass
 from rotgraph.calibrate import CLIP_WINDOWS, BlockHessians, CalibratePass, Calibration
 from rotgraph.errors import RotgraphError
 from rotgraph.fakequant import ActSpec
-from rotgraph.options import DEFAULT_CONTEXT_LENGTH, ORT_FORMATS, QuantOptions, Scheme
+from rotgraph.options import DEFAULT_CONTEXT_LENGTH, ORT_FORMATS, QuantOptions, Scheme, setting
 from rotgraph.passes import UntieEmbeddingPass
 from rotgraph.passes.calibration.center_activations import CenterActivationsPass
 from rotgraph.passes.calibration.key_mean import SubtractKeyMeanPass
@@ -152,7 +152,7 @@ def quantize_stages(
         stages.append(Stage("SmoothQuant", (SmoothQuantPass(calibration, options.smooth),)))
     if options.center_activations:  # before GPTQ and the clip search, which then see centered inputs
         if calibration is None:
-            raise RotgraphError("--center-activations needs calibration tokens")
+            raise RotgraphError(f"{setting('center_activations')} needs calibration tokens")
         tokens = calibration.tokens[:CLIP_WINDOWS]
         stages.append(Stage("calibration (activation means)", (CenterActivationsPass(tokens, scratch),)))
     if needs_gptq:
@@ -187,7 +187,7 @@ def quantize_stages(
     )
     if options.center_keys:  # on the float keys, before the cache quantizer reads them
         if calibration is None:
-            raise RotgraphError("--center-keys needs calibration tokens")
+            raise RotgraphError(f"{setting('center_keys')} needs calibration tokens")
         tokens = calibration.tokens[:CLIP_WINDOWS]
         stages.append(Stage("calibration (key means)", (SubtractKeyMeanPass(tokens, scratch),)))
     if act:

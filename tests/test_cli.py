@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import argparse
 import hashlib
 import json
 from pathlib import Path
@@ -10,7 +11,7 @@ import numpy as np
 import pytest
 from conftest import ort_logits
 
-from rotgraph.cli import main
+from rotgraph.cli import main, parser
 from rotgraph.constants import QUANTIZATION_KEY
 from rotgraph.testing import SAMPLE_TEXT
 
@@ -283,3 +284,16 @@ def test_other_libraries_output_only_with_verbose(tmp_path, verbose: bool) -> No
         )
     else:
         assert done.stderr == "rotgraph: rotgraph's line\n"
+
+
+def test_learn_help_says_what_each_option_does_and_its_default(capsys) -> None:
+    """`rotgraph learn --help`: every option has a help text, and a default with a value is shown (not the
+    None / False of options that are unset or off)."""
+    sub = next(a for a in parser()._actions if isinstance(a, argparse._SubParsersAction)).choices["learn"]
+    assert all(a.help for a in sub._actions if a.option_strings), [a.dest for a in sub._actions if not a.help]
+    with pytest.raises(SystemExit):
+        main(["learn", "--help"])
+    text = " ".join(capsys.readouterr().out.split())
+    for shown in ("(default: w4a4kv4)", "(default: 0.0)", "(default: 32)", "(default: 16)", "(default: 10)"):
+        assert shown in text, shown
+    assert "(default: None)" not in text and "(default: False)" not in text

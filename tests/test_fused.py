@@ -14,9 +14,10 @@ import numpy as np
 import onnx_ir as ir
 import onnxruntime as ort
 import pytest
-from conftest import mean_kl, ort_logits, torch_logits
+from conftest import edited_export, mean_kl, ort_logits, torch_logits
 
-from rotgraph import io
+from rotgraph import io, kernels
+from rotgraph.cli import main
 from rotgraph.constants import R3_KEY, ROTATION_KEY
 from rotgraph.errors import StructureError
 from rotgraph.passes import InsertQKHadamardPass
@@ -45,20 +46,28 @@ def builder_logits(path: Path, tokens: np.ndarray, fixture: Path) -> np.ndarray:
     return np.asarray(session.run(["logits"], feeds)[0])
 
 
+def fuse_for_ort(path: Path, out: Path) -> Path:
+    """The model at `path` with onnxscript's onnxruntime fusions (`optimize_for_ort`, which runs
+    `onnxscript.optimizer.optimize` first), saved at `out`: what a deployment engineer runs."""
+    from onnxscript.rewriter.ort_fusions import optimize_for_ort
+
+    model, _ = optimize_for_ort(io.load_model(path))
+    io.save_model(model, out)
+    return out
+
+
 @pytest.fixture(scope="module")
 def ort_fused(tiny, tmp_path_factory):
     """ort_fused(model_type, with_past) -> (hf_folder, graph with onnxscript's onnxruntime fusions)."""
-    from onnxscript.rewriter.ort_fusions import optimize_for_ort
-
     made: dict[tuple[str, bool], tuple[Path, Path]] = {}
 
     def build(model_type: str, with_past: bool) -> tuple[Path, Path]:
         if (model_type, with_past) not in made:
             folder, path = tiny(model_type, "dynamo", with_past)
-            model, _ = optimize_for_ort(io.load_model(path))
-            out = tmp_path_factory.mktemp("ort-fused") / "model.onnx"
-            io.save_model(model, out)
-            made[model_type, with_past] = folder, out
+            made[model_type, with_past] = (
+                folder,
+                fuse_for_ort(path, tmp_path_factory.mktemp("ort-fused") / "model.onnx"),
+            )
         return made[model_type, with_past]
 
     return build
@@ -348,3 +357,64 @@ def test_rotation_beats_no_rotation_at_4_bit_activations_on_fused_graphs(
             io.save_model(model, staged)
         kl[rotation] = mean_kl(reference, run_logits(make_session(out, "disable"), tokens))
     assert kl["quarot"] < kl["none"], kl
+
+
+def logits_with_kernels(path: Path, tokens: np.ndarray, library: Path | None) -> np.ndarray:
+    """Logits from onnxruntime (every graph rewrite disabled) with rotgraph's compiled kernels registered
+    (`library`), or on the ONNX function bodies (None)."""
+    options = ort.SessionOptions()
+    options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
+    if library is not None:
+        options.register_custom_ops_library(str(library))
+    session = ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
+    return np.asarray(session.run(["logits"], {"input_ids": tokens.astype(np.int64)})[0])
+
+
+@pytest.fixture(scope="module")
+def fused_llama(tmp_path_factory):
+    """fused_llama(logit_scale) -> a tiny Llama with its final norm's weights times `logit_scale`, exported
+    and fused for onnxruntime (`fuse_for_ort`)."""
+    made: dict[float, Path] = {}
+
+    def build(logit_scale: float) -> Path:
+        if logit_scale not in made:
+
+            def loud(model: object) -> None:
+                model.model.norm.weight.mul_(logit_scale)  # type: ignore[attr-defined]
+
+            root = tmp_path_factory.mktemp("fused-llama")
+            made[logit_scale] = fuse_for_ort(edited_export(root, "llama", 3, loud), root / "fused.onnx")
+        return made[logit_scale]
+
+    return build
+
+
+@pytest.mark.parametrize("use_kernels", [True, False])
+@pytest.mark.parametrize("logit_scale", [1.0, 3000.0])
+def test_rotate_checks_a_fused_graph_alike_with_and_without_the_kernels(
+    fused_llama, tmp_path, tokens, monkeypatch, capsys, logit_scale: float, use_kernels: bool
+) -> None:
+    """A correct rotation of an onnxruntime-fused graph (MultiHeadAttention, SkipSimplifiedLayerNormalization)
+    passes `rotgraph rotate`'s float check whether the online Hadamards run on rotgraph's compiled kernels or
+    on their function bodies, and its logits match the float ones within float32's rounding tolerance,
+    max(1e-3, 2e-4 x max |logit|), stated here apart from `pipeline.default_tolerance`. The final norm scaled
+    by 3000 makes logits in the thousands, where the relative part of the tolerance is the one in play."""
+    library = kernels.library_path()
+    assert library is not None, f"rotgraph's kernels are not built: {kernels.BUILD_HINT}"
+    source = fused_llama(logit_scale)
+    assert op_counts(io.load_model(source))["MultiHeadAttention"] == 2
+    if not use_kernels:
+        monkeypatch.setenv("ROTGRAPH_KERNELS", "0")
+    out = tmp_path / "rotated" / "model.onnx"
+    assert main(["rotate", str(source), "-o", str(out), "--seed", "1"]) == 0, capsys.readouterr().err
+    assert "validated: max |logit difference|" in capsys.readouterr().out
+    # the check ran where the kernels were registered for the rotated graph's Hadamards exactly when asked
+    assert kernels.register(ort.SessionOptions(), out, None) is use_kernels
+    assert collections.Counter(n.domain for n in io.load_model(out).graph)["rotgraph"] > 0
+    reference = logits_with_kernels(source, tokens, None)
+    rotated = logits_with_kernels(out, tokens, library if use_kernels else None)
+    scale = float(np.abs(reference).max())
+    assert (scale > 1e3) == (logit_scale > 1)
+    tolerance = max(1e-3, 2e-4 * scale)
+    diff = float(np.abs(rotated.astype(np.float64) - reference).max())
+    assert diff <= tolerance, f"max |logit difference| {diff:.3g} > {tolerance:.3g} (max |logit| {scale:.3g})"

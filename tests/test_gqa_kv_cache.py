@@ -1,4 +1,4 @@
-"""The KV cache kept as int8 / int4 codes inside onnxruntime's GroupQueryAttention (`--kv-cache onnxruntime`):
+"""The KV cache kept as int8 / int4 codes inside onnxruntime's GroupQueryAttention (`--set kv_cache.store=onnxruntime`):
 the graph against the same graph with a float cache and standard QuantizeLinear/DequantizeLinear on the keys
 and values it stores (onnxruntime, optimizations disabled, prefill and decode steps), the calibrated scales
 against a direct numpy computation, and the genai folder in onnxruntime-genai's own loop."""
@@ -113,7 +113,7 @@ def test_the_pass_refuses_rope_inside_and_missing_scales(tiny) -> None:
 def test_bad_kv_cache_options_are_refused_before_any_work() -> None:
     with pytest.raises(RotgraphError, match="needs --format ort or genai"):
         QuantOptions(scheme="w4a8kv4", fmt="qdq", kv_cache="onnxruntime")
-    with pytest.raises(RotgraphError, match="use --kv-cache onnxruntime"):
+    with pytest.raises(RotgraphError, match=r"use --set kv_cache\.store=onnxruntime"):
         QuantOptions(scheme="w4a8kv4", fmt="genai", kv_cache="rotgraph")
     with pytest.raises(RotgraphError, match="expected one of"):
         QuantOptions(scheme="w4a8kv4", fmt="ort", kv_cache="fp8")

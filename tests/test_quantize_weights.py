@@ -110,7 +110,7 @@ def test_embedding_map_recovers_the_map_and_refuses_an_unrelated_head() -> None:
 
 
 def test_a_float_shared_head_is_refused_before_any_work() -> None:
-    with pytest.raises(RotgraphError, match="--head-bits 4 or 8"):
+    with pytest.raises(RotgraphError, match=r"pass --set weights\.head_bits=8 \(or 4\)"):
         QuantOptions(head_bits=16, shared_head=True)
 
 

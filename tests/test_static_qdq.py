@@ -335,7 +335,7 @@ def test_cli_refuses_bad_opset_before_reading_the_model(tmp_path, capsys) -> Non
 
 
 def test_cli_passes_wide_ratio_and_refuses_a_bad_one_before_reading_the_model(tmp_path, capsys) -> None:
-    """--wide-ratio reaches QuantOptions: a ratio <= 1 and dynamic activations are named, and the absent
+    """activations.wide_ratio reaches QuantOptions: a ratio <= 1 and dynamic activations are named, and the absent
     input is not (nothing was read)."""
     for extra in (
         ["--set", "activations.wide_ratio=0.5"],
@@ -343,4 +343,4 @@ def test_cli_passes_wide_ratio_and_refuses_a_bad_one_before_reading_the_model(tm
     ):
         assert main(["quantize", str(tmp_path / "absent.onnx"), "-o", str(tmp_path / "o.onnx"), *extra]) == 1
         err = capsys.readouterr().err
-        assert "wide-ratio" in err and "absent" not in err, err
+        assert "--set activations.wide_ratio=" in err and "absent" not in err, err

@@ -165,7 +165,7 @@ class LayerwiseObjective(Rotations):
         super().__init__(desc.hidden_size, pairs[0].head_dim, len(layers), seed)
         self.objective, self.quantizers, self.seed = objective, quantizers, seed
         # output-error: each quantized input's mean (over the sampled rows) is subtracted before its
-        # quantizer and added back through the float weight, as `quantize --center-activations` does
+        # quantizer and added back through the float weight, as `quantize --set activations.center=true` does
         self.means = [{site: getattr(x, site).mean(0) for site in ("attn", "mlp")} for x in layers] if center else None
         self.layers = layers
         self.heads = [(p.num_heads, p.num_kv_heads, p.head_dim) for p in pairs]
@@ -336,7 +336,7 @@ def layerwise_objective(
 ) -> LayerwiseObjective:
     """The objective on activations collected from the model at `model_path` (`collect`, in a temporary
     folder under `scratch`); output-error needs the scheme's `quantizers`, with `out_hadamard` O's online
-    Hadamard added to them, with `center` the inputs centered as `quantize --center-activations` does."""
+    Hadamard added to them, with `center` the inputs centered as `quantize --set activations.center=true` does."""
     model = io.load_model(model_path)
     with tempfile.TemporaryDirectory(prefix=".rotgraph-learn.", dir=scratch) as folder:
         desc, layers = collect(model, token_windows, site_tokens, seed, Path(folder))

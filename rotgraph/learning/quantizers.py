@@ -101,7 +101,7 @@ class Quantizers:
     def o_projection(self, z: torch.Tensor, w: torch.Tensor, center: bool = False) -> torch.Tensor:
         """O's quantized output for its input rows `z` and weight `w` [heads * d, out]; with the online
         Hadamard H before o_proj, O reads z H through H^T w; with `center`, the rows' mean is subtracted
-        before the quantizer and added back through the float weight (`quantize --center-activations`)."""
+        before the quantizer and added back through the float weight (`quantize --set activations.center=true`)."""
         mean = z.mean(0) if center else None
         x, wx = (z, w) if mean is None else (z - mean, w)
         if self.out_hadamard is not None:

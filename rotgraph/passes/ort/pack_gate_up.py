@@ -94,7 +94,7 @@ class PackGateUpPass(ir.passes.InPlacePass):
 
     Where Mul(SiLU(gate), up) reads two projections of the same input (MatMulNBits with the same K, bits,
     block size and accuracy level, or MatMul by constant weights; both with a constant bias or neither, as
-    `--center-activations` leaves them), their weights (and biases) are concatenated (gate first) into one
+    centered projection inputs (`activations.center`) leave them), their weights (and biases) are concatenated (gate first) into one
     projection whose output a Split halves on the last axis; the SiLU and the product read the halves.
     An onnxscript rewrite rule (`_PackGateUp`); the concatenation is `pack_qkv.packing`, as PackQKVPass's.
     Weights move byte for byte, so the function is the same to float rounding.

@@ -11,7 +11,7 @@ from onnx_ir.passes.common import InlinePass, RemoveUnusedFunctionsPass, RemoveU
 
 from rotgraph.errors import RotgraphError
 from rotgraph.online import FunctionBuilder
-from rotgraph.options import INT4_OPSET, MAX_OPSET, REDUCE_AXES_INPUT_OPSET, RMS_NORM_OPSET, check_opset
+from rotgraph.options import INT4_OPSET, MAX_OPSET, REDUCE_AXES_INPUT_OPSET, RMS_NORM_OPSET, check_opset, setting
 
 logger = logging.getLogger(__name__)
 
@@ -121,7 +121,9 @@ class StandardOpsPass(ir.passes.InPlacePass):
         modified |= ShapeInferencePass(strict_mode=False)(model).modified
         missing = sorted({n.op_type for n in graph if not onnx.defs.has(n.op_type, self.opset, "")})
         if missing:
-            raise RotgraphError(f"opset {self.opset} does not define {', '.join(missing)}: ask for a higher --opset")
+            raise RotgraphError(
+                f"opset {self.opset} does not define {', '.join(missing)}: ask for a higher opset ({setting('opset')})"
+            )
         logger.info("standard ONNX at opset %d (%d RMSNorms decomposed)", self.opset, decomposed)
         modified |= bool(decomposed or moved) or dict(model.opset_imports) != imports
         return ir.passes.PassResult(model, modified)
@@ -138,7 +140,7 @@ class StandardOpsPass(ir.passes.InPlacePass):
             if any(t in _INT4 for t in types) or "block_size" in node.attributes:
                 raise RotgraphError(
                     f"{node.op_type} {node.name!r}: 4-bit codes and block-wise scales need opset {INT4_OPSET}, "
-                    f"not {self.opset} (use 8 bits per channel: --scheme w8.. --group 0)"
+                    f"not {self.opset} (use 8 bits per channel: --scheme w8.. {setting('group', 0)})"
                 )
         return rewritten
 
