@@ -121,7 +121,7 @@ class BlockHessians:
         """Cut `model` (before any weight changes form) and run its embedding."""
         if len(self.tokens) == 0:
             raise RotgraphError("GPTQ needs calibration tokens")
-        self.runner = BlockRunner(model, boundaries(desc), self.tokens, self.scratch)
+        self.runner = BlockRunner(model, [(v,) for v in boundaries(desc)], self.tokens, self.scratch)
         for _ in self.runner.run([], advance=True):
             pass
 

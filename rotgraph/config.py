@@ -327,6 +327,7 @@ OPTION_FIELDS: dict[str, str] = {
     "shared_head": "weights.shared_head",
     "damp": "weights.damp",
     "act_order": "weights.act_order",
+    "gptq_sequential": "weights.sequential",
     "activations": "activations.mode",
     "act_clip": "activations.clip",
     "act_clip_search": "activations.clip",

@@ -28,6 +28,10 @@ KEY_MEAN_KEY = "rotgraph.key_mean"  # the calibrated key means subtracted before
 ACTIVATION_MEAN_KEY = "rotgraph.activation_mean"  # the projection inputs' means subtracted (as biases)
 SCALES_KEY = "rotgraph.scales"  # JSON: the sites a learned per-channel scaling was folded into
 
+# Written by the canonical form: the names of the residual stream's values between blocks (JSON list),
+# where a graph lowered for onnxruntime is cut into blocks (`rotgraph.segments.cuts`).
+BLOCKS_KEY = "rotgraph.blocks"
+
 # Written when onnxruntime's fused norms were expanded (canonical form): how many, to fuse them again.
 ORT_NORMS_KEY = "rotgraph.ort_norms"
 

@@ -114,7 +114,9 @@ class QuantOptions:
         if Scheme.parse(self.scheme).weight_bits == 16 and self.weights == "gptq":
             raise RotgraphError(f"scheme {self.scheme} keeps weights float: GPTQ has nothing to quantize")
         if self.gptq_sequential and self.weights != "gptq":
-            raise RotgraphError("sequential GPTQ (weights.sequential) needs GPTQ weights (weights.method=gptq)")
+            raise RotgraphError(
+                f"sequential GPTQ ({setting('gptq_sequential')}) needs GPTQ weights ({setting('weights', 'gptq')})"
+            )
         for field, value, allowed in (
             ("rotation", self.rotation, ("none", "quarot", "spinquant")),
             ("weights", self.weights, ("rtn", "gptq")),

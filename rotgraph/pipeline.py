@@ -30,6 +30,7 @@ from rotgraph.passes import (
     SplitFusedProjectionsPass,
     UntieEmbeddingPass,
 )
+from rotgraph.passes.canonical.record_blocks import RecordBlocksPass
 from rotgraph.passes.ort.restore_ort_norms import RestoreOrtNormsPass
 from rotgraph.passes.rotation.scale_channels import ScaleChannelsPass
 from rotgraph.rotations import load_rotations, load_scales
@@ -92,13 +93,15 @@ def canonicalize(model: ir.Model) -> ModelDescription:
 def canonical_form_passes() -> list[ir.passes.PassBase]:
     """Shapes and types first (graphs such as optimum's exports carry no value_info, and the norm
     patterns need types), then opset 23 with fused RMSNorms, onnxruntime's fused norms expanded, fused
-    projections split, and shapes again for what those rewrites added."""
+    projections split, and shapes again for what those rewrites added; where the blocks begin is recorded
+    (for graphs lowered later, `rotgraph.segments.cuts`)."""
     return [
         common_passes.ShapeInferencePass(strict_mode=False),
         CanonicalizeNormsPass(),
         ExpandOrtFusedOpsPass(),
         SplitFusedProjectionsPass(),
         common_passes.ShapeInferencePass(strict_mode=False),
+        RecordBlocksPass(),
     ]
 
 

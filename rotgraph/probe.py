@@ -28,7 +28,7 @@ import onnx_ir as ir
 from tqdm import tqdm
 
 from rotgraph.errors import RotgraphError
-from rotgraph.segments import boundaries, extract, segment_of
+from rotgraph.segments import Cut, cuts, extract, segment_of
 from rotgraph.weights import SpillFile
 
 logger = logging.getLogger(__name__)
@@ -114,18 +114,16 @@ def probe(
     window when the model runs whole, block by block otherwise), so readers accumulate per value.
     `blockwise`: run the model one segment at a time (`rotgraph.segments`: one block's weights loaded
     at a time, the residual stream between blocks held for all windows); None does so when the weights
-    take more than `BLOCKWISE_BYTES` and structure discovery can cut the graph (a lowered graph, such as
-    the onnxruntime-genai format's, runs whole, with a warning). Both ways give the same arrays (a test). The model is left as it
+    take more than `BLOCKWISE_BYTES` and the graph can be cut (`segments.cuts`; one that cannot runs
+    whole, with a warning). Both ways give the same arrays (a test). The model is left as it
     was; only its weights may have moved into `scratch` (see `materialize`)."""
     names = [v.name or "" for v in values]
     if any(not name for name in names) or len(set(names)) != len(set(map(id, values))):
         raise RotgraphError(f"probed values need distinct names, got {names}")
-    cuts = None
+    found = None
     if blockwise or (blockwise is None and weight_bytes(model) > BLOCKWISE_BYTES):
-        from rotgraph.structure import discover
-
         try:
-            cuts = boundaries(discover(model))
+            found = cuts(model)
         except RotgraphError as e:
             if blockwise:
                 raise
@@ -135,10 +133,10 @@ def probe(
                 weight_bytes(model) / 1e9,
                 e,
             )
-    if cuts is None:
+    if found is None:
         yield from _whole(model, values, token_windows, scratch, optimization, what, progress)
     else:
-        yield from _by_block(model, cuts, values, token_windows, scratch, optimization, what, progress)
+        yield from _by_block(model, found, values, token_windows, scratch, optimization, what, progress)
 
 
 def _whole(
@@ -168,7 +166,7 @@ def _whole(
 
 def _by_block(
     model: ir.Model,
-    cuts: list[ir.Value],
+    cuts: list[Cut],
     values: Sequence[ir.Value],
     token_windows: np.ndarray,
     scratch: Path | None,
@@ -203,13 +201,13 @@ class BlockRunner:
 
     Each `run` serializes the model as it is then, so a caller may change the segments not run yet, or
     the one it runs again (sequential GPTQ quantizes a block, then runs it quantized to feed the next).
-    `cuts` are the boundaries (`segments.boundaries`) found before any such change.
+    `cuts` are the boundaries (`segments.cuts`) found before any such change.
     """
 
     def __init__(
         self,
         model: ir.Model,
-        cuts: Sequence[ir.Value],
+        cuts: Sequence[Cut],
         token_windows: np.ndarray,
         scratch: Path | None,
         optimization: str = "basic",
@@ -220,7 +218,7 @@ class BlockRunner:
         self.scratch, self.optimization = scratch, optimization
         self.roles = input_roles(model)
         self.segment = 0  # the next segment `run` runs
-        self.residual: list[np.ndarray] = []  # what enters it, per window
+        self.residual: list[list[np.ndarray]] = []  # what enters it (the cut's values), per window
 
     def run(self, values: Sequence[ir.Value], advance: bool = True) -> Iterator[Probed]:
         """`values` (computed in the current segment) on every window; with `advance`, the segment's output
@@ -231,21 +229,21 @@ class BlockRunner:
         k = self.segment
         if advance and k >= len(self.cuts):
             raise RotgraphError("the head is the last segment: nothing follows it")
-        cut_out = [self.cuts[k]] if advance else []
+        cut_out = list(self.cuts[k]) if advance else []
         proto, folder = serialized(self.model, self.scratch)
-        segment = extract(self.model, proto, k, self.cuts[k - 1] if k else None, [*cut_out, *values])
+        segment = extract(self.model, proto, k, self.cuts[k - 1] if k else (), [*cut_out, *values])
         del proto
         session = make_session(segment.model, self.optimization, kernels=False, external_data_folder=folder)
         names = [v.name or "" for v in (*cut_out, *values)]
-        following: list[np.ndarray] = []
+        following: list[list[np.ndarray]] = []
         for w, window in enumerate(self.token_windows):
             feeds = self.roles.feeds(window[None, :])
             feeds = {name: feeds[name] for name in segment.inputs}
-            if segment.cut_in is not None:
-                feeds[segment.cut_in] = self.residual[w]
+            if k:
+                feeds.update(zip(segment.cut_in, self.residual[w], strict=True))
             outs = session.run(names, feeds)
             if advance:
-                following.append(np.asarray(outs[0]))
+                following.append([np.asarray(x) for x in outs[: len(cut_out)]])
             for i, x in enumerate(outs[len(cut_out) :]):
                 yield Probed(i, w, np.asarray(x))
         if advance:
