@@ -20,7 +20,7 @@ import onnx_ir as ir
 from rotgraph import grid
 from rotgraph.errors import RotgraphError
 from rotgraph.fakequant import ActSpec
-from rotgraph.probe import BlockRunner, probe
+from rotgraph.probe import BlockRunner, probe, window_feeds
 from rotgraph.results import Calibration, Site
 from rotgraph.segments import boundaries
 from rotgraph.structure import Block, Linear, ModelDescription, before_fake_quant, discover, distinct
@@ -121,7 +121,8 @@ class BlockHessians:
         """Cut `model` (before any weight changes form) and run its embedding."""
         if len(self.tokens) == 0:
             raise RotgraphError("GPTQ needs calibration tokens")
-        self.runner = BlockRunner(model, [(v,) for v in boundaries(desc)], self.tokens, self.scratch)
+        cuts = [(v,) for v in boundaries(desc)]
+        self.runner = BlockRunner(model, cuts, window_feeds(model, self.tokens), self.scratch)
         for _ in self.runner.run([], advance=True):
             pass
 

@@ -10,6 +10,7 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import numpy as np
+import onnx_ir as ir
 import onnxruntime as ort
 from tqdm import tqdm
 
@@ -227,24 +228,43 @@ def validation_logits(
     disabled) at the real positions of `tokens` [rows, seq]. A model that takes padded rows also gets
     one padded row (the last row, or a copy of a single row, with a quarter masked: the first quarter, or
     the last for a model that takes right padding, `InputRoles.padding`), so the comparison covers the
-    padding path; not when the reference itself is not finite there."""
-    ref, cand = make_session(reference, "disable"), make_session(candidate, "disable")
+    padding path; not when the reference itself is not finite there.
+
+    Models whose weights together exceed `probe.BLOCKWISE_BYTES` run one after the other, each block by
+    block (`probe.streamed_logits`), so neither is ever loaded whole."""
+    from rotgraph import probe
+
+    ref_roles = read_roles(reference)
     mask = None
     unpadded = tokens
-    if pad and ref.roles.attention_mask is not None and tokens.shape[1] >= 8:
+    if pad and ref_roles.attention_mask is not None and tokens.shape[1] >= 8:
         tokens = np.concatenate([tokens, tokens[-1:]]) if len(tokens) == 1 else tokens
         mask = np.ones(tokens.shape, dtype=np.int64)
         quarter = tokens.shape[1] // 4
-        mask[-1, slice(-quarter, None) if ref.roles.padding == "right" else slice(0, quarter)] = 0
-    a = run_logits(ref, tokens, mask)
+        mask[-1, slice(-quarter, None) if ref_roles.padding == "right" else slice(0, quarter)] = 0
+    stream = file_weight_bytes(reference) + file_weight_bytes(candidate) > probe.BLOCKWISE_BYTES
+
+    def logits(path: Path) -> np.ndarray:
+        if stream:
+            (out,) = probe.streamed_logits(path, [read_roles(path).feeds(tokens, mask)])
+            return out
+        return run_logits(make_session(path, "disable"), tokens, mask)
+
+    a = logits(reference)
     real = mask.astype(bool) if mask is not None else np.ones(tokens.shape, dtype=bool)
     if mask is not None and not np.isfinite(a[real]).all():
         logger.warning("%s gives non-finite logits on a padded row: validating on unpadded rows", reference)
         return validation_logits(reference, candidate, unpadded, pad=False)
-    b = run_logits(cand, tokens, mask)
+    b = logits(candidate)
     if a.shape != b.shape:
         raise RotgraphError(f"logit shapes differ: {a.shape} vs {b.shape}")
     return a[real][None], b[real][None]
+
+
+def file_weight_bytes(path: Path) -> int:
+    """Bytes of the initializers of the model file `path` (its weights are not read)."""
+    model = ir.load(path)
+    return sum(t.nbytes for v in model.graph.initializers.values() if (t := v.const_value) is not None)
 
 
 def max_logit_difference(reference: Path, candidate: Path, tokens: np.ndarray) -> float:

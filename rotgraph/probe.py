@@ -18,7 +18,7 @@ from __future__ import annotations
 
 import logging
 import os
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -183,7 +183,7 @@ def _by_block(
             "by the graph's nodes"
         )
     last = max(k for k in where if k is not None)
-    runner = BlockRunner(model, cuts, token_windows, scratch, optimization)
+    runner = BlockRunner(model, cuts, window_feeds(model, token_windows), scratch, optimization)
     bar = tqdm(total=(last + 1) * len(token_windows), desc=what, unit="window", disable=not progress, leave=False)
     for k in range(last + 1):
         wanted = [i for i, seg in enumerate(where) if seg == k]
@@ -195,9 +195,18 @@ def _by_block(
     bar.close()
 
 
+def window_feeds(model: ir.Model, token_windows: np.ndarray) -> list[dict[str, np.ndarray]]:
+    """The whole model's feeds (`InputRoles.feeds`) for each window of `token_windows` [n, seq] as a batch of 1."""
+    from rotgraph.inputs import input_roles
+
+    roles = input_roles(model)
+    return [roles.feeds(window[None, :]) for window in token_windows]
+
+
 class BlockRunner:
-    """Runs a model one segment at a time (`rotgraph.segments`: the embedding, each block, the head) over
-    token windows, holding the residual stream that enters the next segment for every window.
+    """Runs a model one segment at a time (`rotgraph.segments`: the embedding, each block, the head) on
+    a list of runs (the whole model's feeds of each, `window_feeds` for token windows), holding the
+    residual stream that enters the next segment for every run.
 
     Each `run` serializes the model as it is then, so a caller may change the segments not run yet, or
     the one it runs again (sequential GPTQ quantizes a block, then runs it quantized to feed the next).
@@ -208,22 +217,19 @@ class BlockRunner:
         self,
         model: ir.Model,
         cuts: Sequence[Cut],
-        token_windows: np.ndarray,
+        feeds: Sequence[Mapping[str, np.ndarray]],
         scratch: Path | None,
         optimization: str = "basic",
     ) -> None:
-        from rotgraph.inputs import input_roles
-
-        self.model, self.cuts, self.token_windows = model, list(cuts), token_windows
+        self.model, self.cuts, self.feeds = model, list(cuts), feeds
         self.scratch, self.optimization = scratch, optimization
-        self.roles = input_roles(model)
         self.segment = 0  # the next segment `run` runs
         self.residual: list[list[np.ndarray]] = []  # what enters it (the cut's values), per window
 
     def run(self, values: Sequence[ir.Value], advance: bool = True) -> Iterator[Probed]:
-        """`values` (computed in the current segment) on every window; with `advance`, the segment's output
-        becomes the next segment's input once every window has run (so a partly consumed run advances
-        nothing); without it the same segment runs again next time."""
+        """`values` (computed in the current segment) on every run (`Probed.window` is the run's index); with
+        `advance`, the segment's output becomes the next segment's input once every run is done (so a
+        partly consumed run advances nothing); without it the same segment runs again next time."""
         from rotgraph.evaluate import make_session
 
         k = self.segment
@@ -236,9 +242,8 @@ class BlockRunner:
         session = make_session(segment.model, self.optimization, kernels=False, external_data_folder=folder)
         names = [v.name or "" for v in (*cut_out, *values)]
         following: list[list[np.ndarray]] = []
-        for w, window in enumerate(self.token_windows):
-            feeds = self.roles.feeds(window[None, :])
-            feeds = {name: feeds[name] for name in segment.inputs}
+        for w, whole in enumerate(self.feeds):
+            feeds = {name: whole[name] for name in segment.inputs}
             if k:
                 feeds.update(zip(segment.cut_in, self.residual[w], strict=True))
             outs = session.run(names, feeds)
@@ -248,3 +253,27 @@ class BlockRunner:
                 yield Probed(i, w, np.asarray(x))
         if advance:
             self.residual, self.segment = following, k + 1
+
+
+def streamed_logits(
+    path: Path, feeds: Sequence[Mapping[str, np.ndarray]], optimization: str = "disable"
+) -> list[np.ndarray]:
+    """The first output (the logits) of the model file `path` on each run of `feeds` (the whole model's
+    feeds), computed segment by segment: onnxruntime holds one block's weights at a time. A graph that
+    can be cut only in its canonical form (an exporter's decomposed norms) is canonicalized in memory
+    first (the same function to float32 rounding)."""
+    from rotgraph import io
+    from rotgraph.pipeline import canonicalize
+
+    model = io.load_model(path)
+    logits = model.graph.outputs[0]
+    try:
+        found = cuts(model)
+    except RotgraphError:
+        canonicalize(model)
+        found = cuts(model)
+    runner = BlockRunner(model, found, feeds, None, optimization)
+    while runner.segment < len(found):
+        for _ in runner.run([], advance=True):
+            pass
+    return [p.array for p in runner.run([logits], advance=False)]

@@ -130,3 +130,36 @@ def test_block_hessians_equal_the_whole_model_and_sequential_ones_read_the_quant
         np.testing.assert_allclose(seen[site], final[site], rtol=1e-6, atol=1e-9, err_msg=str(site))
         if block.index:
             assert not np.allclose(seen[site], whole[site], rtol=1e-4), "the earlier blocks were not quantized"
+
+
+def test_validation_streams_block_by_block_with_the_same_logits(
+    tiny, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """validation_logits of the float export (cut after canonicalizing it in memory) against a qdq output
+    and an onnxruntime-genai model (cut where the canonical form recorded the blocks): block by block as
+    loaded whole, to float32 rounding (both on rotgraph ops' function bodies, which the blocks run: at 4-bit
+    activations the kernels' rounding flips a few codes)."""
+    from rotgraph.evaluate import validation_logits
+
+    _, source = tiny("llama", "dynamo", with_past=True)
+    argv = ["--group", "16", "--set", "calibration.windows=2", "--no-validate"]
+    qdq, genai = tmp_path / "q" / "model.onnx", tmp_path / "g"
+    assert main(["quantize", str(source), "-o", str(qdq), "--scheme", "w4a8", *argv]) == 0
+    assert main(["quantize", str(source), "-o", str(genai), "--scheme", "w4a4kv4", "--format", "genai", *argv]) == 0
+    ids = np.random.default_rng(3).integers(0, 384, size=(2, 32))
+    monkeypatch.setenv("ROTGRAPH_KERNELS", "0")
+    streamed, called = probe.streamed_logits, []
+
+    def recorded(path, *args, **kwargs):  # type: ignore[no-untyped-def]
+        called.append(path)
+        return streamed(path, *args, **kwargs)
+
+    for candidate in (qdq, genai / "model.onnx"):
+        whole = validation_logits(source, candidate, ids)
+        with monkeypatch.context() as patch:
+            patch.setattr(probe, "BLOCKWISE_BYTES", 0)
+            patch.setattr(probe, "streamed_logits", recorded)
+            by_block = validation_logits(source, candidate, ids)
+        assert called[-2:] == [source, candidate]
+        for a, b in zip(whole, by_block, strict=True):
+            np.testing.assert_allclose(b, a, rtol=1e-5, atol=1e-5 * float(np.abs(a).max()), err_msg=str(candidate))
