@@ -9,6 +9,7 @@ no second copy of the weights in memory.
 
 from __future__ import annotations
 
+import os
 from collections.abc import Callable, Sequence
 from pathlib import Path
 
@@ -127,7 +128,6 @@ class SpillFile:
 
     def __init__(self, directory: Path) -> None:
         self.path = Path(directory) / "spill.data"
-        self.offset = self.path.stat().st_size if self.path.exists() else 0
 
     def spill(self, graph: ir.Graph, *, everything: bool = False, min_bytes: int | None = None) -> int:
         """Spill every in-memory initializer of at least `min_bytes` (default MIN_BYTES); returns the
@@ -138,6 +138,7 @@ class SpillFile:
         file."""
         written = 0
         with open(self.path, "ab") as f:
+            offset = f.seek(0, os.SEEK_END)  # the file's end now: other SpillFiles may have appended to it
             for value in graph.initializers.values():
                 tensor = value.const_value
                 if tensor is None or self.holds(tensor):
@@ -151,14 +152,14 @@ class SpillFile:
                 f.write(data)
                 value.const_value = ir.ExternalTensor(
                     self.path.name,
-                    self.offset,
+                    offset,
                     len(data),
                     tensor.dtype,
                     shape=ir.Shape(tensor.shape.numpy()),
                     name=tensor.name or value.name or "",
                     base_dir=self.path.parent,
                 )
-                self.offset += len(data)
+                offset += len(data)
                 written += len(data)
         return written
 

@@ -163,3 +163,20 @@ def test_validation_streams_block_by_block_with_the_same_logits(
         assert called[-2:] == [source, candidate]
         for a, b in zip(whole, by_block, strict=True):
             np.testing.assert_allclose(b, a, rtol=1e-5, atol=1e-5 * float(np.abs(a).max()), err_msg=str(candidate))
+
+
+def test_spill_files_sharing_a_folder_point_at_their_own_bytes(tmp_path: Path) -> None:
+    """Two SpillFiles appending to one scratch folder in turn (a pass spilling its outputs while a block
+    runner materializes the model) leave every tensor reading its own data."""
+    from rotgraph.weights import SpillFile
+
+    rng = np.random.default_rng(0)
+    arrays = {f"w{i}": rng.standard_normal((64, 300)).astype(np.float32) for i in range(4)}
+    graph = ir.Graph([], [], nodes=[])
+    first, second = SpillFile(tmp_path), SpillFile(tmp_path)
+    for i, (name, array) in enumerate(arrays.items()):
+        value = ir.Value(name=name, const_value=ir.Tensor(array, name=name))
+        graph.register_initializer(value)
+        (first if i % 2 else second).spill(graph)
+    for name, array in arrays.items():
+        np.testing.assert_array_equal(graph.initializers[name].const_value.numpy(), array, err_msg=name)
