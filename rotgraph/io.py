@@ -45,14 +45,19 @@ def load_model(path: str | os.PathLike[str]) -> ir.Model:
 # here (the parent reports them with their context), only a crash counts.
 _LOAD_CHECK = """
 import sys
-path, stages = sys.argv[1], sys.argv[2:]
+import numpy as np
+path, limit, stages = sys.argv[1], int(sys.argv[2]), sys.argv[3:]
+weights = 0
 try:
     print("onnx's shape inference", flush=True)
     import onnx
-    onnx.shape_inference.infer_shapes(onnx.load(path, load_external_data=False), strict_mode=False, data_prop=True)
+    proto = onnx.load(path, load_external_data=False)
+    for t in proto.graph.initializer:
+        weights += int(np.prod(t.dims)) * onnx.helper.tensor_dtype_to_np_dtype(t.data_type).itemsize
+    onnx.shape_inference.infer_shapes(proto, strict_mode=False, data_prop=True)
 except Exception:
     pass
-if "onnxruntime" in stages:
+if "onnxruntime" in stages and weights <= limit:
     print("onnxruntime", flush=True)
     import onnxruntime as ort
     options = ort.SessionOptions()
@@ -68,10 +73,15 @@ if "onnxruntime" in stages:
 def check_loads(path: Path, onnxruntime: bool = True) -> None:
     """Read the model at `path` first in a child process, as rotgraph will: onnx's shape inference on the
     graph (no weights loaded) and, with `onnxruntime`, an onnxruntime session (which loads the weights once
-    more). Some malformed graphs crash these (a GatherND with batch_dims -999 segfaults both): that becomes
-    a RotgraphError instead of a dead process. Anything short of a crash is left to the real load."""
+    more; not for a model whose weights rotgraph runs block by block, `probe.BLOCKWISE_BYTES`, which no
+    session loads whole). Some malformed graphs crash these (a GatherND with batch_dims -999 segfaults
+    both): that becomes a RotgraphError instead of a dead process. Anything short of a crash is left to the
+    real load."""
+    from rotgraph.probe import BLOCKWISE_BYTES
+
+    stages = ["onnxruntime"] if onnxruntime else []
     done = subprocess.run(
-        [sys.executable, "-c", _LOAD_CHECK, str(path), *(["onnxruntime"] if onnxruntime else [])],
+        [sys.executable, "-c", _LOAD_CHECK, str(path), str(BLOCKWISE_BYTES), *stages],
         capture_output=True,
         text=True,
     )
