@@ -563,9 +563,9 @@ def write_model(config: SyntheticConfig, folder: str | Path, progress: bool = Fa
         if progress:
             from tqdm import tqdm
 
-            with tqdm(total=len(model.graph.initializers), desc="weights", unit="weight") as bar:
+            with tqdm(desc="weights", unit="weight") as bar:  # the callback sets the total
                 io.save_model(model, staged, callback=_progress(bar))
-                bar.update(bar.total - bar.n)
+                bar.update((bar.total or 0) - bar.n)
         else:
             io.save_model(model, staged)
         if tokenizer:
@@ -640,8 +640,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     start = time.perf_counter()
     path = write_model(config, args.output, progress=not args.quiet, tokenizer=args.tokenizer)
     print(
-        f"{path}: {config.layers} layers, {parameter_count(config) / 1e9:.2f} B parameters, "
-        f"{weight_bytes(config) / 1e9:.2f} GB of {config.dtype} weights, {time.perf_counter() - start:.1f} s"
+        f"{path}: {config.layers} layers, {parameter_count(config) / 1e6:,.1f} M parameters, "
+        f"{weight_bytes(config) / 1e6:,.1f} MB of {config.dtype} weights, {time.perf_counter() - start:.1f} s"
     )
     return 0
 
