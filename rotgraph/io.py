@@ -13,7 +13,7 @@ import socket
 import subprocess
 import sys
 import tempfile
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import onnx_ir as ir
@@ -201,10 +201,15 @@ def _running(pid: int) -> bool:
     return True
 
 
-def save_model(model: ir.Model, path: Path) -> None:
-    """Save with weights as external data `<name>.data` beside the model (call inside `staged_output`)."""
+def save_model(
+    model: ir.Model,
+    path: Path,
+    callback: Callable[[ir.TensorProtocol, ir.external_data.CallbackInfo], None] | None = None,
+) -> None:
+    """Save with weights as external data `<name>.data` beside the model (call inside `staged_output`);
+    `callback` is called before each external tensor is written (a progress bar)."""
     model.ir_version = min(model.ir_version, 10)  # onnxruntime 1.2x-1.3x reads IR versions up to 10/11
-    ir.save(model, path, external_data=path.name + ".data")
+    ir.save(model, path, external_data=path.name + ".data", callback=callback)
 
 
 def require_files(paths: list[Path]) -> None:

@@ -38,10 +38,10 @@ def tiny_config(model_type: str = "llama", **overrides: Any) -> Any:
     return AutoConfig.for_model(model_type, **base)
 
 
-def make_tokenizer(folder: Path, vocab_size: int) -> None:
-    """A byte-level BPE tokenizer trained on SAMPLE_TEXT, saved as a Hugging Face tokenizer."""
+def train_tokenizer(vocab_size: int) -> Any:
+    """A byte-level BPE `tokenizers.Tokenizer` trained on SAMPLE_TEXT (ids below `vocab_size`; <unk>, <s>,
+    </s> are 0, 1, 2)."""
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
-    from transformers import PreTrainedTokenizerFast
 
     tok = Tokenizer(models.BPE(unk_token="<unk>"))
     tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
@@ -53,7 +53,16 @@ def make_tokenizer(folder: Path, vocab_size: int) -> None:
         show_progress=False,
     )
     tok.train_from_iterator([SAMPLE_TEXT], trainer)
-    fast = PreTrainedTokenizerFast(tokenizer_object=tok, bos_token="<s>", eos_token="</s>", unk_token="<unk>")
+    return tok
+
+
+def make_tokenizer(folder: Path, vocab_size: int) -> None:
+    """`train_tokenizer(vocab_size)` saved as a Hugging Face tokenizer."""
+    from transformers import PreTrainedTokenizerFast
+
+    fast = PreTrainedTokenizerFast(
+        tokenizer_object=train_tokenizer(vocab_size), bos_token="<s>", eos_token="</s>", unk_token="<unk>"
+    )
     fast.save_pretrained(folder)
 
 
