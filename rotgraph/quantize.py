@@ -46,6 +46,24 @@ class QuantReport:
     validation: Agreement | None = None
 
 
+def ties_embedding(path: Path) -> bool:
+    """Whether the model file's lm_head reads its embedding table, by structure (its weights are not read):
+    the largest 2-D table a Gather reads is read by some other node too (a Transpose or MatMul). True when
+    no such table is found (a fused graph: the quantizer decides there)."""
+    graph = ir.load(path).graph
+    tables = [
+        v
+        for v in graph.initializers.values()
+        if v.shape is not None
+        and len(v.shape) == 2
+        and any(u.node.op_type == "Gather" and u.idx == 0 for u in v.uses())
+    ]
+    if not tables:
+        return True
+    table = max(tables, key=lambda v: v.shape.numpy()[0] * v.shape.numpy()[1])  # type: ignore[union-attr]
+    return any(u.node.op_type != "Gather" for u in table.uses())
+
+
 def calibration_tokens(model_path: Path, options: QuantOptions) -> np.ndarray:
     from rotgraph.text import load_text
     from rotgraph.tokenize import encode
@@ -112,7 +130,8 @@ def quantize(
     if isinstance(config, QuantOptions):
         options, record = config, None
     else:
-        resolved, notes = resolve(config or QuantConfig(), io.find_tokenizer(input_path) is not None)
+        has_text = io.find_tokenizer(input_path) is not None
+        resolved, notes = resolve(config or QuantConfig(), has_text, tied=ties_embedding(input_path))
         if notes:
             logger.warning("no calibration text (tokenizer.json beside %s): %s left out", input_path, ", ".join(notes))
         options, record = to_options(resolved), recorded(resolved)

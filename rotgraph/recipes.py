@@ -125,11 +125,12 @@ def preset(name: str | None) -> QuantConfig:
     return QuantConfig().with_values(RECIPES[name].values)
 
 
-def resolve(config: QuantConfig, has_text: bool) -> tuple[QuantConfig, list[str]]:
+def resolve(config: QuantConfig, has_text: bool, tied: bool = True) -> tuple[QuantConfig, list[str]]:
     """Fill every `auto` field with the best measured choice for the scheme and format (benchmarks/RESULTS.md,
     "Defaults"). `has_text`: whether calibration text can be tokenized (a tokenizer beside the model);
-    where the best choice needs it and it is missing, the choice that needs none is made. Returns the
-    resolved configuration and what was left out for want of text."""
+    where the best choice needs it and it is missing, the choice that needs none is made. `tied`: whether
+    the model's lm_head is its embedding table (only then can they share one quantized table). Returns
+    the resolved configuration and what was left out for want of text."""
     s = Scheme.parse(config.scheme)
     fmt = config.output.format
     notes: list[str] = []
@@ -158,7 +159,7 @@ def resolve(config: QuantConfig, has_text: bool) -> tuple[QuantConfig, list[str]
     int4 = four_weights and (ort or s.act_bits > 4)
     group = w.group if w.group != AUTO else (64 if int4 else 0 if mode == "static" else 32)
     full_range = w.full_range if w.full_range != AUTO else int4
-    shared_head = w.shared_head if w.shared_head != AUTO else (int4 and w.head_bits < 16)
+    shared_head = w.shared_head if w.shared_head != AUTO else (int4 and w.head_bits < 16 and tied)
     search_ok = not (ort and s.act_bits == 8 and s.weight_bits < 16)  # MatMulNBits quantizes a8 itself
     clip = want(a.clip, "search" if dynamic4 and search_ok else None, None, True, "the activation clip search")
     asymmetric = a.asymmetric if a.asymmetric != AUTO else (dynamic4 and search_ok)

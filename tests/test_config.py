@@ -196,3 +196,15 @@ def test_without_calibration_text_the_best_recipe_says_what_it_leaves_out_in_one
     resolved = json.loads(out.with_name("model.rotgraph.json").read_text())["config"]
     assert resolved["weights"]["method"] == "rtn" and resolved["activations"]["clip"] is None
     assert resolved["activations"]["asymmetric"] is True  # needs no text: kept
+
+
+@pytest.mark.parametrize("tied", [True, False])
+def test_the_shared_head_is_chosen_only_for_a_tied_lm_head(tiny, tmp_path: Path, tied: bool) -> None:
+    """w4a8 in the ort format with no option: one shared 8-bit table when the model ties its lm_head to the
+    embedding; an untied model (Llama-3.1-8B's form) quantizes them apart instead of failing."""
+    _, source = tiny("llama", "dynamo", tie_word_embeddings=tied)
+    out = tmp_path / "model.onnx"
+    argv = ["quantize", str(source), "-o", str(out), "--scheme", "w4a8", "--format", "ort", "--group", "16"]
+    assert main([*argv, "--set", "calibration.windows=2"]) == 0
+    recorded = json.loads(out.with_name("model.rotgraph.json").read_text())
+    assert recorded["config"]["weights"]["shared_head"] is tied
