@@ -36,7 +36,9 @@ def _graph(path: Path) -> onnx.GraphProto:
 
 def _weights(path: Path) -> dict[str, int]:
     """{name: element type} of the float initializers of rank 2 and more (weights, not the exporter's scalars)."""
-    return {i.name: i.data_type for i in _graph(path).initializer if i.data_type in (F16, BF16, F32) and len(i.dims) > 1}
+    return {
+        i.name: i.data_type for i in _graph(path).initializer if i.data_type in (F16, BF16, F32) and len(i.dims) > 1
+    }
 
 
 def test_the_export_is_float16(float16_model: tuple[Path, Path]) -> None:
@@ -94,9 +96,7 @@ def test_float16_quantizes_to_float16(float16_model, tmp_path: Path, scheme: str
     assert graph.output[0].type.tensor_type.elem_type == F16
     # the weights' scales in the activations' dtype (DequantizeLinear's x_scale; MatMulNBits, GatherBlockQuantized)
     scales = (
-        _dtypes(out, "DequantizeLinear", 1)
-        | _dtypes(out, "MatMulNBits", 2)
-        | _dtypes(out, "GatherBlockQuantized", 2)
+        _dtypes(out, "DequantizeLinear", 1) | _dtypes(out, "MatMulNBits", 2) | _dtypes(out, "GatherBlockQuantized", 2)
     )
     assert scales == {F16}
     assert set(_weights(out).values()) <= {F16}
