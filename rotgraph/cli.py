@@ -108,6 +108,13 @@ def parser() -> argparse.ArgumentParser:
     e.add_argument(
         "--with-past", action="store_true", help="KV-cache inputs/outputs (past_key_values.*, present.*) for decoding"
     )
+    e.add_argument(
+        "--dtype",
+        choices=["float32", "float16", "bfloat16"],
+        default="float32",
+        help="weights, activations and logits (the model is loaded in float32 and cast; onnxruntime's CPU "
+        "provider runs few bfloat16 ops)",
+    )
     e.set_defaults(func=cmd_export)
 
     r = sub.add_parser("rotate", help="apply the float rotation (R1-R4) and validate it")

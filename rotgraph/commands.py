@@ -39,7 +39,7 @@ def _tokens(args: argparse.Namespace, model: Path, split: str = "evaluation") ->
 def cmd_export(args: argparse.Namespace) -> None:
     from rotgraph.export import export
 
-    out, config, seconds = export(args.model, Path(args.output), args.exporter, args.with_past)
+    out, config, seconds = export(args.model, Path(args.output), args.exporter, args.with_past, args.dtype)
     print(
         f"exported {config['model_type']} ({config['num_hidden_layers']} layers, hidden {config['hidden_size']}) "
         f"to {out} in {seconds:.1f} s"

@@ -1,7 +1,7 @@
 """Export a Hugging Face or GGUF causal language model to ONNX with torch's exporters.
 
 Output: `input_ids` [batch, seq] -> `logits` [batch, seq, vocab], dynamic batch and sequence, float32
-weights as external data, the tokenizer as `tokenizer.json` beside the model, and the model config in
+weights (float16 or bfloat16 with `dtype`: weights, activations and logits) as external data, the tokenizer as `tokenizer.json` beside the model, and the model config in
 the metadata (`rotgraph.config`). Attention is exported in its eager form with an all-ones mask built
 inside the graph (no padding), which gives the plainest graph.
 
@@ -70,8 +70,8 @@ def resolve_source(model: str | None) -> ModelSource:
     raise RotgraphError(f"{model}: expected a .gguf file or a Hugging Face model folder with config.json")
 
 
-def load(source: ModelSource) -> tuple[Any, Any]:
-    """(model, tokenizer) in float32 eval mode, eager attention, offline."""
+def load(source: ModelSource, dtype: str = "float32") -> tuple[Any, Any]:
+    """(model, tokenizer) in eval mode with weights of `dtype` (a torch dtype's name), eager attention, offline."""
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     import torch
     from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
@@ -90,7 +90,7 @@ def load(source: ModelSource) -> tuple[Any, Any]:
     try:
         model = AutoModelForCausalLM.from_pretrained(
             source.folder, config=config, dtype=torch.float32, attn_implementation="eager", **kwargs
-        )
+        ).to(getattr(torch, dtype))
         tokenizer = AutoTokenizer.from_pretrained(source.folder, **kwargs) if _has_tokenizer(source) else None
     except Exception as e:
         raise RotgraphError(f"{source}: cannot load the model ({type(e).__name__}: {e})") from None
@@ -185,7 +185,7 @@ def _to_onnx_with_past(model: Any) -> ir.Model:
     kv_heads = getattr(config, "num_key_value_heads", None) or config.num_attention_heads
     head_dim = getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
     example = torch.randint(0, min(1000, config.vocab_size), (2, 5))
-    past = [torch.zeros(2, kv_heads, 7, head_dim) for _ in range(2 * layers)]
+    past = [torch.zeros(2, kv_heads, 7, head_dim, dtype=model.dtype) for _ in range(2 * layers)]
     batch, seq, past_len = torch.export.Dim("batch"), torch.export.Dim("seq"), torch.export.Dim("past")
     with torch.no_grad():
         program = torch.onnx.export(
@@ -246,9 +246,10 @@ def to_onnx(model: Any, exporter: Exporter = "dynamo", with_past: bool = False) 
 
 
 def export(
-    model: str | None, output: Path, exporter: Exporter = "dynamo", with_past: bool = False
+    model: str | None, output: Path, exporter: Exporter = "dynamo", with_past: bool = False, dtype: str = "float32"
 ) -> tuple[Path, dict[str, Any], float]:
-    """Export `model` (None: the default SmolLM2) to `output`; returns (output, config, seconds)."""
+    """Export `model` (None: the default SmolLM2) to `output` with weights, activations and logits of `dtype`
+    (float32, float16 or bfloat16; the model is loaded in float32, then cast); returns (output, config, seconds)."""
     start = time.perf_counter()
     io.check_output_path([], output)
     if with_past and exporter != "dynamo":
@@ -260,7 +261,7 @@ def export(
             "would overwrite; choose another folder"
         )
     logger.info("loading %s", source)
-    hf_model, tokenizer = load(source)
+    hf_model, tokenizer = load(source, dtype)
     logger.info("exporting with the %s exporter", exporter)
     onnx_model = to_onnx(hf_model, exporter, with_past)
     config = _config_metadata(hf_model.config, tokenizer)

@@ -68,10 +68,14 @@ class ActSpec:
 
 
 def _function(spec: ActSpec, dtype: ir.DataType) -> ir.Function:
-    f = dtype.numpy()
-    x = ir.Value(name="X")
+    """The body in float32 arithmetic whatever `dtype` is (float16 or bfloat16 values are cast to float32 and
+    back: grid.EPS is no float16 number, and a bfloat16 quotient misses 8-bit codes), float64 in float64."""
+    wide = ir.DataType.DOUBLE if dtype == ir.DataType.DOUBLE else ir.DataType.FLOAT
+    f = wide.numpy()
+    x_in = ir.Value(name="X")
     b = FunctionBuilder()
     op, const = b.op, b.const
+    x = x_in if dtype == wide else op("Cast", x_in, to=wide)
 
     if spec.group:  # groups of the last axis; the whole axis needs no reshape and fits any width
         shape = op("Shape", x)
@@ -98,9 +102,11 @@ def _function(spec: ActSpec, dtype: ir.DataType) -> ir.Function:
         zp = op("Round", op("Div", op("Neg", lo), scale))
         q = op("Clip", op("Add", op("Round", op("Div", xr, scale)), zp), zero_f, hi_q)
         y = op("Mul", op("Sub", q, zp), scale)
+    if dtype != wide:
+        y = op("Cast", y, to=dtype)
     out = op("Reshape", y, shape) if spec.group else op("Identity", y)
     out.name = "Y"
-    return b.function("FakeQuant", spec.overload, [x], [out])
+    return b.function("FakeQuant", spec.overload, [x_in], [out])
 
 
 def insert_fake_quant(model: ir.Model, value: ir.Value, spec: ActSpec) -> ir.Node:

@@ -110,10 +110,11 @@ class CacheSpec:
         return y.reshape(codes.shape)
 
 
-def _quantize_function(spec: CacheSpec) -> ir.Function:
+def _quantize_function(spec: CacheSpec, dtype: ir.DataType) -> ir.Function:
     b = FunctionBuilder()
     f = np.float32
-    x = ir.Value(name="X")
+    x_in = ir.Value(name="X")
+    x = x_in if dtype == ir.DataType.FLOAT else b.op("Cast", x_in, to=ir.DataType.FLOAT)  # float32 arithmetic
     grouped = b.op("Reshape", x, b.const("grouped", np.array([0, 0, 0, spec.groups, spec.group_size], np.int64)))
     axes = b.const("axes", np.array([-1], np.int64))
     zero_f, clip = b.const("zero_f", np.array(0, f)), b.const("clip", np.array(grid.clip_value(spec.clip), f))
@@ -140,10 +141,10 @@ def _quantize_function(spec: CacheSpec) -> ir.Function:
     codes.name, scale.name = "codes", "scale"
     zero = b.op("Cast", zp, to=ir.DataType.UINT8)
     zero.name = "zero"
-    return b.function("KVQuantize", spec.overload, [x], [codes, scale, zero])
+    return b.function("KVQuantize", spec.overload, [x_in], [codes, scale, zero])
 
 
-def _dequantize_function(spec: CacheSpec) -> ir.Function:
+def _dequantize_function(spec: CacheSpec, dtype: ir.DataType) -> ir.Function:
     b = FunctionBuilder()
     codes, scale, zero = ir.Value(name="codes"), ir.Value(name="scale"), ir.Value(name="zero")
     q = codes
@@ -158,22 +159,23 @@ def _dequantize_function(spec: CacheSpec) -> ir.Function:
         b.const("grouped", np.array([0, 0, 0, spec.groups, spec.group_size], np.int64)),
     )
     centered = b.op("Sub", grouped, b.op("Unsqueeze", b.op("Cast", zero, to=ir.DataType.FLOAT), axes))
-    y = b.op(
-        "Reshape",
-        b.op("Mul", centered, b.op("Unsqueeze", scale, axes)),
-        b.const("merged", np.array([0, 0, 0, spec.head_dim], np.int64)),
-    )
+    y = b.op("Mul", centered, b.op("Unsqueeze", scale, axes))
+    if dtype != ir.DataType.FLOAT:
+        y = b.op("Cast", y, to=dtype)
+    y = b.op("Reshape", y, b.const("merged", np.array([0, 0, 0, spec.head_dim], np.int64)))
     y.name = "Y"
     return b.function("KVDequantize", spec.overload, [codes, scale, zero], [y])
 
 
-def add_functions(model: ir.Model, spec: CacheSpec) -> None:
-    """Make sure `model` carries the KVQuantize and KVDequantize functions of `spec`."""
+def add_functions(model: ir.Model, spec: CacheSpec, dtype: ir.DataType = ir.DataType.FLOAT) -> None:
+    """Make sure `model` carries the KVQuantize and KVDequantize functions of `spec` for keys and values of
+    `dtype`: float32 arithmetic and float32 scales whatever it is (float16 values are cast on the way in and
+    the dequantized cache on the way out)."""
     model.opset_imports.setdefault(ROTGRAPH_DOMAIN, 1)
     for name, build in (("KVQuantize", _quantize_function), ("KVDequantize", _dequantize_function)):
         key = (ROTGRAPH_DOMAIN, name, spec.overload)
         if key not in model.functions:
-            model.functions[key] = build(spec)
+            model.functions[key] = build(spec, dtype)
 
 
 def quantize_node(spec: CacheSpec, value: ir.Value) -> ir.Node:

@@ -52,7 +52,8 @@ class SubtractKeyMeanPass(ir.passes.InPlacePass):
             sums[p.value] = sums[p.value] + s if p.value in sums else s
             count += p.array.shape[0] * seq if p.value == 0 else 0
         for block, value, total in zip(blocks, keys, (sums[i] for i in range(len(keys))), strict=True):
-            _subtract(model, value, (total / count).astype(np.float32), f"block{block.index}.key_mean")
+            dtype = (value.dtype or ir.DataType.FLOAT).numpy()  # the keys' own type (float16 in a float16 model)
+            _subtract(model, value, (total / count).astype(dtype), f"block{block.index}.key_mean")
         model.metadata_props[KEY_MEAN_KEY] = f"{len(self.token_windows)} windows of {seq} tokens"
         logger.info(
             "key means subtracted in %d blocks (%d windows of %d tokens)", len(blocks), len(self.token_windows), seq

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import logging
 
+import ml_dtypes
 import numpy as np
 import onnx_ir as ir
 
@@ -56,6 +57,14 @@ class UntieEmbeddingPass(ir.passes.InPlacePass):
         return ir.passes.PassResult(model, True)
 
 
+def map_tolerance(dtype: ir.DataType | None) -> float:
+    """The relative residual `embedding_map` allows for weights stored in `dtype`: 1e-5, or 4 units of its
+    precision where that is coarser (a rotated float16 pair, each side rounded once, leaves ~3e-4, bfloat16
+    ~10x that; an lm_head of its own leaves a residual near 1)."""
+    eps = float(ml_dtypes.finfo(dtype.numpy()).eps) if dtype is not None and dtype.is_floating_point() else 0.0
+    return max(1e-5, 4 * eps)
+
+
 def embedding_map(table: np.ndarray, weight: np.ndarray, tolerance: float = 1e-5) -> np.ndarray:
     """M [hidden, hidden] with `weight` = M @ table^T, fitted by float64 least squares, for an lm_head weight
     [hidden, vocab] and the embedding table [vocab, hidden]: what lets a rotated model share one table again.
@@ -63,7 +72,7 @@ def embedding_map(table: np.ndarray, weight: np.ndarray, tolerance: float = 1e-5
     After R1 and the fused final norm scale g, a tied pair reads E Q (embedding) and Q^T diag(g) E^T
     (lm_head), so lm_head = M (E Q)^T with M = Q^T diag(g) Q, found here from the two weights alone (any
     rotation, seeded or learned). Raises RotgraphError when `weight` is no such map of the table (relative
-    residual above `tolerance`; float32 rounding leaves ~1e-7): an lm_head of its own cannot share it.
+    residual above `tolerance`, by the weights' dtype: `map_tolerance`; float32 rounding leaves ~1e-7): an lm_head of its own cannot share it.
     """
     gram = table.T @ table
     try:

@@ -140,16 +140,18 @@ def rope_tables(
     graph: ir.Graph, rope: Rope, inv_freq: np.ndarray, max_length: int, made: RopeTables
 ) -> tuple[ir.Value, ir.Value]:
     """The cos/sin caches [max_length, head_dim / 2] of `rope`'s tables, scale * cos(p * inv_freq) for
-    p = 0 .. max_length - 1 computed in float64 and stored as float32 initializers; one pair per
+    p = 0 .. max_length - 1 computed in float64 and stored in the type of the values RoPE rotates (the
+    attention ops take them in their input's type: float32, or float16 in a float16 model); one pair per
     distinct (Cos, Sin) pair of the graph, kept in `made`."""
     key = (id(rope.cos), id(rope.sin))
     if key not in made:
         angles = np.arange(max_length, dtype=np.float64)[:, None] * inv_freq[None, :]
+        dtype = rope.x.dtype or ir.DataType.FLOAT
         pair = []
         for name, fn in (("cos", np.cos), ("sin", np.sin)):
-            array = (rope.scale * fn(angles)).astype(np.float32)
+            array = (rope.scale * fn(angles)).astype(dtype.numpy())
             value = ir.Value(name=f"rotary_{name}_cache_{len(made)}", const_value=ir.Tensor(array))
-            value.shape, value.dtype = ir.Shape(array.shape), ir.DataType.FLOAT
+            value.shape, value.dtype = ir.Shape(array.shape), dtype
             graph.register_initializer(value)
             pair.append(value)
         made[key] = (pair[0], pair[1])

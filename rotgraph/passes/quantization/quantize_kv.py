@@ -100,7 +100,7 @@ def _store_quantized(model: ir.Model, cache: KVCache, spec: kvcache.CacheSpec, w
                 f"{where}: the cache input {cache.past.name!r} is read by {user.op_type} node {user.name!r}; "
                 "expected only the cache Concat and Shape nodes"
             )
-    kvcache.add_functions(model, spec)
+    kvcache.add_functions(model, spec, cache.new.dtype or ir.DataType.FLOAT)
     name, present_name = cache.past.name or "", cache.present.name or ""
     dims = list(shape)
     batch, heads, past_len = dims[0], dims[1], dims[2]

@@ -12,7 +12,7 @@ from tqdm import tqdm
 from rotgraph import grid
 from rotgraph.calibrate import ROLE_SITES, BlockHessians, block_linears
 from rotgraph.errors import RotgraphError
-from rotgraph.passes.canonical.untie_embedding import embedding_map
+from rotgraph.passes.canonical.untie_embedding import embedding_map, map_tolerance
 from rotgraph.quant import QuantizedWeight, WeightSpec, gptq, quantize_rtn
 from rotgraph.results import Calibration
 from rotgraph.structure import Linear, ModelDescription, discover, is_quantized_weight, transposed_initializer
@@ -378,7 +378,8 @@ class QuantizeWeightsPass(ir.passes.InPlacePass):
                 self.block_hessians.done(block)
         if self.head_spec is not None and self.shared_head:
             rows = embedding_rows(desc)
-            mix = None if desc.lm_head_tied else embedding_map(rows, read_float64(desc.lm_head.weight))
+            tolerance = map_tolerance(desc.lm_head.weight.dtype)
+            mix = None if desc.lm_head_tied else embedding_map(rows, read_float64(desc.lm_head.weight), tolerance)
             emit_shared_head(model, desc, quantize_rtn(rows, self.head_spec), mix, self.fmt, self.accuracy_level)
             if spill is not None:
                 spill.spill(model.graph)
