@@ -180,3 +180,39 @@ def test_spill_files_sharing_a_folder_point_at_their_own_bytes(tmp_path: Path) -
         (first if i % 2 else second).spill(graph)
     for name, array in arrays.items():
         np.testing.assert_array_equal(graph.initializers[name].const_value.numpy(), array, err_msg=name)
+
+
+_MEASURE = """
+import resource, subprocess, sys
+done = subprocess.run(sys.argv[1:], capture_output=True, text=True)
+print(done.returncode, resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss * 1024)
+print(done.stderr[-3000:])
+"""
+
+
+@pytest.mark.slow
+def test_a_deep_model_quantizes_with_gptq_and_validation_in_less_memory_than_half_its_weights(tmp_path: Path) -> None:
+    """22 blocks, 2.3 GB of float32 weights (over `probe.BLOCKWISE_BYTES`): sequential GPTQ and the
+    validation run block by block; the whole `rotgraph quantize` process peaks below half the weights."""
+    import subprocess
+    import sys
+
+    from rotgraph.synthetic import SyntheticConfig, weight_bytes, write_model
+
+    config = SyntheticConfig(hidden=1536, intermediate=4096, layers=22, heads=12, kv_heads=4, head_dim=128, vocab=4096)
+    assert weight_bytes(config) > probe.BLOCKWISE_BYTES
+    source = write_model(config, tmp_path / "in")
+    out = tmp_path / "out" / "model.onnx"
+    argv = ["quantize", str(source), "-o", str(out), "--scheme", "w4a8", "--format", "ort"]
+    argv += ["--set", "weights.sequential=true", "--set", "calibration.windows=2", "--set", "calibration.seq_len=128"]
+    done = subprocess.run(
+        [sys.executable, "-c", _MEASURE, sys.executable, "-m", "rotgraph.cli", *argv],
+        capture_output=True,
+        text=True,
+        check=True,
+    )
+    first, _, stderr = done.stdout.partition("\n")
+    rc, peak = map(int, first.split())
+    assert rc == 0, stderr
+    assert "validated against the float model" in stderr or out.exists()
+    assert peak < weight_bytes(config) / 2, f"peak RSS {peak / 1e9:.2f} GB for {weight_bytes(config) / 1e9:.2f} GB"
