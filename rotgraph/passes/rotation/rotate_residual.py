@@ -58,12 +58,13 @@ class RotateResidualPass(ir.passes.InPlacePass):
     def call(self, model: ir.Model) -> ir.passes.PassResult:
         desc = discover(model)
         n = desc.hidden_size
+        q: Matrix
         if self.rotation is not None:
             if self.rotation.shape != (n, n):
                 raise RotgraphError(f"R1 must be {n} x {n} for this model, got {self.rotation.shape}")
             q, kind = np.asarray(self.rotation, dtype=np.float64), "given"
         else:
-            q, kind = residual_rotation(n, self.seed)
+            q, kind = residual_rotation_factored(n, self.seed)
         rewrite_initializer(desc.embedding_table, functools.partial(multiply_right, m=q))
         readers, writers = r1_readers(desc), r1_writers(desc)
         for lin in readers:
