@@ -195,14 +195,24 @@ def hadamard(n: int) -> np.ndarray | None:
     return None if f is None else np.kron(f.a, f.b)
 
 
+SYLVESTER_GEMM_ORDER = 32  # along a contiguous last axis, the lowest bits as one product with S_32 (measured faster)
+
+
 def _sylvester_in_place(x: np.ndarray, pre: int, p: int, post: int) -> np.ndarray:
     """v -> v @ S_p for the vectors along the middle axis of x viewed as [pre, p, post], S_p the Sylvester
-    matrix of order p (kron(H2, ..., H2), entries +-1): log2(p) butterfly stages of adds and subtracts,
-    alternating between x and one more buffer. x (contiguous, the caller's own) is overwritten."""
+    matrix of order p (kron(H2, ..., H2), entries +-1): butterfly stages of adds and subtracts, one per
+    bit of the index, alternating between x and one more buffer. Along a contiguous last axis (post 1)
+    the stages of the lowest bits would loop over runs of a few elements; there the lowest 5 bits are one
+    product with S_32 instead. x (contiguous, the caller's own) may be overwritten."""
     y = x.reshape(pre, p, post)
+    low = min(p, SYLVESTER_GEMM_ORDER) if post == 1 else 1
+    if low > 1:
+        s = _base(low)
+        assert s is not None  # a power of two
+        y = (y.reshape(-1, low) @ s.astype(np.float64)).reshape(pre, p, post)
     out = np.empty_like(y)
     h = p // 2
-    while h:  # the stage on one bit of the index is kron(I, H2, I); the stages commute
+    while h >= low:  # the stage on one bit of the index is kron(I, H2, I); the stages commute
         src = y.reshape(pre, p // (2 * h), 2, h, post)
         dst = out.reshape(pre, p // (2 * h), 2, h, post)
         np.add(src[:, :, 0], src[:, :, 1], out=dst[:, :, 0])
@@ -230,9 +240,9 @@ class HadamardRotation:
     `transposed`.
 
     `apply` computes v @ Q (v @ Q^T when transposed) for the vectors along one axis in float64 in
-    O(n (m + log2 p)) per vector: a gather by the permutation, log2(p) butterfly stages of adds and
-    subtracts for B (measured faster than B as one matrix product; benchmarks/RESULTS.md, "Fast rotation
-    (issue 28)"), one m x m matrix product for A, and a scaling by signs / sqrt(n). `matrix` is the
+    O(n (m + log2 p)) per vector: a gather by the permutation, butterfly stages of adds and subtracts
+    for B (measured faster than B as one matrix product; benchmarks/RESULTS.md, "Fast rotation (issue
+    28)"), one m x m matrix product for A, and a scaling by signs / sqrt(n). `matrix` is the
     dense form, equal bit for bit to the product `random_hadamard` returns for the same draws.
     """
 
@@ -273,13 +283,14 @@ class HadamardRotation:
         v = x.reshape(pre, n, post)
         scale = (np.ones(n) if self.signs is None else self.signs) / np.sqrt(n)
         if not self.transposed:  # v @ Q = ((v permuted by perm^-1) @ H) * signs / sqrt(n)
-            u = np.array(v, dtype=np.float64) if self.perm is None else v[:, np.argsort(self.perm)].astype(np.float64)
+            u = np.array(v, dtype=np.float64) if self.perm is None else np.take(v, np.argsort(self.perm), axis=1)
+            u = u.astype(np.float64, copy=False)
             y = _kron_apply(u, f, f.a, pre, post)
             y *= scale[None, :, None]
         else:  # v @ Q^T = ((v * signs / sqrt(n)) @ H^T) permuted by perm, H^T = kron(A^T, B)
             y = _kron_apply(v * scale[None, :, None], f, f.a.T, pre, post)
             if self.perm is not None:
-                y = y[:, self.perm]
+                y = np.take(y, self.perm, axis=1)
         return y.reshape(x.shape)
 
 
