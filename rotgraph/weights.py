@@ -2,17 +2,19 @@
 
 Passes never materialize rewritten weights. `rewrite_initializer` replaces an initializer's tensor by
 an `ir.LazyTensor` that, when the model is saved, reads the original (memory-mapped) tensor once,
-converts it to float64, applies every queued step in order and casts back to the original dtype once.
+converts it to float64, applies every queued step in order and casts back to the original dtype once
+(chunk by chunk where the steps allow it).
 Several passes rewriting the same weight therefore cost one float32 rounding, and the pipeline holds
 no second copy of the weights in memory.
 
 A step function may declare how it acts on a 2-D weight (`row_wise`: the same map on every row, as
 W -> W M; `column_wise`: on every column, as W -> M W; `transposing`). A chain whose steps all act on
 rows (or all on columns, a transpose swapping the two) is evaluated over chunks of the base tensor of
-at most CHUNK_BYTES in float64, each cast into the output as it is done: no weight is ever held whole
-in float64 (a 128256 x 8192 embedding would take 8.4 GB). A chain that mixes the two (down_proj: R1 on
-the right, R4 on the left) holds its weight once in float64 and applies each declared step to it in
-place, chunk by chunk; an undeclared step gets the whole float64 array, as before.
+at most CHUNK_BYTES in float64, each cast into the output as it is done, so such a weight (the
+embedding, every R1 reader) is never whole in float64: a 128256 x 8192 embedding would take 8.4 GB. A
+chain that mixes the two (down_proj: R1 on the right, R4 on the left) holds its weight once in float64
+and applies each declared step to it in place, chunk by chunk; an undeclared step gets the whole
+float64 array, as before.
 """
 
 from __future__ import annotations
