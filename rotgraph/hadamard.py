@@ -195,14 +195,122 @@ def hadamard(n: int) -> np.ndarray | None:
     return None if f is None else np.kron(f.a, f.b)
 
 
-def random_hadamard(n: int, rng: np.random.Generator) -> np.ndarray | None:
-    """P H D / sqrt(n): a Hadamard matrix with rows permuted and columns sign-flipped at random."""
-    h = hadamard(n)
-    if h is None:
+SYLVESTER_GEMM_ORDER = 32  # along a contiguous last axis, the lowest bits as one product with S_32 (measured faster)
+
+
+def _sylvester_in_place(x: np.ndarray, pre: int, p: int, post: int) -> np.ndarray:
+    """v -> v @ S_p for the vectors along the middle axis of x viewed as [pre, p, post], S_p the Sylvester
+    matrix of order p (kron(H2, ..., H2), entries +-1): butterfly stages of adds and subtracts, one per
+    bit of the index, alternating between x and one more buffer. Along a contiguous last axis (post 1)
+    the stages of the lowest bits would loop over runs of a few elements; there the lowest 5 bits are one
+    product with S_32 instead. x (contiguous, the caller's own) may be overwritten."""
+    y = x.reshape(pre, p, post)
+    low = min(p, SYLVESTER_GEMM_ORDER) if post == 1 else 1
+    if low > 1:
+        s = _base(low)
+        assert s is not None  # a power of two
+        y = (y.reshape(-1, low) @ s.astype(np.float64)).reshape(pre, p, post)
+    out = np.empty_like(y)
+    h = p // 2
+    while h >= low:  # the stage on one bit of the index is kron(I, H2, I); the stages commute
+        src = y.reshape(pre, p // (2 * h), 2, h, post)
+        dst = out.reshape(pre, p // (2 * h), 2, h, post)
+        np.add(src[:, :, 0], src[:, :, 1], out=dst[:, :, 0])
+        np.subtract(src[:, :, 0], src[:, :, 1], out=dst[:, :, 1])
+        y, out = out, y
+        h //= 2
+    return y
+
+
+def _kron_apply(x: np.ndarray, f: HadamardFactors, a: np.ndarray, pre: int, post: int) -> np.ndarray:
+    """v -> v @ kron(a, S_p) along the middle axis of x viewed as [pre, n, post] (x is overwritten):
+    the butterfly on the 2**k part, then one matrix product with the m x m factor `a` (f.a or f.a.T)."""
+    y = _sylvester_in_place(x, pre * f.m, f.p, post)
+    if f.m == 1:
+        return y.reshape(pre, f.n, post)
+    y = y.reshape(pre, f.m, f.p * post)
+    y = a.T @ y[0] if pre == 1 else np.matmul(a.T, y)  # contracts the m axis: y[j] = sum_i a[i, j] y[i]
+    return y.reshape(pre, f.n, post)
+
+
+@dataclass(frozen=True, eq=False)
+class HadamardRotation:
+    """The orthogonal Q = P H D / sqrt(n) kept as its factors, H = kron(A, B) (`HadamardFactors`):
+    Q[i, j] = H[perm[i], j] * signs[j] / sqrt(n) (no `perm`: P = I; no `signs`: D = I), or Q^T when
+    `transposed`.
+
+    `apply` computes v @ Q (v @ Q^T when transposed) for the vectors along one axis in float64 in
+    O(n (m + log2 p)) per vector: a gather by the permutation, butterfly stages of adds and subtracts
+    for B (measured faster than B as one matrix product; benchmarks/RESULTS.md, "Fast rotation (issue
+    28)"), one m x m matrix product for A, and a scaling by signs / sqrt(n). `matrix` is the
+    dense form, equal bit for bit to the product `random_hadamard` returns for the same draws.
+    """
+
+    factors: HadamardFactors
+    perm: np.ndarray | None = None  # [n] ints: Q's row i is H's row perm[i]
+    signs: np.ndarray | None = None  # [n] +-1.0: Q's column j is multiplied by signs[j]
+    transposed: bool = False
+
+    @property
+    def n(self) -> int:
+        return self.factors.n
+
+    @property
+    def shape(self) -> tuple[int, int]:
+        return (self.n, self.n)
+
+    @property
+    def T(self) -> HadamardRotation:  # named as numpy's .T, so the passes treat both forms alike
+        return HadamardRotation(self.factors, self.perm, self.signs, not self.transposed)
+
+    def matrix(self) -> np.ndarray:
+        """Q (or Q^T) as a dense float64 matrix."""
+        f, n = self.factors, self.n
+        h = np.kron(f.a, f.b)
+        q = (h if self.perm is None else h[self.perm]).astype(np.float64)
+        q = q * self.signs[None, :] / np.sqrt(n) if self.signs is not None else q / np.sqrt(n)
+        return np.ascontiguousarray(q.T) if self.transposed else q
+
+    def apply(self, x: np.ndarray, axis: int = -1) -> np.ndarray:
+        """v @ Q (v @ Q^T when transposed) for every vector v along `axis` of x, in float64: axis -1 is
+        X @ Q (rows independent), axis 0 of a matrix X is Q^T X (columns independent)."""
+        x = np.asarray(x)
+        axis %= x.ndim
+        n, f = self.n, self.factors
+        if x.shape[axis] != n:
+            raise ValueError(f"cannot apply a rotation of order {n} to axis {axis} of shape {x.shape}")
+        pre, post = int(np.prod(x.shape[:axis])), int(np.prod(x.shape[axis + 1 :]))
+        v = x.reshape(pre, n, post)
+        scale = (np.ones(n) if self.signs is None else self.signs) / np.sqrt(n)
+        if not self.transposed:  # v @ Q = ((v permuted by perm^-1) @ H) * signs / sqrt(n)
+            u = np.array(v, dtype=np.float64) if self.perm is None else np.take(v, np.argsort(self.perm), axis=1)
+            u = u.astype(np.float64, copy=False)
+            y = _kron_apply(u, f, f.a, pre, post)
+            y *= scale[None, :, None]
+        else:  # v @ Q^T = ((v * signs / sqrt(n)) @ H^T) permuted by perm, H^T = kron(A^T, B)
+            y = _kron_apply(v * scale[None, :, None], f, f.a.T, pre, post)
+            if self.perm is not None:
+                y = np.take(y, self.perm, axis=1)
+        return y.reshape(x.shape)
+
+
+Matrix = np.ndarray | HadamardRotation  # a rotation as the weight steps take it: dense, or factored
+
+
+def randomized_hadamard(n: int, rng: np.random.Generator) -> HadamardRotation | None:
+    """P H D / sqrt(n), factored: a Hadamard matrix with rows permuted and columns sign-flipped at random."""
+    f = hadamard_factors(n)
+    if f is None:
         return None
     signs = rng.choice(np.array([-1.0, 1.0]), size=n)
     perm = rng.permutation(n)
-    return h[perm].astype(np.float64) * signs[None, :] / np.sqrt(n)
+    return HadamardRotation(f, perm, signs)
+
+
+def random_hadamard(n: int, rng: np.random.Generator) -> np.ndarray | None:
+    """P H D / sqrt(n) as a dense matrix (the draws of `randomized_hadamard`)."""
+    q = randomized_hadamard(n, rng)
+    return None if q is None else q.matrix()
 
 
 def random_orthogonal(n: int, rng: np.random.Generator) -> np.ndarray:
@@ -211,12 +319,17 @@ def random_orthogonal(n: int, rng: np.random.Generator) -> np.ndarray:
     return q * np.sign(np.diag(r))[None, :]
 
 
-def random_rotation(n: int, rng: np.random.Generator, *, what: str) -> tuple[np.ndarray, str]:
-    """A randomized Hadamard of order n, or a random orthogonal matrix where none is known.
+def dense(q: Matrix) -> np.ndarray:
+    """A rotation as a dense float64 matrix."""
+    return q.matrix() if isinstance(q, HadamardRotation) else q
 
-    Returns the float64 matrix and its kind ("hadamard" or "orthogonal"); the fallback is logged.
+
+def random_rotation(n: int, rng: np.random.Generator, *, what: str) -> tuple[Matrix, str]:
+    """A randomized Hadamard of order n (factored), or a random orthogonal matrix where none is known.
+
+    Returns the rotation and its kind ("hadamard" or "orthogonal"); the fallback is logged.
     """
-    h = random_hadamard(n, rng)
+    h = randomized_hadamard(n, rng)
     if h is not None:
         return h, "hadamard"
     logger.warning(

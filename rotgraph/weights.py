@@ -2,23 +2,68 @@
 
 Passes never materialize rewritten weights. `rewrite_initializer` replaces an initializer's tensor by
 an `ir.LazyTensor` that, when the model is saved, reads the original (memory-mapped) tensor once,
-converts it to float64, applies every queued step in order and casts back to the original dtype once.
+converts it to float64, applies every queued step in order and casts back to the original dtype once
+(chunk by chunk where the steps allow it).
 Several passes rewriting the same weight therefore cost one float32 rounding, and the pipeline holds
 no second copy of the weights in memory.
+
+A step function may declare how it acts on a 2-D weight (`row_wise`: the same map on every row, as
+W -> W M; `column_wise`: on every column, as W -> M W; `transposing`). A chain whose steps all act on
+rows (or all on columns, a transpose swapping the two) is evaluated over chunks of the base tensor of
+at most CHUNK_BYTES in float64, each cast into the output as it is done, so such a weight (the
+embedding, every R1 reader) is never whole in float64: a 128256 x 8192 embedding would take 8.4 GB. A
+chain that mixes the two (down_proj: R1 on the right, R4 on the left) holds its weight once in float64
+and applies each declared step to it in place, chunk by chunk; an undeclared step gets the whole
+float64 array, as before.
 """
 
 from __future__ import annotations
 
 import os
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
+from typing import Any, TypeVar
 
 import numpy as np
 import onnx_ir as ir
 
 from rotgraph.errors import RotgraphError
+from rotgraph.hadamard import HadamardRotation, Matrix
 
 Step = Callable[[np.ndarray], np.ndarray]
+F = TypeVar("F", bound=Callable[..., Any])
+
+CHUNK_BYTES = 64 << 20  # float64 bytes of the base tensor per chunk
+ROWS, COLUMNS, TRANSPOSE = "rows", "columns", "transpose"
+_ACTS: dict[Callable[..., Any], str] = {}
+
+
+def row_wise(fn: F) -> F:
+    """Declare a step function that maps every row of a 2-D array on its own and alike: f(W)[r] = f(W[r])
+    for any rows r (W -> W M, a per-column scale, a column range). It may change the number of columns."""
+    _ACTS[fn] = ROWS
+    return fn
+
+
+def column_wise(fn: F) -> F:
+    """Declare a step function with f(W)[:, c] = f(W[:, c]) for any columns c (W -> M W, a per-row scale)."""
+    _ACTS[fn] = COLUMNS
+    return fn
+
+
+def transposing(fn: F) -> F:
+    """Declare a step function that is W -> W^T."""
+    _ACTS[fn] = TRANSPOSE
+    return fn
+
+
+def acts_on(step: Step) -> str | None:
+    """How a step acts on a 2-D array (ROWS, COLUMNS, TRANSPOSE), or None when it does not say."""
+    return _ACTS.get(getattr(step, "func", step))  # a functools.partial names its function
+
+
+def _slab(axis: int, start: int, stop: int) -> tuple[slice, ...]:
+    return (slice(start, stop),) if axis == 0 else (slice(None), slice(start, stop))
 
 
 class _Chain:
@@ -29,21 +74,103 @@ class _Chain:
         self.steps = steps
         self.name = name
 
-    def float64(self) -> np.ndarray:
-        array = np.array(self.base.numpy(), dtype=np.float64)  # a copy, never a view of the mapped file
-        if isinstance(self.base, ir.ExternalTensor):
-            self.base.release()  # unmap: the pages read do not stay in this process's RSS (re-mapped on demand)
-        if not np.isfinite(array).all():
-            raise RotgraphError(
-                f"initializer {self.base.name or self.name!r} has {int((~np.isfinite(array)).sum())} non-finite "
-                "values (NaN or Inf); a rotation would spread them over every channel"
-            )
+    def _streaming_axis(self) -> tuple[int, int] | None:
+        """(axis of the base, axis of the result) along which every step maps chunks independently."""
+        if len(self.base.shape) != 2:
+            return None
+        for first in (0, 1):
+            axis = first
+            for step in self.steps:
+                acts = acts_on(step)
+                if acts == TRANSPOSE:
+                    axis = 1 - axis
+                elif acts != (ROWS if axis == 0 else COLUMNS):
+                    break
+            else:
+                return first, axis
+        return None
+
+    def _chunks(self, axis: int, chunk_bytes: int, *, check: bool = True) -> Iterator[tuple[int, int, np.ndarray]]:
+        """(start, stop, float64 copy) of the base in chunks along `axis` (a tensor not 2-D: one chunk).
+        A mapped tensor is unmapped after every chunk, so the pages read do not stay in this process's RSS
+        (it is re-mapped on demand)."""
+        shape = tuple(self.base.shape.numpy())
+        length = shape[axis] if len(shape) == 2 else 1
+        size = max(1, chunk_bytes // (8 * max(int(np.prod(shape)) // max(length, 1), 1)))
+        for start in range(0, max(length, 1), size):
+            stop = min(start + size, length)
+            array = self.base.numpy()
+            x = np.array(array[_slab(axis, start, stop)] if len(shape) == 2 else array, dtype=np.float64)
+            del array  # x is a copy, never a view of the mapped file
+            if isinstance(self.base, ir.ExternalTensor):
+                self.base.release()
+            if check and not np.isfinite(x).all():
+                count = sum(int((~np.isfinite(c)).sum()) for _, _, c in self._chunks(axis, chunk_bytes, check=False))
+                raise RotgraphError(
+                    f"initializer {self.base.name or self.name!r} has {count} non-finite values (NaN or Inf); a "
+                    "rotation would spread them over every channel"
+                )
+            yield start, stop, x
+
+    def evaluate(self, dtype: np.dtype | type, chunk_bytes: int | None = None) -> np.ndarray:
+        """The rewritten tensor, computed in float64 and cast to `dtype` (chunk by chunk where the steps
+        allow it)."""
+        chunk_bytes = CHUNK_BYTES if chunk_bytes is None else chunk_bytes
+        streaming, shape = self._streaming_axis(), tuple(self.base.shape.numpy())
+        if streaming is not None and shape[streaming[0]] > 0:
+            first, last = streaming
+            out: np.ndarray | None = None
+            for start, stop, x in self._chunks(first, chunk_bytes):
+                for step in self.steps:
+                    x = step(x)
+                if out is None:
+                    result = list(x.shape)
+                    result[last] = shape[first]
+                    out = np.empty(result, dtype=dtype)
+                out[_slab(last, start, stop)] = x  # the cast of this chunk (the same rounding as astype)
+            assert out is not None
+            return out
+        array, owned = self._read_whole(chunk_bytes), True
         for step in self.steps:
-            array = step(array)
+            array, owned = _apply(step, array, chunk_bytes, in_place=owned)
+        return array.astype(dtype, copy=False)
+
+    def _read_whole(self, chunk_bytes: int) -> np.ndarray:
+        shape = tuple(self.base.shape.numpy())
+        if len(shape) != 2:
+            return next(self._chunks(0, chunk_bytes))[2]
+        array = np.empty(shape, dtype=np.float64)
+        for start, stop, x in self._chunks(0, chunk_bytes):
+            array[start:stop] = x
         return array
 
+    def float64(self) -> np.ndarray:
+        return self.evaluate(np.float64)
+
     def __call__(self) -> ir.Tensor:
-        return ir.Tensor(self.float64().astype(self.base.dtype.numpy()), name=self.name)
+        return ir.Tensor(self.evaluate(self.base.dtype.numpy()), name=self.name)
+
+
+def _apply(step: Step, array: np.ndarray, chunk_bytes: int, *, in_place: bool) -> tuple[np.ndarray, bool]:
+    """One step on a whole float64 array, and whether the result is this evaluation's own array. A
+    declared row- or column-wise step runs chunk by chunk, in place when `array` is ours and the step
+    keeps its shape; any other step gets the whole array (and may return an array it shares)."""
+    acts = acts_on(step)
+    if array.ndim != 2 or acts not in (ROWS, COLUMNS) or array.size == 0:
+        return step(array), False
+    axis = 0 if acts == ROWS else 1
+    size = max(1, chunk_bytes // (8 * max(array.shape[1 - axis], 1)))
+    out: np.ndarray | None = None
+    for start in range(0, array.shape[axis], size):
+        where = _slab(axis, start, start + size)
+        y = step(array[where])
+        if out is None:
+            shape = list(y.shape)
+            shape[axis] = array.shape[axis]
+            out = array if in_place and tuple(shape) == array.shape else np.empty(shape, dtype=np.float64)
+        out[where] = y
+    assert out is not None
+    return out, True
 
 
 class ChainTensor(ir.LazyTensor):
@@ -60,18 +187,26 @@ def _chain_of(tensor: ir.TensorProtocol) -> _Chain:
     return _Chain(tensor, (), tensor.name)
 
 
+@column_wise
 def scale_rows(w: np.ndarray, s: np.ndarray) -> np.ndarray:
     """Step W [in, out] -> diag(s) W (bind `s` with functools.partial)."""
     return w * s[:, None]
 
 
-def multiply_left(w: np.ndarray, m: np.ndarray) -> np.ndarray:
-    """Step W -> m @ W (bind `m` with functools.partial, never a late-binding closure)."""
+@column_wise
+def multiply_left(w: np.ndarray, m: Matrix) -> np.ndarray:
+    """Step W -> m @ W (bind `m` with functools.partial, never a late-binding closure); a factored m
+    (`HadamardRotation`) runs as a fast transform of each column."""
+    if isinstance(m, HadamardRotation):
+        return m.T.apply(w, axis=0)  # column v -> m v = (v^T m^T)^T
     return m @ w
 
 
-def multiply_right(w: np.ndarray, m: np.ndarray) -> np.ndarray:
-    """Step W -> W @ m."""
+@row_wise
+def multiply_right(w: np.ndarray, m: Matrix) -> np.ndarray:
+    """Step W -> W @ m (a factored m: a fast transform of each row)."""
+    if isinstance(m, HadamardRotation):
+        return m.apply(w, axis=-1)
     return w @ m
 
 

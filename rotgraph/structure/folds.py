@@ -24,6 +24,7 @@ from typing import TYPE_CHECKING, TypeVar
 import numpy as np
 
 from rotgraph.structure.model import Linear, ModelDescription
+from rotgraph.weights import column_wise, row_wise
 
 if TYPE_CHECKING:
     import torch
@@ -66,12 +67,14 @@ def r2_pairs(desc: ModelDescription) -> list[R2Pair]:
     ]
 
 
+@row_wise
 def rotate_head_columns(w: Array, h: Array) -> Array:
     """[..., heads * d] -> each head's d columns times h (V's weight and bias under R2)."""
     d = h.shape[0]
     return (w.reshape(*w.shape[:-1], -1, d) @ h).reshape(w.shape)
 
 
+@row_wise
 def rotate_head_columns_in(w: Array, h: Array, columns: tuple[int, int] | None) -> Array:
     """`rotate_head_columns` on the column range `columns` of w (V inside a packed QKV), or all of w."""
     if columns is None:
@@ -82,6 +85,7 @@ def rotate_head_columns_in(w: Array, h: Array, columns: tuple[int, int] | None) 
     return out
 
 
+@column_wise
 def rotate_head_rows(w: Array, h: Array) -> Array:
     """[heads * d, out] -> h^T times each head's d rows (O's weight under R2)."""
     d = h.shape[0]

@@ -13,7 +13,7 @@ from rotgraph.constants import SMOOTHQUANT_KEY
 from rotgraph.errors import RotgraphError, StructureError
 from rotgraph.results import Calibration, Site
 from rotgraph.structure import Linear, Norm, discover, distinct, is_rotgraph_op
-from rotgraph.weights import read_float64, rewrite_initializer, scale_rows
+from rotgraph.weights import read_float64, rewrite_initializer, row_wise, scale_rows
 
 logger = logging.getLogger(__name__)
 
@@ -25,10 +25,12 @@ def smoothing_scales(act_max: np.ndarray, weight_max: np.ndarray, alpha: float) 
     return np.maximum(act**alpha / weight ** (1.0 - alpha), 1e-5)
 
 
+@row_wise
 def _divide_last(w: np.ndarray, s: np.ndarray) -> np.ndarray:
     return w / s
 
 
+@row_wise
 def _divide_columns(w: np.ndarray, s: np.ndarray, columns: tuple[int, int] | None) -> np.ndarray:
     """w / s on the column range `columns` (V inside a packed QKV weight or bias), or on all of w."""
     if columns is None:

@@ -9,7 +9,7 @@ from dataclasses import dataclass
 import numpy as np
 import onnx_ir as ir
 
-from rotgraph.weights import lazy_from, new_initializer
+from rotgraph.weights import lazy_from, new_initializer, row_wise
 
 logger = logging.getLogger(__name__)
 
@@ -23,6 +23,7 @@ class _Part:
     output: ir.Value  # the Slice / Split output the part replaces
 
 
+@row_wise
 def _columns(w: np.ndarray, start: int, stop: int) -> np.ndarray:
     return np.ascontiguousarray(w[..., start:stop])
 

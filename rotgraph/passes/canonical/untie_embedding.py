@@ -10,11 +10,12 @@ import onnx_ir as ir
 
 from rotgraph.errors import RotgraphError
 from rotgraph.structure import discover, transposed_initializer
-from rotgraph.weights import lazy_from, new_initializer
+from rotgraph.weights import lazy_from, new_initializer, transposing
 
 logger = logging.getLogger(__name__)
 
 
+@transposing
 def _transpose(a: np.ndarray) -> np.ndarray:
     return np.ascontiguousarray(a.T)
 

@@ -11,7 +11,7 @@ import onnx_ir as ir
 
 from rotgraph.constants import R2_KEY
 from rotgraph.errors import RotgraphError
-from rotgraph.hadamard import random_rotation
+from rotgraph.hadamard import dense, random_rotation
 from rotgraph.structure import discover, r2_pairs, rotate_head_columns_in, rotate_head_rows
 from rotgraph.weights import rewrite_initializer
 
@@ -20,9 +20,10 @@ logger = logging.getLogger(__name__)
 
 def head_rotations(d: int, layers: int, seed: int) -> list[tuple[np.ndarray, str]]:
     """QuaRot's R2 of every layer (head_dim d): randomized Hadamards drawn in layer order from
-    `default_rng([seed, 2])`, with their kind."""
+    `default_rng([seed, 2])`, with their kind. Dense: a d x d product per head is cheap at head sizes."""
     rng = np.random.default_rng([seed, 2])
-    return [random_rotation(d, rng, what=f"R2 of layer {i}") for i in range(layers)]
+    drawn = [random_rotation(d, rng, what=f"R2 of layer {i}") for i in range(layers)]
+    return [(dense(h), kind) for h, kind in drawn]
 
 
 class RotateHeadsPass(ir.passes.InPlacePass):

@@ -11,16 +11,23 @@ import onnx_ir as ir
 
 from rotgraph.constants import R1_KEY
 from rotgraph.errors import RotgraphError, StructureError
-from rotgraph.hadamard import random_rotation
+from rotgraph.hadamard import Matrix, dense, random_rotation
 from rotgraph.structure import discover, r1_readers, r1_writers
 from rotgraph.weights import multiply_left, multiply_right, read_float64, rewrite_initializer
 
 logger = logging.getLogger(__name__)
 
 
-def residual_rotation(n: int, seed: int) -> tuple[np.ndarray, str]:
-    """QuaRot's R1 for hidden size n: a randomized Hadamard from `default_rng([seed, 1])`, and its kind."""
+def residual_rotation_factored(n: int, seed: int) -> tuple[Matrix, str]:
+    """QuaRot's R1 for hidden size n: a randomized Hadamard from `default_rng([seed, 1])` (factored, so
+    the folds run as fast transforms), and its kind."""
     return random_rotation(n, np.random.default_rng([seed, 1]), what="R1")
+
+
+def residual_rotation(n: int, seed: int) -> tuple[np.ndarray, str]:
+    """The same R1 as a dense matrix (the learners' starting point)."""
+    q, kind = residual_rotation_factored(n, seed)
+    return dense(q), kind
 
 
 class RotateResidualPass(ir.passes.InPlacePass):
@@ -51,12 +58,13 @@ class RotateResidualPass(ir.passes.InPlacePass):
     def call(self, model: ir.Model) -> ir.passes.PassResult:
         desc = discover(model)
         n = desc.hidden_size
+        q: Matrix
         if self.rotation is not None:
             if self.rotation.shape != (n, n):
                 raise RotgraphError(f"R1 must be {n} x {n} for this model, got {self.rotation.shape}")
             q, kind = np.asarray(self.rotation, dtype=np.float64), "given"
         else:
-            q, kind = residual_rotation(n, self.seed)
+            q, kind = residual_rotation_factored(n, self.seed)
         rewrite_initializer(desc.embedding_table, functools.partial(multiply_right, m=q))
         readers, writers = r1_readers(desc), r1_writers(desc)
         for lin in readers:

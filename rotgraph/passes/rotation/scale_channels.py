@@ -13,11 +13,12 @@ from rotgraph.constants import SCALES_KEY
 from rotgraph.errors import RotgraphError, StructureError
 from rotgraph.rotations import Scales
 from rotgraph.structure import Norm, discover, distinct, r2_pairs
-from rotgraph.weights import rewrite_initializer, scale_rows
+from rotgraph.weights import rewrite_initializer, row_wise, scale_rows
 
 logger = logging.getLogger(__name__)
 
 
+@row_wise
 def divide_columns(w: np.ndarray, s: np.ndarray, columns: tuple[int, int] | None) -> np.ndarray:
     """w / s on the last axis, on the column range `columns` (V inside a packed QKV) or on all of w."""
     out = w.copy()
