@@ -14,6 +14,7 @@ from rotgraph import config
 from rotgraph.cli import parser
 from rotgraph.errors import RotgraphError
 from rotgraph.options import QuantOptions
+from rotgraph.synthetic.cli import parser as synthetic_parser
 
 PACKAGE = Path(__file__).resolve().parent.parent / "rotgraph"
 FLAG = re.compile(r"(?<![\w-])--[a-z][a-z0-9-]*")
@@ -33,6 +34,7 @@ MODULE_COMMAND = {
     "calibrate.py": "quantize",
     "quant.py": "quantize",
     "passes/": "quantize",
+    "synthetic/": "synthetic",  # python -m rotgraph.synthetic, its own command line
 }
 
 
@@ -42,6 +44,7 @@ def command_options() -> dict[str, set[str]]:
     subparsers = next(a for a in top._actions if isinstance(a, argparse._SubParsersAction))
     out = {name: set(sub._option_string_actions) for name, sub in subparsers.choices.items()}
     out["rotgraph"] = set(top._option_string_actions)
+    out["synthetic"] = set(synthetic_parser()._option_string_actions)
     return out
 
 
