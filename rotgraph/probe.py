@@ -38,8 +38,19 @@ INLINE_LIMIT = 64 << 20
 # Tensors from this size on are materialized into scratch (smaller ones, such as the shape constants
 # onnxruntime must read while it infers shapes, stay inline).
 MATERIALIZE_BYTES = 1024
-# Models whose weights take more than this are probed block by block (`rotgraph.segments`).
-BLOCKWISE_BYTES = 2 << 30
+
+
+def _blockwise_bytes() -> int:
+    value = os.environ.get("ROTGRAPH_BLOCKWISE_BYTES")
+    try:
+        return 2 << 30 if value is None else int(float(value))
+    except ValueError:
+        raise RotgraphError(f"ROTGRAPH_BLOCKWISE_BYTES={value!r} is not a number of bytes") from None
+
+
+# Models whose weights take more than this are probed and validated block by block (`rotgraph.segments`);
+# the environment variable ROTGRAPH_BLOCKWISE_BYTES sets it (a machine with little memory, the tests).
+BLOCKWISE_BYTES = _blockwise_bytes()
 
 
 def _external_folders(model: ir.Model) -> set[str]:
