@@ -284,6 +284,8 @@ class SpillFile:
                 if type(tensor) is not ir.Tensor and not everything:
                     continue
                 data = tensor.tobytes()
+                if isinstance(tensor, ir.ExternalTensor):
+                    tensor.release()  # unmap: a copied model's pages do not stay in this process's RSS
                 f.write(data)
                 value.const_value = ir.ExternalTensor(
                     self.path.name,
