@@ -50,7 +50,7 @@ def ties_embedding(path: Path) -> bool:
     """Whether the model file's lm_head reads its embedding table, by structure (its weights are not read):
     the largest 2-D table a Gather reads is read by some other node too (a Transpose or MatMul). True when
     no such table is found (a fused graph: the quantizer decides there)."""
-    graph = ir.load(path).graph
+    graph = io.load_model(path).graph  # its errors name the file and what is wrong with it
     tables = [
         v
         for v in graph.initializers.values()
