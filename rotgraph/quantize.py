@@ -130,8 +130,9 @@ def quantize(
     if isinstance(config, QuantOptions):
         options, record = config, None
     else:
-        has_text = io.find_tokenizer(input_path) is not None
-        resolved, notes = resolve(config or QuantConfig(), has_text, tied=ties_embedding(input_path))
+        config, has_text = config or QuantConfig(), io.find_tokenizer(input_path) is not None
+        to_options(resolve(config, has_text)[0])  # refuses bad settings before the model is read
+        resolved, notes = resolve(config, has_text, tied=ties_embedding(input_path))
         if notes:
             logger.warning("no calibration text (tokenizer.json beside %s): %s left out", input_path, ", ".join(notes))
         options, record = to_options(resolved), recorded(resolved)
