@@ -20,7 +20,7 @@ import onnx_ir as ir
 from rotgraph import grid
 from rotgraph.errors import RotgraphError
 from rotgraph.fakequant import ActSpec
-from rotgraph.probe import BlockRunner, probe, window_feeds
+from rotgraph.probe import BlockRunner, probe, runs_by_block, window_feeds
 from rotgraph.results import Calibration, Site
 from rotgraph.segments import boundaries
 from rotgraph.structure import Block, Linear, ModelDescription, before_fake_quant, discover, distinct
@@ -107,7 +107,8 @@ class BlockHessians:
 
     `sequential` (GPTQ's sequential mode): each block's inputs come from the earlier blocks as the graph
     has them when the block runs, i.e. with their quantized weights (`QuantizeWeightsPass` calls `done`
-    after each block) and activation quantizers; otherwise from the blocks as they are at `start`.
+    after each block) and activation quantizers; otherwise from the model as it is at `start` (the
+    statistics of `input_hessians` exactly, whatever stages run between `start` and the quantizer).
     A projection's input is read before its own activation quantizer (as `input_hessians` reads it,
     before any is inserted). The sums are accumulated as `input_hessians` does (float32 per window,
     float64 across windows).
@@ -122,7 +123,8 @@ class BlockHessians:
         if len(self.tokens) == 0:
             raise RotgraphError("GPTQ needs calibration tokens")
         cuts = [(v,) for v in boundaries(desc)]
-        self.runner = BlockRunner(model, cuts, window_feeds(model, self.tokens), self.scratch)
+        feeds = window_feeds(model, self.tokens)
+        self.runner = BlockRunner(model, cuts, feeds, self.scratch, frozen=not self.sequential)
         for _ in self.runner.run([], advance=True):
             pass
 
@@ -232,6 +234,12 @@ class CalibratePass(ir.passes.InPlacePass):
             assert self.spec is not None
             tokens = self.calibration.tokens[:CLIP_WINDOWS]
             self.calibration.clips = activation_clips(model, tokens, self.spec, self.scratch)
+        elif runs_by_block(model, "GPTQ"):
+            # One block's Hessians at a time (an 8B block's take 2 GB): the quantizer reads them block by block.
+            hessians = BlockHessians(self.calibration.tokens, self.scratch, sequential=False)
+            hessians.start(model, discover(model))
+            self.calibration.block_hessians = hessians
+            logger.info("GPTQ Hessians block by block, each computed as its block is quantized")
         else:
             self.calibration.hessians = input_hessians(model, self.calibration.tokens, self.scratch)
         return ir.passes.PassResult(model, False)

@@ -133,21 +133,32 @@ def probe(
         raise RotgraphError(f"probed values need distinct names, got {names}")
     found = None
     if blockwise or (blockwise is None and weight_bytes(model) > BLOCKWISE_BYTES):
-        try:
-            found = cuts(model)
-        except RotgraphError as e:
-            if blockwise:
-                raise
-            logger.warning(
-                "%s runs the whole model (%.1f GB of weights): it cannot be cut into blocks (%s)",
-                what,
-                weight_bytes(model) / 1e9,
-                e,
-            )
+        found = _cuts_or_none(model, what, loud=bool(blockwise))
     if found is None:
         yield from _whole(model, values, token_windows, scratch, optimization, what, progress)
     else:
         yield from _by_block(model, found, values, token_windows, scratch, optimization, what, progress)
+
+
+def _cuts_or_none(model: ir.Model, what: str, loud: bool = False) -> list[Cut] | None:
+    try:
+        return cuts(model)
+    except RotgraphError as e:
+        if loud:
+            raise
+        logger.warning(
+            "%s runs the whole model (%.1f GB of weights): it cannot be cut into blocks (%s)",
+            what,
+            weight_bytes(model) / 1e9,
+            e,
+        )
+        return None
+
+
+def runs_by_block(model: ir.Model, what: str = "calibration") -> bool:
+    """Whether `probe` runs `model` block by block: its weights take more than `BLOCKWISE_BYTES` and it
+    can be cut (`segments.cuts`; one that cannot is named in a warning)."""
+    return weight_bytes(model) > BLOCKWISE_BYTES and _cuts_or_none(model, what) is not None
 
 
 def _whole(
@@ -221,7 +232,10 @@ class BlockRunner:
 
     Each `run` serializes the model as it is then, so a caller may change the segments not run yet, or
     the one it runs again (sequential GPTQ quantizes a block, then runs it quantized to feed the next).
-    `cuts` are the boundaries (`segments.cuts`) found before any such change.
+    `cuts` are the boundaries (`segments.cuts`) found before any such change. With `frozen`, every run
+    computes the model as it is now instead, whatever the caller changes later (GPTQ's Hessians on the
+    float model, read as each block is quantized): its weights move into `scratch` now (`materialize`),
+    and a copy of the graph without weight data is kept; values and cuts are matched to it by name.
     """
 
     def __init__(
@@ -231,11 +245,27 @@ class BlockRunner:
         feeds: Sequence[Mapping[str, np.ndarray]],
         scratch: Path | None,
         optimization: str = "basic",
+        frozen: bool = False,
     ) -> None:
         self.model, self.cuts, self.feeds = model, list(cuts), feeds
         self.scratch, self.optimization = scratch, optimization
         self.segment = 0  # the next segment `run` runs
         self.residual: list[list[np.ndarray]] = []  # what enters it (the cut's values), per window
+        self._frozen: tuple[onnx.ModelProto, Path | None, dict[str, ir.Value]] | None = None
+        if frozen:
+            proto, folder = serialized(model, scratch)
+            self.model = ir.serde.deserialize_model(proto)  # reads no weight data: only names and nodes
+            self._frozen = proto, folder, _values_by_name(self.model.graph)
+            self.cuts = [tuple(self._match(v) for v in cut) for cut in self.cuts]
+
+    def _match(self, value: ir.Value) -> ir.Value:
+        """`value` itself, or with `frozen` the value of the kept graph with its name."""
+        if self._frozen is None:
+            return value
+        found = self._frozen[2].get(value.name or "")
+        if found is None:
+            raise RotgraphError(f"value {value.name!r} is not in the model as it was when the block runner started")
+        return found
 
     def run(self, values: Sequence[ir.Value], advance: bool = True) -> Iterator[Probed]:
         """`values` (computed in the current segment) on every run (`Probed.window` is the run's index); with
@@ -247,7 +277,8 @@ class BlockRunner:
         if advance and k >= len(self.cuts):
             raise RotgraphError("the head is the last segment: nothing follows it")
         cut_out = list(self.cuts[k]) if advance else []
-        proto, folder = serialized(self.model, self.scratch)
+        values = [self._match(v) for v in values]
+        proto, folder = serialized(self.model, self.scratch) if self._frozen is None else self._frozen[:2]
         segment = extract(self.model, proto, k, self.cuts[k - 1] if k else (), [*cut_out, *values])
         del proto
         session = make_session(segment.model, self.optimization, kernels=False, external_data_folder=folder)
@@ -264,6 +295,11 @@ class BlockRunner:
                 yield Probed(i, w, np.asarray(x))
         if advance:
             self.residual, self.segment = following, k + 1
+
+
+def _values_by_name(graph: ir.Graph) -> dict[str, ir.Value]:
+    values = [*graph.inputs, *graph.initializers.values(), *(v for node in graph for v in node.outputs)]
+    return {v.name: v for v in values if v.name}
 
 
 def streamed_logits(

@@ -92,7 +92,8 @@ def quantize_model(
 
     SmoothQuant and GPTQ need `calibration` tokens [windows, seq_len]; GPTQ can instead take `hessians`
     from an earlier call on the same model file with the same rotation and smoothing (they are keyed by
-    structural site and returned, so several schemes can share one calibration run). `scratch`: see
+    structural site and returned, so several schemes can share one calibration run; not on a model run
+    block by block, whose Hessians are dropped block after block). `scratch`: see
     `quantize_stages` (the caller creates and removes the folder).
     """
     if ROTATION_KEY in model.metadata_props and options.rotation != "none":

@@ -19,6 +19,7 @@ import onnx_ir as ir
 from rotgraph import grid
 
 if TYPE_CHECKING:
+    from rotgraph.calibrate import BlockHessians
     from rotgraph.structure import Attention
 
 Site = tuple[int, str]
@@ -71,6 +72,7 @@ class Calibration:
     tokens: np.ndarray = field(default_factory=lambda: np.zeros((0, 0), np.int64))  # [windows, seq_len]
     absmax: dict[Site, np.ndarray] | None = None  # max |x| per channel, float64 (SmoothQuant)
     hessians: dict[Site, np.ndarray] | None = None  # X^T X / tokens, float64 (GPTQ)
+    block_hessians: BlockHessians | None = None  # instead of `hessians` on a model run block by block
     clips: dict[Site, float] | None = None  # per-token activation quantizer's clip ratio
     ranges: Ranges | None = None  # static (lo, hi) of each site
     spreads: Spreads | None = None  # each projection input's `TokenSpread`

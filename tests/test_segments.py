@@ -65,6 +65,7 @@ def test_each_segment_holds_only_its_own_blocks_weights(tiny) -> None:
         ("w4a4kv4", "qdq", []),  # GPTQ, the clip search, centered inputs and keys: every dynamic calibration
         ("w8a8", "qdq", []),  # static ranges
         ("w4a4kv4", "genai", []),  # onnxruntime-genai's quantized cache, calibrated on the lowered graph
+        ("w4a8", "ort", []),  # the float model's GPTQ Hessians, block by block as each block is quantized
         ("w4a8", "ort", ["--set", "weights.sequential=true"]),  # GPTQ block by block on the quantized blocks
     ],
 )
@@ -83,9 +84,12 @@ def test_quantize_block_by_block_writes_the_same_bytes(
         monkeypatch.setattr(probe, "BLOCKWISE_BYTES", limit)
         out = tmp_path / name / ("model" if fmt == "genai" else "model.onnx")
         argv = ["quantize", str(source), "-o", str(out), "--scheme", scheme, "--format", fmt, "--group", "16"]
-        with caplog.at_level(logging.WARNING, logger="rotgraph.probe"):
+        caplog.clear()
+        with caplog.at_level(logging.INFO, logger="rotgraph"):
             assert main([*argv, "--set", "calibration.windows=2", *extra]) == 0
         assert not [r for r in caplog.records if "cannot be cut" in r.getMessage()]  # the lowered graph too
+        by_block = [r for r in caplog.records if "GPTQ Hessians block by block" in r.getMessage()]
+        assert len(by_block) == (name == "blocks" and scheme != "w8a8" and not extra), by_block
         outputs.append(out / "model.onnx" if fmt == "genai" else out)
     whole, blocks = outputs
     for a, b in ((whole, blocks), (Path(f"{whole}.data"), Path(f"{blocks}.data"))):

@@ -337,25 +337,35 @@ class QuantizeWeightsPass(ir.passes.InPlacePass):
             raise RotgraphError("a shared (tied) embedding and lm_head needs them quantized (head bits 4 or 8)")
         self.shared_head = shared_head
 
+    def _started_block_hessians(self) -> BlockHessians | None:
+        """Hessians computed block by block: sequential ones this pass starts, or the float model's ones
+        `CalibratePass` started on a model it runs block by block."""
+        if self.method != "gptq":
+            return None
+        if self.block_hessians is not None:
+            return self.block_hessians
+        return self.calibration.block_hessians if self.calibration is not None else None
+
     def requires(self, model: ir.Model) -> None:
-        if self.method == "gptq" and self.block_hessians is None:
+        if self.method == "gptq" and self._started_block_hessians() is None:
             assert self.calibration is not None  # the constructor refuses gptq without it
             self.calibration.need(self.calibration.hessians, "hessians", self)
 
     def call(self, model: ir.Model) -> ir.passes.PassResult:
         hessians = None
         desc = discover(model)
-        if self.method == "gptq" and self.block_hessians is not None:
+        by_block = self._started_block_hessians()
+        if self.block_hessians is not None:
             self.block_hessians.start(model, desc)
-        elif self.method == "gptq":
+        elif self.method == "gptq" and by_block is None:
             assert self.calibration is not None  # the constructor refuses gptq without it
             hessians = self.calibration.need(self.calibration.hessians, "hessians", self)
         spill = SpillFile(self.spill_dir) if self.spill_dir is not None else None
         count = 0
-        blocks = tqdm(desc.blocks, desc="weights", unit="block", disable=self.block_hessians is None, leave=False)
+        blocks = tqdm(desc.blocks, desc="weights", unit="block", disable=by_block is None, leave=False)
         for block in blocks:
-            if self.method == "gptq" and self.block_hessians is not None:
-                hessians = self.block_hessians.hessians(block)
+            if by_block is not None:
+                hessians = by_block.hessians(block)
             for role, lin in block_linears(block):
                 if is_quantized_weight(lin.weight):
                     raise RotgraphError(f"block {block.index} {role}: the weight is already quantized")
@@ -374,8 +384,9 @@ class QuantizeWeightsPass(ir.passes.InPlacePass):
                 if spill is not None:
                     spill.spill(model.graph)
                 count += 1
-            if self.method == "gptq" and self.block_hessians is not None:
-                self.block_hessians.done(block)
+            if by_block is not None:
+                by_block.done(block)
+                hessians = None  # one block's at a time
         if self.head_spec is not None and self.shared_head:
             rows = embedding_rows(desc)
             tolerance = map_tolerance(desc.lm_head.weight.dtype)
