@@ -129,9 +129,58 @@ def quantize_rtn(wt: np.ndarray, spec: WeightSpec) -> QuantizedWeight:
     return QuantizedWeight(codes, scale, zero, spec)
 
 
+@dataclass(frozen=True)
+class HessianFactor:
+    """What GPTQ needs of one input's Hessian, computed once for every weight that reads the input (Q, K
+    and V share theirs): `u`, the upper Cholesky factor of the damped H^-1 in processing order `perm`, and
+    the `dead` input columns (zero on every calibration token)."""
+
+    u: np.ndarray
+    perm: np.ndarray
+    dead: np.ndarray
+
+
+def hessian_factor(
+    hessian: np.ndarray, damp: float = 0.01, act_order: bool = False, overwrite: bool = False
+) -> HessianFactor:
+    """`HessianFactor` of X^T X (`hessian`, [cols, cols]), damped by `damp` times its mean diagonal and with
+    `act_order` processing columns by decreasing diagonal. float64. The upper factor U of H^-1 = U^T U is
+    computed without forming H^-1: with J the order reversal, J H J = L L^T gives U = J L^-1 J (a
+    Cholesky and a triangular inverse, in place, instead of an inverse and two Cholesky factorizations:
+    a 14336-wide Hessian is 1.6 GB, so copies count). With `overwrite`, `hessian` (float64) is used as
+    scratch instead of copied."""
+    h = hessian if overwrite and hessian.dtype == np.float64 else np.array(hessian, dtype=np.float64)
+    dead = np.diag(h) == 0
+    h[dead, dead] = 1.0
+    cols = len(h)
+    perm = np.argsort(-np.diag(h), kind="stable") if act_order else np.arange(cols)
+    if act_order:
+        h = h[perm][:, perm]
+    h[np.diag_indices(cols)] += damp * np.mean(np.diag(h))
+    try:
+        lower = np.linalg.cholesky(h[::-1, ::-1])
+    except np.linalg.LinAlgError:
+        raise RotgraphError(f"GPTQ: the Hessian is not positive definite; raise {setting('damp')}") from None
+    del h
+    _invert_lower(lower)
+    return HessianFactor(lower[::-1, ::-1], perm, dead)
+
+
+def _invert_lower(lower: np.ndarray) -> None:
+    """Invert a lower-triangular matrix in place, by halves: [[A, 0], [B, C]]^-1 = [[A^-1, 0], [-C^-1 B A^-1, C^-1]]."""
+    n = len(lower)
+    if n <= 256:
+        lower[...] = np.tril(np.linalg.inv(lower))
+        return
+    k = n // 2
+    _invert_lower(lower[:k, :k])
+    _invert_lower(lower[k:, k:])
+    lower[k:, :k] = -(lower[k:, k:] @ (lower[k:, :k] @ lower[:k, :k]))
+
+
 def gptq(
     wt: np.ndarray,
-    hessian: np.ndarray,
+    hessian: np.ndarray | HessianFactor,
     spec: WeightSpec,
     *,
     damp: float = 0.01,
@@ -141,26 +190,20 @@ def gptq(
     """GPTQ (Frantar et al. 2022): quantize columns in order, spreading each column's error over the
     columns not yet quantized through the inverse Hessian's Cholesky factor (lazy block updates).
 
-    `hessian` is X^T X of the layer's calibration inputs ([cols, cols]); `damp` is added as a fraction
-    of its mean diagonal. Group scales come from the original weights (static groups), so they stay
-    aligned with input columns when `act_order` permutes the processing order.
+    `hessian` is X^T X of the layer's calibration inputs ([cols, cols]), or its `hessian_factor` (then
+    `damp` and `act_order` are the factor's); `damp` is added as a fraction of its mean diagonal. Group
+    scales come from the original weights (static groups), so they stay aligned with input columns when
+    `act_order` permutes the processing order.
     """
+    factor = hessian if isinstance(hessian, HessianFactor) else hessian_factor(hessian, damp, act_order)
+    u, perm, dead = factor.u, factor.perm, factor.dead
     rows, cols = wt.shape
     n_groups = spec.groups(cols)
     g = cols // n_groups
     w = wt.astype(np.float64).copy()
-    h = hessian.astype(np.float64).copy()
-    dead = np.diag(h) == 0
-    h[dead, dead] = 1.0
     w[:, dead] = 0.0
     scale, zero = _group_params(w.reshape(rows, n_groups, g), spec)
-    perm = np.argsort(-np.diag(h), kind="stable") if act_order else np.arange(cols)
-    w, h = w[:, perm], h[perm][:, perm]
-    h[np.diag_indices(cols)] += damp * np.mean(np.diag(h))
-    try:
-        u = np.linalg.cholesky(np.linalg.inv(h)).T  # upper Cholesky factor of H^-1
-    except np.linalg.LinAlgError:
-        raise RotgraphError(f"GPTQ: the Hessian is not positive definite; raise {setting('damp')}") from None
+    w = w[:, perm]
     codes = np.zeros((rows, cols))
     group_of = perm // g
     for i1 in range(0, cols, block):

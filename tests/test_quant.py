@@ -3,7 +3,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from rotgraph.quant import WeightSpec, gptq, quantize_rtn
+from rotgraph.quant import WeightSpec, gptq, hessian_factor, quantize_rtn
 
 
 def reference_gptq(wt: np.ndarray, h: np.ndarray, spec: WeightSpec, damp: float) -> np.ndarray:
@@ -92,3 +92,23 @@ def test_clip_search_never_hurts() -> None:
 def test_group_must_divide() -> None:
     with pytest.raises(Exception, match="does not divide"):
         quantize_rtn(np.zeros((2, 48)), WeightSpec(group_size=32))
+
+
+@pytest.mark.parametrize("act_order", [False, True])
+def test_hessian_factor_is_the_cholesky_factor_of_the_inverse(act_order: bool) -> None:
+    """Past the triangular inverse's smallest half (600 columns: halves of 300, 150): U^T U = H^-1 as numpy
+    computes it, and a column that no token reads is handled as dead."""
+    rng = np.random.default_rng(1)
+    x = rng.standard_normal((2000, 600)) * rng.uniform(0.1, 10.0, 600)
+    x[:, 7] = 0.0
+    h = x.T @ x
+    factor = hessian_factor(h, damp=0.01, act_order=act_order)
+    assert factor.dead.tolist() == [i == 7 for i in range(600)]
+    fixed = h.copy()
+    fixed[7, 7] = 1.0
+    order = np.argsort(-np.diag(fixed), kind="stable") if act_order else np.arange(600)
+    damped = fixed[order][:, order] + 0.01 * np.mean(np.diag(fixed)) * np.eye(600)
+    expected = np.linalg.cholesky(np.linalg.inv(damped)).T
+    np.testing.assert_array_equal(factor.perm, order)
+    np.testing.assert_allclose(factor.u, expected, rtol=0, atol=1e-10 * np.abs(expected).max())
+    assert np.array_equal(factor.u, np.triu(factor.u))

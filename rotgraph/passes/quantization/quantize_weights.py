@@ -13,7 +13,7 @@ from rotgraph import grid
 from rotgraph.calibrate import ROLE_SITES, BlockHessians, block_linears
 from rotgraph.errors import RotgraphError
 from rotgraph.passes.canonical.untie_embedding import embedding_map, map_tolerance
-from rotgraph.quant import QuantizedWeight, WeightSpec, gptq, quantize_rtn
+from rotgraph.quant import HessianFactor, QuantizedWeight, WeightSpec, gptq, hessian_factor, quantize_rtn
 from rotgraph.results import Calibration
 from rotgraph.structure import Linear, ModelDescription, discover, is_quantized_weight, transposed_initializer
 from rotgraph.weights import SpillFile, new_initializer, read_float64
@@ -366,15 +366,24 @@ class QuantizeWeightsPass(ir.passes.InPlacePass):
         for block in blocks:
             if by_block is not None:
                 hessians = by_block.hessians(block)
+            factors: dict[str, HessianFactor] = {}  # per input site: Q/K/V and gate/up share one
             for role, lin in block_linears(block):
                 if is_quantized_weight(lin.weight):
                     raise RotgraphError(f"block {block.index} {role}: the weight is already quantized")
                 wt = read_float64(lin.weight).T
                 if hessians is not None:
-                    h = hessians.get((block.index, ROLE_SITES[role]))
-                    if h is None:
-                        raise RotgraphError(f"block {block.index} {role}: no calibration Hessian for its input")
-                    q = gptq(wt, h, self.spec, damp=self.damp, act_order=self.act_order)
+                    site = ROLE_SITES[role]
+                    if site not in factors:
+                        h = hessians.get((block.index, site))
+                        if h is None:
+                            raise RotgraphError(f"block {block.index} {role}: no calibration Hessian for its input")
+                        # A block's own Hessians are used up here; the whole model's may be reused by the caller.
+                        own = by_block is not None
+                        if own:
+                            del hessians[(block.index, site)]
+                        factors[site] = hessian_factor(h, self.damp, self.act_order, overwrite=own)
+                        del h
+                    q = gptq(wt, factors[site], self.spec)
                 else:
                     q = quantize_rtn(wt, self.spec)
                 if self.fmt == "ort":
