@@ -1,182 +1,176 @@
-"""Streaming on a model bigger than the pipeline should ever hold twice: peak RSS and time of `rotate`
-and `quantize` on a synthetic Llama with over 8 GB of float32 weights, and the projection to 70B.
+"""A real-width model on this machine: time and peak RSS of each rotgraph step against the time to copy
+the model's weights file, per-block costs, and a projection to Llama-3-70B.
 
-    python benchmarks/big_model.py [--workdir /tmp/rotgraph-big] [--layers 10] [--preset NAME]
-                                   [--dtype float32|float16] [--keep]
+    python benchmarks/big_model.py [--preset llama-3.1-8b] [--layers 32] [--dtype float16]
+                                   [--windows 8] [--steps copy,rotate,int4,genai] [--base-layers 2]
+                                   [--workdir /work/rotgraph-big] [--keep]
 
-Writes a random-weight Llama with `rotgraph.synthetic` (no torch: the graph of `rotgraph export
---with-past`, trained-like weights drawn while they are written, weights as external data). By default
-hidden 4096, intermediate 11008, 32 query / 8 KV heads, vocab 32000, untied (10 layers = 8.1 GB);
-`--preset llama-3.1-8b` (or qwen2.5-7b, llama-3-70b) takes a real model's widths. Then, each in its own
-child process: `rotgraph rotate --no-validate`, `rotgraph quantize --rotation none --scheme w4a16
---no-validate` (RTN, int4 MatMulNBits) on the rotated model, and a check that the rotated model (> 2 GB,
-external data) reloads (onnx.checker on the path, onnxruntime) and computes the original logits: both run
-in onnxruntime one after the other on the same tokens. Peak memory is compared with the largest single
-weight; the 70B projection scales time by FLOPs of the dense R1 rotation (params x hidden) and memory by
-the largest weight. Prints tables.
+Writes a random-weight decoder with `rotgraph.synthetic` (no torch; the graph `rotgraph export
+--with-past` writes, trained-like weights, external data, written weight by weight), then runs each step
+in its own child process (wall time, peak RSS from `ru_maxrss`):
+
+- copy: `cp` of the weights file on the same disk, then `sync` (the yardstick of the rotate target);
+- rotate: `rotgraph rotate --no-validate` (the rotation alone, against the copy);
+- int4: `rotgraph quantize --recipe int4 --set calibration.windows=W` (QuaRot + GPTQ, w4a8, ort format),
+  validated against the float model (streamed block by block above `ROTGRAPH_BLOCKWISE_BYTES`);
+- genai: the same with `--format genai` (an onnxruntime-genai folder), validated.
+
+The same steps run first on a model of `--base-layers` blocks (same widths); the difference between
+the two runs divided by the difference in depth is the cost of one block, the rest the fixed cost (the
+embedding, the head, loading). Llama-3-70B is projected from them: per-block time scaled by the ratio of
+each step's arithmetic per block (rotation: parameters x log2 of the rotated width; GPTQ: rows x cols^2
+per projection plus cols^3 per distinct input, and the calibration forward pass), the fixed time by the
+vocabulary x hidden ratio; the arithmetic is printed. Tables go to stdout.
 """
 
 from __future__ import annotations
 
 import argparse
-import gc
-import json
+import dataclasses
 import math
 import shutil
 import sys
+from dataclasses import dataclass
 from pathlib import Path
 
-import numpy as np
 from _common import measured, size_mb
 
 from rotgraph.synthetic import PRESETS, SyntheticConfig, parameter_count
 
-# The widths of the runs since 2026-11-23 (a Llama-2-7B-like model with GQA).
-CONFIG = SyntheticConfig(
-    hidden=4096, intermediate=11008, layers=10, heads=32, kv_heads=8, head_dim=128, vocab=32000, max_positions=4096
-)
-_70B = PRESETS["llama-3-70b"]
-LLAMA_70B = {
-    "params": parameter_count(_70B),
-    "hidden": _70B.hidden,
-    "largest_weight_bytes": _70B.vocab * _70B.hidden * 4,
-}
+STEPS = ("copy", "rotate", "int4", "genai")
 
 
-def weight_stats(path: Path) -> tuple[int, int, int]:
-    """(total bytes, largest initializer bytes, parameter count) without loading the data."""
-    import onnx
-    from onnx.helper import tensor_dtype_to_np_dtype
-
-    proto = onnx.load(path, load_external_data=False)
-    sizes = [(math.prod(t.dims), tensor_dtype_to_np_dtype(t.data_type).itemsize) for t in proto.graph.initializer]
-    return sum(n * b for n, b in sizes), max(n * b for n, b in sizes), sum(n for n, _ in sizes)
+@dataclass(frozen=True)
+class Step:
+    name: str
+    seconds: float
+    peak_gb: float
 
 
-def check_reload(original: Path, rotated: Path) -> float:
-    """Max |logit difference| between the original and the rotated model in onnxruntime (one session
-    at a time); raises if the rotated model does not reload."""
-    import onnx
-    import onnxruntime as ort
+def block_params(c: SyntheticConfig) -> int:
+    kv = c.kv_heads * c.head_dim
+    return c.hidden * (c.heads * c.head_dim + 2 * kv) + c.heads * c.head_dim * c.hidden + 3 * c.hidden * c.intermediate
 
-    from rotgraph.evaluate import empty_cache
 
-    onnx.checker.check_model(str(rotated))  # the path form: models over 2 GB
-    tokens = np.random.default_rng(0).integers(0, 512, size=(1, 16), dtype=np.int64)
-    options = ort.SessionOptions()
-    options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
-    logits = []
-    for path in (original, rotated):
-        session = ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
-        logits.append(session.run(None, {"input_ids": tokens} | empty_cache(session, 1))[0].astype(np.float32))
-        del session
-        gc.collect()
-    return float(np.abs(logits[0] - logits[1]).max() / np.abs(logits[0]).max())
+def rotation_work(c: SyntheticConfig) -> float:
+    """Per block: every weight is rotated on its hidden side (log2 hidden butterflies per value), down_proj
+    also on its intermediate side (R4's fold)."""
+    return block_params(c) * math.log2(c.hidden) + c.hidden * c.intermediate * math.log2(c.intermediate)
+
+
+def gptq_work(c: SyntheticConfig, tokens: int) -> float:
+    """Per block: GPTQ's updates (rows x cols^2 per projection), one factorization per distinct input
+    (2/3 cols^3: a Cholesky and a triangular inverse), X^T X of each input over the tokens, and the
+    block's forward pass over the tokens (2 x parameters)."""
+    q, kv, h, i = c.heads * c.head_dim, c.kv_heads * c.head_dim, c.hidden, c.intermediate
+    projections = [(q, h), (kv, h), (kv, h), (h, q), (i, h), (i, h), (h, i)]  # (rows, cols)
+    updates = sum(r * k * k for r, k in projections)
+    factors = 2 / 3 * (h**3 + q**3 + h**3 + i**3)
+    hessians = tokens * (h * h + q * q + h * h + i * i)
+    return updates + factors + hessians + 2 * tokens * block_params(c)
+
+
+def run_steps(work: Path, config_flags: list[str], layers: int, dtype: str, windows: int, steps: list[str]) -> dict:
+    rotgraph = str(Path(sys.executable).parent / "rotgraph")
+    model = work / "model" / "model.onnx"
+    results: dict[str, Step] = {}
+    if not model.exists():
+        build = [sys.executable, "-m", "rotgraph.synthetic", *config_flags, "--layers", str(layers), "--dtype", dtype]
+        r = measured([*build, "-o", str(model.parent), "-q"])
+        results["write"] = Step("write the model (rotgraph.synthetic)", r["seconds"], r["peak_rss_mb"] / 1e3)
+    quantize = [rotgraph, "quantize", str(model), "--recipe", "int4", "--set", f"calibration.windows={windows}"]
+    commands = {
+        "copy": ("cp of the weights file, then sync", ["sh", "-c", f'cp "{model}.data" "{work}/copy.data" && sync']),
+        "rotate": (
+            "rotgraph rotate --no-validate",
+            [rotgraph, "rotate", str(model), "-o", str(work / "r.onnx"), "--no-validate"],
+        ),
+        "int4": ("rotgraph quantize --recipe int4 (ort), validated", [*quantize, "-o", str(work / "int4.onnx")]),
+        "genai": ("the same, --format genai", [*quantize, "--format", "genai", "-o", str(work / "genai")]),
+    }
+    for key in steps:
+        name, cmd = commands[key]
+        r = measured(cmd)
+        results[key] = Step(name, r["seconds"], r["peak_rss_mb"] / 1e3)
+        print(f"  {layers} layers, {name}: {r['seconds']:.0f} s, peak RSS {r['peak_rss_mb'] / 1e3:.2f} GB", flush=True)
+        for leftover in (
+            work / "copy.data",
+            work / "r.onnx",
+            work / "r.onnx.data",
+            work / "int4.onnx",
+            work / "int4.onnx.data",
+        ):
+            leftover.unlink(missing_ok=True)
+        shutil.rmtree(work / "genai", ignore_errors=True)
+    return results
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--workdir", type=Path, default=Path("/tmp/rotgraph-big"))
-    parser.add_argument("--layers", type=int, default=10)
-    parser.add_argument("--preset", choices=list(PRESETS), help="a real model's widths (default: see above)")
-    parser.add_argument("--dtype", choices=["float32", "float16"], default="float32")
-    parser.add_argument("--keep", action="store_true", help="keep the models (about 22 GB) afterwards")
-    parser.add_argument("--check-reload", action="store_true", help=argparse.SUPPRESS)
+    parser.add_argument("--preset", choices=list(PRESETS), default="llama-3.1-8b")
+    parser.add_argument("--layers", type=int, default=32)
+    parser.add_argument("--base-layers", type=int, default=2)
+    parser.add_argument("--dtype", choices=["float32", "float16"], default="float16")
+    parser.add_argument("--windows", type=int, default=8, help="calibration windows (512 tokens each)")
+    parser.add_argument("--steps", default=",".join(STEPS), help=f"comma-separated, of {', '.join(STEPS)}")
+    parser.add_argument("--workdir", type=Path, default=Path("/work/rotgraph-big"))
+    parser.add_argument("--keep", action="store_true", help="keep the written models")
     args = parser.parse_args()
-    work = args.workdir
-    model, rotated, quantized = work / "model" / "model.onnx", work / "rotated.onnx", work / "w4a16.onnx"
-    if args.check_reload:
-        print(json.dumps({"relative_max_logit_difference": check_reload(model, rotated)}))
-        return
+    steps = [s for s in args.steps.split(",") if s]
+    if unknown := set(steps) - set(STEPS):
+        parser.error(f"unknown steps {sorted(unknown)} (of {', '.join(STEPS)})")
+    config = PRESETS[args.preset]
+    flags = ["--preset", args.preset]
 
-    rotgraph = [str(Path(sys.executable).parent / "rotgraph")]
-    rows = []
-    widths = (
-        ["--preset", args.preset] if args.preset else [f"--{k.replace('_', '-')}={v}" for k, v in _widths().items()]
-    )
-    if not model.exists():
-        build = [sys.executable, "-m", "rotgraph.synthetic", *widths, "--layers", str(args.layers)]
-        built = measured([*build, "--dtype", args.dtype, "-o", str(model.parent), "-q"])
-        rows.append(("write the model (rotgraph.synthetic)", built["seconds"], built["peak_rss_mb"]))
-    total, largest, params = weight_stats(model)
-    hidden = PRESETS[args.preset].hidden if args.preset else CONFIG.hidden
-    print(
-        f"model: {args.layers} layers, {params / 1e9:.2f} B parameters, {total / 1e9:.2f} GB of {args.dtype} weights "
-        f"({size_mb(model) / 1e3:.2f} GB on disk), largest weight {largest / 1e6:.0f} MB\n"
-    )
-
-    for out in (rotated, quantized):
-        for f in out.parent.glob(out.name + "*"):
-            f.unlink()
-    steps = [
-        (
-            "rotate (R1, R2, R3/R4 online), --no-validate",
-            [*rotgraph, "rotate", str(model), "-o", str(rotated), "--no-validate", "--seed", "0"],
-        ),
-        (
-            "quantize w4a16 RTN, ort format (of the rotated model), --no-validate",
-            [
-                *rotgraph,
-                "quantize",
-                str(rotated),
-                "-o",
-                str(quantized),
-                "--scheme",
-                "w4a16",
-                "--rotation",
-                "none",
-                "--weights",
-                "rtn",  # the synthetic model has a tokenizer.json: GPTQ would be the default
-                "--set",
-                "weights.shared_head=false",  # its `auto` (true at 4 bits) refuses an untied lm_head
-                "--format",
-                "ort",
-                "--no-validate",
-            ],
-        ),
-    ]
-    for name, cmd in steps:
-        result = measured(cmd)
-        rows.append((name, result["seconds"], result["peak_rss_mb"]))
-    check = measured([sys.executable, __file__, "--workdir", str(work), "--check-reload"])
-    difference = json.loads(check["out"])["relative_max_logit_difference"]
-    rows.append(("reload rotated + original in onnxruntime, compare logits", check["seconds"], check["peak_rss_mb"]))
-
-    print("| step | time (s) | peak RSS (GB) | peak RSS / largest weight |")
-    print("|---|---|---|---|")
-    for name, seconds, rss in rows:
-        ratio = f"{rss * 1e6 / largest:.1f}x" if rss is not None else "-"
+    runs = {}
+    for layers in (args.base_layers, args.layers):
+        work = args.workdir / f"{args.preset}-{layers}"
+        work.mkdir(parents=True, exist_ok=True)
+        runs[layers] = run_steps(work, flags, layers, args.dtype, args.windows, steps)
+        model = work / "model" / "model.onnx"
+        full = dataclasses.replace(config, layers=layers)
         print(
-            f"| {name} | {seconds:.0f} | {rss / 1e3:.2f} | {ratio} |"
-            if rss is not None
-            else f"| {name} | {seconds:.0f} | - | - |"
+            f"\n{args.preset}, {layers} layers: {parameter_count(full) / 1e9:.2f} B parameters, "
+            f"{size_mb(model) / 1e3:.2f} GB of {args.dtype} weights on disk\n"
         )
+        print("| step | time (s) | peak RSS (GB) | time / copy |")
+        print("|---|---|---|---|")
+        copy = runs[layers].get("copy")
+        for step in runs[layers].values():
+            ratio = f"{step.seconds / copy.seconds:.1f}x" if copy is not None and step is not copy else "-"
+            print(f"| {step.name} | {step.seconds:.0f} | {step.peak_gb:.2f} | {ratio} |")
+        if not args.keep:
+            shutil.rmtree(work)
+        print(flush=True)
+
+    small, big = runs[args.base_layers], runs[args.layers]
+    depth = args.layers - args.base_layers
+    target = PRESETS["llama-3-70b"]
+    tokens = args.windows * 512
+    scale = {
+        "rotate": rotation_work(target) / rotation_work(config),
+        "int4": gptq_work(target, 32 * 512) / gptq_work(config, tokens),  # 70B at 32 x 512 calibration tokens
+    }
+    fixed_scale = target.vocab * target.hidden / (config.vocab * config.hidden)
     print(
-        f"\nrotated model: {size_mb(rotated) / 1e3:.2f} GB, quantized: {size_mb(quantized) / 1e3:.2f} GB; "
-        f"rotated vs original logits: max |difference| / max |logit| = {difference}"
+        f"Per block and fixed costs ({args.layers} vs {args.base_layers} layers), projected to Llama-3-70B "
+        f"({target.layers} layers):\n"
     )
-
-    scale_mem = LLAMA_70B["largest_weight_bytes"] / largest
-    scale_params = LLAMA_70B["params"] / params
-    projected = [  # (time scale, peak RSS in MB at 70B); memory scales with the largest weight for both
-        (scale_params * LLAMA_70B["hidden"] / hidden, rows[-3][2] * scale_mem),  # dense R1 products
-        (scale_params, rows[-2][2] * scale_mem),  # RTN: time with params (quantize spills its output)
-    ]
-    print("\nProjection to Llama-3-70B (rotate time x the params*hidden ratio, quantize time x the params ratio;")
-    print("working memory x the largest-weight ratio (70B's largest weight is its 128256 x 8192 embedding,")
-    print("4.2 GB)):\n")
-    print("| step | projected time (h) | projected peak RSS (GB) |")
-    print("|---|---|---|")
-    for (name, seconds, _), (scale, rss) in zip(rows[-3:-1], projected, strict=True):
-        print(f"| {name} | {seconds * scale / 3600:.1f} | {rss / 1e3:.0f} |")
-    if not args.keep:
-        shutil.rmtree(work)
-
-
-def _widths() -> dict[str, object]:
-    """The default model's fields as `rotgraph.synthetic` flags (without layers)."""
-    keys = ("hidden", "intermediate", "heads", "kv_heads", "head_dim", "vocab")
-    return {k: getattr(CONFIG, k) for k in keys}
+    print("| step | per block (s) | fixed (s) | work ratio per block, 70B | 70B projected (h) |")
+    print("|---|---|---|---|---|")
+    for key in ("rotate", "int4", "genai"):
+        if key not in big:
+            continue
+        per_block = (big[key].seconds - small[key].seconds) / depth
+        fixed = big[key].seconds - per_block * args.layers
+        ratio = scale["int4" if key == "genai" else key]
+        hours = (per_block * ratio * target.layers + max(fixed, 0.0) * fixed_scale) / 3600
+        print(f"| {big[key].name} | {per_block:.1f} | {fixed:.0f} | {ratio:.2f} | {hours:.1f} |")
+    print(
+        f"\n70B = per block x work ratio x {target.layers} + fixed x {fixed_scale:.2f} (vocabulary x hidden); work per "
+        f"block: rotation {rotation_work(config):.3g} -> {rotation_work(target):.3g}, GPTQ at {tokens} -> 16384 "
+        f"tokens {gptq_work(config, tokens):.3g} -> {gptq_work(target, 32 * 512):.3g}."
+    )
 
 
 if __name__ == "__main__":

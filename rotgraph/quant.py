@@ -113,19 +113,29 @@ def _group_params(x: np.ndarray, spec: WeightSpec) -> tuple[np.ndarray, np.ndarr
 RTN_CHUNK = 1 << 22  # values per step: the clipping search's float64 temporaries stay at 32 MB each
 
 
-def quantize_rtn(wt: np.ndarray, spec: WeightSpec) -> QuantizedWeight:
-    """Round to nearest per row group, a block of rows at a time (rows are independent), so memory is
-    the weight plus its codes, not a dozen weight-sized temporaries."""
+def _weight_params(
+    wt: np.ndarray, spec: WeightSpec, codes: np.ndarray | None = None
+) -> tuple[np.ndarray, np.ndarray]:
+    """`_group_params` of every row group of `wt` [rows, cols], a block of rows at a time (rows are
+    independent), so memory is the weight plus its codes, not a dozen weight-sized temporaries; with
+    `codes` ([rows, cols]), also the round-to-nearest codes, into it."""
     rows, cols = wt.shape
     n = spec.groups(cols)
     grouped = wt.reshape(rows, n, cols // n)
-    codes = np.empty((rows, cols), np.int16)
     scale, zero = np.empty((rows, n)), np.empty((rows, n))
     step = max(1, RTN_CHUNK // cols)
     for i in range(0, rows, step):
         block = grouped[i : i + step]
         scale[i : i + step], zero[i : i + step] = _group_params(block, spec)
-        codes[i : i + step] = _codes(block, scale[i : i + step], zero[i : i + step], spec).reshape(-1, cols)
+        if codes is not None:
+            codes[i : i + step] = _codes(block, scale[i : i + step], zero[i : i + step], spec).reshape(-1, cols)
+    return scale, zero
+
+
+def quantize_rtn(wt: np.ndarray, spec: WeightSpec) -> QuantizedWeight:
+    """Round to nearest per row group (`_weight_params`)."""
+    codes = np.empty(wt.shape, np.int16)
+    scale, zero = _weight_params(wt, spec, codes)
     return QuantizedWeight(codes, scale, zero, spec)
 
 
@@ -200,11 +210,13 @@ def gptq(
     rows, cols = wt.shape
     n_groups = spec.groups(cols)
     g = cols // n_groups
-    w = wt.astype(np.float64).copy()
+    w = np.array(wt, dtype=np.float64)
     w[:, dead] = 0.0
-    scale, zero = _group_params(w.reshape(rows, n_groups, g), spec)
-    w = w[:, perm]
-    codes = np.zeros((rows, cols))
+    scale, zero = _weight_params(w, spec)
+    permuted = bool((perm != np.arange(cols)).any())
+    if permuted:
+        w = w[:, perm]
+    codes = np.zeros((rows, cols), np.int16)
     group_of = perm // g
     for i1 in range(0, cols, block):
         i2 = min(i1 + block, cols)
@@ -220,5 +232,4 @@ def gptq(
             w1[:, i:] -= np.outer(err, u1[i, i:])
             err1[:, i] = err
         w[:, i2:] -= err1 @ u[i1:i2, i2:]
-    inverse = np.argsort(perm)
-    return QuantizedWeight(codes[:, inverse].astype(np.int16), scale, zero, spec)
+    return QuantizedWeight(codes[:, np.argsort(perm)] if permuted else codes, scale, zero, spec)
