@@ -22,11 +22,13 @@ from rotgraph.errors import RotgraphError
 from rotgraph.fakequant import ActSpec
 from rotgraph.probe import BlockRunner, probe, runs_by_block, window_feeds
 from rotgraph.results import Calibration, Site
-from rotgraph.segments import boundaries
+from rotgraph.segments import Cut, boundaries
 from rotgraph.structure import Block, Linear, ModelDescription, before_fake_quant, discover, distinct
 from rotgraph.weights import read_float64
 
 logger = logging.getLogger(__name__)
+
+CHECK_WINDOWS = 2  # calibration windows on which each quantized block is compared with the float one
 
 ROLE_SITES = {
     "q": "qkv",
@@ -117,12 +119,17 @@ class BlockHessians:
     def __init__(self, tokens: np.ndarray, scratch: Path | None, sequential: bool) -> None:
         self.tokens, self.scratch, self.sequential = tokens, scratch, sequential
         self.runner: BlockRunner | None = None
+        self.live: tuple[ir.Model, list[Cut]] | None = None  # the model being quantized, and its cuts
+        # Per block (not sequential): ||quantized - float block output||^2 / ||float output - input||^2 on
+        # the first CHECK_WINDOWS windows, the block's error relative to what it adds to the residual stream.
+        self.errors: dict[int, float] = {}
 
     def start(self, model: ir.Model, desc: ModelDescription) -> None:
         """Cut `model` (before any weight changes form) and run its embedding."""
         if len(self.tokens) == 0:
             raise RotgraphError("GPTQ needs calibration tokens")
-        cuts = [(v,) for v in boundaries(desc)]
+        cuts: list[Cut] = [(v,) for v in boundaries(desc)]
+        self.live = model, cuts
         feeds = window_feeds(model, self.tokens)
         self.runner = BlockRunner(model, cuts, feeds, self.scratch, frozen=not self.sequential)
         for _ in self.runner.run([], advance=True):
@@ -147,11 +154,35 @@ class BlockHessians:
         return {key: h / tokens for key, h in sums.items()}
 
     def done(self, block: Block) -> None:
-        """`block` has its final weights: in sequential mode, run it to feed the next block."""
+        """`block` has its final weights: in sequential mode, run it to feed the next block; otherwise
+        compare it with the float block on the same inputs (`errors`)."""
+        assert self.runner is not None and self.live is not None
         if self.sequential:
-            assert self.runner is not None
             for _ in self.runner.run([], advance=True):
                 pass
+            return
+        model, cuts = self.live
+        quantized = self.runner.replay(model, cuts, window_feeds(model, self.tokens[:CHECK_WINDOWS]))
+        error = update = 0.0
+        for q, f, x in zip(quantized, self.runner.residual, self.runner.entering, strict=False):
+            for qv, fv, xv in zip(q, f, x, strict=True):
+                error += float(np.sum((qv.astype(np.float64) - fv) ** 2))
+                update += float(np.sum((fv.astype(np.float64) - xv) ** 2))
+        self.errors[block.index] = error / max(update, 1e-30)
+
+    def log_errors(self) -> None:
+        """Log `errors`: the median and the worst blocks at INFO, every block at DEBUG."""
+        if not self.errors:
+            return
+        worst = sorted(self.errors, key=self.errors.__getitem__, reverse=True)[:3]
+        logger.info(
+            "each quantized block against the float block on the same inputs (%d calibration windows), error / "
+            "the block's update: median %.4f, worst %s",
+            CHECK_WINDOWS,
+            float(np.median(list(self.errors.values()))),
+            ", ".join(f"{self.errors[b]:.4f} (block {b})" for b in worst),
+        )
+        logger.debug("per block: %s", {b: round(e, 6) for b, e in sorted(self.errors.items())})
 
 
 CLIP_GRID = tuple(round(0.5 + 0.05 * i, 2) for i in range(11))  # clip ratios searched, 0.50 ... 1.00

@@ -251,6 +251,7 @@ class BlockRunner:
         self.scratch, self.optimization = scratch, optimization
         self.segment = 0  # the next segment `run` runs
         self.residual: list[list[np.ndarray]] = []  # what enters it (the cut's values), per window
+        self.entering: list[list[np.ndarray]] = []  # what entered the segment before it
         self._frozen: tuple[onnx.ModelProto, Path | None, dict[str, ir.Value]] | None = None
         if frozen:
             proto, folder = serialized(model, scratch)
@@ -294,7 +295,22 @@ class BlockRunner:
             for i, x in enumerate(outs[len(cut_out) :]):
                 yield Probed(i, w, np.asarray(x))
         if advance:
-            self.residual, self.segment = following, k + 1
+            self.entering, self.residual, self.segment = self.residual, following, k + 1
+
+    def replay(
+        self, model: ir.Model, cuts: Sequence[Cut], feeds: Sequence[Mapping[str, np.ndarray]]
+    ) -> list[list[np.ndarray]]:
+        """What `model` (cut at `cuts`, the same boundaries: another state of the graph, e.g. with the block
+        quantized since) computes for the segment this runner last advanced past, on the inputs that segment
+        had in the first runs (`feeds`: `model`'s own feeds of them, whose inputs may differ): its outputs
+        (the cut's values) per run, to compare with `residual`."""
+        if self.segment < 2:
+            raise RotgraphError("replay needs a block: the runner has not advanced past one")
+        other = BlockRunner(model, cuts, feeds, self.scratch, self.optimization)
+        other.segment, other.residual = self.segment - 1, self.entering[: len(feeds)]
+        for _ in other.run([], advance=True):
+            pass
+        return other.residual
 
 
 def _values_by_name(graph: ir.Graph) -> dict[str, ir.Value]:

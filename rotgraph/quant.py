@@ -113,9 +113,7 @@ def _group_params(x: np.ndarray, spec: WeightSpec) -> tuple[np.ndarray, np.ndarr
 RTN_CHUNK = 1 << 22  # values per step: the clipping search's float64 temporaries stay at 32 MB each
 
 
-def _weight_params(
-    wt: np.ndarray, spec: WeightSpec, codes: np.ndarray | None = None
-) -> tuple[np.ndarray, np.ndarray]:
+def _weight_params(wt: np.ndarray, spec: WeightSpec, codes: np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray]:
     """`_group_params` of every row group of `wt` [rows, cols], a block of rows at a time (rows are
     independent), so memory is the weight plus its codes, not a dozen weight-sized temporaries; with
     `codes` ([rows, cols]), also the round-to-nearest codes, into it."""

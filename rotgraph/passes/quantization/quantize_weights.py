@@ -396,6 +396,8 @@ class QuantizeWeightsPass(ir.passes.InPlacePass):
             if by_block is not None:
                 by_block.done(block)
                 hessians = None  # one block's at a time
+        if by_block is not None:
+            by_block.log_errors()
         if self.head_spec is not None and self.shared_head:
             rows = embedding_rows(desc)
             tolerance = map_tolerance(desc.lm_head.weight.dtype)
