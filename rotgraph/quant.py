@@ -100,9 +100,20 @@ def _group_params(x: np.ndarray, spec: WeightSpec) -> tuple[np.ndarray, np.ndarr
     best_err = np.full(x.shape[:-1], np.inf)
     best_scale, best_zero = _params(x, spec, 1.0)
     signs = (False, True) if spec.full_range and spec.symmetric else (False,)
+    buf = np.empty_like(x, dtype=np.float64)
     for r, signed in ((r, signed) for r in _RATIOS for signed in signs):
         scale, zero = _params(x, spec, r, signed)
-        err = (((_codes(x, scale, zero, spec) - zero[..., None]) * scale[..., None] - x) ** 2).sum(axis=-1)
+        # ((codes - zero) * scale - x)^2 summed, in place (this search is most of RTN's and GPTQ's time)
+        np.divide(x, scale[..., None], out=buf)
+        np.round(buf, out=buf)
+        if not spec.symmetric:
+            buf += zero[..., None]
+        np.clip(buf, spec.qmin, spec.qmax, out=buf)
+        if not spec.symmetric:
+            buf -= zero[..., None]
+        buf *= scale[..., None]
+        buf -= x
+        err = np.square(buf, out=buf).sum(axis=-1)
         better = err < best_err
         best_err = np.where(better, err, best_err)
         best_scale = np.where(better, scale, best_scale)
@@ -171,7 +182,17 @@ def hessian_factor(
         raise RotgraphError(f"GPTQ: the Hessian is not positive definite; raise {setting('damp')}") from None
     del h
     _invert_lower(lower)
-    return HessianFactor(lower[::-1, ::-1], perm, dead)
+    _reverse_in_place(lower)  # contiguous: a reversed view would keep GPTQ's products off BLAS
+    return HessianFactor(lower, perm, dead)
+
+
+def _reverse_in_place(a: np.ndarray, chunk: int = 256) -> None:
+    """a <- a[::-1, ::-1] for a square C-contiguous `a`, with temporaries of `chunk` rows."""
+    n = len(a)
+    for i in range(0, n, chunk):
+        a[i : i + chunk] = a[i : i + chunk, ::-1].copy()
+    for i in range(n // 2):
+        a[[i, n - 1 - i]] = a[[n - 1 - i, i]]
 
 
 def _invert_lower(lower: np.ndarray) -> None:
