@@ -235,20 +235,24 @@ def gptq(
     permuted = bool((perm != np.arange(cols)).any())
     if permuted:
         w = w[:, perm]
-    codes = np.zeros((rows, cols), np.int16)
+    # Column-major working copies (a column of the weight is a contiguous row here): the per-column
+    # updates below touch memory in order.
+    codes_t = np.zeros((cols, rows), np.int16)
+    scale_t, zero_t = np.ascontiguousarray(scale.T), np.ascontiguousarray(zero.T)
     group_of = perm // g
     for i1 in range(0, cols, block):
         i2 = min(i1 + block, cols)
-        w1 = w[:, i1:i2].copy()
+        w1 = np.ascontiguousarray(w[:, i1:i2].T)
         err1 = np.zeros_like(w1)
         u1 = u[i1:i2, i1:i2]
         for i in range(i2 - i1):
-            col = w1[:, i]
-            s, z = scale[:, group_of[i1 + i]], zero[:, group_of[i1 + i]]
+            col = w1[i]
+            s, z = scale_t[group_of[i1 + i]], zero_t[group_of[i1 + i]]
             c = np.clip(np.round(col / s) + z, spec.qmin, spec.qmax)
-            codes[:, i1 + i] = c
+            codes_t[i1 + i] = c
             err = (col - (c - z) * s) / u1[i, i]
-            w1[:, i:] -= np.outer(err, u1[i, i:])
-            err1[:, i] = err
-        w[:, i2:] -= err1 @ u[i1:i2, i2:]
+            w1[i:] -= np.outer(u1[i, i:], err)
+            err1[i] = err
+        w[:, i2:] -= err1.T @ u[i1:i2, i2:]
+    codes = np.ascontiguousarray(codes_t.T)
     return QuantizedWeight(codes[:, np.argsort(perm)] if permuted else codes, scale, zero, spec)
