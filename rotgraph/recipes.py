@@ -77,7 +77,7 @@ RECIPES: dict[str, Recipe] = {
     ),
     "int4": Recipe(
         "w4a8 for onnxruntime(-genai): QuaRot + GPTQ on full-range groups of 64, one shared 8-bit "
-        "embedding/lm_head table",
+        "embedding/lm_head table (a model with an lm_head of its own: two 8-bit tables)",
         "genai: perplexity 20.60, KL 0.117 vs the builder's int4 24.69 / 0.413; decode 1.05-1.16x the builder's",
         {
             "scheme": "w4a8",
@@ -85,7 +85,6 @@ RECIPES: dict[str, Recipe] = {
             "weights.group": 64,
             "weights.full_range": True,
             "weights.head_bits": 8,
-            "weights.shared_head": True,
         },
     ),
     "int4-fast": Recipe(
@@ -98,7 +97,6 @@ RECIPES: dict[str, Recipe] = {
             "weights.group": 64,
             "weights.full_range": True,
             "weights.head_bits": 8,
-            "weights.shared_head": True,
         },
     ),
     "int4-compact": Recipe(
@@ -110,7 +108,6 @@ RECIPES: dict[str, Recipe] = {
             "weights.group": 32,
             "weights.full_range": True,
             "weights.head_bits": 4,
-            "weights.shared_head": True,
         },
     ),
 }

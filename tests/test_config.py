@@ -199,12 +199,13 @@ def test_without_calibration_text_the_best_recipe_says_what_it_leaves_out_in_one
 
 
 @pytest.mark.parametrize("tied", [True, False])
-def test_the_shared_head_is_chosen_only_for_a_tied_lm_head(tiny, tmp_path: Path, tied: bool) -> None:
-    """w4a8 in the ort format with no option: one shared 8-bit table when the model ties its lm_head to the
-    embedding; an untied model (Llama-3.1-8B's form) quantizes them apart instead of failing."""
+@pytest.mark.parametrize("recipe", [[], ["--recipe", "int4"], ["--recipe", "int4-compact"]])
+def test_the_shared_head_is_chosen_only_for_a_tied_lm_head(tiny, tmp_path: Path, tied: bool, recipe) -> None:
+    """w4a8 in the ort format with no option, and the int4 recipes: one shared table when the model ties its
+    lm_head to the embedding; an untied model (Llama-3.1-8B's form) quantizes them apart instead of failing."""
     _, source = tiny("llama", "dynamo", tie_word_embeddings=tied)
     out = tmp_path / "model.onnx"
-    argv = ["quantize", str(source), "-o", str(out), "--scheme", "w4a8", "--format", "ort", "--group", "16"]
+    argv = ["quantize", str(source), "-o", str(out), "--scheme", "w4a8", "--format", "ort", "--group", "16", *recipe]
     assert main([*argv, "--set", "calibration.windows=2"]) == 0
     recorded = json.loads(out.with_name("model.rotgraph.json").read_text())
     assert recorded["config"]["weights"]["shared_head"] is tied
