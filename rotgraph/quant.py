@@ -125,16 +125,16 @@ RTN_CHUNK = 1 << 22  # values per step: the clipping search's float64 temporarie
 
 
 def _weight_params(wt: np.ndarray, spec: WeightSpec, codes: np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray]:
-    """`_group_params` of every row group of `wt` [rows, cols], a block of rows at a time (rows are
-    independent), so memory is the weight plus its codes, not a dozen weight-sized temporaries; with
-    `codes` ([rows, cols]), also the round-to-nearest codes, into it."""
+    """`_group_params` of every row group of `wt` [rows, cols] (any float dtype; computed in float64), a
+    block of rows at a time (rows are independent), so memory is the weight plus its codes, not a dozen
+    weight-sized temporaries; with `codes` ([rows, cols]), also the round-to-nearest codes, into it."""
     rows, cols = wt.shape
     n = spec.groups(cols)
     grouped = wt.reshape(rows, n, cols // n)
     scale, zero = np.empty((rows, n)), np.empty((rows, n))
     step = max(1, RTN_CHUNK // cols)
     for i in range(0, rows, step):
-        block = grouped[i : i + step]
+        block = np.asarray(grouped[i : i + step], dtype=np.float64)  # a weight stored in float16: this chunk
         scale[i : i + step], zero[i : i + step] = _group_params(block, spec)
         if codes is not None:
             codes[i : i + step] = _codes(block, scale[i : i + step], zero[i : i + step], spec).reshape(-1, cols)

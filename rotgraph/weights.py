@@ -221,6 +221,13 @@ def read_float64(value: ir.Value) -> np.ndarray:
     return _chain_of(initializer_tensor(value)).float64()
 
 
+def read_stored(value: ir.Value) -> np.ndarray:
+    """The initializer's values as stored (memory-mapped from its file, in its own dtype) when no rewrite is
+    queued on it, else `read_float64`: the same numbers either way, for readers that convert a chunk at a time."""
+    tensor = initializer_tensor(value)
+    return tensor.numpy() if isinstance(tensor, ir.ExternalTensor) else read_float64(value)
+
+
 def rewrite_initializer(value: ir.Value, step: Step, shape: Sequence[int] | None = None) -> None:
     """Queue `step` (float64 array -> float64 array) on the initializer `value`.
 

@@ -16,7 +16,7 @@ from rotgraph.passes.canonical.untie_embedding import embedding_map, map_toleran
 from rotgraph.quant import HessianFactor, QuantizedWeight, WeightSpec, gptq, hessian_factor, quantize_rtn
 from rotgraph.results import Calibration
 from rotgraph.structure import Linear, ModelDescription, discover, is_quantized_weight, transposed_initializer
-from rotgraph.weights import SpillFile, new_initializer, read_float64
+from rotgraph.weights import SpillFile, new_initializer, read_float64, read_stored
 
 logger = logging.getLogger(__name__)
 
@@ -413,14 +413,21 @@ class QuantizeWeightsPass(ir.passes.InPlacePass):
         elif self.head_spec is not None:
             if desc.lm_head_tied:
                 raise RotgraphError("quantizing lm_head needs it untied (UntieEmbeddingPass)")
-            head = quantize_rtn(read_float64(desc.lm_head.weight).T, self.head_spec)
-            emb = quantize_rtn(read_float64(desc.embedding_table), self.head_spec)
+            # One table at a time, read in its stored dtype (a 128256 x 4096 table is 4.2 GB in float64)
+            head = quantize_rtn(read_stored(desc.lm_head.weight).T, self.head_spec)
             if self.fmt == "ort":
                 emit_matmulnbits(model, desc.lm_head, head, "lm_head", self.accuracy_level)
-                emit_gather_quantized(model, desc.embedding, emb, "embedding")
             else:
                 emit_dequantize(model, desc.lm_head, head, "lm_head")
+            del head
+            if spill is not None:
+                spill.spill(model.graph)
+            emb = quantize_rtn(read_stored(desc.embedding_table), self.head_spec)
+            if self.fmt == "ort":
+                emit_gather_quantized(model, desc.embedding, emb, "embedding")
+            else:
                 emit_embedding(model, desc.embedding, emb, "embedding")
+            del emb
             if spill is not None:
                 spill.spill(model.graph)
             logger.info("quantized the embedding and lm_head (rtn, %d bits)", self.head_spec.bits)
