@@ -121,7 +121,7 @@ def test_block_hessians_equal_the_whole_model_and_sequential_ones_read_the_quant
     class Recorded(BlockHessians):
         def hessians(self, block):  # type: ignore[no-untyped-def]
             found = super().hessians(block)
-            seen.update(found)
+            seen.update({site: h.copy() for site, h in found.items()})  # the quantizer consumes them
             return found
 
     sequential = Recorded(tokens, tmp_path / "c", sequential=True)
