@@ -57,6 +57,7 @@ class CacheScales:
 PRODUCERS = {
     "absmax": ("the per-channel activation maxima", "CalibratePass('absmax')"),
     "hessians": ("the GPTQ Hessians", "CalibratePass('hessian')"),
+    "block_hessians": ("the GPTQ Hessians of a model run block by block", "CalibratePass('hessian')"),
     "clips": ("the activation clip ratios", "CalibratePass('clip')"),
     "ranges": ("the static activation ranges", "CalibrateActivationsPass"),
     "spreads": ("the projection inputs' token spreads", "CalibrateActivationsPass"),

@@ -420,8 +420,6 @@ class QuantizeWeightsPass(ir.passes.InPlacePass):
             else:
                 emit_dequantize(model, desc.lm_head, head, "lm_head")
             del head
-            if spill is not None:
-                spill.spill(model.graph)
             emb = quantize_rtn(read_stored(desc.embedding_table), self.head_spec)
             if self.fmt == "ort":
                 emit_gather_quantized(model, desc.embedding, emb, "embedding")
