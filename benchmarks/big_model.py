@@ -18,7 +18,7 @@ in its own child process (wall time, peak RSS from `ru_maxrss`):
 The same steps run first on a model of `--base-layers` blocks (same widths); the difference between
 the two runs divided by the difference in depth is the cost of one block, the rest the fixed cost (the
 embedding, the head, loading). Llama-3-70B is projected from them: per-block time scaled by the ratio of
-each step's arithmetic per block (rotation: parameters x log2 of the rotated width; GPTQ: rows x cols^2
+each step's arithmetic per block (rotation: parameters x the transform's multiply-adds per value; GPTQ: rows x cols^2
 per projection plus cols^3 per distinct input, and the calibration forward pass), the fixed time by the
 vocabulary x hidden ratio; the arithmetic is printed. Tables go to stdout.
 """
@@ -27,7 +27,6 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
-import math
 import shutil
 import sys
 from dataclasses import dataclass
@@ -35,6 +34,7 @@ from pathlib import Path
 
 from _common import measured, size_mb
 
+from rotgraph.hadamard import hadamard_factors
 from rotgraph.synthetic import PRESETS, SyntheticConfig, parameter_count
 
 STEPS = ("copy", "rotate", "int4", "genai")
@@ -52,10 +52,18 @@ def block_params(c: SyntheticConfig) -> int:
     return c.hidden * (c.heads * c.head_dim + 2 * kv) + c.heads * c.head_dim * c.hidden + 3 * c.hidden * c.intermediate
 
 
+def transform_cost(n: int) -> int:
+    """Multiply-adds per value of rotgraph's Hadamard transform of order n: its two Kronecker factors' orders."""
+    f = hadamard_factors(n)
+    assert f is not None, n
+    f1, f2 = f.kronecker_pair
+    return len(f1) + len(f2)
+
+
 def rotation_work(c: SyntheticConfig) -> float:
-    """Per block: every weight is rotated on its hidden side (log2 hidden butterflies per value), down_proj
+    """Per block: every weight is rotated on its hidden side (`transform_cost(hidden)` per value), down_proj
     also on its intermediate side (R4's fold)."""
-    return block_params(c) * math.log2(c.hidden) + c.hidden * c.intermediate * math.log2(c.intermediate)
+    return block_params(c) * transform_cost(c.hidden) + c.hidden * c.intermediate * transform_cost(c.intermediate)
 
 
 def gptq_work(c: SyntheticConfig, tokens: int) -> float:

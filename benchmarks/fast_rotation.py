@@ -13,9 +13,10 @@ float64, steps, cast back to float32) and the child's peak RSS. The methods:
   where the whole float64 weight and the transform's buffers would take about 17 GB);
 - fast, chunked (now): `weights._Chain.evaluate`, chunks of at most CHUNK_BYTES.
 
-Then the choice inside the transform: B (Sylvester, order p <= 1024) as log2(p) radix-2 butterfly
-stages, as rotgraph does it (butterfly stages, the lowest 5 bits as one product with S_32 along a
-contiguous last axis), or as one matrix product, in process, best of 3; and R2's per-head fold of O (head_dim 128) dense and factored.
+Then the choice inside the transform, H = kron(A, B) (B Sylvester, order p <= 1024), in process, best of
+3: B as radix-2 butterfly stages (the lowest 5 bits as one product with S_32 along a contiguous last
+axis) then A (the former transform), B as one matrix product then A, or H as two products with the
+Kronecker factors of about sqrt(n) (rotgraph's, `HadamardFactors.kronecker_pair`); and R2's per-head fold of O (head_dim 128) dense and factored.
 Prints markdown tables.
 """
 
@@ -118,13 +119,48 @@ def in_child(path: Path, shape: tuple[int, int], fold: str, method: str) -> dict
     return json.loads(done.stdout.strip().splitlines()[-1])
 
 
-def sylvester_matmul(x: np.ndarray, pre: int, p: int, post: int) -> np.ndarray:
-    """B as one matrix product instead of the butterfly (the alternative measured)."""
+def butterfly(x: np.ndarray, pre: int, p: int, post: int) -> np.ndarray:
+    """v -> v @ S_p along the middle axis of x as [pre, p, post] (the former transform, kept here to measure
+    it): radix-2 stages of adds and subtracts, one memory pass per bit; along a contiguous last axis the
+    lowest 5 bits as one product with S_32."""
+    y = x.reshape(pre, p, post)
+    low = min(p, 32) if post == 1 else 1
+    if low > 1:
+        y = (y.reshape(-1, low) @ sylvester(low)).reshape(pre, p, post)
+    out = np.empty_like(y)
+    h = p // 2
+    while h >= low:
+        src, dst = y.reshape(pre, p // (2 * h), 2, h, post), out.reshape(pre, p // (2 * h), 2, h, post)
+        np.add(src[:, :, 0], src[:, :, 1], out=dst[:, :, 0])
+        np.subtract(src[:, :, 0], src[:, :, 1], out=dst[:, :, 1])
+        y, out = out, y
+        h //= 2
+    return y
+
+
+def sylvester(p: int) -> np.ndarray:
     b = hadamard.hadamard(p)
     assert b is not None
-    s = b.astype(np.float64)
-    y = x.reshape(pre, p, post)
-    return (y.reshape(pre, p) @ s).reshape(pre, p, 1) if post == 1 else np.matmul(s.T, y)
+    return b.astype(np.float64)
+
+
+def h_former(x: np.ndarray, f: hadamard.HadamardFactors, pre: int, post: int) -> np.ndarray:
+    """v -> v @ kron(A, B): B by `butterfly`, then one product with A."""
+    y = butterfly(np.array(x), pre * f.m, f.p, post).reshape(pre, f.m, f.p * post)
+    return np.matmul(f.a.T.astype(np.float64), y).reshape(pre, f.n, post)
+
+
+def h_matmul(x: np.ndarray, f: hadamard.HadamardFactors, pre: int, post: int) -> np.ndarray:
+    """v -> v @ kron(A, B): B as one p x p product, then one product with A."""
+    s, y = sylvester(f.p), x.reshape(pre * f.m, f.p, post)
+    y = (y.reshape(-1, f.p) @ s) if post == 1 else np.matmul(s.T, y)
+    return np.matmul(f.a.T.astype(np.float64), y.reshape(pre, f.m, f.p * post)).reshape(pre, f.n, post)
+
+
+def h_now(x: np.ndarray, f: hadamard.HadamardFactors, pre: int, post: int) -> np.ndarray:
+    """v -> v @ kron(F1, F2), rotgraph's transform (`HadamardFactors.kronecker_pair`)."""
+    f1, f2 = f.kronecker_pair
+    return hadamard._kron_apply(x, f1, f2, pre, post)
 
 
 def best_of(fn, rounds: int = 3) -> float:
@@ -137,30 +173,28 @@ def best_of(fn, rounds: int = 3) -> float:
 
 
 def transform_choice() -> list[tuple[str, str, float, float, float]]:
-    """B's part of X Q: radix-2 butterfly stages only; the same with the lowest 5 bits as one product with
-    S_32 along a contiguous last axis (rotgraph's); B as one matrix product."""
+    """v -> v @ H (H = kron(A, B), float64, no permutation or signs) by the former butterfly, by B as one
+    matrix product, and by rotgraph's two Kronecker products; the three agree (checked)."""
     rows = []
     rng = np.random.default_rng(0)
-    q = randomized_hadamard(HIDDEN, np.random.default_rng(0))
-    assert q is not None
+    f = hadamard_factors(HIDDEN)
+    assert f is not None
     for shape, axis, what in (
-        ((4096, 4096), -1, "4096 x 4096, X Q (rows)"),
-        ((4096, 4096), 0, "4096 x 4096, Q^T X (columns)"),
-        ((14336, 4096), -1, "14336 x 4096, X Q (rows)"),
-        ((4096, 14336), 0, "4096 x 14336, Q^T X (columns)"),
+        ((4096, 4096), -1, "4096 x 4096, X H (rows)"),
+        ((4096, 4096), 0, "4096 x 4096, H^T X (columns)"),
+        ((14336, 4096), -1, "14336 x 4096, X H (rows)"),
+        ((4096, 14336), 0, "4096 x 14336, H^T X (columns)"),
     ):
         x = rng.standard_normal(shape)
-        order, original = hadamard.SYLVESTER_GEMM_ORDER, hadamard._sylvester_in_place
-        try:
-            hadamard.SYLVESTER_GEMM_ORDER = 1
-            radix2 = best_of(lambda x=x, axis=axis: q.apply(x, axis))
-            hadamard.SYLVESTER_GEMM_ORDER = order
-            chosen = best_of(lambda x=x, axis=axis: q.apply(x, axis))
-            hadamard._sylvester_in_place = sylvester_matmul  # type: ignore[assignment]
-            matmul = best_of(lambda x=x, axis=axis: q.apply(x, axis))
-        finally:
-            hadamard.SYLVESTER_GEMM_ORDER, hadamard._sylvester_in_place = order, original
-        rows.append((what, f"m={q.factors.m}, p={q.factors.p}", radix2, chosen, matmul))
+        pre, post = (shape[0], 1) if axis == -1 else (1, shape[1])
+        want = h_now(x, f, pre, post)
+        times = []
+        for method in (h_former, h_matmul, h_now):
+            assert np.allclose(method(x, f, pre, post), want)
+            times.append(best_of(functools.partial(method, x, f, pre, post)))
+        f1, f2 = f.kronecker_pair
+        factors = f"A {f.m}, B {f.p}; F1 {f1.shape[0]}, F2 {f2.shape[0]}"
+        rows.append((what, factors, *times))
     return rows
 
 
@@ -214,17 +248,18 @@ def main() -> None:
             assert max(sums) - min(sums) <= 1e-5 * max(sums), sums  # the methods compute the same weight
     print()
     print(
-        "| transform (float64) | factors | radix-2 butterfly (s) | butterfly, low 5 bits by S_32 (s) | B as one matmul (s) |"
+        "| transform (float64) | factors | B by butterflies, then A (former, s) | B as one matmul, then A (s) "
+        "| two Kronecker products (now, s) |"
     )
     print("|---|---|---:|---:|---:|")
-    for what, factors, radix2, chosen, matmul in transform_choice():
-        print(f"| {what} | {factors} | {radix2:.2f} | {chosen:.2f} | {matmul:.2f} |", flush=True)
+    for what, factors, former, matmul, now in transform_choice():
+        print(f"| {what} | {factors} | {former:.2f} | {matmul:.2f} | {now:.2f} |", flush=True)
     t_dense, t_fast = r2_choice()
     print()
     print("| R2 on O's rows, 4096 x 4096 float64, head_dim 128 | seconds |")
     print("|---|---:|")
     print(f"| dense h^T per head (`rotate_head_rows`) | {t_dense:.2f} |")
-    print(f"| factored, butterfly per head | {t_fast:.2f} |")
+    print(f"| factored per head | {t_fast:.2f} |")
 
 
 if __name__ == "__main__":

@@ -128,7 +128,7 @@ def run_logits(session: ort.InferenceSession, tokens: np.ndarray, mask: np.ndarr
     """Logits [batch, seq, vocab] (the first output) of whole sequences; `mask` as in `model_feeds`."""
     feeds = model_feeds(session, tokens, mask)
     try:
-        return np.asarray(session.run(None, feeds)[0])
+        return np.array(session.run(None, feeds)[0], copy=True)  # its own: an output array can keep the session alive
     except Exception as e:  # onnxruntime raises its own Fail/InvalidArgument types
         raise RotgraphError(f"onnxruntime failed to run the model: {e}") from None
 

@@ -157,6 +157,17 @@ class HadamardFactors:
         """The orthonormal matrix H_n (float64)."""
         return np.kron(self.a, self.b).astype(np.float64) / np.sqrt(self.n)
 
+    @functools.cached_property
+    def kronecker_pair(self) -> tuple[np.ndarray, np.ndarray]:
+        """H = kron(A, B) regrouped as kron(F1, F2) (float64, entries +-1): F2 = S_q, the Sylvester matrix of
+        an order q dividing p, and F1 = kron(A, S_(p/q)), with q chosen so that order(F1) + q is least.
+        v @ H is then two matrix products of about 2 sqrt(n) multiply-adds per element in all (Sylvester
+        matrices are Kronecker powers, so this is the same matrix)."""
+        q = min((1 << k for k in range(self.p.bit_length())), key=lambda q: self.m * (self.p // q) + q)
+        outer, inner = _base(self.p // q), _base(q)
+        assert outer is not None and inner is not None  # powers of two
+        return np.kron(self.a, outer).astype(np.float64), inner.astype(np.float64)
+
     def apply(self, x: np.ndarray) -> np.ndarray:
         xr = x.reshape(*x.shape[:-1], self.m, self.p)
         y = np.swapaxes(self.a, 0, 1) @ (xr @ self.b)
@@ -195,42 +206,17 @@ def hadamard(n: int) -> np.ndarray | None:
     return None if f is None else np.kron(f.a, f.b)
 
 
-SYLVESTER_GEMM_ORDER = 32  # along a contiguous last axis, the lowest bits as one product with S_32 (measured faster)
-
-
-def _sylvester_in_place(x: np.ndarray, pre: int, p: int, post: int) -> np.ndarray:
-    """v -> v @ S_p for the vectors along the middle axis of x viewed as [pre, p, post], S_p the Sylvester
-    matrix of order p (kron(H2, ..., H2), entries +-1): butterfly stages of adds and subtracts, one per
-    bit of the index, alternating between x and one more buffer. Along a contiguous last axis (post 1)
-    the stages of the lowest bits would loop over runs of a few elements; there the lowest 5 bits are one
-    product with S_32 instead. x (contiguous, the caller's own) may be overwritten."""
-    y = x.reshape(pre, p, post)
-    low = min(p, SYLVESTER_GEMM_ORDER) if post == 1 else 1
-    if low > 1:
-        s = _base(low)
-        assert s is not None  # a power of two
-        y = (y.reshape(-1, low) @ s.astype(np.float64)).reshape(pre, p, post)
-    out = np.empty_like(y)
-    h = p // 2
-    while h >= low:  # the stage on one bit of the index is kron(I, H2, I); the stages commute
-        src = y.reshape(pre, p // (2 * h), 2, h, post)
-        dst = out.reshape(pre, p // (2 * h), 2, h, post)
-        np.add(src[:, :, 0], src[:, :, 1], out=dst[:, :, 0])
-        np.subtract(src[:, :, 0], src[:, :, 1], out=dst[:, :, 1])
-        y, out = out, y
-        h //= 2
-    return y
-
-
-def _kron_apply(x: np.ndarray, f: HadamardFactors, a: np.ndarray, pre: int, post: int) -> np.ndarray:
-    """v -> v @ kron(a, S_p) along the middle axis of x viewed as [pre, n, post] (x is overwritten):
-    the butterfly on the 2**k part, then one matrix product with the m x m factor `a` (f.a or f.a.T)."""
-    y = _sylvester_in_place(x, pre * f.m, f.p, post)
-    if f.m == 1:
-        return y.reshape(pre, f.n, post)
-    y = y.reshape(pre, f.m, f.p * post)
-    y = a.T @ y[0] if pre == 1 else np.matmul(a.T, y)  # contracts the m axis: y[j] = sum_i a[i, j] y[i]
-    return y.reshape(pre, f.n, post)
+def _kron_apply(x: np.ndarray, f1: np.ndarray, f2: np.ndarray, pre: int, post: int) -> np.ndarray:
+    """v -> v @ kron(f1, f2) along the middle axis of x viewed as [pre, n, post]: with v as [n1, n2], the
+    product with f2 on its second index, then with f1 on its first (v[i1, i2] f1[i1, j1] f2[i2, j2]),
+    each one BLAS product (or a stack of them) over the whole array."""
+    n1, n2 = f1.shape[0], f2.shape[0]
+    if post == 1:
+        y = (x.reshape(pre * n1, n2) @ f2).reshape(pre, n1, n2)
+    else:
+        y = np.matmul(f2.T, x.reshape(pre * n1, n2, post)).reshape(pre, n1, n2 * post)
+    y = f1.T @ y[0] if pre == 1 else np.matmul(f1.T, y)  # contracts i1: out[j1] = sum_i1 f1[i1, j1] y[i1]
+    return y.reshape(pre, n1 * n2, post)
 
 
 @dataclass(frozen=True, eq=False)
@@ -240,9 +226,10 @@ class HadamardRotation:
     `transposed`.
 
     `apply` computes v @ Q (v @ Q^T when transposed) for the vectors along one axis in float64 in
-    O(n (m + log2 p)) per vector: a gather by the permutation, butterfly stages of adds and subtracts
-    for B (measured faster than B as one matrix product; benchmarks/RESULTS.md, "Fast rotation (issue
-    28)"), one m x m matrix product for A, and a scaling by signs / sqrt(n). `matrix` is the
+    O(n sqrt(n)) per vector: a gather by the permutation, H as two matrix products with Kronecker factors
+    of about sqrt(n) (`HadamardFactors.kronecker_pair`; measured faster than radix-2 butterfly stages, which make one
+    memory pass per bit: benchmarks/RESULTS.md, "Fast rotation (issue 28)"), and a scaling by signs /
+    sqrt(n). `matrix` is the
     dense form, equal bit for bit to the product `random_hadamard` returns for the same draws.
     """
 
@@ -276,19 +263,20 @@ class HadamardRotation:
         X @ Q (rows independent), axis 0 of a matrix X is Q^T X (columns independent)."""
         x = np.asarray(x)
         axis %= x.ndim
-        n, f = self.n, self.factors
+        n = self.n
         if x.shape[axis] != n:
             raise ValueError(f"cannot apply a rotation of order {n} to axis {axis} of shape {x.shape}")
         pre, post = int(np.prod(x.shape[:axis])), int(np.prod(x.shape[axis + 1 :]))
         v = x.reshape(pre, n, post)
         scale = (np.ones(n) if self.signs is None else self.signs) / np.sqrt(n)
+        f1, f2 = self.factors.kronecker_pair
         if not self.transposed:  # v @ Q = ((v permuted by perm^-1) @ H) * signs / sqrt(n)
-            u = np.array(v, dtype=np.float64) if self.perm is None else np.take(v, np.argsort(self.perm), axis=1)
-            u = u.astype(np.float64, copy=False)
-            y = _kron_apply(u, f, f.a, pre, post)
+            u = v if self.perm is None else np.take(v, np.argsort(self.perm), axis=1)
+            u = u.astype(np.float64, copy=False)  # the products below never write to it
+            y = _kron_apply(u, f1, f2, pre, post)
             y *= scale[None, :, None]
-        else:  # v @ Q^T = ((v * signs / sqrt(n)) @ H^T) permuted by perm, H^T = kron(A^T, B)
-            y = _kron_apply(v * scale[None, :, None], f, f.a.T, pre, post)
+        else:  # v @ Q^T = ((v * signs / sqrt(n)) @ H^T) permuted by perm, H^T = kron(F1^T, F2^T)
+            y = _kron_apply(v * scale[None, :, None], f1.T, f2.T, pre, post)
             if self.perm is not None:
                 y = np.take(y, self.perm, axis=1)
         return y.reshape(x.shape)

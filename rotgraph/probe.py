@@ -183,7 +183,13 @@ def _whole(
     session = make_session(proto.SerializeToString(), optimization, kernels=False, external_data_folder=folder)
     for w, window in enumerate(tqdm(token_windows, desc=what, unit="window", disable=not progress, leave=False)):
         for i, x in enumerate(session.run(names, model_feeds(session, window[None, :]))):
-            yield Probed(i, w, np.asarray(x))
+            yield Probed(i, w, _owned(x))
+
+
+def _owned(x: np.ndarray) -> np.ndarray:
+    """An onnxruntime output as an array of its own: the arrays a session returns can keep the session's
+    memory alive (at Llama-3.1-8B widths, 98 MB of logits held 2.4 GB of the head's session)."""
+    return np.array(x, copy=True)
 
 
 def _by_block(
@@ -289,11 +295,11 @@ class BlockRunner:
             feeds = {name: whole[name] for name in segment.inputs}
             if k:
                 feeds.update(zip(segment.cut_in, self.residual[w], strict=True))
-            outs = session.run(names, feeds)
+            outs = [_owned(x) for x in session.run(names, feeds)]
             if advance:
-                following.append([np.asarray(x) for x in outs[: len(cut_out)]])
+                following.append(outs[: len(cut_out)])
             for i, x in enumerate(outs[len(cut_out) :]):
-                yield Probed(i, w, np.asarray(x))
+                yield Probed(i, w, x)
         if advance:
             self.entering, self.residual, self.segment = self.residual, following, k + 1
 

@@ -173,17 +173,62 @@ def hessian_factor(
     h[dead, dead] = 1.0
     cols = len(h)
     perm = np.argsort(-np.diag(h), kind="stable") if act_order else np.arange(cols)
-    if act_order:
-        h = h[perm][:, perm]
     h[np.diag_indices(cols)] += damp * np.mean(np.diag(h))
+    _permute_symmetric_in_place(h, perm[::-1])  # J P H P^T J, J the reversal
     try:
-        lower = np.linalg.cholesky(h[::-1, ::-1])
+        _cholesky_in_place(h)
     except np.linalg.LinAlgError:
         raise RotgraphError(f"GPTQ: the Hessian is not positive definite; raise {setting('damp')}") from None
-    del h
-    _invert_lower(lower)
-    _reverse_in_place(lower)  # contiguous: a reversed view would keep GPTQ's products off BLAS
-    return HessianFactor(lower, perm, dead)
+    _invert_lower(h)
+    _reverse_in_place(h)  # contiguous: a reversed view would keep GPTQ's products off BLAS
+    return HessianFactor(h, perm, dead)
+
+
+CHUNK_ROWS = 256  # rows per temporary in the in-place steps below (and the Cholesky's block size)
+
+
+def _permute_symmetric_in_place(a: np.ndarray, order: np.ndarray) -> None:
+    """a <- a[order][:, order] for a square C-contiguous `a`: the columns a chunk of rows at a time, then
+    the rows by following the permutation's cycles (one row as temporary)."""
+    n = len(a)
+    for i in range(0, n, CHUNK_ROWS):
+        a[i : i + CHUNK_ROWS] = a[i : i + CHUNK_ROWS][:, order]
+    moved = np.zeros(n, dtype=bool)
+    for start in range(n):
+        if moved[start]:
+            continue
+        saved, i = a[start].copy(), start
+        while True:  # new row i is old row order[i]; old row `start` is already overwritten when the cycle closes
+            moved[i] = True
+            j = int(order[i])
+            if j == start:
+                a[i] = saved
+                break
+            a[i] = a[j]
+            i = j
+
+
+def _cholesky_in_place(a: np.ndarray) -> None:
+    """a <- L with a = L L^T, L lower triangular (the upper triangle zeroed), for a symmetric positive
+    definite C-contiguous `a`, in place: right-looking by blocks of CHUNK_ROWS (numpy's Cholesky of each
+    diagonal block, the panel times its inverse transposed, and the trailing lower triangle's update a
+    chunk of rows at a time), so no copy of `a` is made. Raises numpy's LinAlgError when `a` is not
+    positive definite."""
+    n, b = len(a), CHUNK_ROWS
+    for k in range(0, n, b):
+        e = min(k + b, n)
+        d = np.linalg.cholesky(a[k:e, k:e])
+        a[k:e, k:e] = d
+        if e == n:
+            break
+        solve = np.linalg.inv(d).T  # L21 = A21 L11^-T
+        for r in range(e, n, b):
+            a[r : r + b, k:e] = a[r : r + b, k:e] @ solve
+        for r in range(e, n, b):  # A22 -= L21 L21^T on and below the diagonal
+            re = min(r + b, n)
+            a[r:re, e:re] -= a[r:re, k:e] @ a[e:re, k:e].T
+    for r in range(0, n, b):
+        a[r : r + b] = np.tril(a[r : r + b], k=r)
 
 
 def _reverse_in_place(a: np.ndarray, chunk: int = 256) -> None:
@@ -196,7 +241,8 @@ def _reverse_in_place(a: np.ndarray, chunk: int = 256) -> None:
 
 
 def _invert_lower(lower: np.ndarray) -> None:
-    """Invert a lower-triangular matrix in place, by halves: [[A, 0], [B, C]]^-1 = [[A^-1, 0], [-C^-1 B A^-1, C^-1]]."""
+    """Invert a lower-triangular matrix in place, by halves: [[A, 0], [B, C]]^-1 = [[A^-1, 0], [-C^-1 B A^-1, C^-1]],
+    with temporaries of a chunk of rows."""
     n = len(lower)
     if n <= 256:
         lower[...] = np.tril(np.linalg.inv(lower))
@@ -204,7 +250,12 @@ def _invert_lower(lower: np.ndarray) -> None:
     k = n // 2
     _invert_lower(lower[:k, :k])
     _invert_lower(lower[k:, k:])
-    lower[k:, :k] = -(lower[k:, k:] @ (lower[k:, :k] @ lower[:k, :k]))
+    a_inv, b, c_inv = lower[:k, :k], lower[k:, :k], lower[k:, k:]
+    for r in range(0, n - k, CHUNK_ROWS):  # B <- B A^-1, a chunk of rows at a time
+        b[r : r + CHUNK_ROWS] = b[r : r + CHUNK_ROWS] @ a_inv
+    for r in reversed(range(0, n - k, CHUNK_ROWS)):  # B <- -C^-1 B: row chunk r reads rows <= r's, done from the bottom
+        e = min(r + CHUNK_ROWS, n - k)
+        b[r:e] = -(c_inv[r:e, :e] @ b[:e])
 
 
 def gptq(

@@ -20,7 +20,9 @@ float64 array, as before.
 from __future__ import annotations
 
 import os
+from collections import deque
 from collections.abc import Callable, Iterator, Sequence
+from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
 from typing import Any, TypeVar
 
@@ -34,6 +36,7 @@ Step = Callable[[np.ndarray], np.ndarray]
 F = TypeVar("F", bound=Callable[..., Any])
 
 CHUNK_BYTES = 64 << 20  # float64 bytes of the base tensor per chunk
+STREAM_WORKERS = int(os.environ.get("ROTGRAPH_STREAM_WORKERS", "2"))  # threads running a chain's steps on chunks
 ROWS, COLUMNS, TRANSPOSE = "rows", "columns", "transpose"
 _ACTS: dict[Callable[..., Any], str] = {}
 
@@ -118,22 +121,46 @@ class _Chain:
         chunk_bytes = CHUNK_BYTES if chunk_bytes is None else chunk_bytes
         streaming, shape = self._streaming_axis(), tuple(self.base.shape.numpy())
         if streaming is not None and shape[streaming[0]] > 0:
-            first, last = streaming
-            out: np.ndarray | None = None
-            for start, stop, x in self._chunks(first, chunk_bytes):
-                for step in self.steps:
-                    x = step(x)
-                if out is None:
-                    result = list(x.shape)
-                    result[last] = shape[first]
-                    out = np.empty(result, dtype=dtype)
-                out[_slab(last, start, stop)] = x  # the cast of this chunk (the same rounding as astype)
-            assert out is not None
-            return out
+            return self._stream(*streaming, dtype, chunk_bytes)
         array, owned = self._read_whole(chunk_bytes), True
         for step in self.steps:
             array, owned = _apply(step, array, chunk_bytes, in_place=owned)
         return array.astype(dtype, copy=False)
+
+    def _stream(self, first: int, last: int, dtype: np.dtype | type, chunk_bytes: int) -> np.ndarray:
+        """The chain over chunks of the base along `first` (the result's axis `last`), each cast into the
+        output as it is done. The steps run on STREAM_WORKERS chunks at once in worker threads while this one
+        reads and converts the next (numpy and BLAS release the GIL), so reading overlaps the transforms and
+        the elementwise steps use every core; the mapped base is only touched (and released) here."""
+        out: np.ndarray | None = None
+
+        def finish(start: int, stop: int, x: np.ndarray) -> None:
+            for step in self.steps:
+                x = step(x)
+            assert out is not None
+            out[_slab(last, start, stop)] = x  # the cast of this chunk (the same rounding as astype)
+
+        pending: deque[Future[None]] = deque()
+        with ThreadPoolExecutor(max_workers=STREAM_WORKERS) as workers:
+            for start, stop, x in self._chunks(first, chunk_bytes):
+                if out is None:  # the first chunk, here: it gives the result's shape
+                    y = x
+                    for step in self.steps:
+                        y = step(y)
+                    result = list(y.shape)
+                    result[last] = tuple(self.base.shape.numpy())[first]
+                    out = np.empty(result, dtype=dtype)
+                    out[_slab(last, start, stop)] = y
+                    del y
+                    continue
+                if len(pending) >= STREAM_WORKERS:
+                    pending.popleft().result()
+                pending.append(workers.submit(finish, start, stop, x))
+                del x
+            while pending:
+                pending.popleft().result()
+        assert out is not None
+        return out
 
     def _read_whole(self, chunk_bytes: int) -> np.ndarray:
         shape = tuple(self.base.shape.numpy())

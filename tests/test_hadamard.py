@@ -56,6 +56,19 @@ def test_large_power_of_two_parts_are_split() -> None:
     assert f is not None and (f.m, f.p) == (48, 1024)
 
 
+@pytest.mark.parametrize(
+    "n,orders", [(64, (8, 8)), (576, (36, 16)), (1536, (48, 32)), (4096, (64, 64)), (448, (28, 16))]
+)
+def test_kronecker_pair_is_the_same_matrix(n: int, orders: tuple[int, int]) -> None:
+    """The fast transform's two factors multiply (Kronecker) to H itself, the smaller one Sylvester."""
+    f = hadamard_factors(n)
+    assert f is not None
+    f1, f2 = f.kronecker_pair
+    assert (f1.shape[0], f2.shape[0]) == orders
+    assert np.array_equal(np.kron(f1, f2), np.kron(f.a, f.b))
+    assert np.array_equal(f2, sylvester(orders[1]))
+
+
 @pytest.mark.parametrize("n", [16, 96, 576, 4096])
 def test_factors_apply_matches_matrix(n: int) -> None:
     f = hadamard_factors(n)
