@@ -88,14 +88,19 @@ def input_hessians(model: ir.Model, token_windows: np.ndarray, scratch: Path | N
     return sums
 
 
+GRAM_ROWS = 2048  # rows of X^T X computed at once (float32): 117 MB for a 14336-wide input
+
+
 def add_gram(sums: dict[Site, np.ndarray], site: Site, x: np.ndarray) -> None:
     """sums[site] += X^T X of one window's rows `x` [tokens, n]: float32 per window, accumulated in float64
-    in place (an 8B down_proj's is 1.6 GB: no float64 copy of the window's product, no new sum)."""
-    h = x.T @ x
-    if site in sums:
-        sums[site] += h
-    else:
-        sums[site] = h.astype(np.float64)
+    in place, GRAM_ROWS rows of the product at a time (an 8B down_proj's sum is 1.6 GB: no float64 copy of
+    the window's product, no new sum, and its float32 product is made a slab at a time, not 0.8 GB at once)."""
+    n = x.shape[1]
+    total = sums.get(site)
+    if total is None:
+        total = sums[site] = np.zeros((n, n), dtype=np.float64)
+    for r in range(0, n, GRAM_ROWS):
+        total[r : r + GRAM_ROWS] += x[:, r : r + GRAM_ROWS].T @ x
 
 
 def input_absmax(model: ir.Model, token_windows: np.ndarray, scratch: Path | None = None) -> dict[Site, np.ndarray]:

@@ -55,7 +55,7 @@ class WeightSpec:
 
 @dataclass
 class QuantizedWeight:
-    codes: np.ndarray  # [rows, cols] int16 (signed or unsigned grid values)
+    codes: np.ndarray  # [rows, cols] grid values: int8 / uint8 where they fit (`code_dtype`), else int16
     scales: np.ndarray  # [rows, groups] float64
     zeros: np.ndarray  # [rows, groups] float64 (0 for symmetric grids)
     spec: WeightSpec
@@ -141,9 +141,19 @@ def _weight_params(wt: np.ndarray, spec: WeightSpec, codes: np.ndarray | None = 
     return scale, zero
 
 
+def code_dtype(spec: WeightSpec) -> type[np.integer]:
+    """The narrowest array type of the codes: int8 / uint8 when the grid fits (a 128256 x 4096 table's
+    8-bit codes are 0.5 GB, not 1 GB), else int16."""
+    if spec.symmetric and spec.qmin >= -128 and spec.qmax <= 127:
+        return np.int8
+    if not spec.symmetric and spec.qmin >= 0 and spec.qmax <= 255:
+        return np.uint8
+    return np.int16
+
+
 def quantize_rtn(wt: np.ndarray, spec: WeightSpec) -> QuantizedWeight:
     """Round to nearest per row group (`_weight_params`)."""
-    codes = np.empty(wt.shape, np.int16)
+    codes = np.empty(wt.shape, code_dtype(spec))
     scale, zero = _weight_params(wt, spec, codes)
     return QuantizedWeight(codes, scale, zero, spec)
 

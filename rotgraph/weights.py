@@ -255,6 +255,14 @@ def read_stored(value: ir.Value) -> np.ndarray:
     return tensor.numpy() if isinstance(tensor, ir.ExternalTensor) else read_float64(value)
 
 
+def release_stored(value: ir.Value) -> None:
+    """Unmap the initializer's file after `read_stored` (its pages leave this process's RSS; a later read maps
+    it again)."""
+    tensor = initializer_tensor(value)
+    if isinstance(tensor, ir.ExternalTensor):
+        tensor.release()
+
+
 def rewrite_initializer(value: ir.Value, step: Step, shape: Sequence[int] | None = None) -> None:
     """Queue `step` (float64 array -> float64 array) on the initializer `value`.
 

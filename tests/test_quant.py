@@ -134,3 +134,23 @@ def test_hessian_factor_overwrites_instead_of_copying(act_order: bool, monkeypat
     assert np.shares_memory(factor.u, h)
     assert peak < h.nbytes / 4, f"{peak / 1e6:.1f} MB of temporaries for a {h.nbytes / 1e6:.1f} MB Hessian"
     np.testing.assert_array_equal(factor.u, expected.u)
+
+
+def test_hessian_sums_add_each_window_in_place_a_slab_at_a_time(monkeypatch: pytest.MonkeyPatch) -> None:
+    """`calibrate.add_gram` gives X^T X summed over windows in float64 (each window's product in float32, as
+    numpy computes it), without the window's whole product at once: temporaries stay under half its bytes."""
+    from rotgraph import calibrate
+
+    monkeypatch.setattr(calibrate, "GRAM_ROWS", 256)
+    rng = np.random.default_rng(4)
+    windows = [rng.standard_normal((300, 1200)).astype(np.float32) for _ in range(3)]
+    sums: dict[str, np.ndarray] = {}
+    calibrate.add_gram(sums, "site", windows[0])
+    tracemalloc.start()
+    for x in windows[1:]:
+        calibrate.add_gram(sums, "site", x)
+    _, peak = tracemalloc.get_traced_memory()
+    tracemalloc.stop()
+    expected = sum((x.T @ x).astype(np.float64) for x in windows)
+    np.testing.assert_allclose(sums["site"], expected, rtol=1e-12, atol=0)
+    assert peak < 1200 * 1200 * 4 / 2, f"{peak / 1e6:.1f} MB of temporaries"

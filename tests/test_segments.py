@@ -226,7 +226,7 @@ print(done.stderr[-3000:])
 def test_a_deep_model_quantizes_with_gptq_and_validation_in_less_memory_than_its_weights(tmp_path: Path) -> None:
     """24 blocks, 0.89 GB of float32 weights, run block by block (ROTGRAPH_BLOCKWISE_BYTES below them):
     sequential GPTQ and the validation; the whole `rotgraph quantize` process peaks below 3/4 of the
-    weights, where loading the model whole would take all of them (measured: 0.60 GB, 68%, of which
+    weights, where loading the model whole would take all of them (measured: 0.52 GB, 58%, of which
     0.13 GB is the interpreter with rotgraph and onnxruntime imported; the issue's target is half).
     """
     import os

@@ -16,7 +16,7 @@ from rotgraph.passes.canonical.untie_embedding import embedding_map, map_toleran
 from rotgraph.quant import HessianFactor, QuantizedWeight, WeightSpec, gptq, hessian_factor, quantize_rtn
 from rotgraph.results import Calibration
 from rotgraph.structure import Linear, ModelDescription, discover, is_quantized_weight, transposed_initializer
-from rotgraph.weights import SpillFile, new_initializer, read_float64, read_stored
+from rotgraph.weights import SpillFile, new_initializer, read_float64, read_stored, release_stored
 
 logger = logging.getLogger(__name__)
 
@@ -40,7 +40,7 @@ def _dequantize_linear(
     """A DequantizeLinear node over new initializers `{name}.codes/.scale/.zero`: per-axis along `axis`
     when `scales` is 1-D, block-wise along `axis` (opset 21 block_size) when it has the codes' rank."""
     code_type = _code_type(spec)
-    store = codes.astype(np.int8 if spec.symmetric else np.uint8)
+    store = codes.astype(np.int8 if spec.symmetric else np.uint8, copy=False)
     inputs = [
         new_initializer(graph, f"{name}.codes", ir.Tensor(store, dtype=code_type, name=f"{name}.codes")),
         new_initializer(graph, f"{name}.scale", ir.Tensor(scales.astype(dtype.numpy()), name=f"{name}.scale")),
@@ -91,6 +91,7 @@ def _ort_codes(q: QuantizedWeight, g: int) -> np.ndarray:
     layout: unsigned (symmetric codes shifted by 2^(bits-1), the ops' default zero point), 4-bit values
     packed two per byte, low nibble first."""
     rows, cols = q.codes.shape
+    # int8 codes wrap modulo 256 here, which leaves the uint8 value itself
     unsigned = (q.codes - (grid.qmin(q.spec.bits, True) if q.spec.symmetric else 0)).astype(np.uint8)
     if q.spec.bits == 4:
         unsigned = (unsigned[:, 0::2] | (unsigned[:, 1::2] << 4)).astype(np.uint8)
@@ -415,12 +416,14 @@ class QuantizeWeightsPass(ir.passes.InPlacePass):
                 raise RotgraphError("quantizing lm_head needs it untied (UntieEmbeddingPass)")
             # One table at a time, read in its stored dtype (a 128256 x 4096 table is 4.2 GB in float64)
             head = quantize_rtn(read_stored(desc.lm_head.weight).T, self.head_spec)
+            release_stored(desc.lm_head.weight)  # its mapped pages (1 GB at 8B widths) leave the RSS now
             if self.fmt == "ort":
                 emit_matmulnbits(model, desc.lm_head, head, "lm_head", self.accuracy_level)
             else:
                 emit_dequantize(model, desc.lm_head, head, "lm_head")
             del head
             emb = quantize_rtn(read_stored(desc.embedding_table), self.head_spec)
+            release_stored(desc.embedding_table)
             if self.fmt == "ort":
                 emit_gather_quantized(model, desc.embedding, emb, "embedding")
             else:
