@@ -46,6 +46,13 @@ class Session(ort.InferenceSession):
         return self._roles
 
 
+def owned(x: np.ndarray) -> np.ndarray:
+    """An onnxruntime output as an array of its own, for a caller that keeps it after the session: the arrays
+    a session returns are views of its memory and keep all of it alive (at Llama-3.1-8B widths, validation
+    logits held the head's whole session)."""
+    return np.array(x, copy=True)
+
+
 def make_session(
     path: Path | bytes,
     optimization: str = "basic",
@@ -128,7 +135,7 @@ def run_logits(session: ort.InferenceSession, tokens: np.ndarray, mask: np.ndarr
     """Logits [batch, seq, vocab] (the first output) of whole sequences; `mask` as in `model_feeds`."""
     feeds = model_feeds(session, tokens, mask)
     try:
-        return np.array(session.run(None, feeds)[0], copy=True)  # its own: an output array can keep the session alive
+        return owned(session.run(None, feeds)[0])
     except Exception as e:  # onnxruntime raises its own Fail/InvalidArgument types
         raise RotgraphError(f"onnxruntime failed to run the model: {e}") from None
 

@@ -135,23 +135,20 @@ class _Chain:
         out: np.ndarray | None = None
 
         def finish(start: int, stop: int, x: np.ndarray) -> None:
+            nonlocal out
             for step in self.steps:
                 x = step(x)
-            assert out is not None
+            if out is None:  # the first chunk (run here, before any worker): it gives the result's shape
+                result = list(x.shape)
+                result[last] = tuple(self.base.shape.numpy())[first]
+                out = np.empty(result, dtype=dtype)
             out[_slab(last, start, stop)] = x  # the cast of this chunk (the same rounding as astype)
 
         pending: deque[Future[None]] = deque()
         with ThreadPoolExecutor(max_workers=STREAM_WORKERS) as workers:
             for start, stop, x in self._chunks(first, chunk_bytes):
-                if out is None:  # the first chunk, here: it gives the result's shape
-                    y = x
-                    for step in self.steps:
-                        y = step(y)
-                    result = list(y.shape)
-                    result[last] = tuple(self.base.shape.numpy())[first]
-                    out = np.empty(result, dtype=dtype)
-                    out[_slab(last, start, stop)] = y
-                    del y
+                if out is None:
+                    finish(start, stop, x)
                     continue
                 if len(pending) >= STREAM_WORKERS:
                     pending.popleft().result()

@@ -38,7 +38,7 @@ def test_block_by_block_probes_equal_the_whole_model(tiny, tokens, exporter: str
     for key, x in whole.items():
         np.testing.assert_array_equal(by_block[key], x, err_msg=f"{values[key[0]].name} on window {key[1]}")
     # Arrays of their own: an onnxruntime output's memory belongs to the session and keeps it alive (at 8B
-    # widths the logits held 2.4 GB of the head's session, and every block's output held that block's).
+    # widths the logits held the head's whole session, and every block's output held that block's).
     assert all(x.flags.owndata for x in (*whole.values(), *by_block.values()))
 
 
