@@ -139,6 +139,42 @@ def test_block_hessians_equal_the_whole_model_and_sequential_ones_read_the_quant
             assert not np.allclose(seen[site], whole[site], rtol=1e-4), "the earlier blocks were not quantized"
 
 
+def test_block_by_block_gptq_holds_one_hessian_factor_at_a_time(
+    tiny, tokens, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Each input's factor is freed after its last weight: none is alive when the next one is made, nor
+    while the next block's Hessians are summed (a down_proj factor at 70B widths is 6.6 GB)."""
+    import weakref
+
+    from rotgraph.calibrate import BlockHessians
+    from rotgraph.passes.quantization import quantize_weights
+    from rotgraph.quant import WeightSpec, hessian_factor
+
+    _, path = tiny("llama", "dynamo")
+    model = io.load_model(path)
+    canonicalize(model)
+    made: list[weakref.ref] = []
+    alive_at: list[int] = []
+
+    def factor(*args, **kwargs):  # type: ignore[no-untyped-def]
+        alive_at.append(sum(r() is not None for r in made))
+        made.append(weakref.ref(f := hessian_factor(*args, **kwargs)))
+        return f
+
+    class Checked(BlockHessians):
+        def hessians(self, block):  # type: ignore[no-untyped-def]
+            alive_at.append(sum(r() is not None for r in made))
+            return super().hessians(block)
+
+    monkeypatch.setattr(quantize_weights, "hessian_factor", factor)
+    hessians = Checked(tokens, tmp_path / "s", sequential=False)
+    quantize_weights.QuantizeWeightsPass(
+        WeightSpec(4, True, 16), "gptq", spill_dir=tmp_path / "s", block_hessians=hessians
+    )(model)
+    assert len(made) == 4 * len(hessians.errors)  # qkv, o, gate_up, down per block
+    assert alive_at == [0] * len(alive_at)
+
+
 @pytest.mark.parametrize("bits", [4, 8])
 def test_each_quantized_block_is_compared_with_the_float_block(tiny, tokens, tmp_path: Path, bits: int) -> None:
     """GPTQ on the float model's Hessians block by block compares each quantized block with the float one on

@@ -14,8 +14,8 @@ from rotgraph.calibrate import ROLE_SITES, BlockHessians, block_linears
 from rotgraph.errors import RotgraphError
 from rotgraph.passes.canonical.untie_embedding import embedding_map, map_tolerance
 from rotgraph.quant import HessianFactor, QuantizedWeight, WeightSpec, gptq, hessian_factor, quantize_rtn
-from rotgraph.results import Calibration
-from rotgraph.structure import Linear, ModelDescription, discover, is_quantized_weight, transposed_initializer
+from rotgraph.results import Calibration, Site
+from rotgraph.structure import Block, Linear, ModelDescription, discover, is_quantized_weight, transposed_initializer
 from rotgraph.weights import SpillFile, new_initializer, read_float64, read_stored, release_stored
 
 logger = logging.getLogger(__name__)
@@ -352,6 +352,49 @@ class QuantizeWeightsPass(ir.passes.InPlacePass):
             assert self.calibration is not None  # the constructor refuses gptq without it
             self.calibration.need(self.calibration.hessians, "hessians", self)
 
+    def _quantize_block(
+        self,
+        model: ir.Model,
+        block: Block,
+        hessians: dict[Site, np.ndarray] | None,
+        own: bool,
+        spill: SpillFile | None,
+    ) -> int:
+        """Quantize `block`'s projections (GPTQ with `hessians`, else RTN); returns how many. With `own`, the
+        block's Hessians are its own (block by block): each is factored in place and dropped from
+        `hessians`, and each factor is dropped after its last weight, so a block holds one down_proj-sized
+        factor at a time and nothing of it outlives this call."""
+        linears = block_linears(block)
+        last = {ROLE_SITES[role]: i for i, (role, _) in enumerate(linears)}
+        factors: dict[str, HessianFactor] = {}  # per input site: Q/K/V and gate/up share one
+        for i, (role, lin) in enumerate(linears):
+            if is_quantized_weight(lin.weight):
+                raise RotgraphError(f"block {block.index} {role}: the weight is already quantized")
+            wt = read_float64(lin.weight).T
+            site = ROLE_SITES[role]
+            if hessians is not None:
+                if site not in factors:
+                    h = hessians.pop((block.index, site)) if own else hessians.get((block.index, site))
+                    if h is None:
+                        raise RotgraphError(f"block {block.index} {role}: no calibration Hessian for its input")
+                    # The whole model's Hessians may be reused by the caller: those are copied, not overwritten.
+                    factors[site] = hessian_factor(h, self.damp, self.act_order, overwrite=own)
+                    del h
+                q = gptq(wt, factors[site], self.spec)
+                if last[site] == i:
+                    del factors[site]
+            else:
+                q = quantize_rtn(wt, self.spec)
+            del wt
+            if self.fmt == "ort":
+                emit_matmulnbits(model, lin, q, f"layers.{block.index}.{role}", self.accuracy_level)
+            else:
+                emit_dequantize(model, lin, q, f"layers.{block.index}.{role}")
+            del q
+            if spill is not None:
+                spill.spill(model.graph)
+        return len(linears)
+
     def call(self, model: ir.Model) -> ir.passes.PassResult:
         hessians = None
         desc = discover(model)
@@ -367,33 +410,7 @@ class QuantizeWeightsPass(ir.passes.InPlacePass):
         for block in blocks:
             if by_block is not None:
                 hessians = by_block.hessians(block)
-            factors: dict[str, HessianFactor] = {}  # per input site: Q/K/V and gate/up share one
-            for role, lin in block_linears(block):
-                if is_quantized_weight(lin.weight):
-                    raise RotgraphError(f"block {block.index} {role}: the weight is already quantized")
-                wt = read_float64(lin.weight).T
-                if hessians is not None:
-                    site = ROLE_SITES[role]
-                    if site not in factors:
-                        h = hessians.get((block.index, site))
-                        if h is None:
-                            raise RotgraphError(f"block {block.index} {role}: no calibration Hessian for its input")
-                        # A block's own Hessians are used up here; the whole model's may be reused by the caller.
-                        own = by_block is not None
-                        if own:
-                            del hessians[(block.index, site)]
-                        factors[site] = hessian_factor(h, self.damp, self.act_order, overwrite=own)
-                        del h
-                    q = gptq(wt, factors[site], self.spec)
-                else:
-                    q = quantize_rtn(wt, self.spec)
-                if self.fmt == "ort":
-                    emit_matmulnbits(model, lin, q, f"layers.{block.index}.{role}", self.accuracy_level)
-                else:
-                    emit_dequantize(model, lin, q, f"layers.{block.index}.{role}")
-                if spill is not None:
-                    spill.spill(model.graph)
-                count += 1
+            count += self._quantize_block(model, block, hessians, own=by_block is not None, spill=spill)
             if by_block is not None:
                 by_block.done(block)
                 hessians = None  # one block's at a time
