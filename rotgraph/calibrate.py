@@ -83,24 +83,37 @@ def input_hessians(model: ir.Model, token_windows: np.ndarray, scratch: Path | N
     """X^T X / tokens (float64) of each projection input site over all windows."""
     sums: dict[Site, np.ndarray] = {}
     tokens = _accumulate(model, token_windows, lambda site, _, x: add_gram(sums, site, x), scratch, "calibrate (GPTQ)")
-    for h in sums.values():
-        h /= tokens
+    finish_grams(sums, tokens)
     return sums
 
 
-GRAM_ROWS = 2048  # rows of X^T X computed at once (float32): 117 MB for a 14336-wide input
+GRAM_ROWS = 2048  # rows of X^T X computed at once (float32): up to 117 MB for a 14336-wide input
 
 
 def add_gram(sums: dict[Site, np.ndarray], site: Site, x: np.ndarray) -> None:
-    """sums[site] += X^T X of one window's rows `x` [tokens, n]: float32 per window, accumulated in float64
-    in place, GRAM_ROWS rows of the product at a time (an 8B down_proj's sum is 1.6 GB: no float64 copy of
+    """sums[site] += X^T X of one window's rows `x` [tokens, n], on and below the diagonal (the upper
+    triangle is `finish_grams`'s: half the products): float32 per window, accumulated in float64 in
+    place, GRAM_ROWS rows of the product at a time (an 8B down_proj's sum is 1.6 GB: no float64 copy of
     the window's product, no new sum, and its float32 product is made a slab at a time, not 0.8 GB at once)."""
     n = x.shape[1]
     total = sums.get(site)
     if total is None:
         total = sums[site] = np.zeros((n, n), dtype=np.float64)
     for r in range(0, n, GRAM_ROWS):
-        total[r : r + GRAM_ROWS] += x[:, r : r + GRAM_ROWS].T @ x
+        e = min(r + GRAM_ROWS, n)
+        total[r:e, :e] += x[:, r:e].T @ x[:, :e]
+
+
+def finish_grams(sums: dict[Site, np.ndarray], tokens: int) -> None:
+    """Sums of `add_gram` -> X^T X / tokens, symmetric, in place (the upper triangle copied from the lower
+    a slab at a time)."""
+    for h in sums.values():
+        n = len(h)
+        for r in range(0, n, GRAM_ROWS):
+            e = min(r + GRAM_ROWS, n)
+            h[r:e, r:e] = np.tril(h[r:e, r:e]) + np.tril(h[r:e, r:e], -1).T
+            h[r:e, e:] = h[e:, r:e].T
+        h /= tokens
 
 
 def input_absmax(model: ir.Model, token_windows: np.ndarray, scratch: Path | None = None) -> dict[Site, np.ndarray]:
@@ -161,8 +174,7 @@ class BlockHessians:
             x = np.asarray(p.array, dtype=np.float32).reshape(-1, p.array.shape[-1])
             add_gram(sums, keys[p.value], x)
             tokens += len(x) if p.value == 0 else 0
-        for h in sums.values():
-            h /= tokens
+        finish_grams(sums, tokens)
         return sums
 
     def done(self, block: Block) -> None:

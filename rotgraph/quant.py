@@ -12,6 +12,9 @@ number in float16 too.
 
 from __future__ import annotations
 
+import os
+from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 
 import numpy as np
@@ -70,23 +73,38 @@ class QuantizedWeight:
 _RATIOS = np.linspace(1.0, 0.55, 10)
 
 
-def _params(
-    x: np.ndarray, spec: WeightSpec, ratio: float | np.ndarray, signed: bool = False
-) -> tuple[np.ndarray, np.ndarray]:
-    """Scale and zero point for each row of x [..., n] at a clipping ratio; `signed` (symmetric grids): the
-    row's largest-magnitude value goes to the code qmin (a negative scale when that value is positive)."""
+def _params_at(
+    x: np.ndarray, spec: WeightSpec, signed: bool = False
+) -> Callable[[float], tuple[np.ndarray, np.ndarray]]:
+    """A function of the clipping ratio giving the scale and zero point of each row of x [..., n]; x's
+    extremes are read once, however many ratios are tried. `signed` (symmetric grids): the row's
+    largest-magnitude value goes to the code qmin (a negative scale when that value is positive)."""
     if spec.symmetric and signed:
-        extreme = np.take_along_axis(x, np.abs(x).argmax(axis=-1)[..., None], axis=-1)[..., 0] * ratio
-        scale = np.where(extreme != 0, extreme / spec.qmin, 1.0)
-        return scale, np.zeros_like(scale)
+        extreme = np.take_along_axis(x, np.abs(x).argmax(axis=-1)[..., None], axis=-1)[..., 0]
+
+        def signed_at(ratio: float) -> tuple[np.ndarray, np.ndarray]:
+            e = extreme * ratio
+            scale = np.where(e != 0, e / spec.qmin, 1.0)
+            return scale, np.zeros_like(scale)
+
+        return signed_at
     if spec.symmetric:
-        amax = np.abs(x).max(axis=-1) * ratio
-        scale = np.where(amax > 0, amax / spec.qmax, 1.0)
-        return scale, np.zeros_like(scale)
-    lo = np.minimum(x.min(axis=-1), 0) * ratio
-    hi = np.maximum(x.max(axis=-1), 0) * ratio
-    scale = np.where(hi > lo, (hi - lo) / spec.qmax, 1.0)
-    return scale, np.round(-lo / scale)
+        largest = np.abs(x).max(axis=-1)
+
+        def symmetric_at(ratio: float) -> tuple[np.ndarray, np.ndarray]:
+            amax = largest * ratio
+            scale = np.where(amax > 0, amax / spec.qmax, 1.0)
+            return scale, np.zeros_like(scale)
+
+        return symmetric_at
+    low, high = np.minimum(x.min(axis=-1), 0), np.maximum(x.max(axis=-1), 0)
+
+    def asymmetric_at(ratio: float) -> tuple[np.ndarray, np.ndarray]:
+        lo, hi = low * ratio, high * ratio
+        scale = np.where(hi > lo, (hi - lo) / spec.qmax, 1.0)
+        return scale, np.round(-lo / scale)
+
+    return asymmetric_at
 
 
 def _codes(x: np.ndarray, scale: np.ndarray, zero: np.ndarray, spec: WeightSpec) -> np.ndarray:
@@ -96,13 +114,14 @@ def _codes(x: np.ndarray, scale: np.ndarray, zero: np.ndarray, spec: WeightSpec)
 def _group_params(x: np.ndarray, spec: WeightSpec) -> tuple[np.ndarray, np.ndarray]:
     """Best (scale, zero) for each row of x [..., n] over the clipping ratios (squared error)."""
     if not spec.clip_search:
-        return _params(x, spec, 1.0, spec.full_range)
-    best_err = np.full(x.shape[:-1], np.inf)
-    best_scale, best_zero = _params(x, spec, 1.0)
+        return _params_at(x, spec, spec.full_range)(1.0)
     signs = (False, True) if spec.full_range and spec.symmetric else (False,)
+    at = {signed: _params_at(x, spec, signed) for signed in signs}
+    best_err = np.full(x.shape[:-1], np.inf)
+    best_scale, best_zero = at[False](1.0)
     buf = np.empty_like(x, dtype=np.float64)
     for r, signed in ((r, signed) for r in _RATIOS for signed in signs):
-        scale, zero = _params(x, spec, r, signed)
+        scale, zero = at[signed](float(r))
         # ((codes - zero) * scale - x)^2 summed, in place (this search is most of RTN's and GPTQ's time)
         np.divide(x, scale[..., None], out=buf)
         np.round(buf, out=buf)
@@ -121,23 +140,37 @@ def _group_params(x: np.ndarray, spec: WeightSpec) -> tuple[np.ndarray, np.ndarr
     return best_scale, best_zero
 
 
-RTN_CHUNK = 1 << 22  # values per step: the clipping search's float64 temporaries stay at 32 MB each
+# Values per step of the clipping search: its float64 temporaries (2 MB each) stay in the cache, and
+# WORKERS steps run at once (numpy releases the GIL in its loops; rows are independent, so the result
+# does not depend on the split).
+RTN_CHUNK = 1 << 18
+WORKERS = int(os.environ.get("ROTGRAPH_WORKERS", "2"))
 
 
 def _weight_params(wt: np.ndarray, spec: WeightSpec, codes: np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray]:
-    """`_group_params` of every row group of `wt` [rows, cols] (any float dtype; computed in float64), a
-    block of rows at a time (rows are independent), so memory is the weight plus its codes, not a dozen
-    weight-sized temporaries; with `codes` ([rows, cols]), also the round-to-nearest codes, into it."""
+    """`_group_params` of every row group of `wt` [rows, cols] (any float dtype and layout, a transposed
+    or memory-mapped view too; computed in float64), a block of rows at a time on WORKERS threads, so
+    memory is the weight plus its codes, not a dozen weight-sized temporaries; with `codes` ([rows,
+    cols]), also the round-to-nearest codes, into it."""
     rows, cols = wt.shape
     n = spec.groups(cols)
-    grouped = wt.reshape(rows, n, cols // n)
     scale, zero = np.empty((rows, n)), np.empty((rows, n))
     step = max(1, RTN_CHUNK // cols)
-    for i in range(0, rows, step):
-        block = np.asarray(grouped[i : i + step], dtype=np.float64)  # a weight stored in float16: this chunk
+
+    def rows_from(i: int) -> None:
+        # contiguous: a transposed view's rows would otherwise be reshaped into strided groups
+        block = np.ascontiguousarray(wt[i : i + step], dtype=np.float64).reshape(-1, n, cols // n)
         scale[i : i + step], zero[i : i + step] = _group_params(block, spec)
         if codes is not None:
             codes[i : i + step] = _codes(block, scale[i : i + step], zero[i : i + step], spec).reshape(-1, cols)
+
+    starts = range(0, rows, step)
+    if len(starts) == 1 or WORKERS < 2:
+        for i in starts:
+            rows_from(i)
+    else:
+        with ThreadPoolExecutor(max_workers=WORKERS) as pool:
+            list(pool.map(rows_from, starts))  # re-raises a worker's exception
     return scale, zero
 
 
@@ -268,6 +301,13 @@ def _invert_lower(lower: np.ndarray) -> None:
         b[r:e] = -(c_inv[r:e, :e] @ b[:e])
 
 
+# GPTQ's updates: columns quantized one at a time update the rest of their sub-block of INNER_BLOCK
+# columns; a sub-block, the rest of its block (`block` columns); a block, the columns after it by one
+# product per UPDATE_ROWS of them (a reused buffer, not a weight-sized temporary per block).
+INNER_BLOCK = 16
+UPDATE_ROWS = 1024
+
+
 def gptq(
     wt: np.ndarray,
     hessian: np.ndarray | HessianFactor,
@@ -288,32 +328,36 @@ def gptq(
     factor = hessian if isinstance(hessian, HessianFactor) else hessian_factor(hessian, damp, act_order)
     u, perm, dead = factor.u, factor.perm, factor.dead
     rows, cols = wt.shape
-    n_groups = spec.groups(cols)
-    g = cols // n_groups
-    w = np.array(wt, dtype=np.float64)
-    w[:, dead] = 0.0
-    scale, zero = _weight_params(w, spec)
+    # Column-major working copy: weight column j is the contiguous row w[j] (a weight stored [in, out]
+    # arrives as a transposed view, so this is a plain copy), and every update below is on whole rows.
+    w = np.array(wt.T, dtype=np.float64, order="C")
+    w[dead] = 0.0
+    scale, zero = _weight_params(w.T, spec)  # static groups, from the original columns
     permuted = bool((perm != np.arange(cols)).any())
     if permuted:
-        w = w[:, perm]
-    # Column-major working copies (a column of the weight is a contiguous row here): the per-column
-    # updates below touch memory in order.
+        w = w[perm]
+    g = cols // spec.groups(cols)
     codes_t = np.zeros((cols, rows), np.int16)
     scale_t, zero_t = np.ascontiguousarray(scale.T), np.ascontiguousarray(zero.T)
     group_of = perm // g
+    buf = np.empty((min(UPDATE_ROWS, cols), rows))
     for i1 in range(0, cols, block):
         i2 = min(i1 + block, cols)
-        w1 = np.ascontiguousarray(w[:, i1:i2].T)
-        err1 = np.zeros_like(w1)
-        u1 = u[i1:i2, i1:i2]
-        for i in range(i2 - i1):
-            col = w1[i]
-            s, z = scale_t[group_of[i1 + i]], zero_t[group_of[i1 + i]]
-            c = np.clip(np.round(col / s) + z, spec.qmin, spec.qmax)
-            codes_t[i1 + i] = c
-            err = (col - (c - z) * s) / u1[i, i]
-            w1[i:] -= np.outer(u1[i, i:], err)
-            err1[i] = err
-        w[:, i2:] -= err1.T @ u[i1:i2, i2:]
+        err1 = np.empty((i2 - i1, rows))
+        for j1 in range(i1, i2, INNER_BLOCK):  # within the block, sub-blocks of INNER_BLOCK columns
+            j2 = min(j1 + INNER_BLOCK, i2)
+            for i in range(j1, j2):
+                col = w[i]
+                s, z = scale_t[group_of[i]], zero_t[group_of[i]]
+                c = np.clip(np.round(col / s) + z, spec.qmin, spec.qmax)
+                codes_t[i] = c
+                err = err1[i - i1]
+                np.divide(col - (c - z) * s, u[i, i], out=err)
+                w[i + 1 : j2] -= np.outer(u[i, i + 1 : j2], err)
+            w[j2:i2] -= u[j1:j2, j2:i2].T @ err1[j1 - i1 : j2 - i1]
+        for r in range(i2, cols, UPDATE_ROWS):  # the columns after the block, a chunk at a time
+            e = min(r + UPDATE_ROWS, cols)
+            np.matmul(u[i1:i2, r:e].T, err1, out=buf[: e - r])
+            w[r:e] -= buf[: e - r]
     codes = np.ascontiguousarray(codes_t.T)
     return QuantizedWeight(codes[:, np.argsort(perm)] if permuted else codes, scale, zero, spec)

@@ -40,10 +40,12 @@ def problem() -> tuple[np.ndarray, np.ndarray]:
 
 
 @pytest.mark.parametrize("group", [None, 16])
-def test_gptq_matches_the_unblocked_algorithm(problem, group) -> None:
+@pytest.mark.parametrize("block", [16, 64])  # 64: sub-blocks of quant.INNER_BLOCK inside a block
+def test_gptq_matches_the_unblocked_algorithm(problem, group, block, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(quant, "UPDATE_ROWS", 24)  # the update after a block in several chunks
     wt, h = problem
     spec = WeightSpec(bits=4, symmetric=True, group_size=group, clip_search=False)
-    got = gptq(wt, h, spec, damp=0.01, block=16).dequantize()
+    got = gptq(wt, h, spec, damp=0.01, block=block).dequantize()
     np.testing.assert_allclose(got, reference_gptq(wt, h, spec, 0.01), atol=1e-9)
 
 
@@ -137,8 +139,9 @@ def test_hessian_factor_overwrites_instead_of_copying(act_order: bool, monkeypat
 
 
 def test_hessian_sums_add_each_window_in_place_a_slab_at_a_time(monkeypatch: pytest.MonkeyPatch) -> None:
-    """`calibrate.add_gram` gives X^T X summed over windows in float64 (each window's product in float32, as
-    numpy computes it), without the window's whole product at once: temporaries stay under half its bytes."""
+    """`calibrate.add_gram` then `finish_grams` give X^T X summed over windows in float64 (each window's
+    product in float32, as numpy computes it), without the window's whole product at once: temporaries stay
+    under half its bytes."""
     from rotgraph import calibrate
 
     monkeypatch.setattr(calibrate, "GRAM_ROWS", 256)
@@ -151,6 +154,7 @@ def test_hessian_sums_add_each_window_in_place_a_slab_at_a_time(monkeypatch: pyt
         calibrate.add_gram(sums, "site", x)
     _, peak = tracemalloc.get_traced_memory()
     tracemalloc.stop()
+    calibrate.finish_grams(sums, 1)
     expected = sum((x.T @ x).astype(np.float64) for x in windows)
     np.testing.assert_allclose(sums["site"], expected, rtol=1e-12, atol=0)
     assert peak < 1200 * 1200 * 4 / 2, f"{peak / 1e6:.1f} MB of temporaries"
