@@ -68,13 +68,13 @@ def rotation_work(c: SyntheticConfig) -> float:
 
 def gptq_work(c: SyntheticConfig, tokens: int) -> float:
     """Per block: GPTQ's updates (rows x cols^2 per projection), one factorization per distinct input
-    (2/3 cols^3: a Cholesky and a triangular inverse), X^T X of each input over the tokens, and the
-    block's forward pass over the tokens (2 x parameters)."""
+    (2/3 cols^3: a Cholesky and a triangular inverse), the lower triangle of X^T X of each input over the
+    tokens, and the block's forward pass over the tokens (2 x parameters)."""
     q, kv, h, i = c.heads * c.head_dim, c.kv_heads * c.head_dim, c.hidden, c.intermediate
     projections = [(q, h), (kv, h), (kv, h), (h, q), (i, h), (i, h), (h, i)]  # (rows, cols)
     updates = sum(r * k * k for r, k in projections)
     factors = 2 / 3 * (h**3 + q**3 + h**3 + i**3)
-    hessians = tokens * (h * h + q * q + h * h + i * i)
+    hessians = tokens * (h * h + q * q + h * h + i * i) / 2  # the lower triangles
     return updates + factors + hessians + 2 * tokens * block_params(c)
 
 

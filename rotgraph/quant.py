@@ -12,7 +12,6 @@ number in float16 too.
 
 from __future__ import annotations
 
-import os
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
@@ -22,6 +21,7 @@ import numpy as np
 from rotgraph import grid
 from rotgraph.errors import RotgraphError
 from rotgraph.options import setting
+from rotgraph.threads import WORKERS
 
 
 @dataclass(frozen=True)
@@ -144,7 +144,6 @@ def _group_params(x: np.ndarray, spec: WeightSpec) -> tuple[np.ndarray, np.ndarr
 # WORKERS steps run at once (numpy releases the GIL in its loops; rows are independent, so the result
 # does not depend on the split).
 RTN_CHUNK = 1 << 18
-WORKERS = int(os.environ.get("ROTGRAPH_WORKERS", "2"))
 
 
 def _weight_params(wt: np.ndarray, spec: WeightSpec, codes: np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray]:

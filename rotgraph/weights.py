@@ -20,6 +20,7 @@ float64 array, as before.
 from __future__ import annotations
 
 import os
+import sys
 from collections import deque
 from collections.abc import Callable, Iterator, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
@@ -31,12 +32,12 @@ import onnx_ir as ir
 
 from rotgraph.errors import RotgraphError
 from rotgraph.hadamard import HadamardRotation, Matrix
+from rotgraph.threads import WORKERS
 
 Step = Callable[[np.ndarray], np.ndarray]
 F = TypeVar("F", bound=Callable[..., Any])
 
 CHUNK_BYTES = 64 << 20  # float64 bytes of the base tensor per chunk
-STREAM_WORKERS = int(os.environ.get("ROTGRAPH_STREAM_WORKERS", "2"))  # threads running a chain's steps on chunks
 ROWS, COLUMNS, TRANSPOSE = "rows", "columns", "transpose"
 _ACTS: dict[Callable[..., Any], str] = {}
 
@@ -129,7 +130,7 @@ class _Chain:
 
     def _stream(self, first: int, last: int, dtype: np.dtype | type, chunk_bytes: int) -> np.ndarray:
         """The chain over chunks of the base along `first` (the result's axis `last`), each cast into the
-        output as it is done. The steps run on STREAM_WORKERS chunks at once in worker threads while this one
+        output as it is done. The steps run on WORKERS chunks at once in worker threads while this one
         reads and converts the next (numpy and BLAS release the GIL), so reading overlaps the transforms and
         the elementwise steps use every core; the mapped base is only touched (and released) here."""
         out: np.ndarray | None = None
@@ -145,12 +146,12 @@ class _Chain:
             out[_slab(last, start, stop)] = x  # the cast of this chunk (the same rounding as astype)
 
         pending: deque[Future[None]] = deque()
-        with ThreadPoolExecutor(max_workers=STREAM_WORKERS) as workers:
+        with ThreadPoolExecutor(max_workers=WORKERS) as workers:
             for start, stop, x in self._chunks(first, chunk_bytes):
                 if out is None:
                     finish(start, stop, x)
                     continue
-                if len(pending) >= STREAM_WORKERS:
+                if len(pending) >= WORKERS:
                     pending.popleft().result()
                 pending.append(workers.submit(finish, start, stop, x))
                 del x
@@ -293,6 +294,14 @@ def lazy_from(source: ir.Value, step: Step, shape: Sequence[int], name: str) -> 
     return ChainTensor(_Chain(chain.base, (*chain.steps, step), name), chain.base.dtype, ir.Shape(shape), name)
 
 
+def _stored_bytes(tensor: ir.TensorProtocol) -> bytes | memoryview:
+    """The tensor's bytes as ONNX stores them: for types of 8 bits and more a view of its numpy array
+    (little-endian here), not `tobytes()`'s copy, so spilling a 1 GB lazy table holds it once."""
+    if tensor.dtype != ir.DataType.STRING and tensor.dtype.bitwidth >= 8 and sys.byteorder == "little":
+        return np.ascontiguousarray(tensor.numpy()).reshape(-1).view(np.uint8).data
+    return tensor.tobytes()
+
+
 class SpillFile:
     """Moves in-memory initializers to a scratch file as a pass produces them, leaving external tensors
     that point into it, so the pass holds none of its outputs in memory; saving copies them file to
@@ -322,21 +331,23 @@ class SpillFile:
                     continue  # small in-memory tensors stay inline (with `everything`, mapped ones all move)
                 if type(tensor) is not ir.Tensor and not everything:
                     continue
-                data = tensor.tobytes()
+                data = _stored_bytes(tensor)
+                f.write(data)
+                size = len(data)
+                del data
                 if isinstance(tensor, ir.ExternalTensor):
                     tensor.release()  # unmap: a copied model's pages do not stay in this process's RSS
-                f.write(data)
                 value.const_value = ir.ExternalTensor(
                     self.path.name,
                     offset,
-                    len(data),
+                    size,
                     tensor.dtype,
                     shape=ir.Shape(tensor.shape.numpy()),
                     name=tensor.name or value.name or "",
                     base_dir=self.path.parent,
                 )
-                offset += len(data)
-                written += len(data)
+                offset += size
+                written += size
         return written
 
     def holds(self, tensor: ir.TensorProtocol) -> bool:

@@ -250,6 +250,45 @@ def test_spill_files_sharing_a_folder_point_at_their_own_bytes(tmp_path: Path) -
         np.testing.assert_array_equal(graph.initializers[name].const_value.numpy(), array, err_msg=name)
 
 
+def test_spilling_a_lazy_table_holds_it_once(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """`SpillFile.spill(everything=True)` (what the block runner's materialize does) writes a lazy rewrite
+    of a float16 table from its evaluated array, with no second copy of its bytes (at 8B widths each table
+    is 1 GB), and the file holds the same bytes as `tobytes` for every dtype (4-bit ones packed)."""
+    import functools
+    import tracemalloc
+
+    import ml_dtypes
+
+    from rotgraph import weights
+    from rotgraph.weights import SpillFile, multiply_right, rewrite_initializer
+
+    monkeypatch.setattr(weights, "CHUNK_BYTES", 1 << 16)
+    rng = np.random.default_rng(0)
+    table = rng.standard_normal((8192, 128)).astype(np.float16)
+    q, _ = np.linalg.qr(rng.standard_normal((128, 128)))
+    graph = ir.Graph([], [], nodes=[])
+    lazy = ir.Value(name="table", const_value=ir.Tensor(table, name="table"))
+    graph.register_initializer(lazy)
+    rewrite_initializer(lazy, functools.partial(multiply_right, m=q))
+    expected = (table.astype(np.float64) @ q).astype(np.float16)
+    others = {
+        "int4": ir.Tensor(np.array([1, -2, 3, 7, -8], dtype=ml_dtypes.int4), dtype=ir.DataType.INT4),
+        "bf16": ir.Tensor(rng.standard_normal(6).astype(ml_dtypes.bfloat16)),
+        "transposed": ir.Tensor(np.arange(6.0).reshape(3, 2).T),
+    }
+    for name, tensor in others.items():
+        graph.register_initializer(ir.Value(name=name, const_value=tensor))
+    stored = {name: t.tobytes() for name, t in others.items()}
+    tracemalloc.start()
+    SpillFile(tmp_path).spill(graph, everything=True, min_bytes=1)
+    _, peak = tracemalloc.get_traced_memory()
+    tracemalloc.stop()
+    assert peak < 1.5 * table.nbytes, f"{peak / 1e6:.2f} MB to spill a {table.nbytes / 1e6:.2f} MB table"
+    np.testing.assert_array_equal(graph.initializers["table"].const_value.numpy(), expected)
+    for name, data in stored.items():
+        assert graph.initializers[name].const_value.tobytes() == data, name
+
+
 _MEASURE = """
 import resource, subprocess, sys
 done = subprocess.run(sys.argv[1:], capture_output=True, text=True)
