@@ -300,9 +300,10 @@ print(done.stderr[-3000:])
 @pytest.mark.slow
 def test_a_deep_model_quantizes_with_gptq_and_validation_in_less_memory_than_its_weights(tmp_path: Path) -> None:
     """24 blocks, 0.89 GB of float32 weights, run block by block (ROTGRAPH_BLOCKWISE_BYTES below them):
-    sequential GPTQ and the validation; the whole `rotgraph quantize` process peaks below 3/4 of the
-    weights, where loading the model whole would take all of them (measured: 0.52 GB, 58%, of which
-    0.13 GB is the interpreter with rotgraph and onnxruntime imported; the issue's target is half).
+    sequential GPTQ and the validation; the whole `rotgraph quantize` process peaks below half the weights,
+    where loading the model whole would take all of them (0.52 GB, 58%, before the calibration text was
+    tokenized a piece at a time and each block's freed session memory handed back; then 0.36 GB, 40%, of
+    which 0.13 GB is the interpreter with rotgraph and onnxruntime imported).
     """
     import os
     import subprocess
@@ -326,4 +327,4 @@ def test_a_deep_model_quantizes_with_gptq_and_validation_in_less_memory_than_its
     rc, peak = map(int, first.split())
     assert rc == 0 and out.exists(), stderr
     assert "cannot be cut" not in stderr
-    assert peak < weight_bytes(config) * 3 / 4, f"peak RSS {peak / 1e9:.2f} GB for {weight_bytes(config) / 1e9:.2f} GB"
+    assert peak < weight_bytes(config) / 2, f"peak RSS {peak / 1e9:.2f} GB for {weight_bytes(config) / 1e9:.2f} GB"

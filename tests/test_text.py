@@ -46,3 +46,39 @@ def test_wikipedia_splits_are_disjoint_and_large() -> None:
     first_eval_paragraph = evaluation.split("\n\n")[0]
     assert first_eval_paragraph not in calibration
     assert "Anarchism is a political philosophy" in calibration
+
+
+def _metaspace_tokenizer(path, text: str) -> None:
+    """A BPE over SentencePiece's Metaspace pre-tokenizer, which prepends "▁" to every input."""
+    from tokenizers import Tokenizer, models, pre_tokenizers, trainers
+
+    tok = Tokenizer(models.BPE(unk_token="<unk>"))
+    tok.pre_tokenizer = pre_tokenizers.Metaspace(replacement="▁", prepend_scheme="always")
+    tok.train_from_iterator([text], trainers.BpeTrainer(vocab_size=400, special_tokens=["<unk>"]))
+    tok.save(str(path))
+
+
+@pytest.mark.parametrize("kind", ["byte-level BPE", "SentencePiece-style"])
+def test_long_texts_encode_a_piece_at_a_time_to_the_same_ids(tmp_path, monkeypatch, kind: str) -> None:
+    """`tokenize.encode` cuts a long text into pieces only where no token spans the cut: the ids equal one
+    encoding of the whole text, for a byte-level BPE (cut into many pieces) and for a tokenizer that marks
+    the start of every input (SentencePiece's Metaspace: no cut is safe, so it encodes the text whole)."""
+    from rotgraph import tokenize
+    from rotgraph.testing import train_tokenizer
+
+    text = load_text("calibration")[:100_000]
+    path = tmp_path / "tokenizer.json"
+    if kind == "byte-level BPE":
+        train_tokenizer(512).save(str(path))
+    else:
+        _metaspace_tokenizer(path, text)
+    monkeypatch.setattr(tokenize, "PIECE_CHARS", 4096)
+    cuts: list[int | None] = []
+    real_cut = tokenize._cut
+    monkeypatch.setattr(tokenize, "_cut", lambda *a, **k: cuts.append(real_cut(*a, **k)) or cuts[-1])
+    whole = list(tokenize._tokenizer(path).encode(text, add_special_tokens=False).ids)
+    assert tokenize.encode(path, text) == whole
+    if kind == "byte-level BPE":
+        assert len(cuts) > 10 and None not in cuts
+    else:
+        assert cuts == [None]
