@@ -21,7 +21,7 @@ import numpy as np
 from rotgraph import grid
 from rotgraph.errors import RotgraphError
 from rotgraph.options import setting
-from rotgraph.threads import WORKERS
+from rotgraph.threads import workers
 
 
 @dataclass(frozen=True)
@@ -141,14 +141,14 @@ def _group_params(x: np.ndarray, spec: WeightSpec) -> tuple[np.ndarray, np.ndarr
 
 
 # Values per step of the clipping search: its float64 temporaries (2 MB each) stay in the cache, and
-# WORKERS steps run at once (numpy releases the GIL in its loops; rows are independent, so the result
+# `threads.workers()` steps run at once (numpy releases the GIL in its loops; rows are independent, so the result
 # does not depend on the split).
 RTN_CHUNK = 1 << 18
 
 
 def _weight_params(wt: np.ndarray, spec: WeightSpec, codes: np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray]:
     """`_group_params` of every row group of `wt` [rows, cols] (any float dtype and layout, a transposed
-    or memory-mapped view too; computed in float64), a block of rows at a time on WORKERS threads, so
+    or memory-mapped view too; computed in float64), a block of rows at a time on `threads.workers()` threads, so
     memory is the weight plus its codes, not a dozen weight-sized temporaries; with `codes` ([rows,
     cols]), also the round-to-nearest codes, into it."""
     rows, cols = wt.shape
@@ -163,12 +163,12 @@ def _weight_params(wt: np.ndarray, spec: WeightSpec, codes: np.ndarray | None = 
         if codes is not None:
             codes[i : i + step] = _codes(block, scale[i : i + step], zero[i : i + step], spec).reshape(-1, cols)
 
-    starts = range(0, rows, step)
-    if len(starts) == 1 or WORKERS < 2:
+    starts, threads = range(0, rows, step), workers()
+    if len(starts) == 1 or threads < 2:
         for i in starts:
             rows_from(i)
     else:
-        with ThreadPoolExecutor(max_workers=WORKERS) as pool:
+        with ThreadPoolExecutor(max_workers=threads) as pool:
             list(pool.map(rows_from, starts))  # re-raises a worker's exception
     return scale, zero
 

@@ -13,11 +13,9 @@ import os
 from rotgraph.errors import RotgraphError
 
 
-def _workers() -> int:
+def workers() -> int:
+    """ROTGRAPH_WORKERS, read when the work starts (a bad value is a one-line error, not an import failure)."""
     value = os.environ.get("ROTGRAPH_WORKERS", "2")
     if not value.isdigit() or int(value) < 1:
         raise RotgraphError(f"ROTGRAPH_WORKERS={value!r} is not a positive number of threads")
     return int(value)
-
-
-WORKERS = _workers()

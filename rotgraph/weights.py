@@ -32,7 +32,7 @@ import onnx_ir as ir
 
 from rotgraph.errors import RotgraphError
 from rotgraph.hadamard import HadamardRotation, Matrix
-from rotgraph.threads import WORKERS
+from rotgraph.threads import workers
 
 Step = Callable[[np.ndarray], np.ndarray]
 F = TypeVar("F", bound=Callable[..., Any])
@@ -130,7 +130,7 @@ class _Chain:
 
     def _stream(self, first: int, last: int, dtype: np.dtype | type, chunk_bytes: int) -> np.ndarray:
         """The chain over chunks of the base along `first` (the result's axis `last`), each cast into the
-        output as it is done. The steps run on WORKERS chunks at once in worker threads while this one
+        output as it is done. The steps run on `threads.workers()` chunks at once in worker threads while this one
         reads and converts the next (numpy and BLAS release the GIL), so reading overlaps the transforms and
         the elementwise steps use every core; the mapped base is only touched (and released) here."""
         out: np.ndarray | None = None
@@ -146,14 +146,15 @@ class _Chain:
             out[_slab(last, start, stop)] = x  # the cast of this chunk (the same rounding as astype)
 
         pending: deque[Future[None]] = deque()
-        with ThreadPoolExecutor(max_workers=WORKERS) as workers:
+        threads = workers()
+        with ThreadPoolExecutor(max_workers=threads) as pool:
             for start, stop, x in self._chunks(first, chunk_bytes):
                 if out is None:
                     finish(start, stop, x)
                     continue
-                if len(pending) >= WORKERS:
+                if len(pending) >= threads:
                     pending.popleft().result()
-                pending.append(workers.submit(finish, start, stop, x))
+                pending.append(pool.submit(finish, start, stop, x))
                 del x
             while pending:
                 pending.popleft().result()

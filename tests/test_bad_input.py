@@ -339,3 +339,10 @@ def test_an_unexpected_error_names_its_first_cause() -> None:
     except RuntimeError as e:
         line = _error_line(e)
     assert line.startswith("KeyError: 'the real reason' (unexpected"), line
+
+
+def test_bad_thread_count(model_dir, tmp_path, capsys, monkeypatch: pytest.MonkeyPatch) -> None:
+    """ROTGRAPH_WORKERS is read when the work starts: a bad value is a one-line error and nothing is written."""
+    monkeypatch.setenv("ROTGRAPH_WORKERS", "two")
+    argv = ["rotate", str(model_dir / "model.onnx"), "-o", str(tmp_path / "o" / "r.onnx"), "--no-validate"]
+    fails_cleanly(argv, capsys, "ROTGRAPH_WORKERS='two'", tmp_path / "o")
