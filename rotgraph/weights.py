@@ -20,7 +20,6 @@ float64 array, as before.
 from __future__ import annotations
 
 import os
-import sys
 from collections import deque
 from collections.abc import Callable, Iterator, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
@@ -295,14 +294,6 @@ def lazy_from(source: ir.Value, step: Step, shape: Sequence[int], name: str) -> 
     return ChainTensor(_Chain(chain.base, (*chain.steps, step), name), chain.base.dtype, ir.Shape(shape), name)
 
 
-def _stored_bytes(tensor: ir.TensorProtocol) -> bytes | memoryview:
-    """The tensor's bytes as ONNX stores them: for types of 8 bits and more a view of its numpy array
-    (little-endian here), not `tobytes()`'s copy, so spilling a 1 GB lazy table holds it once."""
-    if tensor.dtype != ir.DataType.STRING and tensor.dtype.bitwidth >= 8 and sys.byteorder == "little":
-        return np.ascontiguousarray(tensor.numpy()).reshape(-1).view(np.uint8).data
-    return tensor.tobytes()
-
-
 class SpillFile:
     """Moves in-memory initializers to a scratch file as a pass produces them, leaving external tensors
     that point into it, so the pass holds none of its outputs in memory; saving copies them file to
@@ -321,7 +312,8 @@ class SpillFile:
         from another file are moved too, so the whole model then reads its external data from this one
         file."""
         written = 0
-        with open(self.path, "ab") as f:
+        # Not opened for appending: onnx_ir copies an external tensor with copy_file_range, which refuses that.
+        with open(self.path, "r+b" if self.path.exists() else "wb") as f:
             offset = f.seek(0, os.SEEK_END)  # the file's end now: other SpillFiles may have appended to it
             for value in graph.initializers.values():
                 tensor = value.const_value
@@ -332,10 +324,13 @@ class SpillFile:
                     continue  # small in-memory tensors stay inline (with `everything`, mapped ones all move)
                 if type(tensor) is not ir.Tensor and not everything:
                     continue
-                data = _stored_bytes(tensor)
-                f.write(data)
-                size = len(data)
-                del data
+                # onnx_ir's tensors write from their array, or file to file: never a bytes copy of a 1 GB table
+                tofile = getattr(tensor, "tofile", None)
+                if tofile is not None:
+                    tofile(f)
+                else:
+                    f.write(tensor.tobytes())
+                size = f.tell() - offset
                 if isinstance(tensor, ir.ExternalTensor):
                     tensor.release()  # unmap: a copied model's pages do not stay in this process's RSS
                 value.const_value = ir.ExternalTensor(
