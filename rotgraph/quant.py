@@ -17,6 +17,7 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 
 import numpy as np
+import scipy.linalg.lapack
 
 from rotgraph import grid
 from rotgraph.errors import RotgraphError
@@ -226,7 +227,7 @@ def hessian_factor(
     return HessianFactor(h, perm, dead)
 
 
-CHUNK_ROWS = 256  # rows per temporary in the in-place steps below (and the Cholesky's block size)
+CHUNK_ROWS = 256  # rows per temporary in the in-place permutation below
 
 
 def _permute_symmetric_in_place(a: np.ndarray, order: np.ndarray) -> None:
@@ -252,25 +253,14 @@ def _permute_symmetric_in_place(a: np.ndarray, order: np.ndarray) -> None:
 
 def _cholesky_in_place(a: np.ndarray) -> None:
     """a <- L with a = L L^T, L lower triangular (the upper triangle zeroed), for a symmetric positive
-    definite C-contiguous `a`, in place: right-looking by blocks of CHUNK_ROWS (numpy's Cholesky of each
-    diagonal block, the panel times its inverse transposed, and the trailing lower triangle's update a
-    chunk of rows at a time), so no copy of `a` is made. Raises numpy's LinAlgError when `a` is not
-    positive definite."""
-    n, b = len(a), CHUNK_ROWS
-    for k in range(0, n, b):
-        e = min(k + b, n)
-        d = np.linalg.cholesky(a[k:e, k:e])
-        a[k:e, k:e] = d
-        if e == n:
-            break
-        solve = np.linalg.inv(d).T  # L21 = A21 L11^-T
-        for r in range(e, n, b):
-            a[r : r + b, k:e] = a[r : r + b, k:e] @ solve
-        for r in range(e, n, b):  # A22 -= L21 L21^T on and below the diagonal
-            re = min(r + b, n)
-            a[r:re, e:re] -= a[r:re, k:e] @ a[e:re, k:e].T
-    for r in range(0, n, b):
-        a[r : r + b] = np.tril(a[r : r + b], k=r)
+    definite C-contiguous float64 `a`, in place: LAPACK's dpotrf on the transposed view (Fortran-ordered, the
+    same matrix), whose upper factor U = L^T is L in `a`'s own order. Raises numpy's LinAlgError when `a`
+    is not positive definite."""
+    factor, info = scipy.linalg.lapack.dpotrf(a.T, lower=0, clean=1, overwrite_a=1)
+    if info != 0:
+        raise np.linalg.LinAlgError(f"dpotrf: info {info}")
+    if not np.shares_memory(factor, a):  # f2py copies an input of another order or type
+        a[...] = factor.T
 
 
 def _reverse_in_place(a: np.ndarray, chunk: int = 256) -> None:
@@ -283,21 +273,13 @@ def _reverse_in_place(a: np.ndarray, chunk: int = 256) -> None:
 
 
 def _invert_lower(lower: np.ndarray) -> None:
-    """Invert a lower-triangular matrix in place, by halves: [[A, 0], [B, C]]^-1 = [[A^-1, 0], [-C^-1 B A^-1, C^-1]],
-    with temporaries of a chunk of rows."""
-    n = len(lower)
-    if n <= 256:
-        lower[...] = np.tril(np.linalg.inv(lower))
-        return
-    k = n // 2
-    _invert_lower(lower[:k, :k])
-    _invert_lower(lower[k:, k:])
-    a_inv, b, c_inv = lower[:k, :k], lower[k:, :k], lower[k:, k:]
-    for r in range(0, n - k, CHUNK_ROWS):  # B <- B A^-1, a chunk of rows at a time
-        b[r : r + CHUNK_ROWS] = b[r : r + CHUNK_ROWS] @ a_inv
-    for r in reversed(range(0, n - k, CHUNK_ROWS)):  # B <- -C^-1 B: row chunk r reads rows <= r's, done from the bottom
-        e = min(r + CHUNK_ROWS, n - k)
-        b[r:e] = -(c_inv[r:e, :e] @ b[:e])
+    """Invert a C-contiguous float64 lower-triangular matrix in place: LAPACK's dtrtri on the transposed
+    view (upper, Fortran-ordered)."""
+    inverse, info = scipy.linalg.lapack.dtrtri(lower.T, lower=0, overwrite_c=1)
+    if info != 0:
+        raise np.linalg.LinAlgError(f"dtrtri: info {info}")
+    if not np.shares_memory(inverse, lower):
+        lower[...] = inverse.T
 
 
 # GPTQ's updates: columns quantized one at a time update the rest of their sub-block of INNER_BLOCK

@@ -6,6 +6,7 @@ import numpy as np
 import pytest
 
 from rotgraph import quant
+from rotgraph.errors import RotgraphError
 from rotgraph.quant import WeightSpec, gptq, hessian_factor, quantize_rtn
 
 
@@ -101,8 +102,7 @@ def test_group_must_divide() -> None:
 
 @pytest.mark.parametrize("act_order", [False, True])
 def test_hessian_factor_is_the_cholesky_factor_of_the_inverse(act_order: bool) -> None:
-    """Past the triangular inverse's smallest half (600 columns: halves of 300, 150): U^T U = H^-1 as numpy
-    computes it, and a column that no token reads is handled as dead."""
+    """U^T U = H^-1 as numpy computes it, and a column that no token reads is handled as dead."""
     rng = np.random.default_rng(1)
     x = rng.standard_normal((2000, 600)) * rng.uniform(0.1, 10.0, 600)
     x[:, 7] = 0.0
@@ -117,6 +117,27 @@ def test_hessian_factor_is_the_cholesky_factor_of_the_inverse(act_order: bool) -
     np.testing.assert_array_equal(factor.perm, order)
     np.testing.assert_allclose(factor.u, expected, rtol=0, atol=1e-10 * np.abs(expected).max())
     assert np.array_equal(factor.u, np.triu(factor.u))
+
+
+@pytest.mark.parametrize("order", ["C", "F"])
+def test_in_place_cholesky_and_inverse_match_numpy(order: str) -> None:
+    """LAPACK's in-place steps give numpy's Cholesky factor and triangular inverse in the array itself,
+    whichever its memory order (LAPACK gets a copy of a Fortran-ordered one, written back)."""
+    rng = np.random.default_rng(3)
+    x = rng.standard_normal((400, 300))
+    h = x.T @ x
+    a = np.array(h, order=order)
+    quant._cholesky_in_place(a)
+    np.testing.assert_allclose(a, np.linalg.cholesky(h), rtol=0, atol=1e-10 * np.abs(a).max())
+    expected = np.linalg.inv(a)
+    quant._invert_lower(a)
+    np.testing.assert_allclose(a, expected, rtol=0, atol=1e-10 * np.abs(expected).max())
+    assert np.array_equal(a, np.tril(a))
+
+
+def test_hessian_that_is_not_positive_definite_names_the_setting() -> None:
+    with pytest.raises(RotgraphError, match=r"not positive definite.*damp"):
+        hessian_factor(-np.eye(8), damp=0.01)
 
 
 @pytest.mark.parametrize("act_order", [False, True])
