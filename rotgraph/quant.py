@@ -194,10 +194,11 @@ def quantize_rtn(wt: np.ndarray, spec: WeightSpec) -> QuantizedWeight:
 @dataclass(frozen=True)
 class HessianFactor:
     """What GPTQ needs of one input's Hessian, computed once for every weight that reads the input (Q, K
-    and V share theirs): `u`, the upper Cholesky factor of the damped H^-1 in processing order `perm`, and
-    the `dead` input columns (zero on every calibration token)."""
+    and V share theirs): `v`, the upper-triangular factor of the damped H = V V^T in processing order `perm`
+    (V^-1 is the upper Cholesky factor of H^-1 that GPTQ's paper writes its updates with), and the `dead`
+    input columns (zero on every calibration token)."""
 
-    u: np.ndarray
+    v: np.ndarray
     perm: np.ndarray
     dead: np.ndarray
 
@@ -206,11 +207,10 @@ def hessian_factor(
     hessian: np.ndarray, damp: float = 0.01, act_order: bool = False, overwrite: bool = False
 ) -> HessianFactor:
     """`HessianFactor` of X^T X (`hessian`, [cols, cols]), damped by `damp` times its mean diagonal and with
-    `act_order` processing columns by decreasing diagonal. float64. The upper factor U of H^-1 = U^T U is
-    computed without forming H^-1: with J the order reversal, J H J = L L^T gives U = J L^-1 J (a
-    Cholesky and a triangular inverse, in place, instead of an inverse and two Cholesky factorizations:
-    a 14336-wide Hessian is 1.6 GB, so copies count). With `overwrite`, `hessian` (float64) is used as
-    scratch instead of copied."""
+    `act_order` processing columns by decreasing diagonal. float64. One Cholesky factorization in place:
+    with J the order reversal, J H J = L L^T gives V = J L J (no inverse: `gptq` works with V itself; a
+    14336-wide Hessian is 1.6 GB, so copies count). With `overwrite`, `hessian` (float64) is used as scratch
+    instead of copied."""
     h = hessian if overwrite and hessian.dtype == np.float64 else np.array(hessian, dtype=np.float64)
     dead = np.diag(h) == 0
     h[dead, dead] = 1.0
@@ -222,7 +222,6 @@ def hessian_factor(
         _cholesky_in_place(h)
     except np.linalg.LinAlgError:
         raise RotgraphError(f"GPTQ: the Hessian is not positive definite; raise {setting('damp')}") from None
-    _invert_lower(h)
     _reverse_in_place(h)  # contiguous: a reversed view would keep GPTQ's products off BLAS
     return HessianFactor(h, perm, dead)
 
@@ -272,21 +271,9 @@ def _reverse_in_place(a: np.ndarray, chunk: int = 256) -> None:
         a[[i, n - 1 - i]] = a[[n - 1 - i, i]]
 
 
-def _invert_lower(lower: np.ndarray) -> None:
-    """Invert a C-contiguous float64 lower-triangular matrix in place: LAPACK's dtrtri on the transposed
-    view (upper, Fortran-ordered)."""
-    inverse, info = scipy.linalg.lapack.dtrtri(lower.T, lower=0, overwrite_c=1)
-    if info != 0:
-        raise np.linalg.LinAlgError(f"dtrtri: info {info}")
-    if not np.shares_memory(inverse, lower):
-        lower[...] = inverse.T
-
-
-# GPTQ's updates: columns quantized one at a time update the rest of their sub-block of INNER_BLOCK
-# columns; a sub-block, the rest of its block (`block` columns); a block, the columns after it by one
-# product per UPDATE_ROWS of them (a reused buffer, not a weight-sized temporary per block).
+# GPTQ's products: a block of `block` columns starts from one product with every column done before it; a
+# sub-block of INNER_BLOCK columns inside it, from one with the earlier sub-blocks of its block.
 INNER_BLOCK = 16
-UPDATE_ROWS = 1024
 
 
 def gptq(
@@ -298,19 +285,26 @@ def gptq(
     act_order: bool = False,
     block: int = 128,
 ) -> QuantizedWeight:
-    """GPTQ (Frantar et al. 2022): quantize columns in order, spreading each column's error over the
-    columns not yet quantized through the inverse Hessian's Cholesky factor (lazy block updates).
+    """GPTQ (Frantar et al. 2022): quantize columns in order, each after adding the errors of the columns
+    quantized before it as the Hessian weighs them.
 
     `hessian` is X^T X of the layer's calibration inputs ([cols, cols]), or its `hessian_factor` (then
     `damp` and `act_order` are the factor's); `damp` is added as a fraction of its mean diagonal. Group
     scales come from the original weights (static groups), so they stay aligned with input columns when
     `act_order` permutes the processing order.
+
+    The paper's updates, w_j -= U_ij (w_i - q_i) / U_ii after column i (H^-1 = U^T U), add up to
+    W - Q = E U. With V = U^-1 (H = V V^T, `HessianFactor.v`), E = (W - Q) V, so the column that
+    quantizes is w_i + sum_{k<i} (w_k - q_k) V_ki / V_ii: the same result without H^-1 or its factor
+    (GPTQ as Babai's nearest plane algorithm, Chen et al. 2025), summed left-looking, one product per
+    block with the errors already made, so the columns not yet quantized are never written.
     """
     factor = hessian if isinstance(hessian, HessianFactor) else hessian_factor(hessian, damp, act_order)
-    u, perm, dead = factor.u, factor.perm, factor.dead
+    v, perm, dead = factor.v, factor.perm, factor.dead
     rows, cols = wt.shape
     # Column-major working copy: weight column j is the contiguous row w[j] (a weight stored [in, out]
-    # arrives as a transposed view, so this is a plain copy), and every update below is on whole rows.
+    # arrives as a transposed view, so this is a plain copy). Once column i is quantized, w[i] holds its
+    # error w_i - q_i.
     w = np.array(wt.T, dtype=np.float64, order="C")
     w[dead] = 0.0
     scale, zero = _weight_params(w.T, spec)  # static groups, from the original columns
@@ -321,24 +315,21 @@ def gptq(
     codes_t = np.zeros((cols, rows), np.int16)
     scale_t, zero_t = np.ascontiguousarray(scale.T), np.ascontiguousarray(zero.T)
     group_of = perm // g
-    buf = np.empty((min(UPDATE_ROWS, cols), rows))
+    acc = np.empty((min(block, cols), rows))  # per column i of the block: sum_{k<i} (w_k - q_k) V_ki
     for i1 in range(0, cols, block):
         i2 = min(i1 + block, cols)
-        err1 = np.empty((i2 - i1, rows))
+        here = acc[: i2 - i1]
+        np.matmul(v[:i1, i1:i2].T, w[:i1], out=here)  # every column before the block (none: zeros)
         for j1 in range(i1, i2, INNER_BLOCK):  # within the block, sub-blocks of INNER_BLOCK columns
             j2 = min(j1 + INNER_BLOCK, i2)
+            if j1 > i1:
+                here[j1 - i1 : j2 - i1] += v[i1:j1, j1:j2].T @ w[i1:j1]
             for i in range(j1, j2):
-                col = w[i]
+                col = w[i] + here[i - i1] / v[i, i]
                 s, z = scale_t[group_of[i]], zero_t[group_of[i]]
                 c = np.clip(np.round(col / s) + z, spec.qmin, spec.qmax)
                 codes_t[i] = c
-                err = err1[i - i1]
-                np.divide(col - (c - z) * s, u[i, i], out=err)
-                w[i + 1 : j2] -= np.outer(u[i, i + 1 : j2], err)
-            w[j2:i2] -= u[j1:j2, j2:i2].T @ err1[j1 - i1 : j2 - i1]
-        for r in range(i2, cols, UPDATE_ROWS):  # the columns after the block, a chunk at a time
-            e = min(r + UPDATE_ROWS, cols)
-            np.matmul(u[i1:i2, r:e].T, err1, out=buf[: e - r])
-            w[r:e] -= buf[: e - r]
+                w[i] -= (c - z) * s
+                here[i - i1 + 1 : j2 - i1] += np.outer(v[i, i + 1 : j2], w[i])
     codes = np.ascontiguousarray(codes_t.T)
     return QuantizedWeight(codes[:, np.argsort(perm)] if permuted else codes, scale, zero, spec)
