@@ -296,7 +296,7 @@ def gptq(
     The paper's updates, w_j -= U_ij (w_i - q_i) / U_ii after column i (H^-1 = U^T U), add up to
     W - Q = E U. With V = U^-1 (H = V V^T, `HessianFactor.v`), E = (W - Q) V, so the column that
     quantizes is w_i + sum_{k<i} (w_k - q_k) V_ki / V_ii: the same result without H^-1 or its factor
-    (GPTQ as Babai's nearest plane algorithm, Chen et al. 2025), summed left-looking, one product per
+    (GPTQ read as Babai's nearest plane algorithm), summed left-looking, one product per
     block with the errors already made, so the columns not yet quantized are never written.
     """
     factor = hessian if isinstance(hessian, HessianFactor) else hessian_factor(hessian, damp, act_order)
