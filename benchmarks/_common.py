@@ -13,7 +13,7 @@ t = time.perf_counter()
 done = subprocess.run(sys.argv[1:], capture_output=True, text=True)
 print(json.dumps({"rc": done.returncode, "seconds": time.perf_counter() - t,
                   "peak_rss_mb": resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss / 1024,
-                  "out": done.stdout[-4000:], "err": done.stderr[-2000:]}))
+                  "out": done.stdout[-4000:], "err": done.stderr[-8000:]}))
 """
 
 

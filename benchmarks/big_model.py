@@ -27,6 +27,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import re
 import shutil
 import sys
 from dataclasses import dataclass
@@ -34,6 +35,7 @@ from pathlib import Path
 
 from _common import measured, size_mb
 
+from rotgraph.calibrate import CHECK_WINDOWS
 from rotgraph.hadamard import hadamard_factors
 from rotgraph.synthetic import PRESETS, SyntheticConfig, parameter_count
 
@@ -45,6 +47,7 @@ class Step:
     name: str
     seconds: float
     peak_gb: float
+    block_parts: tuple[float, float, float] | None = None  # the median block's parts as `quantize` logged them
 
 
 def block_params(c: SyntheticConfig) -> int:
@@ -66,16 +69,32 @@ def rotation_work(c: SyntheticConfig) -> float:
     return block_params(c) * transform_cost(c.hidden) + c.hidden * c.intermediate * transform_cost(c.intermediate)
 
 
-def gptq_work(c: SyntheticConfig, tokens: int) -> float:
-    """Per block: GPTQ's updates (rows x cols^2 per projection), one factorization per distinct input
-    (2/3 cols^3: a Cholesky and a triangular inverse), the lower triangle of X^T X of each input over the
-    tokens, and the block's forward pass over the tokens (2 x parameters)."""
+def gptq_parts(c: SyntheticConfig, tokens: int) -> tuple[float, float, float]:
+    """Per block, in the three parts `quantize` logs ("time per block"): the calibration run and Hessians
+    (the block's forward pass over the tokens, 2 x parameters, and the lower triangle of X^T X of each
+    input), the factors and quantization (one Cholesky factorization per distinct input, cols^3 / 3;
+    GPTQ's products, rows x cols^2 per projection), and the check (a forward pass
+    over `CHECK_WINDOWS` windows, whatever the calibration tokens)."""
     q, kv, h, i = c.heads * c.head_dim, c.kv_heads * c.head_dim, c.hidden, c.intermediate
     projections = [(q, h), (kv, h), (kv, h), (h, q), (i, h), (i, h), (h, i)]  # (rows, cols)
     updates = sum(r * k * k for r, k in projections)
-    factors = 2 / 3 * (h**3 + q**3 + h**3 + i**3)
+    factors = (h**3 + q**3 + h**3 + i**3) / 3
     hessians = tokens * (h * h + q * q + h * h + i * i) / 2  # the lower triangles
-    return updates + factors + hessians + 2 * tokens * block_params(c)
+    return (
+        2 * tokens * block_params(c) + hessians,
+        factors + updates,
+        2 * CHECK_WINDOWS * 512 * block_params(c),
+    )
+
+
+def gptq_work(c: SyntheticConfig, tokens: int) -> float:
+    return sum(gptq_parts(c, tokens))
+
+
+def logged_block_seconds(stderr: str) -> tuple[float, float, float] | None:
+    """The median block's three parts from `quantize`'s "time per block" line, if it printed one."""
+    found = re.search(r"time per block .*?: [\d.]+ s: [^\d]*([\d.]+) s, [^\d]*([\d.]+) s, [^\d]*([\d.]+) s", stderr)
+    return None if found is None else (float(found[1]), float(found[2]), float(found[3]))
 
 
 def run_steps(work: Path, config_flags: list[str], layers: int, dtype: str, windows: int, steps: list[str]) -> dict:
@@ -99,7 +118,7 @@ def run_steps(work: Path, config_flags: list[str], layers: int, dtype: str, wind
     for key in steps:
         name, cmd = commands[key]
         r = measured(cmd)
-        results[key] = Step(name, r["seconds"], r["peak_rss_mb"] / 1e3)
+        results[key] = Step(name, r["seconds"], r["peak_rss_mb"] / 1e3, logged_block_seconds(r["err"]))
         print(f"  {layers} layers, {name}: {r['seconds']:.0f} s, peak RSS {r['peak_rss_mb'] / 1e3:.2f} GB", flush=True)
         for leftover in (
             work / "copy.data",
@@ -179,6 +198,40 @@ def main() -> None:
         f"block: rotation {rotation_work(config):.3g} -> {rotation_work(target):.3g}, GPTQ at {tokens} -> 16384 "
         f"tokens {gptq_work(config, tokens):.3g} -> {gptq_work(target, 32 * 512):.3g}."
     )
+    parts_table(big, args.layers, small, args.base_layers, config, target, tokens, fixed_scale)
+
+
+def parts_table(
+    big: dict[str, Step],
+    layers: int,
+    small: dict[str, Step],
+    base_layers: int,
+    config: SyntheticConfig,
+    target: SyntheticConfig,
+    tokens: int,
+    fixed_scale: float,
+) -> None:
+    """The 70B projection again from the parts of the median block that `quantize` logged (deeper run), each
+    scaled by its own arithmetic: the factorizations grow with width cubed, the Hessians with the tokens."""
+    names = ("calibration run and Hessians", "factors and quantization", "the check")
+    ratios = [t / c for t, c in zip(gptq_parts(target, 32 * 512), gptq_parts(config, tokens), strict=True)]
+    for key in ("int4", "genai"):
+        step = big.get(key)
+        if step is None or step.block_parts is None or key not in small:
+            continue
+        per_block = (step.seconds - small[key].seconds) / (layers - base_layers)
+        fixed = max(step.seconds - per_block * layers, 0.0)
+        print(f"\n{step.name}: the median block's parts as logged ({layers} layers), projected part by part:\n")
+        print("| part | median block (s) | work ratio, 70B | 70B per block (s) |")
+        print("|---|---|---|---|")
+        projected = [p * r for p, r in zip(step.block_parts, ratios, strict=True)]
+        for name, part, ratio, p in zip(names, step.block_parts, ratios, projected, strict=True):
+            print(f"| {name} | {part:.1f} | {ratio:.2f} | {p:.0f} |")
+        hours = (sum(projected) * target.layers + fixed * fixed_scale) / 3600
+        print(
+            f"| total | {sum(step.block_parts):.1f} | | {sum(projected):.0f} |\n\n70B = {sum(projected):.0f} s x "
+            f"{target.layers} + fixed {fixed:.0f} s x {fixed_scale:.2f} = {hours:.1f} h"
+        )
 
 
 if __name__ == "__main__":

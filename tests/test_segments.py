@@ -93,6 +93,10 @@ def test_quantize_block_by_block_writes_the_same_bytes(
         assert not [r for r in caplog.records if "cannot be cut" in r.getMessage()]  # the lowered graph too
         by_block = [r for r in caplog.records if "GPTQ Hessians block by block" in r.getMessage()]
         assert len(by_block) == (name == "blocks" and scheme != "w8a8" and not extra), by_block
+        timed = [r.getMessage() for r in caplog.records if "time per block" in r.getMessage()]
+        after = "the next block's inputs" if extra else "the check"
+        expected = ["median of 2", after] if scheme != "w8a8" and (name == "blocks" or extra) else None
+        assert [[e for e in expected if e in t] for t in timed] == ([expected] if expected else []), timed
         outputs.append(out / "model.onnx" if fmt == "genai" else out)
     whole, blocks = outputs
     for a, b in ((whole, blocks), (Path(f"{whole}.data"), Path(f"{blocks}.data"))):

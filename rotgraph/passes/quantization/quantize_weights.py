@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import time
 from pathlib import Path
 
 import numpy as np
@@ -291,6 +292,26 @@ def emit_shared_head(
     _drop_table(graph, table)
 
 
+def _log_block_seconds(seconds: list[tuple[float, float, float]], after: str) -> None:
+    """Log the median block's wall time and its parts (INFO), every block's at DEBUG: where a long block-by-block
+    run spends its time, and the per-block cost a deeper model multiplies."""
+    if not seconds:
+        return
+    parts = np.median(np.array(seconds), axis=0)
+    logger.info(
+        "time per block (median of %d): %.1f s: calibration run and Hessians %.1f s, factors and quantization %.1f s, "
+        "%s %.1f s",
+        len(seconds),
+        float(np.median([sum(s) for s in seconds])),
+        *parts[:2],
+        after,
+        parts[2],
+    )
+    logger.debug(
+        "seconds per block (Hessians, quantization, after): %s", [tuple(round(x, 1) for x in s) for s in seconds]
+    )
+
+
 class QuantizeWeightsPass(ir.passes.InPlacePass):
     """W (float [in, out]) -> DequantizeLinear(int codes, scales[, zero points]) for every Q/K/V/O,
     gate/up/down MatMul (format "qdq"), or MatMul -> com.microsoft MatMulNBits with the same codes
@@ -407,15 +428,21 @@ class QuantizeWeightsPass(ir.passes.InPlacePass):
         spill = SpillFile(self.spill_dir) if self.spill_dir is not None else None
         count = 0
         blocks = tqdm(desc.blocks, desc="weights", unit="block", disable=by_block is None, leave=False)
+        seconds: list[tuple[float, float, float]] = []  # per block: Hessians, quantization, the block's run after
         for block in blocks:
+            start = time.perf_counter()
             if by_block is not None:
                 hessians = by_block.hessians(block)
+            summed = time.perf_counter()
             count += self._quantize_block(model, block, hessians, own=by_block is not None, spill=spill)
+            quantized = time.perf_counter()
             if by_block is not None:
                 by_block.done(block)
                 hessians = None  # one block's at a time
+            seconds.append((summed - start, quantized - summed, time.perf_counter() - quantized))
         if by_block is not None:
             by_block.log_errors()
+            _log_block_seconds(seconds, "the next block's inputs" if by_block.sequential else "the check")
         if self.head_spec is not None and self.shared_head:
             rows = embedding_rows(desc)
             tolerance = map_tolerance(desc.lm_head.weight.dtype)
