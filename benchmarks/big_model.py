@@ -3,14 +3,14 @@ the model's weights file, per-block costs, and a projection to Llama-3-70B.
 
     python benchmarks/big_model.py [--preset llama-3.1-8b] [--layers 32] [--dtype float16]
                                    [--windows 8] [--steps copy,rotate,int4,genai] [--base-layers 2]
-                                   [--workdir /work/rotgraph-big] [--keep]
+                                   [--workdir /work/rotgraph-big] [--keep] [--cold]
 
 Writes a random-weight decoder with `rotgraph.synthetic` (no torch; the graph `rotgraph export
 --with-past` writes, trained-like weights, external data, written weight by weight), then runs each step
 in its own child process (wall time, peak RSS from `ru_maxrss`):
 
 - copy: `cp` of the weights file on the same disk, then `sync` (the yardstick of the rotate target);
-- rotate: `rotgraph rotate --no-validate` (the rotation alone, against the copy);
+- rotate: `rotgraph rotate --no-validate`, then `sync` (the rotation alone, against the copy);
 - int4: `rotgraph quantize --recipe int4 --set calibration.windows=W` (QuaRot + GPTQ, w4a8, ort format),
   validated against the float model (streamed block by block above `ROTGRAPH_BLOCKWISE_BYTES`);
 - genai: the same with `--format genai` (an onnxruntime-genai folder), validated.
@@ -20,7 +20,13 @@ the two runs divided by the difference in depth is the cost of one block, the re
 embedding, the head, loading). Llama-3-70B is projected from them: per-block time scaled by the ratio of
 each step's arithmetic per block (rotation: parameters x the transform's multiply-adds per value; GPTQ: rows x cols^2
 per projection plus cols^3 per distinct input, and the calibration forward pass), the fixed time by the
-vocabulary x hidden ratio; the arithmetic is printed. Tables go to stdout.
+vocabulary x hidden ratio; the arithmetic is printed. `quantize` logs its median block's time in three
+parts; the projection is made again part by part, each part scaled by its own arithmetic. Tables go to
+stdout.
+
+With `--cold` (Linux, root) the page cache is dropped before each step, so the copy and the steps read the
+model from the disk, as a model larger than the memory is read; without it a model just written is read
+from the page cache, and the copy is then a memory copy.
 """
 
 from __future__ import annotations
@@ -29,6 +35,7 @@ import argparse
 import dataclasses
 import re
 import shutil
+import subprocess
 import sys
 from dataclasses import dataclass
 from pathlib import Path
@@ -97,7 +104,19 @@ def logged_block_seconds(stderr: str) -> tuple[float, float, float] | None:
     return None if found is None else (float(found[1]), float(found[2]), float(found[3]))
 
 
-def run_steps(work: Path, config_flags: list[str], layers: int, dtype: str, windows: int, steps: list[str]) -> dict:
+def drop_page_cache() -> None:
+    """Write dirty pages and drop the clean ones (Linux, root): the next step reads the model from the disk,
+    as a model that does not fit in memory is read."""
+    subprocess.run(["sync"], check=True)
+    try:
+        Path("/proc/sys/vm/drop_caches").write_text("1\n")
+    except OSError as e:
+        raise SystemExit(f"--cold needs root on Linux (it writes /proc/sys/vm/drop_caches): {e}") from None
+
+
+def run_steps(
+    work: Path, config_flags: list[str], layers: int, dtype: str, windows: int, steps: list[str], cold: bool
+) -> dict:
     rotgraph = str(Path(sys.executable).parent / "rotgraph")
     model = work / "model" / "model.onnx"
     results: dict[str, Step] = {}
@@ -109,14 +128,16 @@ def run_steps(work: Path, config_flags: list[str], layers: int, dtype: str, wind
     commands = {
         "copy": ("cp of the weights file, then sync", ["sh", "-c", f'cp "{model}.data" "{work}/copy.data" && sync']),
         "rotate": (
-            "rotgraph rotate --no-validate",
-            [rotgraph, "rotate", str(model), "-o", str(work / "r.onnx"), "--no-validate"],
+            "rotgraph rotate --no-validate, then sync",
+            ["sh", "-c", f'"{rotgraph}" rotate "{model}" -o "{work}/r.onnx" --no-validate && sync'],
         ),
         "int4": ("rotgraph quantize --recipe int4 (ort), validated", [*quantize, "-o", str(work / "int4.onnx")]),
         "genai": ("the same, --format genai", [*quantize, "--format", "genai", "-o", str(work / "genai")]),
     }
     for key in steps:
         name, cmd = commands[key]
+        if cold:
+            drop_page_cache()
         r = measured(cmd)
         results[key] = Step(name, r["seconds"], r["peak_rss_mb"] / 1e3, logged_block_seconds(r["err"]))
         print(f"  {layers} layers, {name}: {r['seconds']:.0f} s, peak RSS {r['peak_rss_mb'] / 1e3:.2f} GB", flush=True)
@@ -142,6 +163,9 @@ def main() -> None:
     parser.add_argument("--steps", default=",".join(STEPS), help=f"comma-separated, of {', '.join(STEPS)}")
     parser.add_argument("--workdir", type=Path, default=Path("/work/rotgraph-big"))
     parser.add_argument("--keep", action="store_true", help="keep the written models")
+    parser.add_argument(
+        "--cold", action="store_true", help="drop the page cache before each step (Linux, root): read from the disk"
+    )
     args = parser.parse_args()
     steps = [s for s in args.steps.split(",") if s]
     if unknown := set(steps) - set(STEPS):
@@ -153,7 +177,7 @@ def main() -> None:
     for layers in (args.base_layers, args.layers):
         work = args.workdir / f"{args.preset}-{layers}"
         work.mkdir(parents=True, exist_ok=True)
-        runs[layers] = run_steps(work, flags, layers, args.dtype, args.windows, steps)
+        runs[layers] = run_steps(work, flags, layers, args.dtype, args.windows, steps, args.cold)
         model = work / "model" / "model.onnx"
         full = dataclasses.replace(config, layers=layers)
         print(
