@@ -236,9 +236,13 @@ def parts_table(
     fixed_scale: float,
 ) -> None:
     """The 70B projection again from the parts of the median block that `quantize` logged (deeper run), each
-    scaled by its own arithmetic: the factorizations grow with width cubed, the Hessians with the tokens."""
+    scaled by its own arithmetic: the factorizations grow with width cubed, the Hessians with the tokens.
+    The rest of the per-block time (from the two depths: rotating and writing the block, validation's
+    forward passes) is scaled by the rotation's ratio, the largest of those parts'."""
     names = ("calibration run and Hessians", "factors and quantization", "the check")
     ratios = [t / c for t, c in zip(gptq_parts(target, 32 * 512), gptq_parts(config, tokens), strict=True)]
+    names += ("the rest of the block's time (rotation, writing, validation)",)
+    ratios.append(rotation_work(target) / rotation_work(config))
     for key in ("int4", "genai"):
         step = big.get(key)
         if step is None or step.block_parts is None or key not in small:
@@ -246,14 +250,15 @@ def parts_table(
         per_block = (step.seconds - small[key].seconds) / (layers - base_layers)
         fixed = max(step.seconds - per_block * layers, 0.0)
         print(f"\n{step.name}: the median block's parts as logged ({layers} layers), projected part by part:\n")
-        print("| part | median block (s) | work ratio, 70B | 70B per block (s) |")
+        print("| part | per block (s) | work ratio, 70B | 70B per block (s) |")
         print("|---|---|---|---|")
-        projected = [p * r for p, r in zip(step.block_parts, ratios, strict=True)]
-        for name, part, ratio, p in zip(names, step.block_parts, ratios, projected, strict=True):
+        parts = [*step.block_parts, max(per_block - sum(step.block_parts), 0.0)]
+        projected = [p * r for p, r in zip(parts, ratios, strict=True)]
+        for name, part, ratio, p in zip(names, parts, ratios, projected, strict=True):
             print(f"| {name} | {part:.1f} | {ratio:.2f} | {p:.0f} |")
         hours = (sum(projected) * target.layers + fixed * fixed_scale) / 3600
         print(
-            f"| total | {sum(step.block_parts):.1f} | | {sum(projected):.0f} |\n\n70B = {sum(projected):.0f} s x "
+            f"| total | {sum(parts):.1f} | | {sum(projected):.0f} |\n\n70B = {sum(projected):.0f} s x "
             f"{target.layers} + fixed {fixed:.0f} s x {fixed_scale:.2f} = {hours:.1f} h"
         )
 
