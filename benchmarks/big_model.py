@@ -239,10 +239,16 @@ def parts_table(
     scaled by its own arithmetic: the factorizations grow with width cubed, the Hessians with the tokens.
     The rest of the per-block time (from the two depths: rotating and writing the block, validation's
     forward passes) is scaled by the rotation's ratio, the largest of those parts'."""
-    names = ("calibration run and Hessians", "factors and quantization", "the check")
-    ratios = [t / c for t, c in zip(gptq_parts(target, 32 * 512), gptq_parts(config, tokens), strict=True)]
-    names += ("the rest of the block's time (rotation, writing, validation)",)
-    ratios.append(rotation_work(target) / rotation_work(config))
+    names = (
+        "calibration run and Hessians",
+        "factors and quantization",
+        "the check",
+        "the rest of the block's time (rotation, writing, validation)",
+    )
+    ratios = [
+        *(t / c for t, c in zip(gptq_parts(target, 32 * 512), gptq_parts(config, tokens), strict=True)),
+        rotation_work(target) / rotation_work(config),
+    ]
     for key in ("int4", "genai"):
         step = big.get(key)
         if step is None or step.block_parts is None or key not in small:
