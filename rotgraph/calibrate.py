@@ -81,20 +81,20 @@ def _accumulate(
 
 def input_hessians(model: ir.Model, token_windows: np.ndarray, scratch: Path | None = None) -> dict[Site, np.ndarray]:
     """X^T X / tokens (float64) of each projection input site over all windows."""
-    sums: dict[Site, np.ndarray] = {}
-    tokens = _accumulate(model, token_windows, lambda site, _, x: add_gram(sums, site, x), scratch, "calibrate (GPTQ)")
-    finish_grams(sums, tokens)
-    return sums
+    grams = Grams()
+    tokens = _accumulate(model, token_windows, lambda site, _, x: grams.add(site, x), scratch, "calibrate (GPTQ)")
+    return grams.result(tokens)
 
 
 GRAM_ROWS = 2048  # rows of X^T X computed at once (float32): up to 117 MB for a 14336-wide input
+GRAM_TOKENS = 2048  # input rows (tokens) per float32 product: several windows, one float64 accumulation for them
 
 
 def add_gram(sums: dict[Site, np.ndarray], site: Site, x: np.ndarray) -> None:
-    """sums[site] += X^T X of one window's rows `x` [tokens, n], on and below the diagonal (the upper
-    triangle is `finish_grams`'s: half the products): float32 per window, accumulated in float64 in
-    place, GRAM_ROWS rows of the product at a time (an 8B down_proj's sum is 1.6 GB: no float64 copy of
-    the window's product, no new sum, and its float32 product is made a slab at a time, not 0.8 GB at once)."""
+    """sums[site] += X^T X of rows `x` [tokens, n], on and below the diagonal (the upper triangle is
+    `finish_grams`'s: half the products): float32 for these rows, accumulated in float64 in place,
+    GRAM_ROWS rows of the product at a time (an 8B down_proj's sum is 1.6 GB: no float64 copy of the
+    rows' product, no new sum, and its float32 product is made a slab at a time, not 0.8 GB at once)."""
     n = x.shape[1]
     total = sums.get(site)
     if total is None:
@@ -102,6 +102,36 @@ def add_gram(sums: dict[Site, np.ndarray], site: Site, x: np.ndarray) -> None:
     for r in range(0, n, GRAM_ROWS):
         e = min(r + GRAM_ROWS, n)
         total[r:e, :e] += x[:, r:e].T @ x[:, :e]
+
+
+class Grams:
+    """X^T X / tokens (float64) per site from rows given window by window: each site's rows are held until
+    `GRAM_TOKENS` have come, then `add_gram` adds their product (float32, one product for several windows:
+    the float64 accumulation, which moves 24 bytes per element of the sum, runs once per `GRAM_TOKENS`
+    rows instead of once per window; `GRAM_TOKENS` x the channels x 4 bytes held per site)."""
+
+    def __init__(self) -> None:
+        self.sums: dict[Site, np.ndarray] = {}
+        self.held: dict[Site, list[np.ndarray]] = {}
+
+    def add(self, site: Site, x: np.ndarray) -> None:
+        """Rows [tokens, channels] (float32) of `site`."""
+        held = self.held.setdefault(site, [])
+        held.append(x)
+        if sum(len(h) for h in held) >= GRAM_TOKENS:
+            self._flush(site)
+
+    def _flush(self, site: Site) -> None:
+        held = self.held.pop(site, [])
+        if held:
+            add_gram(self.sums, site, held[0] if len(held) == 1 else np.concatenate(held))
+
+    def result(self, tokens: int) -> dict[Site, np.ndarray]:
+        """The sums, symmetric, divided by `tokens`."""
+        for site in list(self.held):
+            self._flush(site)
+        finish_grams(self.sums, tokens)
+        return self.sums
 
 
 def finish_grams(sums: dict[Site, np.ndarray], tokens: int) -> None:
@@ -137,8 +167,8 @@ class BlockHessians:
     after each block) and activation quantizers; otherwise from the model as it is at `start` (the
     statistics of `input_hessians` exactly, whatever stages run between `start` and the quantizer).
     A projection's input is read before its own activation quantizer (as `input_hessians` reads it,
-    before any is inserted). The sums are accumulated as `input_hessians` does (float32 per window,
-    float64 across windows).
+    before any is inserted). The sums are accumulated as `input_hessians` does (`Grams`: float32 per
+    `GRAM_TOKENS` rows, float64 across them).
     """
 
     def __init__(self, tokens: np.ndarray, scratch: Path | None, sequential: bool) -> None:
@@ -168,14 +198,13 @@ class BlockHessians:
         for role, lin in block_linears(block):
             sites.setdefault((block.index, ROLE_SITES[role]), before_fake_quant(lin.input))
         keys = list(sites)
-        sums: dict[Site, np.ndarray] = {}
+        grams = Grams()
         tokens = 0
         for p in self.runner.run([sites[k] for k in keys], advance=not self.sequential):
             x = np.asarray(p.array, dtype=np.float32).reshape(-1, p.array.shape[-1])
-            add_gram(sums, keys[p.value], x)
+            grams.add(keys[p.value], x)
             tokens += len(x) if p.value == 0 else 0
-        finish_grams(sums, tokens)
-        return sums
+        return grams.result(tokens)
 
     def done(self, block: Block) -> None:
         """`block` has its final weights: in sequential mode, run it to feed the next block; otherwise

@@ -157,23 +157,28 @@ def test_hessian_factor_overwrites_instead_of_copying(act_order: bool, monkeypat
     np.testing.assert_array_equal(factor.v, expected.v)
 
 
-def test_hessian_sums_add_each_window_in_place_a_slab_at_a_time(monkeypatch: pytest.MonkeyPatch) -> None:
-    """`calibrate.add_gram` then `finish_grams` give X^T X summed over windows in float64 (each window's
-    product in float32, as numpy computes it), without the window's whole product at once: temporaries stay
-    under half its bytes."""
+def test_hessian_sums_add_several_windows_per_product_in_place_a_slab_at_a_time(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """`calibrate.Grams` gives X^T X / tokens in float64 from one float32 product (as numpy computes it) per
+    `GRAM_TOKENS` rows, i.e. several windows, summed in float64, without a product made whole at once:
+    temporaries stay under half its bytes."""
     from rotgraph import calibrate
 
     monkeypatch.setattr(calibrate, "GRAM_ROWS", 256)
+    monkeypatch.setattr(calibrate, "GRAM_TOKENS", 400)
     rng = np.random.default_rng(4)
-    windows = [rng.standard_normal((300, 1200)).astype(np.float32) for _ in range(3)]
-    sums: dict[str, np.ndarray] = {}
-    calibrate.add_gram(sums, "site", windows[0])
+    windows = [rng.standard_normal((200, 2000)).astype(np.float32) for _ in range(5)]
+    grams = calibrate.Grams()
+    grams.add("site", windows[0])
+    grams.add("site", windows[1])  # the first product: held until here
     tracemalloc.start()
-    for x in windows[1:]:
-        calibrate.add_gram(sums, "site", x)
+    for x in windows[2:]:
+        grams.add("site", x)
+    sums = grams.result(1000)
     _, peak = tracemalloc.get_traced_memory()
     tracemalloc.stop()
-    calibrate.finish_grams(sums, 1)
-    expected = sum((x.T @ x).astype(np.float64) for x in windows)
+    groups = [np.concatenate(windows[0:2]), np.concatenate(windows[2:4]), windows[4]]
+    expected = sum((x.T @ x).astype(np.float64) for x in groups) / 1000
     np.testing.assert_allclose(sums["site"], expected, rtol=1e-12, atol=0)
-    assert peak < 1200 * 1200 * 4 / 2, f"{peak / 1e6:.1f} MB of temporaries"
+    assert peak < 2000 * 2000 * 4 / 2, f"{peak / 1e6:.1f} MB of temporaries"
