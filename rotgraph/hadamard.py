@@ -158,6 +158,16 @@ class HadamardFactors:
         return np.kron(self.a, self.b).astype(np.float64) / np.sqrt(self.n)
 
     @functools.cached_property
+    def a_float64(self) -> np.ndarray:
+        """A as a contiguous float64 matrix (what the compiled rotation reads)."""
+        return np.ascontiguousarray(self.a, dtype=np.float64)
+
+    @functools.cached_property
+    def a_float64_t(self) -> np.ndarray:
+        """A^T, contiguous float64."""
+        return np.ascontiguousarray(self.a.T, dtype=np.float64)
+
+    @functools.cached_property
     def kronecker_pair(self) -> tuple[np.ndarray, np.ndarray]:
         """H = kron(A, B) regrouped as kron(F1, F2) (float64, entries +-1): F2 = S_q, the Sylvester matrix of
         an order q dividing p, and F1 = kron(A, S_(p/q)), with q chosen so that order(F1) + q is least.
@@ -260,7 +270,11 @@ class HadamardRotation:
 
     def apply(self, x: np.ndarray, axis: int = -1) -> np.ndarray:
         """v @ Q (v @ Q^T when transposed) for every vector v along `axis` of x, in float64: axis -1 is
-        X @ Q (rows independent), axis 0 of a matrix X is Q^T X (columns independent)."""
+        X @ Q (rows independent), axis 0 of a matrix X is Q^T X (columns independent). H runs as butterflies
+        in rotgraph's compiled library (`rotgraph.kernels.weight_functions`) where it is built, else as two
+        numpy products by its Kronecker factors; the two agree to float64 rounding."""
+        from rotgraph.kernels import weight_functions
+
         x = np.asarray(x)
         axis %= x.ndim
         n = self.n
@@ -269,17 +283,34 @@ class HadamardRotation:
         pre, post = int(np.prod(x.shape[:axis])), int(np.prod(x.shape[axis + 1 :]))
         v = x.reshape(pre, n, post)
         scale = (np.ones(n) if self.signs is None else self.signs) / np.sqrt(n)
-        f1, f2 = self.factors.kronecker_pair
+        functions = weight_functions()
+        compiled = None if functions is None else functions.rotate_f64
+        f = self.factors
         if not self.transposed:  # v @ Q = ((v permuted by perm^-1) @ H) * signs / sqrt(n)
-            u = v if self.perm is None else np.take(v, np.argsort(self.perm), axis=1)
+            u = v if self.perm is None else np.take(v, self.inverse_perm, axis=1)
+            if compiled is not None:
+                y = u.astype(np.float64, order="C", copy=u is v)  # ours to write
+                compiled(y, pre, f.m, f.p, post, f.a_float64, scale)
+                return y.reshape(x.shape)
             u = u.astype(np.float64, copy=False)  # the products below never write to it
-            y = _kron_apply(u, f1, f2, pre, post)
+            y = _kron_apply(u, *f.kronecker_pair, pre, post)
             y *= scale[None, :, None]
-        else:  # v @ Q^T = ((v * signs / sqrt(n)) @ H^T) permuted by perm, H^T = kron(F1^T, F2^T)
-            y = _kron_apply(v * scale[None, :, None], f1.T, f2.T, pre, post)
+        else:  # v @ Q^T = ((v * signs / sqrt(n)) @ H^T) permuted by perm, H^T = kron(A^T, B) (B symmetric)
+            u = np.ascontiguousarray(v * scale[None, :, None])
+            if compiled is not None:
+                compiled(u, pre, f.m, f.p, post, f.a_float64_t, None)
+                y = u
+            else:
+                f1, f2 = f.kronecker_pair
+                y = _kron_apply(u, f1.T, f2.T, pre, post)
             if self.perm is not None:
                 y = np.take(y, self.perm, axis=1)
         return y.reshape(x.shape)
+
+    @functools.cached_property
+    def inverse_perm(self) -> np.ndarray:
+        assert self.perm is not None
+        return np.argsort(self.perm)
 
 
 Matrix = np.ndarray | HadamardRotation  # a rotation as the weight steps take it: dense, or factored

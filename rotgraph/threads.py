@@ -1,6 +1,9 @@
 """How many threads rotgraph's numpy work runs on: the streamed weight rewrites (`rotgraph.weights`) and
 the weight quantizers' clipping search (`rotgraph.quant`). numpy releases the GIL inside its loops, so
-chunks of independent rows run at once; BLAS products bring their own threads.
+chunks of independent rows run at once; BLAS products bring their own threads, so where rotgraph runs
+chunks on its own threads it holds BLAS to one thread each (`one_blas_thread_each`): OpenBLAS's threads
+under two callers on two cores made the streamed rotations 1.3-1.8x slower (benchmarks/RESULTS.md,
+"Real width (issue 28)").
 
 The environment variable ROTGRAPH_WORKERS sets the count (default 2, this project's reference machine's
 cores); results do not depend on it (each chunk's arithmetic is the same however they are spread).
@@ -8,7 +11,11 @@ cores); results do not depend on it (each chunk's arithmetic is the same however
 
 from __future__ import annotations
 
+import contextlib
 import os
+from collections.abc import Iterator
+
+from threadpoolctl import threadpool_limits
 
 from rotgraph.errors import RotgraphError
 
@@ -19,3 +26,14 @@ def workers() -> int:
     if not value.isdigit() or int(value) < 1:
         raise RotgraphError(f"ROTGRAPH_WORKERS={value!r} is not a positive number of threads")
     return int(value)
+
+
+@contextlib.contextmanager
+def one_blas_thread_each(threads: int) -> Iterator[None]:
+    """BLAS limited to one thread while `threads` (> 1) of rotgraph's own threads call it; as it was after.
+    The limit is process-wide: only for work that runs nothing else alongside."""
+    if threads <= 1:
+        yield
+        return
+    with threadpool_limits(limits=1, user_api="blas"):
+        yield

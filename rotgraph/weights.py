@@ -31,7 +31,7 @@ import onnx_ir as ir
 
 from rotgraph.errors import RotgraphError
 from rotgraph.hadamard import HadamardRotation, Matrix
-from rotgraph.threads import workers
+from rotgraph.threads import one_blas_thread_each, workers
 
 Step = Callable[[np.ndarray], np.ndarray]
 F = TypeVar("F", bound=Callable[..., Any])
@@ -100,14 +100,19 @@ class _Chain:
         shape = tuple(self.base.shape.numpy())
         length = shape[axis] if len(shape) == 2 else 1
         size = max(1, chunk_bytes // (8 * max(int(np.prod(shape)) // max(length, 1), 1)))
+        convert = _half_to_double() if self.base.dtype == ir.DataType.FLOAT16 and len(shape) == 2 else None
         for start in range(0, max(length, 1), size):
             stop = min(start + size, length)
             array = self.base.numpy()
-            x = np.array(array[_slab(axis, start, stop)] if len(shape) == 2 else array, dtype=np.float64)
+            nonfinite = None
+            if convert is not None:
+                x, nonfinite = convert(array[_slab(axis, start, stop)])
+            else:
+                x = np.array(array[_slab(axis, start, stop)] if len(shape) == 2 else array, dtype=np.float64)
             del array  # x is a copy, never a view of the mapped file
             if isinstance(self.base, ir.ExternalTensor):
                 self.base.release()
-            if check and not np.isfinite(x).all():
+            if check and (nonfinite != 0 if nonfinite is not None else not np.isfinite(x).all()):
                 count = sum(int((~np.isfinite(c)).sum()) for _, _, c in self._chunks(axis, chunk_bytes, check=False))
                 raise RotgraphError(
                     f"initializer {self.base.name or self.name!r} has {count} non-finite values (NaN or Inf); a "
@@ -125,6 +130,10 @@ class _Chain:
         array, owned = self._read_whole(chunk_bytes), True
         for step in self.steps:
             array, owned = _apply(step, array, chunk_bytes, in_place=owned)
+        if np.dtype(dtype) == np.float16 and array.ndim == 2 and array.dtype == np.float64:
+            out = np.empty(array.shape, dtype=np.float16)
+            _cast_into(out, array)
+            return out
         return array.astype(dtype, copy=False)
 
     def _stream(self, first: int, last: int, dtype: np.dtype | type, chunk_bytes: int) -> np.ndarray:
@@ -142,11 +151,11 @@ class _Chain:
                 result = list(x.shape)
                 result[last] = tuple(self.base.shape.numpy())[first]
                 out = np.empty(result, dtype=dtype)
-            out[_slab(last, start, stop)] = x  # the cast of this chunk (the same rounding as astype)
+            _cast_into(out[_slab(last, start, stop)], x)  # the same rounding as astype
 
         pending: deque[Future[None]] = deque()
         threads = workers()
-        with ThreadPoolExecutor(max_workers=threads) as pool:
+        with ThreadPoolExecutor(max_workers=threads) as pool, one_blas_thread_each(threads):
             for start, stop, x in self._chunks(first, chunk_bytes):
                 if out is None:
                     finish(start, stop, x)
@@ -176,25 +185,52 @@ class _Chain:
         return ir.Tensor(self.evaluate(self.base.dtype.numpy()), name=self.name)
 
 
+def _half_to_double() -> Callable[[np.ndarray], tuple[np.ndarray, int]] | None:
+    """rotgraph's compiled float16 -> float64 conversion (with its count of non-finite values), or None."""
+    from rotgraph.kernels import weight_functions
+
+    functions = weight_functions()
+    return None if functions is None else functions.half_to_double
+
+
+def _cast_into(out: np.ndarray, x: np.ndarray) -> None:
+    """out[...] = x (float64 into out's dtype, rounded as numpy's astype): float16 rows by rotgraph's
+    compiled conversion where it is built (numpy converts float16 one value at a time)."""
+    from rotgraph.kernels import weight_functions
+
+    functions = weight_functions()
+    rows = out.ndim == 2 and (out.shape[1] < 2 or out.strides[1] == out.itemsize)
+    if functions is not None and functions.double_to_half is not None and out.dtype == np.float16 and rows:
+        if x.dtype != np.float64 or x.shape != out.shape or (x.shape[1] > 1 and x.strides[1] != 8):
+            x = np.ascontiguousarray(x, dtype=np.float64).reshape(out.shape)
+        functions.double_to_half(x, out)
+        return
+    out[...] = x
+
+
 def _apply(step: Step, array: np.ndarray, chunk_bytes: int, *, in_place: bool) -> tuple[np.ndarray, bool]:
     """One step on a whole float64 array, and whether the result is this evaluation's own array. A
-    declared row- or column-wise step runs chunk by chunk, in place when `array` is ours and the step
-    keeps its shape; any other step gets the whole array (and may return an array it shares)."""
+    declared row- or column-wise step runs chunk by chunk on `threads.workers()` threads (the first chunk
+    here: it gives the result's shape), in place when `array` is ours and the step keeps its shape; any
+    other step gets the whole array (and may return an array it shares)."""
     acts = acts_on(step)
     if array.ndim != 2 or acts not in (ROWS, COLUMNS) or array.size == 0:
         return step(array), False
     axis = 0 if acts == ROWS else 1
     size = max(1, chunk_bytes // (8 * max(array.shape[1 - axis], 1)))
-    out: np.ndarray | None = None
-    for start in range(0, array.shape[axis], size):
-        where = _slab(axis, start, start + size)
-        y = step(array[where])
-        if out is None:
-            shape = list(y.shape)
-            shape[axis] = array.shape[axis]
-            out = array if in_place and tuple(shape) == array.shape else np.empty(shape, dtype=np.float64)
-        out[where] = y
-    assert out is not None
+    slabs = [_slab(axis, start, start + size) for start in range(0, array.shape[axis], size)]
+    y = step(array[slabs[0]])
+    shape = list(y.shape)
+    shape[axis] = array.shape[axis]
+    out = array if in_place and tuple(shape) == array.shape else np.empty(shape, dtype=np.float64)
+
+    def finish(where: tuple[slice, ...]) -> None:  # disjoint slabs: read, then written, by one thread
+        out[where] = step(array[where])
+
+    out[slabs[0]] = y
+    threads = workers()
+    with ThreadPoolExecutor(max_workers=threads) as pool, one_blas_thread_each(threads):
+        list(pool.map(finish, slabs[1:]))
     return out, True
 
 

@@ -6,6 +6,9 @@ the model. With the library registered in a session, onnxruntime runs the compil
 inlining the function bodies. The kernels read their configuration from node attributes that rotgraph
 writes beside each overload; a model written before those attributes existed runs on the function bodies,
 and so does a model whose rotgraph ops work on other values than float32 (the kernels are float32 only).
+The library also exports plain functions for rotgraph's own use (`weight_functions`, loaded with ctypes):
+the float64 weight rotation of rotgraph.hadamard and the float16 <-> float64 conversions of
+rotgraph.weights; without the library both run in numpy.
 
 Building the package (`pip install .`, a wheel; see setup.py) runs scripts/build_kernels.sh and installs the
 library in this folder, where it is looked for first; the script alone builds it in build/kernels/ of the
@@ -18,14 +21,18 @@ was compiled for; the library is only registered on a CPU that has them all, che
 
 from __future__ import annotations
 
+import ctypes
 import functools
 import json
 import logging
 import os
 import platform
 import re
+from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
 
+import numpy as np
 import onnx
 import onnxruntime as ort
 
@@ -247,3 +254,110 @@ def model_reason(path: Path) -> str | None:
             "a type onnx cannot infer counts as other)"
         )
     return None
+
+
+RotateF64 = Callable[[np.ndarray, int, int, int, int, np.ndarray | None, np.ndarray | None], None]
+
+
+@dataclass(frozen=True)
+class WeightFunctions:
+    """The library's plain functions for rotgraph's weight rewrites (`weight_functions`)."""
+
+    rotate_f64: RotateF64
+    half_to_double: Callable[[np.ndarray], tuple[np.ndarray, int]] | None  # None: no F16C on this CPU
+    double_to_half: Callable[[np.ndarray, np.ndarray], None] | None
+
+
+def weight_functions() -> WeightFunctions | None:
+    """The library's functions for the weight rewrites, or None where the library is hidden, not built, not
+    for this CPU or built before them (rotgraph then computes in numpy; a warning once where it was built
+    but cannot be used). They run without the GIL (ctypes), so threads run them at once.
+
+    - `rotate_f64(x, pre, m, p, post, a, scale)`: x, contiguous float64 viewed as [pre, m * p, post], in
+      place: every vector v along its middle axis -> (v @ kron(a, S_p)) * scale, S_p Sylvester's Hadamard
+      matrix, a the m x m +-1 float64 matrix (None for m = 1), scale n float64 values or None;
+    - `half_to_double(h)`: a 2-D float16 array (rows may be strided) -> (float64 copy, how many values are
+      not finite), exactly;
+    - `double_to_half(x, out)`: 2-D float64 -> float16 `out` (rows may be strided), rounded as numpy's
+      astype rounds (to nearest, ties to even).
+    """
+    library = library_path()
+    if library is None:
+        return None
+    reason = unsupported_reason(library)
+    if reason is not None:
+        _refuse(None, reason, warn=True)
+        return None
+    return _load_weight_functions(library, library.stat().st_mtime_ns)
+
+
+def _rows(a: np.ndarray, what: str) -> int:
+    """Elements between rows of a 2-D array whose rows are contiguous."""
+    if a.ndim != 2 or (a.shape[1] > 1 and a.strides[1] != a.itemsize) or a.strides[0] % a.itemsize:
+        raise ValueError(f"{what}: a 2-D array with contiguous rows, got shape {a.shape} strides {a.strides}")
+    return a.strides[0] // a.itemsize
+
+
+@functools.cache
+def _load_weight_functions(library: Path, stamp: int) -> WeightFunctions | None:
+    try:
+        lib = ctypes.CDLL(str(library))
+        rotate, to_double, to_half = lib.rotgraph_rotate_f64, lib.rotgraph_half_to_double, lib.rotgraph_double_to_half
+    except (OSError, AttributeError) as e:
+        _refuse(None, f"{library} lacks the weight functions ({e}): rebuild it; {BUILD_HINT}", warn=True)
+        return None
+    size, pointer = ctypes.c_int64, ctypes.c_void_p
+    rotate.argtypes = [pointer, size, size, size, size, pointer, pointer]
+    rotate.restype = ctypes.c_int
+    to_double.argtypes = [pointer, size, pointer, size, size]
+    to_double.restype = ctypes.c_int64
+    to_half.argtypes = [pointer, size, pointer, size, size, size]
+    to_half.restype = ctypes.c_int
+
+    def rotate_f64(
+        x: np.ndarray, pre: int, m: int, p: int, post: int, a: np.ndarray | None, scale: np.ndarray | None
+    ) -> None:
+        n = m * p
+        if not (x.dtype == np.float64 and x.flags.c_contiguous and x.flags.writeable and x.size == pre * n * post):
+            raise ValueError(f"rotgraph_rotate_f64 needs a writeable contiguous float64 array of {pre} x {n} x {post}")
+        for what, array, length in (("a", a, m * m), ("scale", scale, n)):
+            if array is not None and not (
+                array.dtype == np.float64 and array.flags.c_contiguous and array.size == length
+            ):
+                raise ValueError(f"rotgraph_rotate_f64: {what} must be a contiguous float64 array of {length} values")
+        if m > 1 and a is None:
+            raise ValueError("rotgraph_rotate_f64: m > 1 needs a")
+        status = rotate(
+            x.ctypes.data,
+            pre,
+            m,
+            p,
+            post,
+            None if a is None else a.ctypes.data,
+            None if scale is None else scale.ctypes.data,
+        )
+        if status != 0:
+            raise RotgraphError(f"rotgraph_rotate_f64 refused sizes pre={pre} m={m} p={p} post={post}")
+
+    def half_to_double(h: np.ndarray) -> tuple[np.ndarray, int]:
+        if h.dtype != np.float16:
+            raise ValueError(f"half_to_double: float16 input, got {h.dtype}")
+        stride = _rows(h, "half_to_double")
+        out = np.empty(h.shape, dtype=np.float64)
+        nonfinite = to_double(h.ctypes.data, stride, out.ctypes.data, h.shape[0], h.shape[1])
+        assert nonfinite >= 0  # checked at load: this CPU has F16C
+        return out, int(nonfinite)
+
+    def double_to_half(x: np.ndarray, out: np.ndarray) -> None:
+        if x.dtype != np.float64 or out.dtype != np.float16 or x.shape != out.shape or not out.flags.writeable:
+            raise ValueError(
+                f"double_to_half: float64 {x.shape} into writeable float16, got {x.dtype} -> {out.dtype} {out.shape}"
+            )
+        status = to_half(
+            x.ctypes.data, _rows(x, "double_to_half"), out.ctypes.data, _rows(out, "double_to_half"), *x.shape
+        )
+        assert status == 0
+
+    probe = np.zeros((1, 1), dtype=np.float16)
+    f16c = to_double(probe.ctypes.data, 1, np.zeros((1, 1)).ctypes.data, 1, 1) >= 0
+    return WeightFunctions(rotate_f64, half_to_double if f16c else None, double_to_half if f16c else None)

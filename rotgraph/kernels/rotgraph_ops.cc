@@ -27,9 +27,14 @@
 // for the build machine's own CPU, and with -ffp-contract=off: a fused multiply-add would round once where
 // the function bodies round twice.
 //
-// Length: one file (about 600 lines) because an onnxruntime custom-op library is one translation unit
+// Length: one file (about 950 lines) because an onnxruntime custom-op library is one translation unit
 // with one registration entry point; the ops share the attribute readers, the thread split and the
 // grid (rotgraph/grid.py states the formula once, tests/test_grid.py compares this code with it).
+//
+// Beside the kernels, plain C functions for rotgraph's own Python code (rotgraph.kernels loads them with
+// ctypes; they need no onnxruntime): rotgraph_rotate_f64, the offline rotation of weights in float64 by a
+// Hadamard matrix kron(A, B) as butterflies, where numpy can only multiply by its Kronecker factors, and
+// the float16 <-> float64 conversions of the weight rewrites (F16C; numpy converts one value at a time).
 //
 // Attributes are checked when a kernel is created; a bad one (and any failure while computing) comes back
 // to onnxruntime as an error status of the node, never as undefined behaviour.
@@ -53,6 +58,10 @@
 #include <vector>
 #if defined(__SSE4_1__)
 #include <smmintrin.h>
+#endif
+#if defined(__x86_64__) || defined(__i386__)
+#include <cpuid.h>
+#include <immintrin.h>
 #endif
 
 namespace {
@@ -706,7 +715,317 @@ struct Registry {
   }
 };
 
+// ---- rotgraph_rotate_f64: float64 weight rotation (see the top of this file) ----
+
+// In-place Walsh-Hadamard transform (Sylvester order: x -> x @ S_p, S_p[j][k] = (-1)^popcount(j & k)) of
+// one contiguous vector of length p, a power of two: the first two stages as one radix-4 step, then one
+// stage per bit, each a loop over contiguous halves (vectorized).
+ROTGRAPH_INLINE void sylvester_row_f64(double* x, int64_t p) {
+  int64_t h = 1;
+  if (p >= 4) {
+    for (int64_t i = 0; i < p; i += 4) {
+      const double a = x[i] + x[i + 1], b = x[i] - x[i + 1], e = x[i + 2] + x[i + 3], f = x[i + 2] - x[i + 3];
+      x[i] = a + e;
+      x[i + 1] = b + f;
+      x[i + 2] = a - e;
+      x[i + 3] = b - f;
+    }
+    h = 4;
+  }
+  for (; h < p; h <<= 1)
+    for (int64_t i = 0; i < p; i += 2 * h) {
+      double* __restrict u = x + i;
+      double* __restrict w = x + i + h;
+      for (int64_t k = 0; k < h; ++k) {
+        const double a = u[k], b = w[k];
+        u[k] = a + b;
+        w[k] = a - b;
+      }
+    }
+}
+
+// The same transform of W interleaved vectors: element k of vector c at x[k * stride + c] (a tile of W
+// columns of an [p, stride] slab), each stage a loop over W contiguous values per pair of rows.
+template <int64_t W>
+ROTGRAPH_INLINE void sylvester_columns_f64(double* x, int64_t p, int64_t stride, int64_t width) {
+  const int64_t count = W > 0 ? W : width;
+  for (int64_t h = 1; h < p; h <<= 1)
+    for (int64_t i = 0; i < p; i += 2 * h)
+      for (int64_t k = i; k < i + h; ++k) {
+        double* __restrict u = x + k * stride;
+        double* __restrict w = x + (k + h) * stride;
+        for (int64_t c = 0; c < count; ++c) {
+          const double a = u[c], b = w[c];
+          u[c] = a + b;
+          w[c] = a - b;
+        }
+      }
+}
+
+// Doubles between blocks of a work buffer, so that blocks a power of two apart do not share cache sets.
+constexpr int64_t kPad = 8;
+
+// Four doubles as one SIMD value (one AVX register, two SSE ones).
+typedef double v4d __attribute__((vector_size(32)));
+
+ROTGRAPH_INLINE v4d load4d(const double* p) {
+  v4d v;
+  std::memcpy(&v, p, sizeof v);
+  return v;
+}
+
+ROTGRAPH_INLINE void store4d(double* p, v4d v) { std::memcpy(p, &v, sizeof v); }
+
+// The m part on kMixSpan positions: out_i[c] = sum_j a[j][i] * in_j[c] for c < kMixSpan, in_j = in + j *
+// in_stride, out_i = out + i * out_stride (a is +-1, so each product is exact; the sum runs over j in
+// order from 0). Two outputs at a time in registers, so each input span is loaded once per pair.
+constexpr int64_t kMixSpan = 16;
+
+ROTGRAPH_INLINE void mix_span_f64(const double* in, int64_t in_stride, double* out, int64_t out_stride, int64_t m,
+                                  const double* a) {
+  constexpr int kV = kMixSpan / 4;
+  int64_t i = 0;
+  for (; i + 2 <= m; i += 2) {
+    v4d acc0[kV] = {}, acc1[kV] = {};
+    for (int64_t j = 0; j < m; ++j) {
+      const double* v = in + j * in_stride;
+      const double s0 = a[j * m + i], s1 = a[j * m + i + 1];
+      for (int q = 0; q < kV; ++q) {
+        const v4d x = load4d(v + 4 * q);
+        acc0[q] += s0 * x;
+        acc1[q] += s1 * x;
+      }
+    }
+    for (int q = 0; q < kV; ++q) {
+      store4d(out + i * out_stride + 4 * q, acc0[q]);
+      store4d(out + (i + 1) * out_stride + 4 * q, acc1[q]);
+    }
+  }
+  for (; i < m; ++i) {
+    v4d acc[kV] = {};
+    for (int64_t j = 0; j < m; ++j)
+      for (int q = 0; q < kV; ++q) acc[q] += a[j * m + i] * load4d(in + j * in_stride + 4 * q);
+    for (int q = 0; q < kV; ++q) store4d(out + i * out_stride + 4 * q, acc[q]);
+  }
+}
+
+// The same for a span of `span` < kMixSpan positions (short blocks), one value at a time.
+ROTGRAPH_INLINE void mix_short_f64(const double* in, int64_t in_stride, double* out, int64_t out_stride, int64_t m,
+                                   const double* a, int64_t span) {
+  for (int64_t i = 0; i < m; ++i)
+    for (int64_t c = 0; c < span; ++c) {
+      double acc = 0.0;
+      for (int64_t j = 0; j < m; ++j) acc += a[j * m + i] * in[j * in_stride + c];
+      out[i * out_stride + c] = acc;
+    }
+}
+
+// out block i = sum_j a[j][i] * in block j for m blocks of `length` contiguous doubles, the blocks of
+// `in` `in_stride` apart, of `out` `out_stride` apart: kMixSpan positions at a time, so the m input
+// spans stay in the first-level cache for all m outputs.
+ROTGRAPH_INLINE void mix_f64(const double* in, double* out, int64_t m, int64_t length, int64_t in_stride,
+                             int64_t out_stride, const double* a) {
+  int64_t k0 = 0;
+  for (; k0 + kMixSpan <= length; k0 += kMixSpan) mix_span_f64(in + k0, in_stride, out + k0, out_stride, m, a);
+  if (k0 < length) mix_short_f64(in + k0, in_stride, out + k0, out_stride, m, a, length - k0);
+}
+
+// One row of length n = m * p: the butterflies on each of its m blocks, then the m part (through `work`,
+// m * (p + kPad) doubles), then the scale.
+ROTGRAPH_INLINE void rotate_row_f64(double* x, int64_t m, int64_t p, const double* a, const double* scale,
+                                    double* work) {
+  for (int64_t j = 0; j < m; ++j) sylvester_row_f64(x + j * p, p);
+  if (m > 1) {
+    for (int64_t j = 0; j < m; ++j) std::memcpy(work + j * (p + kPad), x + j * p, sizeof(double) * p);
+    mix_f64(work, x, m, p, p + kPad, p, a);
+  }
+  if (scale != nullptr)
+    for (int64_t k = 0; k < m * p; ++k) x[k] *= scale[k];
+}
+
+// A tile of `width` (<= kRotateTile) columns of an [n, stride] slab: copied to `work` (m blocks of p *
+// width doubles, kPad apart: rows of a power-of-two stride would all fall in the same cache sets), the butterflies on
+// each block of p rows there, then the m part and the scale written back into the slab.
+constexpr int64_t kRotateTile = kMixSpan;  // n x 16 doubles per tile: the butterflies' passes stay in cache
+
+template <int64_t W>
+ROTGRAPH_INLINE void rotate_tile_f64(double* x, int64_t m, int64_t p, int64_t stride, int64_t width, const double* a,
+                                     const double* scale, double* work) {
+  const int64_t count = W > 0 ? W : width, block = p * count + kPad;
+  for (int64_t j = 0; j < m; ++j)
+    for (int64_t k = 0; k < p; ++k)
+      std::memcpy(work + j * block + k * count, x + (j * p + k) * stride, sizeof(double) * count);
+  for (int64_t j = 0; j < m; ++j) sylvester_columns_f64<W>(work + j * block, p, count, count);
+  for (int64_t k = 0; k < p; ++k) {  // the m input rows of position k stay in cache for the m outputs
+    double* o = x + k * stride;
+    if (m == 1)
+      std::memcpy(o, work + k * count, sizeof(double) * count);
+    else if (count == kMixSpan)
+      mix_span_f64(work + k * count, block, o, p * stride, m, a);
+    else
+      mix_short_f64(work + k * count, block, o, p * stride, m, a, count);
+    if (scale != nullptr)
+      for (int64_t i = 0; i < m; ++i) {
+        double* __restrict r = o + i * p * stride;
+        const double factor = scale[i * p + k];
+        for (int64_t c = 0; c < count; ++c) r[c] *= factor;
+      }
+  }
+}
+
+ROTGRAPH_INLINE void rotate_f64(double* x, int64_t pre, int64_t m, int64_t p, int64_t post, const double* a,
+                                const double* scale, double* work) {
+  const int64_t n = m * p;
+  for (int64_t r = 0; r < pre; ++r) {
+    double* slab = x + r * n * post;
+    if (post == 1) {
+      rotate_row_f64(slab, m, p, a, scale, work);
+    } else {
+      int64_t c = 0;
+      for (; c + kRotateTile <= post; c += kRotateTile)
+        rotate_tile_f64<kRotateTile>(slab + c, m, p, post, kRotateTile, a, scale, work);
+      if (c < post) rotate_tile_f64<0>(slab + c, m, p, post, post - c, a, scale, work);
+    }
+  }
+}
+
+#if defined(__x86_64__) || defined(__i386__)
+__attribute__((target("avx2")))
+#endif
+void rotate_f64_avx2(double* x, int64_t pre, int64_t m, int64_t p, int64_t post, const double* a, const double* scale,
+                     double* work) {
+  rotate_f64(x, pre, m, p, post, a, scale, work);
+}
+
+void rotate_f64_baseline(double* x, int64_t pre, int64_t m, int64_t p, int64_t post, const double* a,
+                         const double* scale, double* work) {
+  rotate_f64(x, pre, m, p, post, a, scale, work);
+}
+
+// ---- float16 <-> float64 conversions for the weight rewrites (rotgraph.weights, through ctypes) ----
+
+// Whether this CPU converts float16 in hardware (F16C) and runs AVX2: the conversions below need both.
+bool has_f16c() {
+#if defined(__x86_64__) || defined(__i386__)
+  static const bool value = [] {
+    unsigned eax = 0, ebx = 0, ecx = 0, edx = 0;
+    if (!__get_cpuid(1, &eax, &ebx, &ecx, &edx)) return false;
+    return (ecx & bit_F16C) != 0 && has_avx2();
+  }();
+  return value;
+#else
+  return false;
+#endif
+}
+
+#if defined(__x86_64__) || defined(__i386__)
+// rows x cols float16 values (rows `src_stride` apart) -> contiguous float64 (exact); returns how many
+// were not finite (exponent all ones).
+__attribute__((target("avx2,f16c"))) int64_t half_to_double(const uint16_t* src, int64_t src_stride, double* dst,
+                                                            int64_t rows, int64_t cols) {
+  int64_t nonfinite = 0;
+  const __m128i exponent = _mm_set1_epi16(0x7C00);
+  for (int64_t r = 0; r < rows; ++r) {
+    const uint16_t* s = src + r * src_stride;
+    double* d = dst + r * cols;
+    int64_t c = 0;
+    for (; c + 8 <= cols; c += 8) {
+      const __m128i h = _mm_loadu_si128(reinterpret_cast<const __m128i*>(s + c));
+      const __m128i special = _mm_cmpeq_epi16(_mm_and_si128(h, exponent), exponent);
+      nonfinite += __builtin_popcount(static_cast<unsigned>(_mm_movemask_epi8(special))) / 2;
+      const __m256 f = _mm256_cvtph_ps(h);
+      _mm256_storeu_pd(d + c, _mm256_cvtps_pd(_mm256_castps256_ps128(f)));
+      _mm256_storeu_pd(d + c + 4, _mm256_cvtps_pd(_mm256_extractf128_ps(f, 1)));
+    }
+    for (; c < cols; ++c) {
+      nonfinite += (s[c] & 0x7C00) == 0x7C00;
+      d[c] = static_cast<double>(_cvtsh_ss(s[c]));
+    }
+  }
+  return nonfinite;
+}
+
+// float64 -> float16 rounded to nearest, ties to even, as numpy rounds: first to float32 rounded to odd
+// (truncated, the last bit set when inexact), which float32's 24 bits make exact for the second rounding,
+// float32 -> float16 to nearest even in hardware.
+ROTGRAPH_INLINE float round_to_odd_float(double d) {
+  float f = static_cast<float>(d);
+  const double back = f;
+  if (back != d && d == d) {  // inexact and not NaN
+    uint32_t bits;
+    std::memcpy(&bits, &f, sizeof bits);
+    if (std::fabs(back) > std::fabs(d)) bits -= 1;  // one step toward zero (sign and magnitude)
+    bits |= 1;
+    std::memcpy(&f, &bits, sizeof f);
+  }
+  return f;
+}
+
+__attribute__((target("avx2,f16c"))) void double_to_half(const double* src, int64_t src_stride, uint16_t* dst,
+                                                        int64_t dst_stride, int64_t rows, int64_t cols) {
+  for (int64_t r = 0; r < rows; ++r) {
+    const double* s = src + r * src_stride;
+    uint16_t* d = dst + r * dst_stride;
+    int64_t c = 0;
+    alignas(32) float f[8];
+    for (; c + 8 <= cols; c += 8) {
+      for (int k = 0; k < 8; ++k) f[k] = round_to_odd_float(s[c + k]);
+      const __m128i h = _mm256_cvtps_ph(_mm256_load_ps(f), _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+      _mm_storeu_si128(reinterpret_cast<__m128i*>(d + c), h);
+    }
+    for (; c < cols; ++c) d[c] = _cvtss_sh(round_to_odd_float(s[c]), _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+  }
+}
+#endif
+
 }  // namespace
+
+// x (contiguous float64, viewed as [pre, m * p, post], p a power of two) in place: every vector v along
+// the middle axis becomes (v @ kron(A, S_p)) * scale, A the m x m matrix `a` (row-major, entries +-1;
+// m = 1 for none), scale a vector of length m * p or null (1). Adds and subtractions in float64 (the
+// AVX2 and the baseline builds do the same operations in the same order). Returns 0, or -1 on bad sizes.
+// Safe to call from several threads at once on different arrays; takes no lock, allocates only its work
+// buffer.
+extern "C" __attribute__((visibility("default"))) int rotgraph_rotate_f64(double* x, int64_t pre, int64_t m,
+                                                                         int64_t p, int64_t post, const double* a,
+                                                                         const double* scale) {
+  if (pre < 0 || m < 1 || p < 1 || (p & (p - 1)) != 0 || post < 1 || (m > 1 && a == nullptr)) return -1;
+  try {
+    std::vector<double> work(post > 1 || m > 1 ? static_cast<size_t>(m * (p * std::min(kRotateTile, post) + kPad)) : 0);
+    if (has_avx2())
+      rotate_f64_avx2(x, pre, m, p, post, a, scale, work.data());
+    else
+      rotate_f64_baseline(x, pre, m, p, post, a, scale, work.data());
+  } catch (const std::exception&) {
+    return -1;
+  }
+  return 0;
+}
+
+// rows x cols float16 values (rows src_stride elements apart) -> contiguous float64, exactly. Returns how
+// many were not finite, or -1 where this CPU has no F16C and AVX2 (rotgraph then converts in numpy).
+extern "C" __attribute__((visibility("default"))) int64_t rotgraph_half_to_double(const uint16_t* src,
+                                                                                 int64_t src_stride, double* dst,
+                                                                                 int64_t rows, int64_t cols) {
+#if defined(__x86_64__) || defined(__i386__)
+  if (has_f16c() && rows >= 0 && cols >= 0) return half_to_double(src, src_stride, dst, rows, cols);
+#endif
+  return -1;
+}
+
+// rows x cols float64 values -> float16 (each side's rows `stride` elements apart), rounded to nearest
+// with ties to even (numpy's astype). Returns 0, or -1 where this CPU has no F16C and AVX2.
+extern "C" __attribute__((visibility("default"))) int rotgraph_double_to_half(const double* src, int64_t src_stride,
+                                                                             uint16_t* dst, int64_t dst_stride,
+                                                                             int64_t rows, int64_t cols) {
+#if defined(__x86_64__) || defined(__i386__)
+  if (has_f16c() && rows >= 0 && cols >= 0) {
+    double_to_half(src, src_stride, dst, dst_stride, rows, cols);
+    return 0;
+  }
+#endif
+  return -1;
+}
 
 extern "C" __attribute__((visibility("default"))) OrtStatus* ORT_API_CALL
 RegisterCustomOps(OrtSessionOptions* options, const OrtApiBase* api_base) {
