@@ -136,3 +136,38 @@ def test_float16_weight_chains_with_and_without_the_library(
     w[5, 7] = np.nan
     with pytest.raises(RotgraphError, match="has 1 non-finite values"):
         evaluate(cases["rows"])
+
+
+@pytest.mark.parametrize("dtype", [np.float16, np.float32])
+def test_external_weights_are_read_from_their_file_in_chunks(tmp_path, dtype: type) -> None:  # type: ignore[no-untyped-def]
+    """An external weight's chunks of rows and of columns come from positional reads of its file, from
+    worker threads: the same result as the weight in memory; a file shorter than the weight is an error."""
+    import functools
+
+    import onnx_ir as ir
+
+    from rotgraph.hadamard import HadamardRotation, randomized_hadamard
+    from rotgraph.weights import _Chain, multiply_left, multiply_right
+
+    rng = np.random.default_rng(5)
+    array = (rng.standard_normal((64, 300)) * 0.1).astype(dtype)
+    (tmp_path / "w.data").write_bytes(b"\0" * 24 + array.tobytes())
+    external = ir.ExternalTensor(
+        "w.data",
+        24,
+        array.nbytes,
+        ir.DataType.from_numpy(np.dtype(dtype)),
+        shape=ir.Shape(array.shape),
+        name="w",
+        base_dir=tmp_path,
+    )
+    q, h = randomized_hadamard(300, rng), hadamard_factors(64)
+    assert q is not None and h is not None
+    for step in (functools.partial(multiply_right, m=q), functools.partial(multiply_left, m=HadamardRotation(h).T)):
+        want = _Chain(ir.Tensor(array, name="w"), (step,), "w").evaluate(dtype, chunk_bytes=8 * 300 * 5)
+        got = _Chain(external, (step,), "w").evaluate(dtype, chunk_bytes=8 * 300 * 5)
+        np.testing.assert_array_equal(got, want)
+    assert external.raw is None  # never mapped
+    (tmp_path / "w.data").write_bytes(b"\0" * 24 + array.tobytes()[:-10])
+    with pytest.raises(RotgraphError, match="ends before its data"):
+        _Chain(external, (functools.partial(multiply_right, m=q),), "w").evaluate(dtype, chunk_bytes=8 * 300 * 5)
