@@ -201,15 +201,29 @@ def _running(pid: int) -> bool:
     return True
 
 
+SAVE_IN_FLIGHT_BYTES = 512 << 20  # tensors computed but not yet written, besides the largest one
+
+
 def save_model(
     model: ir.Model,
     path: Path,
     callback: Callable[[ir.TensorProtocol, ir.external_data.CallbackInfo], None] | None = None,
 ) -> None:
     """Save with weights as external data `<name>.data` beside the model (call inside `staged_output`);
-    `callback` is called before each external tensor is written (a progress bar)."""
+    `callback` is called before each external tensor is written (a progress bar). `threads.workers()`
+    tensors are computed and written at once (onnx_ir's parallel writer: a lazy weight's rewrite overlaps
+    the writing of the one before), at most SAVE_IN_FLIGHT_BYTES of them (and the largest) in memory."""
+    from rotgraph.threads import workers
+
     model.ir_version = min(model.ir_version, 10)  # onnxruntime 1.2x-1.3x reads IR versions up to 10/11
-    ir.save(model, path, external_data=path.name + ".data", callback=callback)
+    ir.save(
+        model,
+        path,
+        external_data=path.name + ".data",
+        callback=callback,
+        max_workers=workers(),
+        max_in_flight_bytes=SAVE_IN_FLIGHT_BYTES,
+    )
 
 
 def require_files(paths: list[Path]) -> None:

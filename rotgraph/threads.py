@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+import threading
 from collections.abc import Iterator
 
 from threadpoolctl import threadpool_limits
@@ -28,12 +29,29 @@ def workers() -> int:
     return int(value)
 
 
+_limit_lock = threading.Lock()
+_limit_users = 0
+_limit: threadpool_limits | None = None
+
+
 @contextlib.contextmanager
 def one_blas_thread_each(threads: int) -> Iterator[None]:
-    """BLAS limited to one thread while `threads` (> 1) of rotgraph's own threads call it; as it was after.
+    """BLAS limited to one thread while `threads` (> 1) of rotgraph's own threads call it; as it was once
+    the last such block ends (blocks may overlap: the weights saved in parallel each stream their chunks).
     The limit is process-wide: only for work that runs nothing else alongside."""
+    global _limit_users, _limit
     if threads <= 1:
         yield
         return
-    with threadpool_limits(limits=1, user_api="blas"):
+    with _limit_lock:
+        if _limit_users == 0:
+            _limit = threadpool_limits(limits=1, user_api="blas")
+        _limit_users += 1
+    try:
         yield
+    finally:
+        with _limit_lock:
+            _limit_users -= 1
+            if _limit_users == 0 and _limit is not None:
+                _limit.restore_original_limits()
+                _limit = None

@@ -52,7 +52,9 @@ ORDERS = [(576, 36), (64, 1), (1536, 12), (2048, 2), (4096, 4)]
 
 @pytest.mark.parametrize("compiled", [True, False], ids=["compiled", "numpy"])
 @pytest.mark.parametrize("n,m", ORDERS)
-def test_fast_transform_equals_the_dense_product(n: int, m: int, compiled: bool, monkeypatch: pytest.MonkeyPatch) -> None:
+def test_fast_transform_equals_the_dense_product(
+    n: int, m: int, compiled: bool, monkeypatch: pytest.MonkeyPatch
+) -> None:
     """Butterflies in rotgraph's compiled library where it is built (CI builds it: required here), and
     numpy's products by the Kronecker factors without it, both equal to the dense product."""
     from rotgraph import kernels
