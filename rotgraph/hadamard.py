@@ -235,12 +235,13 @@ class HadamardRotation:
     Q[i, j] = H[perm[i], j] * signs[j] / sqrt(n) (no `perm`: P = I; no `signs`: D = I), or Q^T when
     `transposed`.
 
-    `apply` computes v @ Q (v @ Q^T when transposed) for the vectors along one axis in float64 in
-    O(n sqrt(n)) per vector: a gather by the permutation, H as two matrix products with Kronecker factors
-    of about sqrt(n) (`HadamardFactors.kronecker_pair`; measured faster than radix-2 butterfly stages, which make one
-    memory pass per bit: benchmarks/RESULTS.md, "Fast rotation (issue 28)"), and a scaling by signs /
-    sqrt(n). `matrix` is the
-    dense form, equal bit for bit to the product `random_hadamard` returns for the same draws.
+    `apply` computes v @ Q (v @ Q^T when transposed) for the vectors along one axis in float64: a gather by
+    the permutation, H, and a scaling by signs / sqrt(n). H runs as butterflies and A's m x m mix (n
+    (log2 p + m) adds per vector) in rotgraph's compiled library where it is built, else as two numpy
+    matrix products with Kronecker factors of about sqrt(n) (`HadamardFactors.kronecker_pair`: radix-2
+    stages in numpy make one memory pass per bit and were slower: benchmarks/RESULTS.md, "Fast rotation
+    (issue 28)"). `matrix` is the dense form, equal bit for bit to the product `random_hadamard` returns
+    for the same draws.
     """
 
     factors: HadamardFactors
