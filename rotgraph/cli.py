@@ -78,6 +78,19 @@ def _learned_as_spinquant(name: str) -> str:
     return "spinquant" if name == "learned" else name
 
 
+def _ray_options(p: argparse.ArgumentParser) -> None:
+    p.add_argument(
+        "--ray",
+        nargs="?",
+        const="local",
+        metavar="ADDRESS",
+        help="run the independent work (weight rewrites, weight quantizers) as tasks on Ray: without ADDRESS a "
+        "local runtime, with one the cluster there (every node must see the input's and the output's folders); "
+        "the output is the same byte for byte",
+    )
+    p.add_argument("--workers", type=int, help="with --ray and no ADDRESS: worker processes (default: one per core)")
+
+
 def _rotation_options(p: argparse.ArgumentParser, choices: list[str]) -> None:
     p.add_argument(
         "--rotation",
@@ -135,6 +148,7 @@ def parser() -> argparse.ArgumentParser:
         help="max |logit difference| accepted (default: the larger of 1e-3 and 2e-4 x max |logit| for float32 logits; "
         "5e-2 and 4e-3 x max |logit| for float16): rounding grows with the logits' scale",
     )
+    _ray_options(r)
     r.set_defaults(func=cmd_rotate)
 
     lp = sub.add_parser(
@@ -277,6 +291,7 @@ def parser() -> argparse.ArgumentParser:
         action="store_true",
         help="write a result that misses its scheme's validation floors, with a warning (a broken one is still refused)",
     )
+    _ray_options(q)
     q.set_defaults(func=cmd_quantize)
 
     rc = sub.add_parser("recipes", help="the named quantization recipes, what each is for and its measured result")

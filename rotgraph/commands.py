@@ -18,6 +18,7 @@ from rotgraph.errors import RotgraphError
 
 if TYPE_CHECKING:
     from rotgraph.config import QuantConfig
+    from rotgraph.execution import Execution
 
 logger = logging.getLogger("rotgraph")
 T = TypeVar("T")
@@ -52,6 +53,16 @@ def _options(cls: type[T], args: argparse.Namespace, **explicit: object) -> T:
     return cls(**{**values, **explicit})
 
 
+def execution_of(args: argparse.Namespace) -> Execution:
+    """The `Execution` of parsed `--ray [ADDRESS]` and `--workers` (not part of any recipe)."""
+    from rotgraph.execution import Execution
+
+    if args.ray is not None and args.ray != "local" and args.workers is not None:
+        raise RotgraphError("--workers sets a local Ray runtime's processes: a cluster at an address has its own")
+    address = None if args.ray in (None, "local") else args.ray
+    return Execution(ray=args.ray is not None, address=address, workers=args.workers)
+
+
 def cmd_rotate(args: argparse.Namespace) -> None:
     from rotgraph.pipeline import RotateOptions, rotate
 
@@ -60,7 +71,7 @@ def cmd_rotate(args: argparse.Namespace) -> None:
     if args.out_hadamard and args.no_online:
         raise RotgraphError("--out-hadamard is an online Hadamard: it cannot go with --no-online")
     options = _options(RotateOptions, args, online=not args.no_online, validate=not args.no_validate)
-    report = rotate(Path(args.input), Path(args.output), options)
+    report = rotate(Path(args.input), Path(args.output), options, execution=execution_of(args))
     print(report.description)
     if report.max_abs_logit_diff is not None:
         print(f"validated: max |logit difference| {report.max_abs_logit_diff:.3g} <= tolerance {report.tolerance:.3g}")
@@ -99,6 +110,7 @@ def cmd_quantize(args: argparse.Namespace) -> None:
         quant_config(args),
         validate=not args.no_validate,
         keep_failed=args.keep_failed,
+        execution=execution_of(args),
     )
     if report.validation is not None:
         print(f"validated against the float model: {report.validation}")

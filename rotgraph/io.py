@@ -210,20 +210,28 @@ def save_model(
     callback: Callable[[ir.TensorProtocol, ir.external_data.CallbackInfo], None] | None = None,
 ) -> None:
     """Save with weights as external data `<name>.data` beside the model (call inside `staged_output`);
-    `callback` is called before each external tensor is written (a progress bar). `threads.workers()`
+    `callback` is called before each external tensor is written (a progress bar). On a Ray run the queued
+    weight rewrites are computed by the cluster's workers first (`weights.evaluate_remotely`, into a folder
+    beside `path` that is removed after the save). `threads.workers()`
     tensors are computed and written at once (onnx_ir's parallel writer: a lazy weight's rewrite overlaps
     the writing of the one before), at most SAVE_IN_FLIGHT_BYTES of them (and the largest) in memory."""
     from rotgraph.threads import workers
+    from rotgraph.weights import evaluate_remotely
 
     model.ir_version = min(model.ir_version, 10)  # onnxruntime 1.2x-1.3x reads IR versions up to 10/11
-    ir.save(
-        model,
-        path,
-        external_data=path.name + ".data",
-        callback=callback,
-        max_workers=workers(),
-        max_in_flight_bytes=SAVE_IN_FLIGHT_BYTES,
-    )
+    shards = path.parent / f".{path.name}.shards"
+    try:
+        evaluate_remotely(model.graph, shards)  # on a Ray run: queued rewrites computed by the workers
+        ir.save(
+            model,
+            path,
+            external_data=path.name + ".data",
+            callback=callback,
+            max_workers=workers(),
+            max_in_flight_bytes=SAVE_IN_FLIGHT_BYTES,
+        )
+    finally:
+        shutil.rmtree(shards, ignore_errors=True)
 
 
 def require_files(paths: list[Path]) -> None:

@@ -17,6 +17,7 @@ from rotgraph import io
 from rotgraph.constants import R3_KEY, ROTATION_KEY
 from rotgraph.errors import RotgraphError, ValidationError
 from rotgraph.evaluate import logit_difference
+from rotgraph.execution import Execution, running
 from rotgraph.inputs import input_roles
 from rotgraph.passes import (
     CanonicalizeNormsPass,
@@ -183,14 +184,21 @@ def validation_tokens(model_path: Path, vocab_size: int, count: int) -> np.ndarr
     return np.asarray(ids[:count], dtype=np.int64)[None, :]
 
 
-def rotate(input_path: Path, output: Path, options: RotateOptions = RotateOptions()) -> RotateReport:
+def rotate(
+    input_path: Path, output: Path, options: RotateOptions = RotateOptions(), execution: Execution | None = None
+) -> RotateReport:
     """Rotate the model at `input_path`, check it against the input with onnxruntime, write `output`.
 
     The output (model, external data, tokenizer) appears only if validation passes; the input is
-    never modified.
+    never modified. `execution`: where the weight rewrites run (`rotgraph.execution`; the same output).
     """
-    start = time.perf_counter()
     io.check_output_path([input_path], output)
+    with running(execution, [input_path.parent]):
+        return _rotate(input_path, output, options)
+
+
+def _rotate(input_path: Path, output: Path, options: RotateOptions) -> RotateReport:
+    start = time.perf_counter()
     model = io.load_model(input_path)
     check_inputs(model)
     dtype = model.graph.outputs[0].dtype

@@ -21,6 +21,7 @@ from rotgraph.config import CONFIG_SUFFIX, QuantConfig, recorded, to_options
 from rotgraph.constants import QUANTIZATION_KEY, RECIPE_KEY, ROTATION_KEY
 from rotgraph.errors import RotgraphError
 from rotgraph.evaluate import windows
+from rotgraph.execution import Execution, running
 from rotgraph.inputs import input_roles
 from rotgraph.options import QuantOptions, Scheme
 from rotgraph.pipeline import (
@@ -118,6 +119,7 @@ def quantize(
     config: QuantConfig | QuantOptions | None = None,
     validate: bool = True,
     keep_failed: bool = False,
+    execution: Execution | None = None,
 ) -> QuantReport:
     """Quantize the model at `input_path` into `output` (a .onnx file, or with the genai format a folder),
     atomically: nothing appears unless it is done and validated.
@@ -127,7 +129,19 @@ def quantize(
     recorded in the output's metadata and in `OUT.rotgraph.json` beside it; or an already flat
     `QuantOptions`, used as it is. With `validate`, onnxruntime runs the float input and the result on
     validation text (`rotgraph.validation`): a broken result, or one far below its scheme's floors, is
-    refused (`keep_failed`: written with a warning)."""
+    refused (`keep_failed`: written with a warning). `execution`: where the weight rewrites and quantizers
+    run (`rotgraph.execution`; the same output)."""
+    with running(execution, [input_path.parent]):
+        return _quantize(input_path, output, config, validate, keep_failed)
+
+
+def _quantize(
+    input_path: Path,
+    output: Path,
+    config: QuantConfig | QuantOptions | None,
+    validate: bool,
+    keep_failed: bool,
+) -> QuantReport:
     if isinstance(config, QuantOptions):
         options, record = config, None
     else:

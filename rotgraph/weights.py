@@ -363,6 +363,22 @@ def read_float64(value: ir.Value) -> np.ndarray:
     return _chain_of(initializer_tensor(value)).float64()
 
 
+def source(value: ir.Value) -> _Chain:
+    """The initializer's base tensor and queued rewrites, as a picklable object (a Ray task's payload:
+    `rotgraph.execution` passes an external base tensor as a reference to its file)."""
+    return _chain_of(initializer_tensor(value))
+
+
+def output_columns(chain: _Chain, start: int, stop: int) -> np.ndarray:
+    """Columns start:stop of a 2-D initializer's current contents, transposed: rows [stop - start, in] of
+    W^T (float64), the same numbers as `read_float64(value).T[start:stop]`. Without queued rewrites only
+    those columns are read from the file; a non-finite value is refused as `read_float64` refuses it."""
+    if chain.steps:
+        return chain.float64()[:, start:stop].T
+    with _Reader(chain.base) as reader:
+        return chain._read(reader, 1, start, stop, CHUNK_BYTES, True).T
+
+
 def read_stored(value: ir.Value) -> np.ndarray:
     """The initializer's values as stored (memory-mapped from its file, in its own dtype) when no rewrite is
     queued on it, else `read_float64`: the same numbers either way, for readers that convert a chunk at a time."""
@@ -411,6 +427,69 @@ def lazy_from(source: ir.Value, step: Step, shape: Sequence[int], name: str) -> 
     return ChainTensor(_Chain(chain.base, (*chain.steps, step), name), chain.base.dtype, ir.Shape(shape), name)
 
 
+GROUP_BYTES = 64 << 20  # on a Ray run, smaller rewritten initializers go to the workers in groups of about this size
+
+
+def evaluate_remotely(graph: ir.Graph, folder: Path) -> int:
+    """With a Ray run in progress (`rotgraph.execution.current`), compute every initializer's queued
+    rewrites as tasks: one per initializer of GROUP_BYTES or more, one per group of smaller ones (in graph
+    order). Each worker reads the base tensors from their files, runs each chain as `_Chain.evaluate` does
+    here (the same bytes) and writes the results into one file of `folder`, which the initializers then
+    read (external tensors). Returns the bytes written; without a run, nothing happens (the rewrites stay
+    queued)."""
+    from rotgraph import execution
+
+    runner = execution.current()
+    lazy = [v for v in graph.initializers.values() if isinstance(v.const_value, ChainTensor)]
+    if runner is None or not lazy:
+        return 0
+    groups: list[list[ir.Value]] = []
+    size = GROUP_BYTES
+    for value in lazy:
+        nbytes = value.const_value.nbytes  # type: ignore[union-attr]
+        if nbytes >= GROUP_BYTES or size + nbytes > GROUP_BYTES:
+            groups.append([])
+            size = 0
+        groups[-1].append(value)
+        size += nbytes
+    with execution.shared(folder):
+        paths = [folder / f"weights-{i}.bin" for i in range(len(groups))]
+        payloads = [
+            ([v.const_value.chain for v in group], str(p))  # type: ignore[union-attr]
+            for group, p in zip(groups, paths, strict=True)
+        ]
+        labels = [f"weight {g[0].name}" + (f" and {len(g) - 1} more" if len(g) > 1 else "") for g in groups]
+        sizes = runner.map(_evaluate_into, payloads, labels, "weights")
+    for group, path, group_sizes in zip(groups, paths, sizes, strict=True):
+        offset = 0
+        for value, nbytes in zip(group, group_sizes, strict=True):
+            tensor = value.const_value
+            assert tensor is not None
+            shape = ir.Shape(tensor.shape.numpy())
+            name = tensor.name or ""
+            value.const_value = ir.ExternalTensor(
+                path.name, offset, nbytes, tensor.dtype, shape=shape, name=name, base_dir=folder
+            )
+            offset += nbytes
+    return sum(sum(s) for s in sizes)
+
+
+def _evaluate_into(chains: list[_Chain], path: str) -> list[int]:
+    """A task: each of `chains` evaluated, written one after the other into the file `path` (under another
+    name, then renamed, so that a task run again after its worker died never leaves a partial file); returns
+    their bytes."""
+    sizes = []
+    part = f"{path}.{os.getpid()}.part"
+    with open(part, "wb") as f:
+        for chain in chains:
+            array = chain.evaluate(chain.base.dtype.numpy())
+            np.ascontiguousarray(array).view(np.uint8).tofile(f)
+            sizes.append(int(array.nbytes))
+            del array
+    os.replace(part, path)
+    return sizes
+
+
 class SpillFile:
     """Moves in-memory initializers to a scratch file as a pass produces them, leaving external tensors
     that point into it, so the pass holds none of its outputs in memory; saving copies them file to
@@ -428,7 +507,7 @@ class SpillFile:
         With `everything`, lazy tensors (queued rewrites, computed here once) and every tensor mapped
         from another file are moved too, so the whole model then reads its external data from this one
         file."""
-        written = 0
+        written = evaluate_remotely(graph, self.path.parent) if everything else 0
         # Not opened for appending: onnx_ir copies an external tensor with copy_file_range, which refuses that.
         with open(self.path, "r+b" if self.path.exists() else "wb") as f:
             offset = f.seek(0, os.SEEK_END)  # the file's end now: other SpillFiles may have appended to it
@@ -464,5 +543,8 @@ class SpillFile:
         return written
 
     def holds(self, tensor: ir.TensorProtocol) -> bool:
-        """Whether `tensor` already reads from this file."""
-        return isinstance(tensor, ir.ExternalTensor) and Path(tensor.path).resolve() == self.path.resolve()
+        """Whether `tensor` already reads from this file's folder (this file, or a file that
+        `evaluate_remotely` wrote there)."""
+        return (
+            isinstance(tensor, ir.ExternalTensor) and Path(tensor.path).resolve().parent == self.path.parent.resolve()
+        )

