@@ -60,6 +60,11 @@ def execution_of(args: argparse.Namespace) -> Execution:
     if args.ray is not None and args.ray != "local" and args.workers is not None:
         raise RotgraphError("--workers sets a local Ray runtime's processes: a cluster at an address has its own")
     address = None if args.ray in (None, "local") else args.ray
+    if address is not None and address != "auto" and ":" not in address:
+        raise RotgraphError(
+            f"--ray {address}: not a cluster address (HOST:PORT, ray://HOST:PORT or auto); give --ray after the "
+            "input model, or with no address for a local runtime"
+        )
     return Execution(ray=args.ray is not None, address=address, workers=args.workers)
 
 

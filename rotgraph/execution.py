@@ -123,6 +123,9 @@ class RayRunner:
         self.folder: Path | None = None
         self._files: dict[int, tuple[weakref.ref[np.ndarray], str]] = {}  # id(array) -> (the array, its file)
         self._count = 0
+        # What the run moved (bytes), logged at its end: payloads through Ray's object store, arrays the driver
+        # wrote as files, and what the tasks read from the model's files and wrote as results.
+        self.moved = {"tasks": 0, "payloads": 0, "arrays": 0, "read": 0, "written": 0}
         self.started = not ray.is_initialized()
         if self.started:
             kwargs: dict[str, Any] = {"include_dashboard": False, "log_to_driver": False, "logging_level": "error"}
@@ -137,7 +140,22 @@ class RayRunner:
         cpus = int(ray.cluster_resources().get("CPU", 0))
         logger.info("Ray: %d nodes, %d CPUs", len([n for n in ray.nodes() if n["Alive"]]), cpus)
 
+    def count(self, read: int = 0, written: int = 0) -> None:
+        """Add to the bytes the tasks read from the model's files and wrote as results (`moved`)."""
+        self.moved["read"] += read
+        self.moved["written"] += written
+
     def close(self) -> None:
+        m = self.moved
+        logger.info(
+            "Ray: %d tasks; %.1f MB of payloads through the object store; as files: %.1f MB of arrays from the "
+            "driver, %.1f MB of weights read and %.1f MB of results written by the tasks",
+            m["tasks"],
+            m["payloads"] / 1e6,
+            m["arrays"] / 1e6,
+            m["read"] / 1e6,
+            m["written"] / 1e6,
+        )
         self.forget_files()
         if self.started:
             self.ray.shutdown()
@@ -187,12 +205,16 @@ class RayRunner:
         self._count += 1
         path = self.folder / f"array-{self._count}.npy"
         np.save(path, np.ascontiguousarray(array))
+        self.moved["arrays"] += array.nbytes
         self._files[id(array)] = (weakref.ref(array), str(path))
         return str(path)
 
     def submit(self, fn: Callable[..., Any], payload: Sequence[object], label: str) -> Task:
         """Start `fn(*payload)` on the cluster."""
-        return Task(self.remote.remote(fn, self.pack(tuple(payload))), label)
+        packed = self.pack(tuple(payload))
+        self.moved["tasks"] += 1
+        self.moved["payloads"] += len(packed)
+        return Task(self.remote.remote(fn, packed), label)
 
     def gather(self, tasks: Sequence[Task], what: str) -> list[Any]:
         """The results of `tasks` in order, with one progress bar. A task that raises is reported as `what`

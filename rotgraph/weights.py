@@ -460,6 +460,7 @@ def evaluate_remotely(graph: ir.Graph, folder: Path) -> int:
         ]
         labels = [f"weight {g[0].name}" + (f" and {len(g) - 1} more" if len(g) > 1 else "") for g in groups]
         sizes = runner.map(_evaluate_into, payloads, labels, "weights")
+    runner.count(read=sum(v.const_value.chain.base.nbytes for v in lazy), written=sum(map(sum, sizes)))  # type: ignore[union-attr]
     for group, path, group_sizes in zip(groups, paths, sizes, strict=True):
         offset = 0
         for value, nbytes in zip(group, group_sizes, strict=True):

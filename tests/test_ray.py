@@ -195,7 +195,21 @@ def test_a_folder_a_node_does_not_see_is_refused(cluster: str, model: Path, tmp_
 
 
 def test_ray_settings_are_checked() -> None:
+    from rotgraph.cli import parser
+    from rotgraph.commands import execution_of
+
+    def parsed(*flags: str) -> Execution:
+        return execution_of(parser().parse_args(["rotate", "in.onnx", "-o", "out.onnx", *flags]))
+
+    assert parsed() == Execution()
+    assert parsed("--ray") == Execution(ray=True)
+    assert parsed("--ray", "--workers", "3") == Execution(ray=True, workers=3)
+    assert parsed("--ray", "10.0.0.1:6379") == Execution(ray=True, address="10.0.0.1:6379")
     with pytest.raises(RotgraphError, match="need --ray"):
-        Execution(workers=2)
+        parsed("--workers", "2")
     with pytest.raises(RotgraphError, match="at least one"):
-        Execution(ray=True, workers=0)
+        parsed("--ray", "--workers", "0")
+    with pytest.raises(RotgraphError, match="not a cluster address"):
+        parsed("--ray", "model.onnx")
+    with pytest.raises(RotgraphError, match="has its own"):
+        parsed("--ray", "10.0.0.1:6379", "--workers", "2")

@@ -514,6 +514,9 @@ class QuantizeWeightsPass(ir.passes.InPlacePass):
             factors.clear()  # in their files until the tasks end
             done = runner.gather([t for parts in tasks for t in parts], "quantize")
             for (role, lin), parts in zip(linears, tasks, strict=True):
+                weight = source(lin.weight)
+                runner.count(read=weight.base.nbytes * (len(parts) if weight.steps else 1))
+                runner.count(written=sum(os.path.getsize(p) for paths in done[: len(parts)] for p in paths))
                 q = joined([done.pop(0) for _ in parts], self.spec)
                 self._emit(model, block, role, lin, q)
                 del q
