@@ -140,6 +140,10 @@ class RayRunner:
         cpus = int(ray.cluster_resources().get("CPU", 0))
         logger.info("Ray: %d nodes, %d CPUs", len([n for n in ray.nodes() if n["Alive"]]), cpus)
 
+    def cpus(self) -> int:
+        """The cluster's CPUs now (its worker processes' slots)."""
+        return max(1, int(self.ray.cluster_resources().get("CPU", 1)))
+
     def count(self, read: int = 0, written: int = 0) -> None:
         """Add to the bytes the tasks read from the model's files and wrote as results (`moved`)."""
         self.moved["read"] += read

@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import ctypes
 import functools
+import itertools
 import logging
 import os
 import sys
@@ -30,8 +31,9 @@ import onnx
 import onnx_ir as ir
 from tqdm import tqdm
 
+from rotgraph import execution
 from rotgraph.errors import RotgraphError
-from rotgraph.segments import Cut, cuts, extract, segment_of
+from rotgraph.segments import Cut, SegmentModel, cuts, extract, segment_of
 from rotgraph.weights import SpillFile
 
 logger = logging.getLogger(__name__)
@@ -275,8 +277,6 @@ class BlockRunner:
         """`values` (computed in the current segment) on every run (`Probed.window` is the run's index); with
         `advance`, the segment's output becomes the next segment's input once every run is done (so a
         partly consumed run advances nothing); without it the same segment runs again next time."""
-        from rotgraph.evaluate import make_session, owned
-
         k = self.segment
         if advance and k >= len(self.cuts):
             raise RotgraphError("the head is the last segment: nothing follows it")
@@ -285,22 +285,71 @@ class BlockRunner:
         proto, folder = serialized(self.model, self.scratch) if self._frozen is None else self._frozen[:2]
         segment = extract(self.model, proto, k, self.cuts[k - 1] if k else (), [*cut_out, *values])
         del proto
-        session = make_session(segment.model, self.optimization, kernels=False, external_data_folder=folder)
         names = [v.name or "" for v in (*cut_out, *values)]
         following: list[list[np.ndarray]] = []
-        for w, whole in enumerate(self.feeds):
-            feeds = {name: whole[name] for name in segment.inputs}
-            if k:
-                feeds.update(zip(segment.cut_in, self.residual[w], strict=True))
-            outs = [owned(x) for x in session.run(names, feeds)]
+        runner = execution.current()
+        if runner is not None and self.scratch is not None and len(self.feeds) > 1:
+            outputs = self._outputs_on(runner, segment, names, folder)
+        else:
+            outputs = self._outputs(segment, names, folder)
+        for w, outs in enumerate(outputs):
             if advance:
                 following.append(outs[: len(cut_out)])
             for i, x in enumerate(outs[len(cut_out) :]):
                 yield Probed(i, w, x)
-        del session
         release_freed_memory()
         if advance:
             self.entering, self.residual, self.segment = self.residual, following, k + 1
+
+    def _window_feeds(self, segment: SegmentModel, w: int) -> dict[str, np.ndarray]:
+        feeds = {name: self.feeds[w][name] for name in segment.inputs}
+        if segment.cut_in:
+            feeds.update(zip(segment.cut_in, self.residual[w], strict=True))
+        return feeds
+
+    def _outputs(self, segment: SegmentModel, names: list[str], folder: Path | None) -> Iterator[list[np.ndarray]]:
+        """`names` computed by `segment` on each run, in this process."""
+        from rotgraph.evaluate import make_session, owned
+
+        session = make_session(segment.model, self.optimization, kernels=False, external_data_folder=folder)
+        for w in range(len(self.feeds)):
+            yield [owned(x) for x in session.run(names, self._window_feeds(segment, w))]
+
+    def _outputs_on(
+        self, runner: execution.RayRunner, segment: SegmentModel, names: list[str], folder: Path | None
+    ) -> Iterator[list[np.ndarray]]:
+        """`_outputs` on a Ray cluster, the runs split into one contiguous shard per CPU (`run_segment`): each
+        worker loads the segment once (its weights from their files) and writes its outputs into the
+        staging folder; they are read back here in the runs' order."""
+        assert self.scratch is not None
+        runs = len(self.feeds)
+        shards = max(1, min(runs, runner.cpus()))
+        bounds = [round(i * runs / shards) for i in range(shards + 1)]
+        model: bytes | np.ndarray = segment.model
+        if len(segment.model) >= execution.FILE_BYTES:  # a graph with weights inline: as a file
+            model = np.frombuffer(segment.model, dtype=np.uint8)
+        with execution.shared(self.scratch / f"segment-{segment.index}") as shared:
+            tasks = [
+                runner.submit(
+                    run_segment,
+                    (
+                        model,
+                        None if folder is None else str(folder),
+                        self.optimization,
+                        [self._window_feeds(segment, w) for w in range(a, b)],
+                        names,
+                        str(shared / f"run-{a}"),
+                    ),
+                    f"segment {segment.index} runs {a}:{b}",
+                )
+                for a, b in itertools.pairwise(bounds)
+                if b > a
+            ]
+            for paths in itertools.chain.from_iterable(runner.gather(tasks, f"segment {segment.index}")):
+                outs = [np.load(p) for p in paths]
+                for p in paths:
+                    os.unlink(p)
+                yield outs
 
     def replay(
         self, model: ir.Model, cuts: Sequence[Cut], feeds: Sequence[Mapping[str, np.ndarray]]
@@ -316,6 +365,36 @@ class BlockRunner:
         for _ in other.run([], advance=True):
             pass
         return other.residual
+
+
+def run_segment(
+    model: bytes | np.ndarray,
+    folder: str | None,
+    optimization: str,
+    feeds: list[dict[str, np.ndarray]],
+    names: list[str],
+    prefix: str,
+) -> list[list[str]]:
+    """A Ray task: the segment `model` (its external data in `folder`) on each of `feeds`, on one thread;
+    each output written as `prefix`-RUN-OUTPUT.npy (under another name, then renamed). Returns the paths per
+    run."""
+    from rotgraph.evaluate import make_session
+
+    data = model if isinstance(model, bytes) else np.asarray(model).tobytes()
+    where = None if folder is None else Path(folder)
+    session = make_session(data, optimization, threads=1, kernels=False, external_data_folder=where)
+    paths = []
+    for i, feed in enumerate(feeds):
+        run = []
+        for j, x in enumerate(session.run(names, {k: np.asarray(v) for k, v in feed.items()})):
+            path = f"{prefix}-{i}-{j}.npy"
+            part = f"{path}.{os.getpid()}.part"
+            with open(part, "wb") as f:
+                np.save(f, x)
+            os.replace(part, path)
+            run.append(path)
+        paths.append(run)
+    return paths
 
 
 def release_freed_memory() -> None:

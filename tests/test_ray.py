@@ -92,6 +92,30 @@ def test_quantize_on_ray_writes_the_same_bytes(
     assert same_files(*where) == []
 
 
+@pytest.mark.parametrize("sequential", [False, True])
+def test_block_by_block_calibration_on_ray_writes_the_same_bytes(
+    cluster: str, model: Path, tmp_path: Path, many_tasks: None, monkeypatch: pytest.MonkeyPatch, sequential: bool
+) -> None:
+    """Every model runs block by block (as an 8B one does): each block's calibration runs on the cluster,
+    its windows split between the workers."""
+    from rotgraph import probe
+
+    monkeypatch.setattr(probe, "BLOCKWISE_BYTES", 0)
+    options = QuantOptions(
+        scheme="w4a4kv4",
+        weights="gptq",
+        fmt="ort",
+        calibration_windows=3,
+        calibration_seq_len=64,
+        gptq_sequential=sequential,
+    )
+    quantize(model, tmp_path / "one" / "q.onnx", options, validate=False)
+    quantize(
+        model, tmp_path / "ray" / "q.onnx", options, validate=False, execution=Execution(ray=True, address=cluster)
+    )
+    assert same_files(tmp_path / "one", tmp_path / "ray") == []
+
+
 def _dies_once(marker: str, work: Callable[..., object], *args: object) -> object:
     """A task that kills its own worker process the first time it runs (the marker file does not exist
     yet), and does `work` when Ray runs it again."""
