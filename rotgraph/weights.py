@@ -19,6 +19,7 @@ float64 array, as before.
 
 from __future__ import annotations
 
+import itertools
 import os
 import sys
 from collections import deque
@@ -371,12 +372,28 @@ def source(value: ir.Value) -> _Chain:
 
 def output_columns(chain: _Chain, start: int, stop: int) -> np.ndarray:
     """Columns start:stop of a 2-D initializer's current contents, transposed: rows [stop - start, in] of
-    W^T (float64), the same numbers as `read_float64(value).T[start:stop]`. Without queued rewrites only
-    those columns are read from the file; a non-finite value is refused as `read_float64` refuses it."""
-    if chain.steps:
-        return chain.float64()[:, start:stop].T
+    W^T (float64), the same numbers as `read_float64(value).T[start:stop]`."""
+    return _part(chain, 1, start, stop).T
+
+
+def stored_rows(chain: _Chain, start: int, stop: int) -> np.ndarray:
+    """Rows start:stop of a 2-D initializer's current contents (float64), as `read_float64(value)[start:stop]`."""
+    return _part(chain, 0, start, stop)
+
+
+def _part(chain: _Chain, axis: int, start: int, stop: int) -> np.ndarray:
+    """start:stop along `axis` of the chain's result in float64. Where the steps map slabs of the base along
+    an axis to slabs of the result along `axis` (`_Chain._streaming_axis`), only that slab of the base is read
+    and rewritten (the numbers `_Chain.evaluate` gives, which computes the same slabs chunk by chunk); else
+    the whole chain is evaluated. A non-finite value is refused as `read_float64` refuses it."""
+    streaming = chain._streaming_axis()
+    if streaming is None or streaming[1] != axis:
+        return chain.float64()[_slab(axis, start, stop)]
     with _Reader(chain.base) as reader:
-        return chain._read(reader, 1, start, stop, CHUNK_BYTES, True).T
+        x = chain._read(reader, streaming[0], start, stop, CHUNK_BYTES, True)
+    for step in chain.steps:
+        x = step(x)
+    return x
 
 
 def read_stored(value: ir.Value) -> np.ndarray:
@@ -427,6 +444,7 @@ def lazy_from(source: ir.Value, step: Step, shape: Sequence[int], name: str) -> 
     return ChainTensor(_Chain(chain.base, (*chain.steps, step), name), chain.base.dtype, ir.Shape(shape), name)
 
 
+_files = itertools.count()
 GROUP_BYTES = 64 << 20  # on a Ray run, smaller rewritten initializers go to the workers in groups of about this size
 
 
@@ -453,7 +471,7 @@ def evaluate_remotely(graph: ir.Graph, folder: Path) -> int:
         groups[-1].append(value)
         size += nbytes
     with execution.shared(folder):
-        paths = [folder / f"weights-{i}.bin" for i in range(len(groups))]
+        paths = [folder / f"weights-{next(_files)}.bin" for _ in groups]  # never a file an earlier call wrote
         payloads = [
             ([v.const_value.chain for v in group], str(p))  # type: ignore[union-attr]
             for group, p in zip(groups, paths, strict=True)

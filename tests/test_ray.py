@@ -56,9 +56,10 @@ def model(tmp_path_factory: pytest.TempPathFactory) -> Path:
 @pytest.fixture
 def many_tasks(monkeypatch: pytest.MonkeyPatch) -> None:
     """Small units of work, so that a tiny model makes many tasks over both nodes: a group of rewritten
-    weights per 4 kB, 16 output channels per quantizer task."""
+    weights per 4 kB, 16 output channels per quantizer task, 100 rows of the embedding or lm_head."""
     monkeypatch.setattr(weights, "GROUP_BYTES", 4096)
     monkeypatch.setattr(quantize_weights, "TASK_ROWS", 16)
+    monkeypatch.setattr(quantize_weights, "TABLE_ROWS", 100)
 
 
 def same_files(a: Path, b: Path) -> list[str]:

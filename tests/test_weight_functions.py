@@ -171,3 +171,32 @@ def test_external_weights_are_read_from_their_file_in_chunks(tmp_path, dtype: ty
     (tmp_path / "w.data").write_bytes(b"\0" * 24 + array.tobytes()[:-10])
     with pytest.raises(RotgraphError, match="ends before its data"):
         _Chain(external, (functools.partial(multiply_right, m=q),), "w").evaluate(dtype, chunk_bytes=8 * 300 * 5)
+
+
+@pytest.mark.parametrize("queued", ["none", "rows", "columns", "mixed"])
+def test_a_part_of_a_weight_equals_the_same_part_of_the_whole(queued: str) -> None:
+    """`weights.stored_rows` / `output_columns` (what a Ray task reads) against slices of `read_float64`: the
+    same numbers, whether the queued rewrites let the part be rewritten alone or not."""
+    import functools
+
+    import onnx_ir as ir
+
+    from rotgraph import weights
+    from rotgraph.hadamard import HadamardRotation
+
+    rng = np.random.default_rng(5)
+    base = rng.standard_normal((96, 80)).astype(np.float32)
+    value = ir.Value(name="w", shape=ir.Shape(base.shape), type=ir.TensorType(ir.DataType.FLOAT))
+    value.const_value = ir.Tensor(base, name="w")
+    right = HadamardRotation(hadamard_factors(80), signs=rng.choice([-1.0, 1.0], 80))
+    left = HadamardRotation(hadamard_factors(96), perm=rng.permutation(96))
+    if queued in ("rows", "mixed"):
+        weights.rewrite_initializer(value, functools.partial(weights.multiply_right, m=right))
+    if queued in ("columns", "mixed"):
+        weights.rewrite_initializer(value, functools.partial(weights.scale_rows, s=rng.uniform(0.5, 2, 96)))
+        weights.rewrite_initializer(value, functools.partial(weights.multiply_left, m=left))
+    whole = weights.read_float64(value)
+    chain = weights.source(value)
+    for start, stop in ((0, 7), (7, 80), (33, 34)):
+        assert np.array_equal(weights.output_columns(chain, start, stop), whole.T[start:stop])
+        assert np.array_equal(weights.stored_rows(chain, start, stop), whole[start:stop])

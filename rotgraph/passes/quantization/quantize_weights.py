@@ -28,6 +28,7 @@ from rotgraph.weights import (
     read_stored,
     release_stored,
     source,
+    stored_rows,
 )
 
 logger = logging.getLogger(__name__)
@@ -304,15 +305,17 @@ def emit_shared_head(
 
 
 TASK_ROWS = 1024  # output channels of a weight per Ray task
+TABLE_ROWS = 8192  # rows of the embedding table or lm_head per Ray task (RTN)
 
 
 def quantize_rows(
-    weight: Any, factor: HessianFactor | None, spec: WeightSpec, start: int, stop: int, prefix: str
+    weight: Any, factor: HessianFactor | None, spec: WeightSpec, start: int, stop: int, prefix: str, table: bool = False
 ) -> tuple[str, str, str]:
-    """A Ray task: output channels start:stop of `weight` (`weights.source`) quantized by GPTQ with `factor`
-    (or RTN without), the same rows as the whole weight's quantizer gives; codes, scales and zero points
-    written as .npy files `prefix`-*.npy, whose paths it returns."""
-    wt = output_columns(weight, start, stop)
+    """A Ray task: output channels start:stop of `weight` (`weights.source`; with `table`, rows start:stop of
+    an embedding table as stored) quantized by GPTQ with `factor` (or RTN without), the same rows as the whole
+    weight's quantizer gives; codes, scales and zero points written as .npy files `prefix`-*.npy, whose paths
+    it returns."""
+    wt = stored_rows(weight, start, stop) if table else output_columns(weight, start, stop)
     q = gptq(wt, factor, spec) if factor is not None else quantize_rtn(wt, spec)
     paths = []
     for part, array in (("codes", q.codes), ("scales", q.scales), ("zeros", q.zeros)):
@@ -472,6 +475,30 @@ class QuantizeWeightsPass(ir.passes.InPlacePass):
                 spill.spill(model.graph)
         return len(linears)
 
+    def _tables_rtn(self, value: ir.Value, table: bool) -> QuantizedWeight:
+        """RTN (`head_spec`) of lm_head's weight [hidden, vocab] by output channel, or with `table` of the
+        embedding table [vocab, hidden] by row; on a Ray run in tasks of TABLE_ROWS rows (the same codes; each
+        task rewrites only its rows where the queued rewrites allow it, `weights.stored_rows`)."""
+        assert self.head_spec is not None
+        runner = execution.current()
+        if runner is None or self.spill_dir is None:
+            stored = read_stored(value)
+            return quantize_rtn(stored if table else stored.T, self.head_spec)
+        rows = int(initializer_tensor(value).shape.numpy()[0 if table else 1])
+        weight = source(value)
+        with execution.shared(self.spill_dir / f"table-{value.name}") as folder:
+            tasks = [
+                runner.submit(
+                    quantize_rows,
+                    (weight, None, self.head_spec, a, min(a + TABLE_ROWS, rows), str(folder / f"rows-{a}"), table),
+                    f"{value.name} rows {a}:{min(a + TABLE_ROWS, rows)}",
+                )
+                for a in range(0, rows, TABLE_ROWS)
+            ]
+            done = runner.gather(tasks, "quantize")
+            runner.count(read=weight.base.nbytes, written=sum(os.path.getsize(p) for paths in done for p in paths))
+            return joined(done, self.head_spec)
+
     def _quantize_block_remotely(
         self,
         runner: execution.RayRunner,
@@ -567,14 +594,14 @@ class QuantizeWeightsPass(ir.passes.InPlacePass):
             if desc.lm_head_tied:
                 raise RotgraphError("quantizing lm_head needs it untied (UntieEmbeddingPass)")
             # One table at a time, read in its stored dtype (a 128256 x 4096 table is 4.2 GB in float64)
-            head = quantize_rtn(read_stored(desc.lm_head.weight).T, self.head_spec)
+            head = self._tables_rtn(desc.lm_head.weight, table=False)
             release_stored(desc.lm_head.weight)  # its mapped pages (1 GB at 8B widths) leave the RSS now
             if self.fmt == "ort":
                 emit_matmulnbits(model, desc.lm_head, head, "lm_head", self.accuracy_level)
             else:
                 emit_dequantize(model, desc.lm_head, head, "lm_head")
             del head
-            emb = quantize_rtn(read_stored(desc.embedding_table), self.head_spec)
+            emb = self._tables_rtn(desc.embedding_table, table=True)
             release_stored(desc.embedding_table)
             if self.fmt == "ort":
                 emit_gather_quantized(model, desc.embedding, emb, "embedding")
