@@ -11,7 +11,7 @@ in the workdir and reused), then per round and step runs, each in its own child 
 - rotate: `rotgraph rotate --no-validate`;
 - int4: `rotgraph quantize --recipe int4 --set calibration.windows=W --no-validate` (QuaRot + GPTQ, ort);
 
-without `--ray`, with `--ray --workers 1` and with `--ray --workers 2` (each Ray worker computes on one
+without `--ray`, with `--ray 1` and with `--ray 2` (local runtimes of 1 and 2 worker processes) (each Ray worker computes on one
 thread; the run without Ray uses every core through numpy's threads and onnxruntime's). Tables go to
 stdout: wall times, the 2-worker speed-up over 1 worker, and the "Ray:" line each Ray run logs (tasks,
 bytes through the object store, bytes as files).
@@ -39,8 +39,8 @@ from rotgraph.synthetic import PRESETS
 
 VARIANTS = (
     ("one process", []),
-    ("Ray, 1 worker", ["--ray", "--workers", "1"]),
-    ("Ray, 2 workers", ["--ray", "--workers", "2"]),
+    ("Ray, 1 worker", ["--ray", "1"]),
+    ("Ray, 2 workers", ["--ray", "2"]),
 )
 SHARED_FS_BYTES_PER_S = 1e9  # the projection's assumed shared file system bandwidth per cluster
 

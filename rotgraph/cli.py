@@ -83,12 +83,12 @@ def _ray_options(p: argparse.ArgumentParser) -> None:
         "--ray",
         nargs="?",
         const="local",
-        metavar="ADDRESS",
-        help="run the independent work (weight rewrites, weight quantizers) as tasks on Ray: without ADDRESS a "
-        "local runtime, with one the cluster there (every node must see the input's and the output's folders); "
-        "the output is the same byte for byte",
+        metavar="ADDRESS|N",
+        help="run the independent work (weight rewrites and quantizers, block-by-block calibration runs) as tasks "
+        "on Ray: alone a local runtime of one worker per core, N a local runtime of N worker processes, ADDRESS "
+        "(HOST:PORT, ray://HOST:PORT, auto) the cluster there, whose nodes all see the input's and the output's "
+        "folders; the output is the same byte for byte",
     )
-    p.add_argument("--workers", type=int, help="with --ray and no ADDRESS: worker processes (default: one per core)")
 
 
 def _rotation_options(p: argparse.ArgumentParser, choices: list[str]) -> None:

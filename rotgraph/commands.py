@@ -54,18 +54,21 @@ def _options(cls: type[T], args: argparse.Namespace, **explicit: object) -> T:
 
 
 def execution_of(args: argparse.Namespace) -> Execution:
-    """The `Execution` of parsed `--ray [ADDRESS]` and `--workers` (not part of any recipe)."""
+    """The `Execution` of a parsed `--ray [ADDRESS|N]` (not part of any recipe)."""
     from rotgraph.execution import Execution
 
-    if args.ray is not None and args.ray != "local" and args.workers is not None:
-        raise RotgraphError("--workers sets a local Ray runtime's processes: a cluster at an address has its own")
-    address = None if args.ray in (None, "local") else args.ray
-    if address is not None and address != "auto" and ":" not in address:
+    if args.ray is None:
+        return Execution()
+    if args.ray == "local":
+        return Execution(ray=True)
+    if args.ray.isdigit():
+        return Execution(ray=True, workers=int(args.ray))
+    if args.ray != "auto" and ":" not in args.ray:
         raise RotgraphError(
-            f"--ray {address}: not a cluster address (HOST:PORT, ray://HOST:PORT or auto); give --ray after the "
-            "input model, or with no address for a local runtime"
+            f"--ray {args.ray}: neither a number of local workers nor a cluster address (HOST:PORT, ray://HOST:PORT "
+            "or auto); give --ray after the input model"
         )
-    return Execution(ray=args.ray is not None, address=address, workers=args.workers)
+    return Execution(ray=True, address=args.ray)
 
 
 def cmd_rotate(args: argparse.Namespace) -> None:

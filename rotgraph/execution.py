@@ -54,9 +54,9 @@ class Execution:
 
     def __post_init__(self) -> None:
         if self.workers is not None and self.workers < 1:
-            raise RotgraphError(f"--workers {self.workers}: needs at least one worker process")
+            raise RotgraphError(f"--ray {self.workers}: a local runtime needs at least one worker process")
         if not self.ray and (self.address is not None or self.workers is not None):
-            raise RotgraphError("--workers and a cluster address need --ray")
+            raise RotgraphError("worker processes and a cluster address need ray=True (--ray)")
 
 
 _current: RayRunner | None = None
