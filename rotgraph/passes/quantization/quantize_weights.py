@@ -327,9 +327,40 @@ def quantize_rows(
     return paths[0], paths[1], paths[2]
 
 
-def joined(parts: list[tuple[str, str, str]], spec: WeightSpec) -> QuantizedWeight:
-    """The `QuantizedWeight` of a weight whose row ranges `quantize_rows` wrote, in order (the files are read
-    and removed)."""
+def submit_rows(
+    runner: execution.RayRunner,
+    value: ir.Value,
+    factor: HessianFactor | None,
+    spec: WeightSpec,
+    step: int,
+    prefix: Path,
+    label: str,
+    table: bool = False,
+) -> list[execution.Task]:
+    """`quantize_rows` tasks over the output channels of the weight `value` (with `table`, the rows of an
+    embedding table), `step` at a time; their files are named from `prefix`, their messages from `label`."""
+    weight = source(value)
+    rows = int(initializer_tensor(value).shape.numpy()[0 if table else 1])
+    return [
+        runner.submit(
+            quantize_rows,
+            (weight, factor, spec, a, min(a + step, rows), f"{prefix}-{a}", table),
+            f"{label} rows {a}:{min(a + step, rows)}",
+        )
+        for a in range(0, rows, step)
+    ]
+
+
+def joined(
+    runner: execution.RayRunner, value: ir.Value, parts: list[tuple[str, str, str]], spec: WeightSpec
+) -> QuantizedWeight:
+    """The `QuantizedWeight` of the weight `value` whose row ranges `quantize_rows` wrote, in order (the files
+    are read and removed; what the tasks read and wrote is added to the run's count)."""
+    weight = source(value)
+    runner.count(
+        read=weight.base.nbytes * (len(parts) if weight.steps else 1),
+        written=sum(os.path.getsize(p) for paths in parts for p in paths),
+    )
     arrays = []
     for k in range(3):
         arrays.append(np.concatenate([np.load(p[k]) for p in parts]))
@@ -484,20 +515,11 @@ class QuantizeWeightsPass(ir.passes.InPlacePass):
         if runner is None or self.spill_dir is None:
             stored = read_stored(value)
             return quantize_rtn(stored if table else stored.T, self.head_spec)
-        rows = int(initializer_tensor(value).shape.numpy()[0 if table else 1])
-        weight = source(value)
         with execution.shared(self.spill_dir / f"table-{value.name}") as folder:
-            tasks = [
-                runner.submit(
-                    quantize_rows,
-                    (weight, None, self.head_spec, a, min(a + TABLE_ROWS, rows), str(folder / f"rows-{a}"), table),
-                    f"{value.name} rows {a}:{min(a + TABLE_ROWS, rows)}",
-                )
-                for a in range(0, rows, TABLE_ROWS)
-            ]
-            done = runner.gather(tasks, "quantize")
-            runner.count(read=weight.base.nbytes, written=sum(os.path.getsize(p) for paths in done for p in paths))
-            return joined(done, self.head_spec)
+            tasks = submit_rows(
+                runner, value, None, self.head_spec, TABLE_ROWS, folder / "rows", value.name or "", table
+            )
+            return joined(runner, value, runner.gather(tasks, "quantize"), self.head_spec)
 
     def _quantize_block_remotely(
         self,
@@ -520,31 +542,12 @@ class QuantizeWeightsPass(ir.passes.InPlacePass):
             tasks: list[list[execution.Task]] = []
             for role, lin in linears:
                 factor = None if hessians is None else self._factor(factors, hessians, block, role, own)
-                weight, rows = source(lin.weight), int(initializer_tensor(lin.weight).shape.numpy()[1])
-                tasks.append(
-                    [
-                        runner.submit(
-                            quantize_rows,
-                            (
-                                weight,
-                                factor,
-                                self.spec,
-                                start,
-                                min(start + TASK_ROWS, rows),
-                                str(folder / f"{role}-{start}"),
-                            ),
-                            f"block {block.index} {role} rows {start}:{min(start + TASK_ROWS, rows)}",
-                        )
-                        for start in range(0, rows, TASK_ROWS)
-                    ]
-                )
+                label = f"block {block.index} {role}"
+                tasks.append(submit_rows(runner, lin.weight, factor, self.spec, TASK_ROWS, folder / role, label))
             factors.clear()  # in their files until the tasks end
             done = runner.gather([t for parts in tasks for t in parts], "quantize")
             for (role, lin), parts in zip(linears, tasks, strict=True):
-                weight = source(lin.weight)
-                runner.count(read=weight.base.nbytes * (len(parts) if weight.steps else 1))
-                runner.count(written=sum(os.path.getsize(p) for paths in done[: len(parts)] for p in paths))
-                q = joined([done.pop(0) for _ in parts], self.spec)
+                q = joined(runner, lin.weight, [done.pop(0) for _ in parts], self.spec)
                 self._emit(model, block, role, lin, q)
                 del q
                 if spill is not None:
